@@ -1,0 +1,68 @@
+// Destination side: attach a remote region and use it as ordinary memory.
+//
+//   auto region = pagewire::attach("tcp://10.0.0.2:7471/guest-ram");
+//   std::memcpy(buf, region.data() + off, n);  // missing pages fetched on first touch
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "pagewire/error.h"
+#include "pagewire/stats.h"
+
+namespace pagewire {
+
+class Transport;
+class FaultEngine;
+
+struct AttachOptions {
+  // Handler threads, each with its own connection and staging buffers.
+  // 0 picks one per online CPU, at most 4.
+  unsigned handler_threads = 0;
+  // Reads each handler keeps in flight at most.
+  unsigned queue_depth = 32;
+  // A read not answered within this time counts as a dead connection.
+  unsigned request_timeout_ms = 10000;
+  // After a connection drops, how long to keep trying to reconnect before
+  // the missing pages are refused (faulting threads get SIGBUS, or SIGSEGV
+  // where the kernel lacks UFFDIO_POISON).
+  unsigned reconnect_timeout_ms = 3000;
+  // CPU to pin handler threads to; -1 leaves placement to the scheduler.
+  int handler_cpu = -1;
+};
+
+// An attached region. Owns the mapping, the userfaultfd and the handler
+// threads; destroying it stops the handlers (pending faults never see zeros:
+// the region is made inaccessible first) and unmaps the memory.
+class Region {
+ public:
+  Region(Region&&) noexcept;
+  Region& operator=(Region&&) noexcept;
+  ~Region();
+
+  std::byte* data() const;
+  size_t size() const;
+  uint32_t page_size() const;
+  const std::string& name() const;
+  // Which transport serves this region ("tcp", "local", ...).
+  std::string_view transport() const;
+  Stats stats() const;
+  // True once a page could not be fetched and was refused; error() says why.
+  bool failed() const;
+  std::string error() const;
+
+ private:
+  friend Region attach(std::unique_ptr<Transport>, const AttachOptions&);
+  explicit Region(std::unique_ptr<FaultEngine> engine);
+  std::unique_ptr<FaultEngine> engine_;
+};
+
+// Attach by URI: tcp://HOST:PORT/NAME. Throws pagewire::Error.
+Region attach(std::string_view uri, const AttachOptions& options = {});
+// Attach over an already connected transport (tests, custom transports).
+Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options = {});
+
+}  // namespace pagewire

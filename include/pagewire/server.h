@@ -1,0 +1,56 @@
+// Source side: the memory server exports named regions to destinations.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pagewire {
+
+struct ServerOptions {
+  std::string bind_address = "0.0.0.0";
+  uint16_t port = 7471;  // 0 picks a free port; see MemoryServer::port()
+  unsigned max_connections = 256;
+};
+
+struct ServerStats {
+  uint64_t connections_accepted = 0;
+  uint64_t connections_active = 0;
+  uint64_t connections_dropped = 0;  // dropped for a protocol error
+  uint64_t reads_served = 0;
+  uint64_t bytes_served = 0;
+  uint64_t reads_refused = 0;
+};
+
+class TcpServer;
+struct ExportedRegion;
+
+class MemoryServer {
+ public:
+  // Binds and starts serving at once; throws std::system_error when the
+  // address cannot be bound.
+  explicit MemoryServer(const ServerOptions& options = {});
+  MemoryServer(const MemoryServer&) = delete;
+  MemoryServer& operator=(const MemoryServer&) = delete;
+  ~MemoryServer();
+
+  // Exports a file, mapped read-only. The file must not shrink while served.
+  void export_file(const std::string& name, const std::string& path, uint32_t page_size = 4096);
+  // Exports memory the caller owns and keeps alive (and mapped) until stop().
+  void export_memory(const std::string& name, const void* base, size_t length,
+                     uint32_t page_size = 4096);
+
+  uint16_t port() const;
+  ServerStats stats() const;
+  // Closes every connection at once (the regions stay exported); a test
+  // hook for dropped links.
+  void drop_connections();
+  void stop();
+
+ private:
+  std::unique_ptr<TcpServer> tcp_;
+};
+
+}  // namespace pagewire

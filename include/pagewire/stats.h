@@ -1,0 +1,40 @@
+// Counters and latency percentiles of one attached region.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pagewire {
+
+struct LatencySummary {
+  uint64_t count = 0;
+  uint64_t p50_ns = 0;
+  uint64_t p90_ns = 0;
+  uint64_t p99_ns = 0;
+  uint64_t p999_ns = 0;
+  uint64_t max_ns = 0;
+  double mean_ns = 0;
+};
+
+struct Stats {
+  uint64_t faults = 0;             // fault events read from userfaultfd
+  uint64_t pages_fetched = 0;      // pages read from the source and installed
+  uint64_t bytes_fetched = 0;      // payload bytes read from the source
+  uint64_t duplicate_faults = 0;   // faults on a page already in flight or present
+  uint64_t copy_retries = 0;       // UFFDIO_COPY answered EAGAIN and was retried
+  uint64_t copy_eexist = 0;        // UFFDIO_COPY found the page already there
+  uint64_t transport_errors = 0;   // reads that completed with an error
+  uint64_t reconnects = 0;         // connections re-established after a drop
+  uint64_t pages_refused = 0;      // pages made inaccessible because they could not be fetched
+  uint64_t pages_present = 0;      // pages installed so far
+  uint64_t pages_total = 0;
+  // Time from reading the fault event to the page being installed, measured
+  // by the handler thread (the faulting thread also waits for the wake-up).
+  LatencySummary fault_latency;
+};
+
+// Human-readable and JSON renderings used by the command line.
+std::string format_stats(const Stats& stats);
+std::string stats_to_json(const Stats& stats);
+
+}  // namespace pagewire

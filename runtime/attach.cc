@@ -1,0 +1,30 @@
+#include "pagewire/region.h"
+#include "runtime/fault_engine.h"
+#include "transport/transport.h"
+
+namespace pagewire {
+
+Region::Region(std::unique_ptr<FaultEngine> engine) : engine_(std::move(engine)) {}
+Region::Region(Region&&) noexcept = default;
+Region& Region::operator=(Region&&) noexcept = default;
+Region::~Region() = default;
+
+std::byte* Region::data() const { return engine_->data(); }
+size_t Region::size() const { return engine_->size(); }
+uint32_t Region::page_size() const { return engine_->page_size(); }
+const std::string& Region::name() const { return engine_->name(); }
+std::string_view Region::transport() const { return engine_->transport_name(); }
+Stats Region::stats() const { return engine_->stats(); }
+bool Region::failed() const { return engine_->failed(); }
+std::string Region::error() const { return engine_->error(); }
+
+Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options) {
+  return Region(std::make_unique<FaultEngine>(std::move(transport), options));
+}
+
+Region attach(std::string_view uri, const AttachOptions& options) {
+  TransportTimeouts t{options.request_timeout_ms, options.reconnect_timeout_ms};
+  return attach(connect_transport(uri, t), options);
+}
+
+}  // namespace pagewire

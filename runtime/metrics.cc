@@ -1,0 +1,150 @@
+#include "runtime/metrics.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstdio>
+#include <string>
+
+#include "nlohmann/json.hpp"
+
+namespace pagewire {
+
+size_t LatencyHistogram::bucket_of(uint64_t ns) {
+  if (ns < kLinear) return static_cast<size_t>(ns);
+  const int msb = 63 - std::countl_zero(ns);  // >= 6
+  const int shift = msb - 5;                  // keep the top six bits: 32..63
+  return kLinear + static_cast<size_t>(msb - 6) * kSubBuckets +
+         static_cast<size_t>((ns >> shift) - kSubBuckets);
+}
+
+uint64_t LatencyHistogram::bucket_value(size_t index) {
+  if (index < kLinear) return index;
+  const size_t k = index - kLinear;
+  const int msb = static_cast<int>(k / kSubBuckets) + 6;
+  const uint64_t top = (k % kSubBuckets) + kSubBuckets;
+  const int shift = msb - 5;
+  return (top << shift) + ((uint64_t{1} << shift) >> 1);
+}
+
+void LatencyHistogram::record(uint64_t ns) {
+  auto& c = counts_[bucket_of(ns)];
+  c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  sum_ns_.store(sum_ns_.load(std::memory_order_relaxed) + ns, std::memory_order_relaxed);
+  if (ns > max_ns_.load(std::memory_order_relaxed)) max_ns_.store(ns, std::memory_order_relaxed);
+}
+
+void LatencyHistogram::merge_into(std::array<uint64_t, kBuckets>& counts, uint64_t& max_ns,
+                                  uint64_t& sum_ns) const {
+  for (size_t i = 0; i < kBuckets; ++i) counts[i] += counts_[i].load(std::memory_order_relaxed);
+  max_ns = std::max(max_ns, max_ns_.load(std::memory_order_relaxed));
+  sum_ns += sum_ns_.load(std::memory_order_relaxed);
+}
+
+LatencySummary LatencyHistogram::summarize(const std::array<uint64_t, kBuckets>& counts,
+                                           uint64_t max_ns, uint64_t sum_ns) {
+  LatencySummary s;
+  for (uint64_t c : counts) s.count += c;
+  if (s.count == 0) return s;
+  s.max_ns = max_ns;
+  s.mean_ns = static_cast<double>(sum_ns) / static_cast<double>(s.count);
+  auto at = [&](double q) {
+    // The smallest value with at least q of the samples at or below it.
+    const auto rank = static_cast<uint64_t>(q * static_cast<double>(s.count - 1)) + 1;
+    uint64_t seen = 0;
+    for (size_t i = 0; i < kBuckets; ++i) {
+      seen += counts[i];
+      if (seen >= rank) return std::min(bucket_value(i), max_ns);
+    }
+    return max_ns;
+  };
+  s.p50_ns = at(0.50);
+  s.p90_ns = at(0.90);
+  s.p99_ns = at(0.99);
+  s.p999_ns = at(0.999);
+  return s;
+}
+
+Stats merge_metrics(std::span<const Metrics* const> parts) {
+  Stats s;
+  std::array<uint64_t, LatencyHistogram::kBuckets> counts{};
+  uint64_t max_ns = 0;
+  uint64_t sum_ns = 0;
+  for (const Metrics* m : parts) {
+    auto get = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+    s.faults += get(m->faults);
+    s.pages_fetched += get(m->pages_fetched);
+    s.bytes_fetched += get(m->bytes_fetched);
+    s.duplicate_faults += get(m->duplicate_faults);
+    s.copy_retries += get(m->copy_retries);
+    s.copy_eexist += get(m->copy_eexist);
+    s.transport_errors += get(m->transport_errors);
+    s.reconnects += get(m->reconnects);
+    s.pages_refused += get(m->pages_refused);
+    m->fault_latency.merge_into(counts, max_ns, sum_ns);
+  }
+  s.fault_latency = LatencyHistogram::summarize(counts, max_ns, sum_ns);
+  return s;
+}
+
+LatencySummary summarize_samples(std::span<uint64_t> samples) {
+  LatencySummary s;
+  if (samples.empty()) return s;
+  std::sort(samples.begin(), samples.end());
+  s.count = samples.size();
+  auto at = [&](double q) { return samples[static_cast<size_t>(q * static_cast<double>(s.count - 1))]; };
+  s.p50_ns = at(0.5);
+  s.p90_ns = at(0.9);
+  s.p99_ns = at(0.99);
+  s.p999_ns = at(0.999);
+  s.max_ns = samples.back();
+  double sum = 0;
+  for (uint64_t v : samples) sum += static_cast<double>(v);
+  s.mean_ns = sum / static_cast<double>(s.count);
+  return s;
+}
+
+namespace {
+std::string us(uint64_t ns) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", static_cast<double>(ns) / 1000.0);
+  return buf;
+}
+}  // namespace
+
+std::string format_stats(const Stats& s) {
+  std::string out;
+  out += "faults " + std::to_string(s.faults) + ", pages fetched " + std::to_string(s.pages_fetched) +
+         " (" + std::to_string(s.bytes_fetched >> 20) + " MiB), present " + std::to_string(s.pages_present) +
+         "/" + std::to_string(s.pages_total) + "\n";
+  out += "duplicate faults absorbed " + std::to_string(s.duplicate_faults) + ", copy retries " +
+         std::to_string(s.copy_retries) + ", copy EEXIST " + std::to_string(s.copy_eexist) +
+         ", transport errors " + std::to_string(s.transport_errors) + ", reconnects " +
+         std::to_string(s.reconnects) + ", pages refused " + std::to_string(s.pages_refused) + "\n";
+  const auto& l = s.fault_latency;
+  out += "handler fault latency (us): p50 " + us(l.p50_ns) + "  p99 " + us(l.p99_ns) + "  p99.9 " +
+         us(l.p999_ns) + "  max " + us(l.max_ns) + "  (n=" + std::to_string(l.count) + ")\n";
+  return out;
+}
+
+nlohmann::json latency_json(const LatencySummary& l) {
+  return {{"count", l.count}, {"p50_ns", l.p50_ns},   {"p90_ns", l.p90_ns}, {"p99_ns", l.p99_ns},
+          {"p999_ns", l.p999_ns}, {"max_ns", l.max_ns}, {"mean_ns", l.mean_ns}};
+}
+
+std::string stats_to_json(const Stats& s) {
+  nlohmann::json j = {{"faults", s.faults},
+                      {"pages_fetched", s.pages_fetched},
+                      {"bytes_fetched", s.bytes_fetched},
+                      {"duplicate_faults", s.duplicate_faults},
+                      {"copy_retries", s.copy_retries},
+                      {"copy_eexist", s.copy_eexist},
+                      {"transport_errors", s.transport_errors},
+                      {"reconnects", s.reconnects},
+                      {"pages_refused", s.pages_refused},
+                      {"pages_present", s.pages_present},
+                      {"pages_total", s.pages_total},
+                      {"fault_latency", latency_json(s.fault_latency)}};
+  return j.dump(2);
+}
+
+}  // namespace pagewire

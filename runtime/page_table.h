@@ -1,0 +1,33 @@
+// One state byte per page. A fault moves a page MISSING -> IN_FLIGHT with a
+// compare-and-swap, so however many threads fault on it and however many
+// handlers see those faults, exactly one fetch is issued.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace pagewire {
+
+enum class PageState : uint8_t { kMissing = 0, kInFlight = 1, kPresent = 2, kRefused = 3 };
+
+class PageTable {
+ public:
+  explicit PageTable(size_t pages) : pages_(pages), states_(std::make_unique<std::atomic<PageState>[]>(pages)) {}
+
+  size_t size() const { return pages_; }
+  PageState get(size_t page) const { return states_[page].load(std::memory_order_acquire); }
+  // True when this caller won the page and must fetch it.
+  bool claim(size_t page) {
+    PageState expected = PageState::kMissing;
+    return states_[page].compare_exchange_strong(expected, PageState::kInFlight, std::memory_order_acq_rel);
+  }
+  void set(size_t page, PageState s) { states_[page].store(s, std::memory_order_release); }
+
+ private:
+  size_t pages_;
+  std::unique_ptr<std::atomic<PageState>[]> states_;
+};
+
+}  // namespace pagewire

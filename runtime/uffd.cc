@@ -1,0 +1,174 @@
+#include "runtime/uffd.h"
+
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "pagewire/error.h"
+#include "runtime/uffd_compat.h"
+#include "spdlog/spdlog.h"
+
+namespace pagewire {
+namespace {
+
+UniqueFd open_raw() {
+  int flags = O_CLOEXEC | O_NONBLOCK;
+  int fd = static_cast<int>(::syscall(SYS_userfaultfd, flags));
+  if (fd >= 0) return UniqueFd(fd);
+  const int syscall_err = errno;
+  // Without CAP_SYS_PTRACE and with vm.unprivileged_userfaultfd=0 the
+  // syscall refuses; /dev/userfaultfd grants the same by file permission.
+  UniqueFd dev(::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC));
+  if (dev) {
+    fd = ::ioctl(dev.get(), USERFAULTFD_IOC_NEW, flags);
+    if (fd >= 0) return UniqueFd(fd);
+  }
+  const int dev_err = errno;
+  std::string advice;
+  if (syscall_err == ENOSYS) {
+    advice = "this kernel has no userfaultfd (CONFIG_USERFAULTFD is off)";
+  } else {
+    advice = std::string("userfaultfd is not permitted (userfaultfd(2): ") + std::strerror(syscall_err) +
+             "; /dev/userfaultfd: " + std::strerror(dev_err) +
+             "). Run as root or with CAP_SYS_PTRACE, or set `sysctl -w vm.unprivileged_userfaultfd=1`, "
+             "or give this user read-write access to /dev/userfaultfd";
+  }
+  throw Error(Errc::kUffdUnavailable, advice);
+}
+
+}  // namespace
+
+uint64_t Userfaultfd::kernel_features() {
+  UniqueFd fd = open_raw();
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = 0;
+  if (::ioctl(fd.get(), UFFDIO_API, &api) != 0) throw_errno("UFFDIO_API");
+  return api.features;
+}
+
+Userfaultfd Userfaultfd::open(uint64_t wanted_features) {
+  // UFFDIO_API can be called once per descriptor, so the offer is read on a
+  // throw-away descriptor and the subset asked for on the real one.
+  const uint64_t offered = kernel_features();
+  UniqueFd fd = open_raw();
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = wanted_features & offered;
+  if (::ioctl(fd.get(), UFFDIO_API, &api) != 0) throw_errno("UFFDIO_API");
+  return Userfaultfd(std::move(fd), wanted_features & offered);
+}
+
+void Userfaultfd::register_missing(void* addr, size_t len) {
+  uffdio_register reg{};
+  reg.range.start = reinterpret_cast<uint64_t>(addr);
+  reg.range.len = len;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  if (::ioctl(fd_.get(), UFFDIO_REGISTER, &reg) != 0) throw_errno("UFFDIO_REGISTER");
+  if ((reg.ioctls & (1ull << _UFFDIO_COPY)) == 0) {
+    throw Error(Errc::kUffdUnavailable, "UFFDIO_COPY is not offered for this range");
+  }
+}
+
+void Userfaultfd::unregister(void* addr, size_t len) {
+  uffdio_range range{reinterpret_cast<uint64_t>(addr), len};
+  if (::ioctl(fd_.get(), UFFDIO_UNREGISTER, &range) != 0) throw_errno("UFFDIO_UNREGISTER");
+}
+
+int Userfaultfd::read_events(std::span<uffd_msg> msgs) {
+  for (;;) {
+    ssize_t n = ::read(fd_.get(), msgs.data(), msgs.size_bytes());
+    if (n >= 0) return static_cast<int>(n / static_cast<ssize_t>(sizeof(uffd_msg)));
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) return 0;
+    return -errno;
+  }
+}
+
+int Userfaultfd::copy(void* dst, const void* src, size_t len, uint64_t* retries) {
+  auto* d = static_cast<std::byte*>(dst);
+  auto* s = static_cast<const std::byte*>(src);
+  for (;;) {
+    uffdio_copy c{};
+    c.dst = reinterpret_cast<uint64_t>(d);
+    c.src = reinterpret_cast<uint64_t>(s);
+    c.len = len;
+    c.mode = 0;
+    if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
+    const int err = errno;
+    if (err == EEXIST) {
+      // Present already, but threads may still be parked on it.
+      wake(dst, len);
+      return EEXIST;
+    }
+    if (err != EAGAIN) return err;
+    // The address space is changing under us; part may be done already.
+    if (retries != nullptr) ++*retries;
+    if (c.copy > 0) {
+      d += c.copy;
+      s += c.copy;
+      len -= static_cast<size_t>(c.copy);
+      if (len == 0) return 0;
+    }
+  }
+}
+
+int Userfaultfd::wake(void* addr, size_t len) {
+  uffdio_range range{reinterpret_cast<uint64_t>(addr), len};
+  return ::ioctl(fd_.get(), UFFDIO_WAKE, &range) == 0 ? 0 : errno;
+}
+
+int Userfaultfd::refuse(void* addr, size_t len) {
+  if (has(UFFD_FEATURE_POISON)) {
+    uffdio_poison p{};
+    p.range.start = reinterpret_cast<uint64_t>(addr);
+    p.range.len = len;
+    p.mode = 0;
+    if (::ioctl(fd_.get(), UFFDIO_POISON, &p) == 0) return 0;
+    if (errno == EEXIST) return wake(addr, len);
+  }
+  // No UFFDIO_POISON: a page that can never be fetched is made inaccessible
+  // so that its waiters fault with SIGSEGV instead of reading zeros.
+  if (::mprotect(addr, len, PROT_NONE) != 0) return errno;
+  return wake(addr, len);
+}
+
+std::string describe_uffd_features(uint64_t f) {
+  struct Named {
+    uint64_t bit;
+    const char* name;
+  };
+  static constexpr Named kNames[] = {
+      {UFFD_FEATURE_PAGEFAULT_FLAG_WP, "pagefault_flag_wp"},
+      {UFFD_FEATURE_EVENT_FORK, "event_fork"},
+      {UFFD_FEATURE_EVENT_REMAP, "event_remap"},
+      {UFFD_FEATURE_EVENT_REMOVE, "event_remove"},
+      {UFFD_FEATURE_MISSING_HUGETLBFS, "missing_hugetlbfs"},
+      {UFFD_FEATURE_MISSING_SHMEM, "missing_shmem"},
+      {UFFD_FEATURE_EVENT_UNMAP, "event_unmap"},
+      {UFFD_FEATURE_SIGBUS, "sigbus"},
+      {UFFD_FEATURE_THREAD_ID, "thread_id"},
+      {UFFD_FEATURE_MINOR_HUGETLBFS, "minor_hugetlbfs"},
+      {UFFD_FEATURE_MINOR_SHMEM, "minor_shmem"},
+      {UFFD_FEATURE_EXACT_ADDRESS, "exact_address"},
+      {UFFD_FEATURE_WP_HUGETLBFS_SHMEM, "wp_hugetlbfs_shmem"},
+      {UFFD_FEATURE_WP_UNPOPULATED, "wp_unpopulated"},
+      {UFFD_FEATURE_POISON, "poison"},
+      {UFFD_FEATURE_WP_ASYNC, "wp_async"},
+      {UFFD_FEATURE_MOVE, "move"},
+  };
+  std::string out;
+  for (const auto& n : kNames) {
+    if ((f & n.bit) == 0) continue;
+    if (!out.empty()) out += ' ';
+    out += n.name;
+  }
+  return out.empty() ? "none" : out;
+}
+
+}  // namespace pagewire

@@ -1,0 +1,57 @@
+// One userfaultfd: opening it (syscall, else /dev/userfaultfd), negotiating
+// features with UFFDIO_API, registering ranges, and the resolving ioctls.
+// The resolving calls return errno values rather than throwing: EEXIST and
+// EAGAIN are ordinary outcomes on the fault path, not errors.
+#pragma once
+
+#include <linux/userfaultfd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "runtime/unique_fd.h"
+
+namespace pagewire {
+
+class Userfaultfd {
+ public:
+  // Opens a non-blocking userfaultfd and enables the subset of `wanted`
+  // features that the kernel offers. Throws pagewire::Error(kUffdUnavailable)
+  // with advice when userfaultfd is missing or not permitted.
+  static Userfaultfd open(uint64_t wanted_features);
+  // Every feature bit this kernel's UFFDIO_API reports.
+  static uint64_t kernel_features();
+
+  int fd() const { return fd_.get(); }
+  uint64_t features() const { return features_; }
+  bool has(uint64_t feature) const { return (features_ & feature) != 0; }
+
+  // Registers [addr, addr+len) for MISSING faults; throws on failure.
+  void register_missing(void* addr, size_t len);
+  void unregister(void* addr, size_t len);
+
+  // Reads up to msgs.size() events; returns how many (0 when none queued).
+  // Returns -errno on a real error.
+  int read_events(std::span<uffd_msg> msgs);
+
+  // Installs [src, src+len) at dst and wakes the waiters. EAGAIN is retried
+  // here (counted in *retries); returns 0, EEXIST (already there: the
+  // waiters were woken) or another errno.
+  int copy(void* dst, const void* src, size_t len, uint64_t* retries);
+  int wake(void* addr, size_t len);
+  // Makes the range raise SIGBUS on access (UFFDIO_POISON) where the kernel
+  // has it, else PROT_NONE (SIGSEGV); then wakes the waiters either way.
+  int refuse(void* addr, size_t len);
+
+ private:
+  Userfaultfd(UniqueFd fd, uint64_t features) : fd_(std::move(fd)), features_(features) {}
+  UniqueFd fd_;
+  uint64_t features_ = 0;
+};
+
+// Names of the feature bits that are set, for the log.
+std::string describe_uffd_features(uint64_t features);
+
+}  // namespace pagewire

@@ -1,0 +1,39 @@
+// A transport over memory in this process: the floor that benchmarks
+// measure the network against (a fault served with no network at all), and
+// the fake that tests use, with optional fault injection.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "transport/transport.h"
+
+namespace pagewire {
+
+struct FaultInjection {
+  // Reads after this many (counted over all channels) complete with
+  // `status` instead of data; -1 never.
+  int64_t fail_after_reads = -1;
+  Errc status = Errc::kIo;
+};
+
+class LocalTransport final : public Transport {
+ public:
+  LocalTransport(const std::byte* base, uint64_t length, uint32_t page_size, FaultInjection faults = {});
+
+  std::string_view name() const override { return "local"; }
+  const RegionDescriptor& region() const override { return desc_; }
+  TransportCapabilities capabilities() const override { return {1024, 1u << 30, false}; }
+  std::unique_ptr<Channel> open_channel() override;
+  uint64_t reads() const { return reads_.load(); }
+
+ private:
+  friend class LocalChannel;
+  const std::byte* base_;
+  RegionDescriptor desc_;
+  FaultInjection faults_;
+  std::atomic<int64_t> reads_{0};
+};
+
+}  // namespace pagewire

@@ -1,0 +1,60 @@
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "pagewire/error.h"
+#include "pagewire/server.h"
+#include "runtime/unique_fd.h"
+#include "transport/tcp/tcp_server.h"
+
+namespace pagewire {
+namespace {
+
+void check_page_size(uint32_t page_size) {
+  if (page_size < 4096 || (page_size & (page_size - 1)) != 0) {
+    throw Error(Errc::kInvalidArgument, "page size must be a power of two of at least 4096");
+  }
+}
+
+}  // namespace
+
+MemoryServer::MemoryServer(const ServerOptions& options) : tcp_(std::make_unique<TcpServer>(options)) {}
+
+MemoryServer::~MemoryServer() { stop(); }
+
+void MemoryServer::export_file(const std::string& name, const std::string& path, uint32_t page_size) {
+  check_page_size(page_size);
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) throw_errno("open " + path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) throw_errno("stat " + path);
+  if (st.st_size <= 0) throw Error(Errc::kInvalidArgument, path + " is empty: nothing to export");
+  const auto length = static_cast<size_t>(st.st_size);
+  void* p = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd.get(), 0);
+  if (p == MAP_FAILED) throw_errno("mmap " + path);
+  auto region = std::make_unique<ExportedRegion>();
+  region->name = name;
+  region->file_mapping = Mapping(p, length);
+  region->base = region->file_mapping.data();
+  region->length = length;
+  region->page_size = page_size;
+  tcp_->add(std::move(region));
+}
+
+void MemoryServer::export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size) {
+  check_page_size(page_size);
+  if (base == nullptr || length == 0) throw Error(Errc::kInvalidArgument, "export of empty memory");
+  auto region = std::make_unique<ExportedRegion>();
+  region->name = name;
+  region->base = static_cast<const std::byte*>(base);
+  region->length = length;
+  region->page_size = page_size;
+  tcp_->add(std::move(region));
+}
+
+uint16_t MemoryServer::port() const { return tcp_->port(); }
+ServerStats MemoryServer::stats() const { return tcp_->stats(); }
+void MemoryServer::drop_connections() { tcp_->drop_connections(); }
+void MemoryServer::stop() { tcp_->stop(); }
+
+}  // namespace pagewire

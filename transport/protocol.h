@@ -1,0 +1,57 @@
+// The TCP wire protocol. Little-endian, fixed-size records.
+//
+//   client -> server  Hello{magic, version, name_len} + name
+//   server -> client  HelloReply{magic, status, key, page_size, length}
+//   client -> server  ReadRequest ...          (any number, pipelined)
+//   server -> client  ReadReply + payload ...  (in request order)
+//
+// A reply whose status is not kOk carries no payload; the server then
+// closes the connection, so a client never has to resynchronise.
+#pragma once
+
+#include <cstdint>
+
+namespace pagewire::wire {
+
+inline constexpr uint32_t kHelloMagic = 0x50574831;  // "PWH1"
+inline constexpr uint32_t kReadMagic = 0x50575244;   // "PWRD"
+inline constexpr uint32_t kReplyMagic = 0x50575250;  // "PWRP"
+inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kMaxNameLength = 255;
+inline constexpr uint32_t kMaxReadBytes = 4u << 20;
+
+struct Hello {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t name_length;
+};
+
+struct HelloReply {
+  uint32_t magic;
+  uint32_t status;  // pagewire::Errc
+  uint32_t key;
+  uint32_t page_size;
+  uint64_t length;
+};
+
+struct ReadRequest {
+  uint32_t magic;
+  uint32_t key;
+  uint64_t offset;
+  uint32_t length;
+  uint32_t tag;
+};
+
+struct ReadReply {
+  uint32_t magic;
+  uint32_t status;  // pagewire::Errc
+  uint32_t tag;
+  uint32_t length;  // payload bytes that follow
+};
+
+static_assert(sizeof(Hello) == 8);
+static_assert(sizeof(HelloReply) == 24);
+static_assert(sizeof(ReadRequest) == 24);
+static_assert(sizeof(ReadReply) == 16);
+
+}  // namespace pagewire::wire

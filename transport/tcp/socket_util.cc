@@ -1,0 +1,134 @@
+#include "transport/tcp/socket_util.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace pagewire::tcp {
+
+Endpoint resolve(const std::string& host, uint16_t port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  const std::string port_text = std::to_string(port);
+  int rc = ::getaddrinfo(host.c_str(), port_text.c_str(), &hints, &res);
+  if (rc != 0 || res == nullptr) {
+    throw Error(Errc::kConnectFailed, "cannot resolve host '" + host + "': " + ::gai_strerror(rc));
+  }
+  Endpoint ep;
+  std::memcpy(&ep.addr, res->ai_addr, res->ai_addrlen);
+  ep.addr_len = res->ai_addrlen;
+  ep.text = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + port_text;
+  ::freeaddrinfo(res);
+  return ep;
+}
+
+void set_io_timeout(int fd, unsigned timeout_ms) {
+  timeval tv{};
+  tv.tv_sec = timeout_ms / 1000;
+  tv.tv_usec = static_cast<suseconds_t>(timeout_ms % 1000) * 1000;
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+UniqueFd connect_to(const Endpoint& ep, unsigned timeout_ms, std::string* why) {
+  UniqueFd fd(::socket(ep.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) {
+    *why = std::string("socket: ") + std::strerror(errno);
+    return {};
+  }
+  int rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&ep.addr), ep.addr_len);
+  if (rc != 0 && errno != EINPROGRESS) {
+    *why = "connect to " + ep.text + ": " + std::strerror(errno);
+    return {};
+  }
+  if (rc != 0) {
+    pollfd p{fd.get(), POLLOUT, 0};
+    rc = ::poll(&p, 1, static_cast<int>(timeout_ms));
+    if (rc == 0) {
+      *why = "connect to " + ep.text + ": no answer within " + std::to_string(timeout_ms) + " ms";
+      return {};
+    }
+    int err = 0;
+    socklen_t len = sizeof err;
+    ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (rc < 0 || err != 0) {
+      *why = "connect to " + ep.text + ": " + std::strerror(rc < 0 ? errno : err);
+      return {};
+    }
+  }
+  // Back to blocking: the handshake is plain syscalls, the data path io_uring.
+  ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) & ~O_NONBLOCK);
+  int one = 1;
+  ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  return fd;
+}
+
+bool send_all(int fd, const void* buf, size_t n) {
+  const auto* p = static_cast<const char*>(buf);
+  while (n > 0) {
+    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+bool recv_all(int fd, void* buf, size_t n) {
+  auto* p = static_cast<char*>(buf);
+  while (n > 0) {
+    ssize_t r = ::recv(fd, p, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer) {
+  if (name.empty() || name.size() > wire::kMaxNameLength) {
+    throw Error(Errc::kBadUri, "region name must be 1.." + std::to_string(wire::kMaxNameLength) + " bytes");
+  }
+  set_io_timeout(fd, timeout_ms);
+  wire::Hello hello{wire::kHelloMagic, wire::kVersion, static_cast<uint16_t>(name.size())};
+  if (!send_all(fd, &hello, sizeof hello) || !send_all(fd, name.data(), name.size())) {
+    throw Error(Errc::kConnectFailed, "sending hello to " + peer + ": " + std::strerror(errno));
+  }
+  wire::HelloReply reply{};
+  if (!recv_all(fd, &reply, sizeof reply)) {
+    throw Error(Errc::kProtocol, "no hello reply from " + peer + " (is it a pagewire server?)");
+  }
+  if (reply.magic != wire::kHelloMagic) {
+    throw Error(Errc::kProtocol, peer + " does not speak the pagewire protocol");
+  }
+  const auto status = static_cast<Errc>(reply.status);
+  if (status == Errc::kNotFound) {
+    throw Error(Errc::kNotFound, "server " + peer + " exports no region named '" + name + "'");
+  }
+  if (status != Errc::kOk) {
+    throw Error(status, "server " + peer + " refused region '" + name + "': " + std::string(to_string(status)));
+  }
+  if (reply.length == 0 || reply.page_size == 0 || (reply.page_size & (reply.page_size - 1)) != 0) {
+    throw Error(Errc::kProtocol, "server " + peer + " sent an invalid descriptor");
+  }
+  set_io_timeout(fd, 0);
+  RegionDescriptor d;
+  d.name = name;
+  d.length = reply.length;
+  d.page_size = reply.page_size;
+  d.key = reply.key;
+  return d;
+}
+
+}  // namespace pagewire::tcp

@@ -1,0 +1,283 @@
+#include "transport/tcp/tcp_server.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstring>
+
+#include "spdlog/spdlog.h"
+#include "transport/protocol.h"
+#include "transport/tcp/socket_util.h"
+#include "transport/transport.h"
+
+namespace pagewire {
+namespace {
+
+constexpr size_t kRecvBuffer = 64 * 1024;
+constexpr unsigned kHandshakeTimeoutMs = 5000;
+
+std::string peer_name(const sockaddr_storage& a) {
+  char host[NI_MAXHOST] = "?";
+  char port[NI_MAXSERV] = "?";
+  ::getnameinfo(reinterpret_cast<const sockaddr*>(&a), sizeof a, host, sizeof host, port, sizeof port,
+                NI_NUMERICHOST | NI_NUMERICSERV);
+  return std::string(host) + ":" + port;
+}
+
+// Writes the whole iovec array, resuming after partial writes.
+bool send_iov(int fd, iovec* iov, size_t count) {
+  while (count > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = std::min<size_t>(count, IOV_MAX);
+    ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return false;
+    auto left = static_cast<size_t>(n);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --count;
+    }
+    if (count > 0 && left > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+TcpServer::TcpServer(const ServerOptions& options) : options_(options) {
+  tcp::Endpoint ep = tcp::resolve(options.bind_address, options.port);
+  listen_fd_.reset(::socket(ep.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!listen_fd_) throw_errno("socket");
+  int one = 1;
+  ::setsockopt(listen_fd_.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(listen_fd_.get(), reinterpret_cast<const sockaddr*>(&ep.addr), ep.addr_len) != 0) {
+    throw_errno("bind " + ep.text);
+  }
+  if (::listen(listen_fd_.get(), 128) != 0) throw_errno("listen " + ep.text);
+  sockaddr_storage bound{};
+  socklen_t len = sizeof bound;
+  ::getsockname(listen_fd_.get(), reinterpret_cast<sockaddr*>(&bound), &len);
+  port_ = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                            : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  stop_fd_.reset(::eventfd(0, EFD_CLOEXEC));
+  if (!stop_fd_) throw_errno("eventfd");
+  accept_thread_ = std::thread([this] { accept_loop(); });
+  spdlog::info("server: listening on {}:{}", options.bind_address, port_);
+}
+
+TcpServer::~TcpServer() { stop(); }
+
+const ExportedRegion& TcpServer::add(std::unique_ptr<ExportedRegion> region) {
+  std::lock_guard lock(mu_);
+  if (by_name_.count(region->name) != 0) {
+    throw Error(Errc::kInvalidArgument, "a region named '" + region->name + "' is exported already");
+  }
+  region->key = static_cast<uint32_t>(regions_.size());
+  by_name_[region->name] = region->key;
+  regions_.push_back(std::move(region));
+  const ExportedRegion& r = *regions_.back();
+  spdlog::info("server: exporting '{}' ({} bytes, {} B pages)", r.name, r.length, r.page_size);
+  return r;
+}
+
+const ExportedRegion* TcpServer::find(const std::string& name) const {
+  std::lock_guard lock(mu_);
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : regions_[it->second].get();
+}
+
+ServerStats TcpServer::stats() const {
+  return {accepted_.load(), active_.load(), dropped_.load(), reads_.load(), bytes_.load(), refused_.load()};
+}
+
+void TcpServer::drop_connections() {
+  std::lock_guard lock(mu_);
+  for (auto& c : connections_) {
+    if (!c.done.load() && c.fd >= 0) ::shutdown(c.fd, SHUT_RDWR);
+  }
+}
+
+void TcpServer::stop() {
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t w = ::write(stop_fd_.get(), &one, sizeof one);
+  if (accept_thread_.joinable()) accept_thread_.join();
+  drop_connections();
+  std::list<Connection> finished;
+  {
+    std::lock_guard lock(mu_);
+    finished.swap(connections_);
+  }
+  for (auto& c : finished) {
+    if (c.thread.joinable()) c.thread.join();
+  }
+}
+
+void TcpServer::reap_finished() {
+  std::list<Connection> finished;
+  {
+    std::lock_guard lock(mu_);
+    for (auto it = connections_.begin(); it != connections_.end();) {
+      auto next = std::next(it);
+      if (it->done.load()) finished.splice(finished.end(), connections_, it);
+      it = next;
+    }
+  }
+  for (auto& c : finished) c.thread.join();
+}
+
+void TcpServer::accept_loop() {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
+    int rc = ::poll(fds, 2, 1000);
+    if (rc < 0 && errno != EINTR) {
+      spdlog::error("server: poll: {}", std::strerror(errno));
+      return;
+    }
+    if (fds[1].revents != 0) return;
+    reap_finished();
+    if (rc <= 0 || (fds[0].revents & POLLIN) == 0) continue;
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    UniqueFd fd(::accept4(listen_fd_.get(), reinterpret_cast<sockaddr*>(&addr), &len, SOCK_CLOEXEC));
+    if (!fd) {
+      if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) {
+        spdlog::warn("server: accept: {}", std::strerror(errno));
+      }
+      continue;
+    }
+    ++accepted_;
+    std::string peer = peer_name(addr);
+    std::lock_guard lock(mu_);
+    if (active_.load() >= options_.max_connections) {
+      spdlog::warn("server: refusing {}: {} connections open already", peer, options_.max_connections);
+      continue;
+    }
+    ++active_;
+    Connection& c = connections_.emplace_back();
+    c.fd = fd.get();
+    c.thread = std::thread([this, &c, f = std::move(fd), p = std::move(peer)]() mutable {
+      serve(&c, std::move(f), std::move(p));
+    });
+  }
+}
+
+void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
+  auto finish = [&](bool dropped) {
+    if (dropped) ++dropped_;
+    {
+      std::lock_guard lock(mu_);
+      conn->fd = -1;  // no shutdown() on a descriptor number that may be reused
+    }
+    fd.reset();
+    --active_;
+    conn->done.store(true);
+  };
+  int one = 1;
+  ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+
+  // Handshake: a client that says nothing for a while is dropped.
+  tcp::set_io_timeout(fd.get(), kHandshakeTimeoutMs);
+  wire::Hello hello{};
+  if (!tcp::recv_all(fd.get(), &hello, sizeof hello)) {
+    spdlog::warn("server: {} sent no hello; dropping it", peer);
+    return finish(true);
+  }
+  if (hello.magic != wire::kHelloMagic || hello.version != wire::kVersion || hello.name_length == 0 ||
+      hello.name_length > wire::kMaxNameLength) {
+    spdlog::warn("server: {} sent a malformed hello (magic 0x{:08x}); dropping it", peer, hello.magic);
+    return finish(true);
+  }
+  std::string name(hello.name_length, '\0');
+  if (!tcp::recv_all(fd.get(), name.data(), name.size())) {
+    spdlog::warn("server: {} sent a truncated hello; dropping it", peer);
+    return finish(true);
+  }
+  const ExportedRegion* region = find(name);
+  wire::HelloReply reply{wire::kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0};
+  if (region == nullptr) {
+    reply.status = static_cast<uint32_t>(Errc::kNotFound);
+    spdlog::info("server: {} asked for unknown region '{}'", peer, name);
+    tcp::send_all(fd.get(), &reply, sizeof reply);
+    return finish(false);
+  }
+  reply.key = region->key;
+  reply.page_size = region->page_size;
+  reply.length = region->length;
+  if (!tcp::send_all(fd.get(), &reply, sizeof reply)) return finish(false);
+  tcp::set_io_timeout(fd.get(), 0);
+  spdlog::debug("server: {} attached '{}'", peer, name);
+
+  std::vector<std::byte> buf(kRecvBuffer);
+  std::vector<wire::ReadReply> replies(kRecvBuffer / sizeof(wire::ReadRequest));
+  std::vector<iovec> iov(2 * replies.size());
+  size_t have = 0;
+  for (;;) {
+    ssize_t n = ::recv(fd.get(), buf.data() + have, buf.size() - have, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (have > 0) {
+        spdlog::warn("server: {} closed with a truncated request ({} of {} bytes); dropped", peer, have,
+                     sizeof(wire::ReadRequest));
+        return finish(true);
+      }
+      return finish(false);
+    }
+    have += static_cast<size_t>(n);
+    const size_t count = have / sizeof(wire::ReadRequest);
+    size_t iovs = 0;
+    Errc refuse = Errc::kOk;
+    for (size_t i = 0; i < count; ++i) {
+      wire::ReadRequest req;
+      std::memcpy(&req, buf.data() + i * sizeof req, sizeof req);
+      wire::ReadReply& r = replies[i];
+      r = {wire::kReplyMagic, static_cast<uint32_t>(Errc::kOk), req.tag, req.length};
+      if (req.magic != wire::kReadMagic) {
+        refuse = Errc::kProtocol;
+      } else if (req.key != region->key) {
+        refuse = Errc::kInvalidArgument;
+      } else if (!read_in_bounds(region->length, req.offset, req.length) || req.length > wire::kMaxReadBytes) {
+        refuse = Errc::kOutOfBounds;
+      }
+      if (refuse != Errc::kOk) {
+        // Answer what came before, then the refusal, then hang up: after a
+        // bad request the stream cannot be trusted.
+        ++refused_;
+        r.status = static_cast<uint32_t>(refuse);
+        r.length = 0;
+        iov[iovs++] = {&r, sizeof r};
+        spdlog::warn("server: {} sent a bad read ({}: offset {} length {} magic 0x{:08x}); dropping it", peer,
+                     to_string(refuse), req.offset, req.length, req.magic);
+        break;
+      }
+      iov[iovs++] = {&r, sizeof r};
+      iov[iovs++] = {const_cast<std::byte*>(region->base + req.offset), req.length};
+      ++reads_;
+      bytes_ += req.length;
+    }
+    if (iovs > 0 && !send_iov(fd.get(), iov.data(), iovs)) return finish(false);
+    if (refuse != Errc::kOk) return finish(true);
+    const size_t used = count * sizeof(wire::ReadRequest);
+    std::memmove(buf.data(), buf.data() + used, have - used);
+    have -= used;
+  }
+}
+
+}  // namespace pagewire

@@ -1,0 +1,378 @@
+#include "transport/tcp/tcp_transport.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstring>
+#include <thread>
+
+#include "spdlog/spdlog.h"
+
+namespace pagewire::tcp {
+namespace {
+
+constexpr unsigned kRingEntries = 512;
+static_assert(TcpChannel::kMaxOutstanding + 16 < kRingEntries,
+              "a full window of sends plus the recv and the watches must fit the ring");
+static_assert((TcpChannel::kMaxOutstanding & (TcpChannel::kMaxOutstanding - 1)) == 0,
+              "the in-flight FIFO is indexed by masking");
+constexpr uint64_t kMask = TcpChannel::kMaxOutstanding - 1;
+
+constexpr uint64_t user_data(uint64_t kind, uint64_t index = 0) { return (kind << 56) | index; }
+constexpr uint64_t kind_of(uint64_t data) { return data >> 56; }
+constexpr uint64_t index_of(uint64_t data) { return data & ((uint64_t{1} << 56) - 1); }
+
+bool io_uring_logged = false;
+
+}  // namespace
+
+Ring::Ring(unsigned entries) {
+  // COOP_TASKRUN (5.19+) spares the completion an IPI when the thread is
+  // busy; older kernels refuse the flag, so fall back to plain setup.
+  int rc = io_uring_queue_init(entries, &ring_, IORING_SETUP_COOP_TASKRUN);
+  if (rc == -EINVAL) rc = io_uring_queue_init(entries, &ring_, 0);
+  if (rc < 0) {
+    throw Error(Errc::kIo, std::string("io_uring_queue_init: ") + std::strerror(-rc) +
+                               " (is io_uring disabled? see sysctl kernel.io_uring_disabled)");
+  }
+  if (!io_uring_logged) {
+    io_uring_logged = true;
+    spdlog::debug("tcp: io_uring ready (features 0x{:x})", ring_.features);
+  }
+}
+
+io_uring_sqe* Ring::sqe() {
+  io_uring_sqe* s = io_uring_get_sqe(&ring_);
+  if (s == nullptr) {
+    io_uring_submit(&ring_);
+    s = io_uring_get_sqe(&ring_);
+  }
+  if (s == nullptr) throw Error(Errc::kIo, "io_uring submission queue stays full");
+  return s;
+}
+
+TcpTransport::TcpTransport(const std::string& host, uint16_t port, const std::string& name,
+                           const TransportTimeouts& t)
+    : endpoint_(resolve(host, port)), timeouts_(t) {
+  std::string why;
+  first_connection_ = connect_to(endpoint_, t.reconnect_timeout_ms, &why);
+  if (!first_connection_) throw Error(Errc::kConnectFailed, why + " (is `pagewire serve` running there?)");
+  desc_ = handshake(first_connection_.get(), name, t.reconnect_timeout_ms, endpoint_.text);
+  spdlog::info("tcp: attached '{}' at {}: {} bytes, {} B pages", name, endpoint_.text, desc_.length,
+               desc_.page_size);
+}
+
+TransportCapabilities TcpTransport::capabilities() const {
+  return {TcpChannel::kMaxOutstanding, wire::kMaxReadBytes, false};
+}
+
+std::unique_ptr<Channel> TcpTransport::open_channel() {
+  UniqueFd fd = std::move(first_connection_);
+  if (!fd) {
+    std::string why;
+    fd = connect_to(endpoint_, timeouts_.reconnect_timeout_ms, &why);
+    if (!fd) throw Error(Errc::kConnectFailed, why);
+    RegionDescriptor d = handshake(fd.get(), desc_.name, timeouts_.reconnect_timeout_ms, endpoint_.text);
+    if (d.length != desc_.length || d.page_size != desc_.page_size) {
+      throw Error(Errc::kProtocol, "region '" + desc_.name + "' changed shape on " + endpoint_.text);
+    }
+  }
+  return std::make_unique<TcpChannel>(std::move(fd), endpoint_, desc_, timeouts_);
+}
+
+TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportTimeouts timeouts)
+    : endpoint_(std::move(endpoint)),
+      desc_(std::move(desc)),
+      timeouts_(timeouts),
+      sock_(std::move(connection)),
+      ring_(kRingEntries),
+      ops_(kMaxOutstanding),
+      requests_(kMaxOutstanding) {
+  local_.reserve(kMaxOutstanding);
+}
+
+TcpChannel::~TcpChannel() {
+  // The kernel may still be receiving into staging memory: break the
+  // connection and wait for every socket op before the ring goes away.
+  if (sock_) ::shutdown(sock_.get(), SHUT_RDWR);
+  WaitResult scratch;
+  while (socket_ops_ > 0) {
+    io_uring_submit_and_wait(ring_.get(), 1);
+    reap(scratch);
+    scratch.clear();
+  }
+}
+
+void TcpChannel::watch(int fd, uint64_t token) {
+  watches_.push_back({fd, token});
+  arm_watch(watches_.size() - 1);
+}
+
+void TcpChannel::arm_watch(size_t index) {
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_poll_multishot(s, watches_[index].fd, POLLIN);
+  io_uring_sqe_set_data64(s, user_data(kWatch, index));
+}
+
+void TcpChannel::post(std::span<const ReadOp> ops) {
+  const bool was_idle = head_ == tail_;
+  for (const ReadOp& op : ops) {
+    if (!read_in_bounds(desc_.length, op.remote_offset, op.length) || op.length > wire::kMaxReadBytes) {
+      local_.push_back({op.cookie, Errc::kOutOfBounds});
+      continue;
+    }
+    if (dead_ != Errc::kOk) {
+      local_.push_back({op.cookie, dead_});
+      continue;
+    }
+    if (tail_ - head_ >= kMaxOutstanding) {
+      // The caller sized its batch wrong; refuse rather than overwrite.
+      local_.push_back({op.cookie, Errc::kInvalidArgument});
+      continue;
+    }
+    const uint64_t seq = tail_++;
+    ops_[seq & kMask] = op;
+    requests_[seq & kMask] = {wire::kReadMagic, desc_.key, op.remote_offset, op.length,
+                              static_cast<uint32_t>(seq)};
+  }
+  if (was_idle && head_ != tail_) last_progress_ = std::chrono::steady_clock::now();
+  queue_sends();
+  arm_recv();
+}
+
+void TcpChannel::queue_sends() {
+  if (sent_ == tail_ || !sock_) return;
+  // One sendmsg for the whole batch; two iovecs when it wraps the FIFO.
+  SendMsg& m = pending_sends_.emplace_back();
+  const uint64_t first = sent_ & kMask;
+  const uint64_t count = tail_ - sent_;
+  const uint64_t run1 = std::min<uint64_t>(count, kMaxOutstanding - first);
+  m.iov[0] = {&requests_[first], run1 * sizeof(wire::ReadRequest)};
+  m.msg.msg_iovlen = 1;
+  if (run1 < count) {
+    m.iov[1] = {&requests_[0], (count - run1) * sizeof(wire::ReadRequest)};
+    m.msg.msg_iovlen = 2;
+  }
+  m.msg.msg_iov = m.iov;
+  io_uring_sqe* s = ring_.sqe();
+  // MSG_WAITALL makes io_uring finish a short send itself (6.0+).
+  io_uring_prep_sendmsg(s, sock_.get(), &m.msg, MSG_NOSIGNAL | MSG_WAITALL);
+  io_uring_sqe_set_data64(s, user_data(kSend));
+  ++socket_ops_;
+  sent_ = tail_;
+}
+
+void TcpChannel::arm_recv() {
+  if (recv_armed_ || head_ == sent_ || !sock_) return;
+  // Header and payload in one recvmsg: the payload lands in the staging
+  // slot directly.
+  const ReadOp& op = ops_[head_ & kMask];
+  recv_iov_[0] = {&reply_, sizeof reply_};
+  recv_iov_[1] = {op.dst, op.length};
+  recv_msg_ = {};
+  recv_msg_.msg_iov = recv_iov_;
+  recv_msg_.msg_iovlen = 2;
+  io_uring_sqe* s = ring_.sqe();
+  io_uring_prep_recvmsg(s, sock_.get(), &recv_msg_, MSG_WAITALL);
+  io_uring_sqe_set_data64(s, user_data(kRecv));
+  ++socket_ops_;
+  recv_armed_ = true;
+}
+
+void TcpChannel::submit() {
+  io_uring_submit(ring_.get());
+  // IORING_FEAT_SUBMIT_STABLE: the kernel has consumed the msghdrs.
+  pending_sends_.clear();
+}
+
+void TcpChannel::wait(WaitResult& out, int timeout_ms) {
+  if (!local_.empty()) {
+    out.completions.insert(out.completions.end(), local_.begin(), local_.end());
+    local_.clear();
+    timeout_ms = 0;  // still collect whatever else is ready
+  }
+  int effective = timeout_ms;
+  if (head_ != tail_) {
+    // An unanswered read bounds the wait: a peer that goes silent is dead.
+    const auto waited = std::chrono::steady_clock::now() - last_progress_;
+    const auto left = std::chrono::milliseconds(timeouts_.request_timeout_ms) -
+                      std::chrono::duration_cast<std::chrono::milliseconds>(waited);
+    const int left_ms = static_cast<int>(std::max<int64_t>(left.count(), 0));
+    effective = effective < 0 ? left_ms : std::min(effective, left_ms);
+  }
+  int rc;
+  if (effective < 0) {
+    rc = io_uring_submit_and_wait(ring_.get(), 1);
+  } else if (effective == 0) {
+    rc = io_uring_submit(ring_.get());
+  } else {
+    __kernel_timespec ts{effective / 1000, static_cast<long long>(effective % 1000) * 1000000};
+    io_uring_cqe* cqe = nullptr;
+    rc = io_uring_submit_and_wait_timeout(ring_.get(), &cqe, 1, &ts, nullptr);
+  }
+  pending_sends_.clear();
+  if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EBUSY) {
+    recover(Errc::kIo, std::string("io_uring_enter: ") + std::strerror(-rc), out);
+    return;
+  }
+  reap(out);
+  if (head_ != tail_ && dead_ == Errc::kOk &&
+      std::chrono::steady_clock::now() - last_progress_ >= std::chrono::milliseconds(timeouts_.request_timeout_ms)) {
+    recover(Errc::kTimeout, "no answer from " + endpoint_.text + " within " +
+                                std::to_string(timeouts_.request_timeout_ms) + " ms",
+            out);
+  }
+  if (dead_ != Errc::kOk) {
+    out.channel_error = dead_;
+    out.channel_error_text = dead_text_;
+  }
+}
+
+void TcpChannel::reap(WaitResult& out) {
+  io_uring_cqe* cqe;
+  unsigned seen = 0;
+  unsigned head;
+  // Recv completions may re-arm and fail the connection; collect first.
+  int recv_res = 0;
+  bool got_recv = false;
+  int send_err = 0;
+  io_uring_for_each_cqe(ring_.get(), head, cqe) {
+    ++seen;
+    const uint64_t data = io_uring_cqe_get_data64(cqe);
+    switch (kind_of(data)) {
+      case kSend:
+        --socket_ops_;
+        if (cqe->res < 0 && send_err == 0) send_err = -cqe->res;
+        break;
+      case kRecv:
+        --socket_ops_;
+        got_recv = true;
+        recv_res = cqe->res;
+        break;
+      case kWatch: {
+        const size_t index = index_of(data);
+        if (index < watches_.size()) {
+          out.woken_tokens.push_back(watches_[index].token);
+          if ((cqe->flags & IORING_CQE_F_MORE) == 0) arm_watch(index);
+        }
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  io_uring_cq_advance(ring_.get(), seen);
+  if (got_recv) on_recv(recv_res, out);
+  if (send_err != 0 && dead_ == Errc::kOk && sock_) {
+    recover(Errc::kIo, "send to " + endpoint_.text + ": " + std::strerror(send_err), out);
+  }
+}
+
+void TcpChannel::on_recv(int res, WaitResult& out) {
+  recv_armed_ = false;
+  if (!sock_) return;  // draining a connection already given up
+  const ReadOp& op = ops_[head_ & kMask];
+  if (res < 0) {
+    recover(Errc::kIo, "recv from " + endpoint_.text + ": " + std::strerror(-res), out);
+    return;
+  }
+  if (static_cast<size_t>(res) < sizeof reply_) {
+    recover(Errc::kClosed, "connection to " + endpoint_.text + " closed", out);
+    return;
+  }
+  if (reply_.magic != wire::kReplyMagic || reply_.tag != static_cast<uint32_t>(head_)) {
+    recover(Errc::kProtocol, "garbled reply from " + endpoint_.text, out);
+    return;
+  }
+  const auto status = static_cast<Errc>(reply_.status);
+  if (status != Errc::kOk) {
+    // The server refused this read and closes the connection after saying
+    // so; the rest are sent again on a new one.
+    out.completions.push_back({op.cookie, status});
+    ++head_;
+    last_progress_ = std::chrono::steady_clock::now();
+    recover(Errc::kClosed, "server refused a read: " + std::string(to_string(status)), out);
+    return;
+  }
+  if (reply_.length != op.length || static_cast<size_t>(res) != sizeof reply_ + op.length) {
+    recover(Errc::kClosed, "short reply from " + endpoint_.text, out);
+    return;
+  }
+  out.completions.push_back({op.cookie, Errc::kOk});
+  ++head_;
+  last_progress_ = std::chrono::steady_clock::now();
+  arm_recv();
+}
+
+void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
+  if (dead_ != Errc::kOk) return;
+  spdlog::warn("tcp: {} ({} reads outstanding); reconnecting", text, tail_ - head_);
+  // Break the connection and take back every op the kernel holds on it.
+  ::shutdown(sock_.get(), SHUT_RDWR);
+  while (socket_ops_ > 0) {
+    io_uring_submit_and_wait(ring_.get(), 1);
+    pending_sends_.clear();
+    io_uring_cqe* cqe;
+    unsigned seen = 0;
+    unsigned head;
+    io_uring_for_each_cqe(ring_.get(), head, cqe) {
+      ++seen;
+      const uint64_t data = io_uring_cqe_get_data64(cqe);
+      if (kind_of(data) == kSend || kind_of(data) == kRecv) {
+        --socket_ops_;
+      } else if (kind_of(data) == kWatch && index_of(data) < watches_.size()) {
+        out.woken_tokens.push_back(watches_[index_of(data)].token);
+        if ((cqe->flags & IORING_CQE_F_MORE) == 0) arm_watch(index_of(data));
+      }
+    }
+    io_uring_cq_advance(ring_.get(), seen);
+  }
+  recv_armed_ = false;
+  sock_.reset();
+
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeouts_.reconnect_timeout_ms);
+  std::string last_why = text;
+  while (std::chrono::steady_clock::now() < deadline) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    std::string why_not;
+    UniqueFd fd = connect_to(endpoint_, static_cast<unsigned>(std::max<int64_t>(left.count(), 1)), &why_not);
+    if (fd) {
+      try {
+        RegionDescriptor d = handshake(fd.get(), desc_.name, static_cast<unsigned>(std::max<int64_t>(left.count(), 1)),
+                                       endpoint_.text);
+        if (d.length != desc_.length || d.page_size != desc_.page_size) {
+          last_why = "region '" + desc_.name + "' changed shape on " + endpoint_.text;
+          break;  // never read a different region into these pages
+        }
+        desc_.key = d.key;
+        sock_ = std::move(fd);
+        ++reconnects_;
+        spdlog::info("tcp: reconnected to {}; resending {} reads", endpoint_.text, tail_ - head_);
+        for (uint64_t seq = head_; seq != tail_; ++seq) requests_[seq & kMask].key = desc_.key;
+        sent_ = head_;
+        last_progress_ = std::chrono::steady_clock::now();
+        queue_sends();
+        arm_recv();
+        return;
+      } catch (const Error& e) {
+        last_why = e.what();
+        if (e.code() == Errc::kNotFound) break;
+      }
+    } else {
+      last_why = why_not;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  dead_ = why;
+  dead_text_ = text + "; reconnect failed: " + last_why;
+  spdlog::error("tcp: giving up on {}: {}", endpoint_.text, dead_text_);
+  fail_all(why, out);
+}
+
+void TcpChannel::fail_all(Errc status, WaitResult& out) {
+  for (; head_ != tail_; ++head_) out.completions.push_back({ops_[head_ & kMask].cookie, status});
+  sent_ = tail_;
+}
+
+}  // namespace pagewire::tcp

@@ -1,0 +1,120 @@
+// The TCP transport: one-sided reads over a TCP connection per handler
+// thread, driven through io_uring so that it has the same post-a-batch /
+// reap-completions shape as verbs, and so that the handler's one blocking
+// wait (io_uring_submit_and_wait) covers its userfaultfd too.
+#pragma once
+
+#include <liburing.h>
+#include <sys/uio.h>
+
+#include <chrono>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/unique_fd.h"
+#include "transport/protocol.h"
+#include "transport/tcp/socket_util.h"
+#include "transport/transport.h"
+
+namespace pagewire::tcp {
+
+class TcpTransport final : public Transport {
+ public:
+  // Connects and reads the region descriptor; throws pagewire::Error.
+  TcpTransport(const std::string& host, uint16_t port, const std::string& name, const TransportTimeouts& t);
+
+  std::string_view name() const override { return "tcp"; }
+  const RegionDescriptor& region() const override { return desc_; }
+  TransportCapabilities capabilities() const override;
+  std::unique_ptr<Channel> open_channel() override;
+
+ private:
+  Endpoint endpoint_;
+  TransportTimeouts timeouts_;
+  RegionDescriptor desc_;
+  UniqueFd first_connection_;  // handed to the first channel
+};
+
+// Owner of one io_uring instance.
+class Ring {
+ public:
+  explicit Ring(unsigned entries);
+  Ring(const Ring&) = delete;
+  Ring& operator=(const Ring&) = delete;
+  ~Ring() { io_uring_queue_exit(&ring_); }
+  io_uring* get() { return &ring_; }
+  // An SQE, submitting first when the queue is full.
+  io_uring_sqe* sqe();
+
+ private:
+  io_uring ring_{};
+};
+
+class TcpChannel final : public Channel {
+ public:
+  TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportTimeouts timeouts);
+  ~TcpChannel() override;
+
+  LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
+  void watch(int fd, uint64_t token) override;
+  void post(std::span<const ReadOp> ops) override;
+  uint32_t outstanding() const override { return static_cast<uint32_t>(tail_ - head_) + local_.size(); }
+  void wait(WaitResult& out, int timeout_ms) override;
+  uint64_t reconnects() const override { return reconnects_; }
+
+  static constexpr uint32_t kMaxOutstanding = 256;
+
+ private:
+  enum Kind : uint64_t { kSend = 1, kRecv = 2, kWatch = 3 };
+  struct Watch {
+    int fd;
+    uint64_t token;
+  };
+  struct SendMsg {
+    msghdr msg{};
+    iovec iov[2]{};
+  };
+
+  void queue_sends();
+  void arm_recv();
+  void reap(WaitResult& out);
+  void on_recv(int res, WaitResult& out);
+  void arm_watch(size_t index);
+  // The connection broke: drain it, reconnect and resend what was
+  // outstanding, or, past the reconnect deadline, fail every read.
+  void recover(Errc why, const std::string& text, WaitResult& out);
+  void fail_all(Errc status, WaitResult& out);
+  void submit();
+
+  Endpoint endpoint_;
+  RegionDescriptor desc_;
+  TransportTimeouts timeouts_;
+  UniqueFd sock_;
+  Ring ring_;  // destroyed before the socket; its socket ops are drained first
+
+  // Reads in request order: the server answers in order, so a FIFO indexed
+  // by sequence number is the whole in-flight table.
+  std::vector<ReadOp> ops_;
+  std::vector<wire::ReadRequest> requests_;
+  uint64_t head_ = 0;  // oldest unanswered
+  uint64_t sent_ = 0;  // requests up to here are queued for sending
+  uint64_t tail_ = 0;  // next sequence number
+  std::vector<ReadCompletion> local_;  // completions decided without the wire
+
+  std::deque<SendMsg> pending_sends_;  // stable until submitted
+  wire::ReadReply reply_{};
+  iovec recv_iov_[2]{};
+  msghdr recv_msg_{};
+  bool recv_armed_ = false;
+  uint32_t socket_ops_ = 0;  // sends and recvs the kernel still holds
+
+  std::vector<Watch> watches_;
+  Errc dead_ = Errc::kOk;
+  std::string dead_text_;
+  uint64_t reconnects_ = 0;
+  std::chrono::steady_clock::time_point last_progress_{};
+};
+
+}  // namespace pagewire::tcp

@@ -1,0 +1,120 @@
+// The transport interface: one-sided reads of a remote region into
+// registered local memory, posted in batches, completions reaped in batches.
+//
+// A Transport stands for one attached region on one peer. Each fault handler
+// thread opens its own Channel (a TCP connection or an RC queue pair with its
+// completion queue) and is that channel's only user, so nothing on the fast
+// path takes a lock. A channel also drives its thread's one blocking wait:
+// the handler hands it the descriptors it watches (its userfaultfd, its stop
+// eventfd), and wait() returns when a read completes or one of them fires.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "pagewire/error.h"
+
+namespace pagewire {
+
+// What a destination learns about a region when it connects.
+struct RegionDescriptor {
+  std::string name;
+  uint64_t length = 0;
+  uint32_t page_size = 4096;
+  uint32_t key = 0;          // names the region on its server (the rkey on RDMA)
+  uint64_t remote_addr = 0;  // base address for RDMA READ; 0 on TCP
+};
+
+struct TransportCapabilities {
+  uint32_t max_outstanding_reads = 0;  // per channel
+  uint32_t max_read_bytes = 0;         // per read
+  bool needs_registration = false;     // staging memory must be registered first
+};
+
+// Local memory that reads may land in. On RDMA it carries the memory
+// region's lkey; on TCP registration is bookkeeping only.
+struct LocalBuffer {
+  std::byte* base = nullptr;
+  size_t length = 0;
+  uint32_t lkey = 0;
+};
+
+struct ReadOp {
+  uint64_t remote_offset = 0;  // from the start of the region
+  uint32_t length = 0;
+  std::byte* dst = nullptr;    // inside a registered LocalBuffer
+  uint64_t cookie = 0;         // returned in the completion
+};
+
+struct ReadCompletion {
+  uint64_t cookie = 0;
+  Errc status = Errc::kOk;
+};
+
+// What one wait() produced. The handler keeps one and reuses its storage.
+struct WaitResult {
+  std::vector<ReadCompletion> completions;
+  std::vector<uint64_t> woken_tokens;  // tokens of watched descriptors that fired
+  Errc channel_error = Errc::kOk;      // set when the channel is dead for good
+  std::string channel_error_text;
+  void clear() {
+    completions.clear();
+    woken_tokens.clear();
+  }
+};
+
+class Channel {
+ public:
+  Channel() = default;
+  Channel(const Channel&) = delete;
+  Channel& operator=(const Channel&) = delete;
+  virtual ~Channel() = default;
+
+  virtual LocalBuffer register_buffer(std::byte* base, size_t length) = 0;
+  // Makes wait() return `token` whenever `fd` becomes readable.
+  virtual void watch(int fd, uint64_t token) = 0;
+  // Queues a batch of reads; every op is bounds-checked against the region
+  // and ones outside it complete with kOutOfBounds. Never blocks; the batch
+  // must fit in the free outstanding slots.
+  virtual void post(std::span<const ReadOp> ops) = 0;
+  virtual uint32_t outstanding() const = 0;
+  // Submits what was posted and blocks until a completion or a watched
+  // descriptor fires (timeout_ms < 0: no limit; 0: do not block).
+  virtual void wait(WaitResult& out, int timeout_ms) = 0;
+  // Reconnections this channel made after its connection dropped.
+  virtual uint64_t reconnects() const { return 0; }
+};
+
+class Transport {
+ public:
+  Transport() = default;
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+  virtual ~Transport() = default;
+
+  virtual std::string_view name() const = 0;
+  virtual const RegionDescriptor& region() const = 0;
+  virtual TransportCapabilities capabilities() const = 0;
+  // One per handler thread; the channel is used by that thread alone.
+  virtual std::unique_ptr<Channel> open_channel() = 0;
+};
+
+struct TransportTimeouts {
+  unsigned request_timeout_ms = 10000;
+  unsigned reconnect_timeout_ms = 3000;
+};
+
+// Parses `uri` and connects: tcp://HOST:PORT/NAME. Throws pagewire::Error.
+std::unique_ptr<Transport> connect_transport(std::string_view uri, const TransportTimeouts& t);
+
+// Checks a read against a region: non-empty, within the region, no overflow.
+inline bool read_in_bounds(uint64_t region_length, uint64_t offset, uint64_t length) {
+  return length > 0 && offset <= region_length && length <= region_length - offset;
+}
+
+}  // namespace pagewire
