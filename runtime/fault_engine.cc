@@ -65,13 +65,12 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
     throw Error(Errc::kInvalidArgument, "page size " + std::to_string(desc_.page_size) +
                                             " is not supported yet (4096 only)");
   }
-  static bool features_logged = false;
-  if (!features_logged) {
-    features_logged = true;
+  static std::once_flag features_logged;
+  std::call_once(features_logged, [this] {
     spdlog::info("uffd: kernel offers [{}]; refusing unfetchable pages with {}",
                  describe_uffd_features(Userfaultfd::kernel_features()),
                  uffd_.has(UFFD_FEATURE_POISON) ? "UFFDIO_POISON (SIGBUS)" : "PROT_NONE (SIGSEGV)");
-  }
+  });
   uffd_.register_missing(region_.data(), region_.size());
 
   const unsigned n = options_.handler_threads != 0 ? options_.handler_threads : default_handlers();
@@ -159,8 +158,8 @@ void FaultEngine::run_handler(Handler& h) {
         if (token == kStopToken) return;
         if (token == kUffdToken) h.uffd_ready = true;
       }
-      if (h.result.channel_error != Errc::kOk) record_failure(h.result.channel_error_text);
       for (const ReadCompletion& c : h.result.completions) complete(h, c);
+      if (h.result.channel_error != Errc::kOk) record_failure(h.result.channel_error_text);
       if (h.uffd_ready && !h.staging->empty()) read_faults(h);
     }
   } catch (const std::exception& e) {
@@ -219,7 +218,7 @@ void FaultEngine::complete(Handler& h, const ReadCompletion& c) {
   std::byte* addr = region_.data() + info.page * desc_.page_size;
   if (c.status != Errc::kOk) {
     h.staging->release(slot);
-    refuse_page(h, info.page, c.status, "");
+    refuse_page(h, info.page, c.status, h.result.channel_error_text);
     return;
   }
   std::byte* src = h.staging->at(slot);
@@ -245,10 +244,13 @@ void FaultEngine::refuse_page(Handler& h, size_t page, Errc why, const std::stri
   Metrics::bump(h.metrics.transport_errors);
   Metrics::bump(h.metrics.pages_refused);
   pages_.set(page, PageState::kRefused);
-  std::byte* addr = region_.data() + page * desc_.page_size;
-  const int rc = uffd_.refuse(addr, desc_.page_size);
+  // Recorded before the waiters wake, so that they find the region failed.
   record_failure("page " + std::to_string(page) + " could not be fetched: " + std::string(to_string(why)) +
-                 (text.empty() ? "" : " (" + text + ")") + (rc == 0 ? "" : "; refusing it failed too"));
+                 (text.empty() ? "" : " (" + text + ")"));
+  std::byte* addr = region_.data() + page * desc_.page_size;
+  if (const int rc = uffd_.refuse(addr, desc_.page_size); rc != 0) {
+    spdlog::error("region '{}': refusing page {} failed: {}", desc_.name, page, std::strerror(rc));
+  }
 }
 
 }  // namespace pagewire

@@ -65,6 +65,8 @@ struct WaitResult {
   void clear() {
     completions.clear();
     woken_tokens.clear();
+    channel_error = Errc::kOk;
+    channel_error_text.clear();
   }
 };
 

@@ -95,6 +95,10 @@ TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor 
 TcpChannel::~TcpChannel() {
   // The kernel may still be receiving into staging memory: break the
   // connection and wait for every socket op before the ring goes away.
+  // Marked dead first so that the recvs this cancels are not mistaken for
+  // a dropped link and reconnected. (When the handler thread has exited,
+  // io_uring has cancelled its requests already.)
+  dead_ = Errc::kCancelled;
   if (sock_) ::shutdown(sock_.get(), SHUT_RDWR);
   WaitResult scratch;
   while (socket_ops_ > 0) {
@@ -136,7 +140,7 @@ void TcpChannel::post(std::span<const ReadOp> ops) {
     requests_[seq & kMask] = {wire::kReadMagic, desc_.key, op.remote_offset, op.length,
                               static_cast<uint32_t>(seq)};
   }
-  if (was_idle && head_ != tail_) last_progress_ = std::chrono::steady_clock::now();
+  if (was_idle && head_ != tail_) last_progress_ = last_reply_ = std::chrono::steady_clock::now();
   queue_sends();
   arm_recv();
 }
@@ -271,7 +275,7 @@ void TcpChannel::reap(WaitResult& out) {
 
 void TcpChannel::on_recv(int res, WaitResult& out) {
   recv_armed_ = false;
-  if (!sock_) return;  // draining a connection already given up
+  if (!sock_ || dead_ != Errc::kOk) return;  // draining a connection already given up
   const ReadOp& op = ops_[head_ & kMask];
   if (res < 0) {
     recover(Errc::kIo, "recv from " + endpoint_.text + ": " + std::strerror(-res), out);
@@ -301,7 +305,7 @@ void TcpChannel::on_recv(int res, WaitResult& out) {
   }
   out.completions.push_back({op.cookie, Errc::kOk});
   ++head_;
-  last_progress_ = std::chrono::steady_clock::now();
+  last_progress_ = last_reply_ = std::chrono::steady_clock::now();
   arm_recv();
 }
 
@@ -331,9 +335,16 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   recv_armed_ = false;
   sock_.reset();
 
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeouts_.reconnect_timeout_ms);
+  const auto now = std::chrono::steady_clock::now();
+  const auto deadline = now + std::chrono::milliseconds(timeouts_.reconnect_timeout_ms);
   std::string last_why = text;
-  while (std::chrono::steady_clock::now() < deadline) {
+  // A peer that accepts connections but never answers would have us
+  // reconnect forever: past one request timeout plus one reconnect timeout
+  // without a reply, it is dead.
+  const bool stalled = head_ != tail_ && now - last_reply_ > std::chrono::milliseconds(timeouts_.request_timeout_ms +
+                                                                                     timeouts_.reconnect_timeout_ms);
+  if (stalled) last_why = "no reply since the last reconnect";
+  while (!stalled && std::chrono::steady_clock::now() < deadline) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     std::string why_not;
     UniqueFd fd = connect_to(endpoint_, static_cast<unsigned>(std::max<int64_t>(left.count(), 1)), &why_not);

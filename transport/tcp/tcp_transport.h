@@ -60,7 +60,7 @@ class TcpChannel final : public Channel {
   LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
   void watch(int fd, uint64_t token) override;
   void post(std::span<const ReadOp> ops) override;
-  uint32_t outstanding() const override { return static_cast<uint32_t>(tail_ - head_) + local_.size(); }
+  uint32_t outstanding() const override { return static_cast<uint32_t>(tail_ - head_ + local_.size()); }
   void wait(WaitResult& out, int timeout_ms) override;
   uint64_t reconnects() const override { return reconnects_; }
 
@@ -114,7 +114,8 @@ class TcpChannel final : public Channel {
   Errc dead_ = Errc::kOk;
   std::string dead_text_;
   uint64_t reconnects_ = 0;
-  std::chrono::steady_clock::time_point last_progress_{};
+  std::chrono::steady_clock::time_point last_progress_{};  // reset by a reconnect
+  std::chrono::steady_clock::time_point last_reply_{};     // only a reply moves it
 };
 
 }  // namespace pagewire::tcp

@@ -1,0 +1,294 @@
+// Bad input and failures: each one ends in a clear error, never a hang and
+// never a page of zeros where the source had data.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "tests/test_util.h"
+#include "tools/pattern.h"
+#include "transport/protocol.h"
+#include "transport/tcp/socket_util.h"
+#include "transport/transport.h"
+
+namespace pagewire {
+namespace {
+
+using testing::ChildServer;
+using testing::kSeed;
+using testing::PatternServer;
+using testing::run_catching_signals;
+using testing::SilentServer;
+using testing::touch;
+
+constexpr size_t kPage = 4096;
+
+Errc attach_error(const std::string& uri, std::string* what = nullptr) {
+  try {
+    AttachOptions o;
+    o.reconnect_timeout_ms = 500;
+    attach(uri, o);
+  } catch (const Error& e) {
+    if (what != nullptr) *what = e.what();
+    return e.code();
+  }
+  return Errc::kOk;
+}
+
+UniqueFd raw_connect(uint16_t port) {
+  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return {};
+  tcp::set_io_timeout(fd.get(), 5000);
+  return fd;
+}
+
+// Attaches region `name` by hand and returns the socket, ready for reads.
+UniqueFd raw_attach(uint16_t port, const std::string& name, wire::HelloReply* reply) {
+  UniqueFd fd = raw_connect(port);
+  wire::Hello h{wire::kHelloMagic, wire::kVersion, static_cast<uint16_t>(name.size())};
+  EXPECT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
+  EXPECT_TRUE(tcp::send_all(fd.get(), name.data(), name.size()));
+  EXPECT_TRUE(tcp::recv_all(fd.get(), reply, sizeof *reply));
+  return fd;
+}
+
+// True once the server has closed the connection (recv sees EOF or reset).
+bool closed_by_peer(int fd) {
+  char c;
+  return ::recv(fd, &c, 1, 0) <= 0;
+}
+
+TEST(Failures, MalformedUri) {
+  std::string what;
+  EXPECT_EQ(attach_error("tcp//127.0.0.1:1/x", &what), Errc::kBadUri);
+  EXPECT_NE(what.find("expected tcp://HOST:PORT/NAME"), std::string::npos) << what;
+  EXPECT_EQ(attach_error("tcp://127.0.0.1:70000/x"), Errc::kBadUri);
+}
+
+TEST(Failures, UnknownRegionName) {
+  PatternServer src("known", 1 << 20);
+  std::string what;
+  const std::string uri = "tcp://127.0.0.1:" + std::to_string(src.server().port()) + "/unknown";
+  EXPECT_EQ(attach_error(uri, &what), Errc::kNotFound);
+  EXPECT_NE(what.find("no region named 'unknown'"), std::string::npos) << what;
+}
+
+TEST(Failures, NothingListening) {
+  // Bind a port and close it again so that nothing listens there.
+  uint16_t port;
+  {
+    ServerOptions o;
+    o.bind_address = "127.0.0.1";
+    o.port = 0;
+    MemoryServer s(o);
+    port = s.port();
+  }
+  std::string what;
+  EXPECT_EQ(attach_error("tcp://127.0.0.1:" + std::to_string(port) + "/x", &what), Errc::kConnectFailed);
+  EXPECT_NE(what.find("Connection refused"), std::string::npos) << what;
+}
+
+TEST(Failures, GarbageAndTruncatedRequestsAreDroppedOthersServed) {
+  PatternServer src("r", 1 << 20);
+  const uint16_t port = src.server().port();
+  Region healthy = attach(src.uri(), {});
+  EXPECT_EQ(check_pattern(healthy.data(), 0, kPage, kSeed), -1);
+
+  {  // Garbage instead of a hello.
+    UniqueFd fd = raw_connect(port);
+    const char junk[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    ASSERT_TRUE(tcp::send_all(fd.get(), junk, sizeof junk));
+    EXPECT_TRUE(closed_by_peer(fd.get()));
+  }
+  {  // A valid hello, then garbage where reads belong.
+    wire::HelloReply reply{};
+    UniqueFd fd = raw_attach(port, "r", &reply);
+    ASSERT_EQ(reply.status, 0u);
+    std::vector<uint8_t> junk(48);
+    std::mt19937 rng(5);
+    for (auto& b : junk) b = static_cast<uint8_t>(rng());
+    ASSERT_TRUE(tcp::send_all(fd.get(), junk.data(), junk.size()));
+    wire::ReadReply rr{};
+    ASSERT_TRUE(tcp::recv_all(fd.get(), &rr, sizeof rr));
+    EXPECT_EQ(static_cast<Errc>(rr.status), Errc::kProtocol);
+    EXPECT_TRUE(closed_by_peer(fd.get()));
+  }
+  {  // A truncated request, then the client hangs up.
+    wire::HelloReply reply{};
+    UniqueFd fd = raw_attach(port, "r", &reply);
+    wire::ReadRequest req{wire::kReadMagic, reply.key, 0, kPage, 1};
+    ASSERT_TRUE(tcp::send_all(fd.get(), &req, sizeof req / 2));
+  }
+  {  // A truncated hello.
+    UniqueFd fd = raw_connect(port);
+    wire::Hello h{wire::kHelloMagic, wire::kVersion, 10};
+    ASSERT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
+    ASSERT_TRUE(tcp::send_all(fd.get(), "abc", 3));
+  }
+  // The server drops those three and keeps serving the others.
+  for (int i = 0; i < 200 && src.server().stats().connections_dropped < 4; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_GE(src.server().stats().connections_dropped, 3u);
+  EXPECT_EQ(check_pattern(healthy.data(), 0, healthy.size(), kSeed), -1);
+  Region fresh = attach(src.uri(), {});
+  EXPECT_EQ(check_pattern(fresh.data(), 0, fresh.size(), kSeed), -1);
+}
+
+TEST(Failures, ReadOutsideTheRegionIsRefusedByTheServer) {
+  PatternServer src("r", 1 << 20);
+  wire::HelloReply reply{};
+  UniqueFd fd = raw_attach(src.server().port(), "r", &reply);
+  ASSERT_EQ(reply.length, 1u << 20);
+  // One good read, then one that runs past the end.
+  wire::ReadRequest reqs[2] = {{wire::kReadMagic, reply.key, 0, 64, 1},
+                               {wire::kReadMagic, reply.key, (1 << 20) - 64, 128, 2}};
+  ASSERT_TRUE(tcp::send_all(fd.get(), reqs, sizeof reqs));
+  wire::ReadReply rr{};
+  std::vector<std::byte> payload(64);
+  ASSERT_TRUE(tcp::recv_all(fd.get(), &rr, sizeof rr));
+  EXPECT_EQ(rr.status, 0u);
+  ASSERT_TRUE(tcp::recv_all(fd.get(), payload.data(), 64));
+  EXPECT_EQ(check_pattern(payload.data(), 0, 64, kSeed), -1);
+  ASSERT_TRUE(tcp::recv_all(fd.get(), &rr, sizeof rr));
+  EXPECT_EQ(static_cast<Errc>(rr.status), Errc::kOutOfBounds);
+  EXPECT_EQ(rr.tag, 2u);
+  EXPECT_TRUE(closed_by_peer(fd.get()));
+  EXPECT_EQ(src.server().stats().reads_refused, 1u);
+}
+
+TEST(Failures, ReadOutsideTheRegionIsRefusedByTheChannel) {
+  PatternServer src("r", 1 << 20);
+  auto t = connect_transport(src.uri(), {});
+  auto ch = t->open_channel();
+  std::vector<std::byte> buf(2 * kPage);
+  ch->register_buffer(buf.data(), buf.size());
+  const ReadOp ops[] = {{(1 << 20) - kPage, kPage, buf.data(), 1},
+                        {1 << 20, kPage, buf.data() + kPage, 2},
+                        {~uint64_t{0} - 10, kPage, buf.data() + kPage, 3}};
+  ch->post(ops);
+  WaitResult res;
+  for (int i = 0; i < 100 && res.completions.size() < 3; ++i) ch->wait(res, 1000);
+  ASSERT_EQ(res.completions.size(), 3u);
+  for (const auto& c : res.completions) {
+    EXPECT_EQ(c.status, c.cookie == 1 ? Errc::kOk : Errc::kOutOfBounds) << c.cookie;
+  }
+  EXPECT_EQ(check_pattern(buf.data(), (1 << 20) - kPage, kPage, kSeed), -1);
+  EXPECT_EQ(src.server().stats().reads_refused, 0u);  // never sent
+}
+
+// Faulting threads walk random pages, verifying each, until a signal stops
+// them. Returns the signals seen and counts pages that read wrong.
+struct WalkResult {
+  std::vector<int> signals;
+  size_t wrong_pages = 0;
+  size_t good_pages = 0;
+};
+
+WalkResult walk_until_stopped(const Region& r, int threads) {
+  WalkResult out;
+  out.signals.resize(static_cast<size_t>(threads));
+  std::atomic<size_t> wrong{0};
+  std::atomic<size_t> good{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(static_cast<uint64_t>(t) + 11);
+      const size_t pages = r.size() / kPage;
+      out.signals[static_cast<size_t>(t)] = run_catching_signals([&] {
+        for (size_t i = 0; i < pages; ++i) {
+          const size_t p = rng() % pages;
+          if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) {
+            ++wrong;
+          } else {
+            ++good;
+          }
+        }
+      });
+    });
+  }
+  for (auto& t : ts) t.join();
+  out.wrong_pages = wrong.load();
+  out.good_pages = good.load();
+  return out;
+}
+
+TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {
+  ChildServer child({"--pattern", "victim=256M:" + std::to_string(kSeed)});
+  AttachOptions o;
+  o.handler_threads = 2;
+  o.reconnect_timeout_ms = 300;
+  o.request_timeout_ms = 2000;
+  Region r = attach("tcp://127.0.0.1:" + std::to_string(child.port()) + "/victim", o);
+  auto walk = std::async(std::launch::async, [&] { return walk_until_stopped(r, 2); });
+  // Kill the source once some pages have arrived.
+  for (int i = 0; i < 1000 && r.stats().pages_fetched < 2000; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  child.kill_now();
+  ASSERT_EQ(walk.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "a faulting thread hangs";
+  WalkResult w = walk.get();
+  EXPECT_EQ(w.wrong_pages, 0u);
+  EXPECT_GT(w.good_pages, 0u);
+  for (int sig : w.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
+  EXPECT_TRUE(r.failed());
+  EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();
+  EXPECT_GE(r.stats().pages_refused, 1u);
+}
+
+TEST(Failures, SilentPeerTimesOutAndIsRefused) {
+  SilentServer silent("quiet", 1 << 20);
+  AttachOptions o;
+  o.handler_threads = 1;
+  o.request_timeout_ms = 200;
+  o.reconnect_timeout_ms = 200;
+  Region r = attach("tcp://127.0.0.1:" + std::to_string(silent.port()) + "/quiet", o);
+  auto sig = std::async(std::launch::async, [&] { return run_catching_signals([&] { touch(r.data()); }); });
+  ASSERT_EQ(sig.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "the fault hangs";
+  const int s = sig.get();
+  EXPECT_TRUE(s == SIGBUS || s == SIGSEGV) << s;
+  EXPECT_TRUE(r.failed());
+  EXPECT_NE(r.error().find("timed out"), std::string::npos) << r.error();
+}
+
+TEST(Failures, DestroyWithFaultsPendingDoesNotHang) {
+  SilentServer silent("quiet", 1 << 20);
+  AttachOptions o;
+  o.handler_threads = 2;
+  o.request_timeout_ms = 60000;  // the reads would wait a minute
+  auto r = std::make_unique<Region>(attach("tcp://127.0.0.1:" + std::to_string(silent.port()) + "/quiet", o));
+  std::byte* base = r->data();
+  std::atomic<int> parked{0};
+  std::vector<std::future<int>> faults;
+  for (int t = 0; t < 3; ++t) {
+    faults.push_back(std::async(std::launch::async, [&, t] {
+      return run_catching_signals([&] {
+        ++parked;
+        touch(base + static_cast<size_t>(t) * kPage);
+      });
+    }));
+  }
+  while (parked.load() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let them reach the fault
+  auto destroyed = std::async(std::launch::async, [&] { r.reset(); });
+  ASSERT_EQ(destroyed.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "destroy hangs";
+  for (auto& f : faults) {
+    ASSERT_EQ(f.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "a faulting thread hangs";
+    EXPECT_EQ(f.get(), SIGSEGV);  // woken into an inaccessible region, not zeros
+  }
+}
+
+}  // namespace
+}  // namespace pagewire

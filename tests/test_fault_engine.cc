@@ -1,0 +1,132 @@
+// The fault engine over the in-process transport: contents, one fetch per
+// page, and refusal of pages whose reads fail.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <numeric>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "tests/test_util.h"
+#include "tools/pattern.h"
+#include "transport/local/local_transport.h"
+
+namespace pagewire {
+namespace {
+
+using testing::kSeed;
+using testing::run_catching_signals;
+using testing::touch;
+
+constexpr size_t kPage = 4096;
+
+struct Source {
+  explicit Source(size_t len) : memory(Mapping::anonymous(len)) { fill_pattern(memory.data(), 0, len, kSeed); }
+  Mapping memory;
+};
+
+TEST(FaultEngine, RandomMultiThreadedContentsAreExact) {
+  Source src(32 << 20);
+  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
+  AttachOptions o;
+  o.handler_threads = 2;
+  Region r = attach(std::move(transport), o);
+  ASSERT_EQ(r.size(), src.memory.size());
+  const size_t pages = r.size() / kPage;
+  std::vector<size_t> order(pages);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(7));
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (size_t i = static_cast<size_t>(t); i < pages; i += 4) {
+        const size_t p = order[i];
+        if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) ++bad;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+  Stats s = r.stats();
+  EXPECT_EQ(s.pages_fetched, pages);
+  EXPECT_EQ(s.pages_present, pages);
+  EXPECT_EQ(s.pages_refused, 0u);
+  EXPECT_FALSE(r.failed());
+}
+
+TEST(FaultEngine, ManyThreadsOnOnePageFetchItOnce) {
+  Source src(1 << 20);
+  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
+  LocalTransport* raw = transport.get();
+  AttachOptions o;
+  o.handler_threads = 2;
+  Region r = attach(std::move(transport), o);
+  std::atomic<bool> go{false};
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 16; ++t) {
+    threads.emplace_back([&, t] {
+      while (!go.load()) std::this_thread::yield();
+      const size_t off = 5 * kPage + static_cast<size_t>(t) * 200;
+      if (check_pattern(r.data() + off, off, 64, kSeed) != -1) ++bad;
+    });
+  }
+  go.store(true);
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_EQ(raw->reads(), 1);
+  EXPECT_EQ(r.stats().pages_fetched, 1u);
+}
+
+TEST(FaultEngine, FailedReadIsRefusedNeverZeroFilled) {
+  Source src(4 << 20);
+  FaultInjection inject;
+  inject.fail_after_reads = 10;
+  inject.status = Errc::kIo;
+  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage, inject);
+  AttachOptions o;
+  o.handler_threads = 1;
+  Region r = attach(std::move(transport), o);
+  size_t good = 0;
+  const int sig = run_catching_signals([&] {
+    for (size_t p = 0; p < r.size() / kPage; ++p) {
+      ASSERT_EQ(check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed), -1) << "page " << p;
+      ++good;
+    }
+  });
+  EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
+  EXPECT_EQ(good, 10u);
+  EXPECT_TRUE(r.failed());
+  EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();
+  EXPECT_EQ(r.stats().pages_refused, 1u);
+  // The refused page stays refused: a second touch faults again.
+  const int again = run_catching_signals([&] { touch(r.data() + 10 * kPage); });
+  EXPECT_TRUE(again == SIGBUS || again == SIGSEGV);
+}
+
+TEST(FaultEngine, UnalignedLengthZeroesOnlyPastTheEnd) {
+  const size_t len = 3 * kPage + 100;
+  Source src(4 * kPage);
+  auto transport = std::make_unique<LocalTransport>(src.memory.data(), len, kPage);
+  Region r = attach(std::move(transport), {});
+  EXPECT_EQ(r.size(), len);
+  EXPECT_EQ(check_pattern(r.data(), 0, len, kSeed), -1);
+  for (size_t i = len; i < 4 * kPage; ++i) ASSERT_EQ(r.data()[i], std::byte{0}) << i;
+}
+
+TEST(FaultEngine, WritesAfterTheFetchStick) {
+  Source src(1 << 20);
+  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), {});
+  r.data()[kPage + 1] = std::byte{0xab};  // a write fault fetches the page first
+  EXPECT_EQ(r.data()[kPage + 1], std::byte{0xab});
+  EXPECT_EQ(check_pattern(r.data() + kPage + 2, kPage + 2, kPage - 2, kSeed), -1);
+  EXPECT_EQ(check_pattern(r.data() + kPage, kPage, 1, kSeed), -1);
+}
+
+}  // namespace
+}  // namespace pagewire

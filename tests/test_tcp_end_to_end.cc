@@ -1,0 +1,183 @@
+// Regions served by a real MemoryServer and attached over loopback TCP:
+// the whole fault path, checked byte for byte.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "tests/test_util.h"
+#include "tools/pattern.h"
+
+namespace pagewire {
+namespace {
+
+using testing::kSeed;
+using testing::PatternServer;
+
+constexpr size_t kPage = 4096;
+
+AttachOptions handlers(unsigned n) {
+  AttachOptions o;
+  o.handler_threads = n;
+  return o;
+}
+
+// Each of `threads` threads checks its share of `order` byte for byte.
+size_t verify_pages(const Region& r, const std::vector<size_t>& order, int threads) {
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      for (size_t i = static_cast<size_t>(t); i < order.size(); i += static_cast<size_t>(threads)) {
+        const size_t p = order[i];
+        if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) ++bad;
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  return bad.load();
+}
+
+TEST(TcpEndToEnd, RandomMultiThreadedContentsAreExact) {
+  PatternServer src("ram", 64 << 20);
+  Region r = attach(src.uri(), handlers(2));
+  EXPECT_EQ(r.transport(), "tcp");
+  std::vector<size_t> order(r.size() / kPage);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(42));
+  EXPECT_EQ(verify_pages(r, order, 4), 0u);
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+  Stats s = r.stats();
+  EXPECT_EQ(s.pages_fetched, order.size());
+  EXPECT_EQ(s.bytes_fetched, r.size());
+  EXPECT_EQ(src.server().stats().reads_served, order.size());
+  EXPECT_GE(s.fault_latency.count, order.size());
+  EXPECT_GT(s.fault_latency.p50_ns, 0u);
+}
+
+TEST(TcpEndToEnd, SequentialMultiThreadedContentsAreExact) {
+  PatternServer src("seq", 16 << 20);
+  Region r = attach(src.uri(), handlers(3));
+  // Threads walk interleaved stripes front to back.
+  std::vector<size_t> order(r.size() / kPage);
+  std::iota(order.begin(), order.end(), 0);
+  EXPECT_EQ(verify_pages(r, order, 3), 0u);
+  EXPECT_EQ(r.stats().pages_fetched, order.size());
+}
+
+TEST(TcpEndToEnd, ManyThreadsOnOnePageFetchItOnce) {
+  PatternServer src("one", 1 << 20);
+  Region r = attach(src.uri(), handlers(4));
+  std::atomic<bool> go{false};
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 16; ++t) {
+    ts.emplace_back([&, t] {
+      while (!go.load()) std::this_thread::yield();
+      const size_t off = 9 * kPage + static_cast<size_t>(t) * 128;
+      if (check_pattern(r.data() + off, off, 128, kSeed) != -1) ++bad;
+    });
+  }
+  go.store(true);
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_EQ(r.stats().pages_fetched, 1u);
+  EXPECT_EQ(src.server().stats().reads_served, 1u);
+}
+
+TEST(TcpEndToEnd, SparseFourGiBRegionTouchedAtOnePercent) {
+  // The source is sparse too: untouched anonymous memory costs nothing, and
+  // the pattern is written only into the pages that will be read.
+  const size_t len = size_t{4} << 30;
+  Mapping source = Mapping::anonymous(len, PROT_READ | PROT_WRITE, MAP_NORESERVE);
+  const size_t pages = len / kPage;
+  std::vector<size_t> chosen;
+  std::mt19937_64 rng(99);
+  for (size_t p = 0; p < pages; ++p) {
+    if (rng() % 100 == 0) chosen.push_back(p);
+  }
+  for (size_t p : chosen) fill_pattern(source.data() + p * kPage, p * kPage, kPage, kSeed);
+  ServerOptions so;
+  so.bind_address = "127.0.0.1";
+  so.port = 0;
+  MemoryServer server(so);
+  server.export_memory("sparse", source.data(), len);
+  Region r = attach("tcp://127.0.0.1:" + std::to_string(server.port()) + "/sparse", handlers(2));
+  ASSERT_EQ(r.size(), len);
+  std::shuffle(chosen.begin(), chosen.end(), rng);
+  EXPECT_EQ(verify_pages(r, chosen, 2), 0u);
+  EXPECT_EQ(r.stats().pages_fetched, chosen.size());
+  EXPECT_EQ(r.stats().pages_total, pages);
+}
+
+TEST(TcpEndToEnd, FileBackedRegion) {
+  char path[] = "/tmp/pagewire-file-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  const size_t len = 5 * kPage + 123;  // not page aligned
+  std::vector<std::byte> content(len);
+  fill_pattern(content.data(), 0, len, kSeed);
+  ASSERT_EQ(::write(fd, content.data(), len), static_cast<ssize_t>(len));
+  ::close(fd);
+  ServerOptions so;
+  so.bind_address = "127.0.0.1";
+  so.port = 0;
+  MemoryServer server(so);
+  server.export_file("file", path);
+  {
+    Region r = attach("tcp://127.0.0.1:" + std::to_string(server.port()) + "/file", handlers(1));
+    ASSERT_EQ(r.size(), len);
+    EXPECT_EQ(check_pattern(r.data(), 0, len, kSeed), -1);
+    for (size_t i = len; i < 6 * kPage; ++i) ASSERT_EQ(r.data()[i], std::byte{0});
+  }
+  ::unlink(path);
+}
+
+TEST(TcpEndToEnd, ManyDestinationsAtOnce) {
+  PatternServer src("shared", 8 << 20);
+  std::vector<Region> regions;
+  for (int i = 0; i < 4; ++i) regions.push_back(attach(src.uri(), handlers(1)));
+  std::vector<std::thread> ts;
+  std::atomic<size_t> bad{0};
+  for (auto& r : regions) {
+    ts.emplace_back([&] {
+      if (check_pattern(r.data(), 0, r.size(), kSeed) != -1) ++bad;
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_GE(src.server().stats().connections_accepted, 4u);
+}
+
+TEST(TcpEndToEnd, DroppedConnectionsReconnectAndLoseNothing) {
+  PatternServer src("drop", 32 << 20);
+  Region r = attach(src.uri(), handlers(2));
+  std::vector<size_t> order(r.size() / kPage);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(3));
+  std::atomic<bool> done{false};
+  std::thread dropper([&] {
+    // Cut every connection a few times while the pages stream in.
+    for (int i = 0; i < 5 && !done.load(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      src.server().drop_connections();
+    }
+  });
+  const size_t bad = verify_pages(r, order, 2);
+  done.store(true);
+  dropper.join();
+  EXPECT_EQ(bad, 0u);
+  EXPECT_FALSE(r.failed()) << r.error();
+  EXPECT_EQ(r.stats().pages_refused, 0u);
+  EXPECT_GE(r.stats().reconnects, 1u);
+}
+
+}  // namespace
+}  // namespace pagewire

@@ -1,0 +1,149 @@
+#include "tests/test_util.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+
+#include "tools/pattern.h"
+#include "transport/protocol.h"
+
+extern char** environ;
+
+namespace pagewire::testing {
+namespace {
+
+thread_local sigjmp_buf* t_jump = nullptr;
+thread_local volatile sig_atomic_t t_signal = 0;
+
+void on_fault_signal(int sig) {
+  if (t_jump != nullptr) {
+    t_signal = sig;
+    siglongjmp(*t_jump, 1);
+  }
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+void install_handlers() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_handler = on_fault_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_NODEFER;
+    sigaction(SIGBUS, &sa, nullptr);
+    sigaction(SIGSEGV, &sa, nullptr);
+  });
+}
+
+}  // namespace
+
+int run_catching_signals(const std::function<void()>& fn) {
+  install_handlers();
+  sigjmp_buf env;
+  t_signal = 0;
+  if (sigsetjmp(env, 1) == 0) {
+    t_jump = &env;
+    fn();
+  }
+  t_jump = nullptr;
+  return t_signal;
+}
+
+PatternServer::PatternServer(const std::string& name, size_t length, uint64_t seed)
+    : name_(name), memory_(Mapping::anonymous(length)) {
+  fill_pattern(memory_.data(), 0, length, seed);
+  ServerOptions o;
+  o.bind_address = "127.0.0.1";
+  o.port = 0;
+  server_ = std::make_unique<MemoryServer>(o);
+  server_->export_memory(name, memory_.data(), length);
+}
+
+std::string PatternServer::uri() const { return "tcp://127.0.0.1:" + std::to_string(server_->port()) + "/" + name_; }
+
+ChildServer::ChildServer(const std::vector<std::string>& args) {
+  int fds[2];
+  if (::pipe(fds) != 0) throw std::runtime_error("pipe");
+  std::vector<std::string> argv_s = {PAGEWIRE_CLI, "serve", "--bind", "127.0.0.1", "--port", "0", "--ready-fd", "3"};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& s : argv_s) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  // Close the read end first: it may itself be descriptor 3.
+  if (fds[0] != 3) posix_spawn_file_actions_addclose(&fa, fds[0]);
+  posix_spawn_file_actions_adddup2(&fa, fds[1], 3);
+  int rc = posix_spawn(&pid_, PAGEWIRE_CLI, &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  ::close(fds[1]);
+  if (rc != 0) {
+    ::close(fds[0]);
+    throw std::runtime_error("spawn " PAGEWIRE_CLI);
+  }
+  char buf[16] = {};
+  ssize_t n = ::read(fds[0], buf, sizeof buf - 1);
+  ::close(fds[0]);
+  if (n <= 0) throw std::runtime_error("the child server did not report its port");
+  port_ = static_cast<uint16_t>(std::stoi(buf));
+}
+
+ChildServer::~ChildServer() { kill_now(); }
+
+void ChildServer::kill_now() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  int status;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+}
+
+SilentServer::SilentServer(const std::string& name, uint64_t length) : name_(name), length_(length) {
+  listen_fd_.reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::bind(listen_fd_.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(listen_fd_.get(), 16) != 0) {
+    throw std::runtime_error("silent server: bind/listen");
+  }
+  socklen_t len = sizeof a;
+  ::getsockname(listen_fd_.get(), reinterpret_cast<sockaddr*>(&a), &len);
+  port_ = ntohs(a.sin_port);
+  stop_fd_.reset(::eventfd(0, EFD_CLOEXEC));
+  thread_ = std::make_unique<std::thread>([this] {
+    for (;;) {
+      pollfd p[2] = {{listen_fd_.get(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
+      if (::poll(p, 2, -1) < 0 || p[1].revents != 0) return;
+      int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      accepted_.push_back(fd);
+      wire::Hello hello{};
+      if (::recv(fd, &hello, sizeof hello, MSG_WAITALL) != sizeof hello) continue;
+      std::string n(hello.name_length, '\0');
+      if (::recv(fd, n.data(), n.size(), MSG_WAITALL) != static_cast<ssize_t>(n.size())) continue;
+      wire::HelloReply reply{wire::kHelloMagic, 0, 7, 4096, length_};
+      ::send(fd, &reply, sizeof reply, MSG_NOSIGNAL);
+    }
+  });
+}
+
+SilentServer::~SilentServer() {
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t w = ::write(stop_fd_.get(), &one, sizeof one);
+  thread_->join();
+  for (int fd : accepted_) ::close(fd);
+}
+
+}  // namespace pagewire::testing

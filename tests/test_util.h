@@ -1,0 +1,74 @@
+// Helpers shared by the test suites.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "pagewire/pagewire.h"
+#include "runtime/unique_fd.h"
+
+namespace pagewire::testing {
+
+inline constexpr uint64_t kSeed = 0x5eed;
+
+// Runs fn on this thread; returns the signal (SIGBUS, SIGSEGV) that cut it
+// short, or 0 when it ran to the end.
+int run_catching_signals(const std::function<void()>& fn);
+
+// Reads one byte of each page through a volatile pointer: a real first touch.
+inline uint8_t touch(const std::byte* p) { return static_cast<uint8_t>(*reinterpret_cast<const volatile std::byte*>(p)); }
+
+// Memory filled with the pattern, served by an in-process MemoryServer on a
+// free loopback port.
+class PatternServer {
+ public:
+  PatternServer(const std::string& name, size_t length, uint64_t seed = kSeed);
+  std::string uri() const;
+  MemoryServer& server() { return *server_; }
+  const std::byte* source() const { return memory_.data(); }
+
+ private:
+  std::string name_;
+  Mapping memory_;
+  std::unique_ptr<MemoryServer> server_;
+};
+
+// `pagewire serve` run as a separate process, so it can be killed.
+class ChildServer {
+ public:
+  explicit ChildServer(const std::vector<std::string>& args);
+  ~ChildServer();
+  uint16_t port() const { return port_; }
+  void kill_now();  // SIGKILL, and reap
+
+ private:
+  pid_t pid_ = -1;
+  uint16_t port_ = 0;
+};
+
+// A listener that accepts, answers the hello for one region, and then
+// never answers a read: a peer that went silent.
+class SilentServer {
+ public:
+  SilentServer(const std::string& name, uint64_t length);
+  ~SilentServer();
+  uint16_t port() const { return port_; }
+
+ private:
+  UniqueFd listen_fd_;
+  UniqueFd stop_fd_;
+  uint16_t port_ = 0;
+  std::string name_;
+  uint64_t length_;
+  std::vector<int> accepted_;
+  std::unique_ptr<std::thread> thread_;
+};
+
+}  // namespace pagewire::testing

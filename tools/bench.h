@@ -1,0 +1,29 @@
+// `pagewire bench`: fault latency over a transport, with the floors it is
+// made of measured in the same run and under the same thread placement.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "tools/workload.h"
+
+namespace pagewire::cli {
+
+struct BenchConfig {
+  std::string uri;  // empty: start a local source process
+  uint64_t size = 1ull << 30;
+  AccessPattern pattern = AccessPattern::kRandom;
+  uint64_t stride_pages = 16;
+  unsigned threads = 2;
+  unsigned handlers = 0;
+  std::string placement = "all";  // same, split, free, or all
+  uint64_t seed = 0x5eed;
+  unsigned floor_samples = 20000;
+  uint64_t floor_size = 256ull << 20;
+  std::string json_path;
+  double max_ratio = 0;  // > 0: exit non-zero when a ratio exceeds it
+};
+
+int run_bench(const BenchConfig& config);
+
+}  // namespace pagewire::cli

@@ -1,0 +1,107 @@
+#include "tools/source_process.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <stdexcept>
+
+#include "pagewire/server.h"
+#include "runtime/unique_fd.h"
+#include "spdlog/spdlog.h"
+#include "tools/pattern.h"
+
+namespace pagewire::cli {
+
+int serve_forever(const std::string& bind, uint16_t port, const std::vector<std::string>& files,
+                  const std::vector<PatternSpec>& patterns, int ready_fd, bool quiet_stats) {
+  // Signals are taken synchronously by sigwait below, so block them before
+  // the server's threads exist (they inherit the mask).
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  std::vector<Mapping> memory;
+  for (const auto& p : patterns) {
+    memory.push_back(Mapping::anonymous(p.size));
+    fill_pattern(memory.back().data(), 0, p.size, p.seed);
+  }
+  ServerOptions o;
+  o.bind_address = bind;
+  o.port = port;
+  MemoryServer server(o);
+  for (size_t i = 0; i < patterns.size(); ++i) {
+    server.export_memory(patterns[i].name, memory[i].data(), patterns[i].size);
+  }
+  for (const auto& f : files) {
+    const size_t eq = f.find('=');
+    if (eq == std::string::npos || eq == 0) throw std::invalid_argument("--file wants NAME=PATH, got '" + f + "'");
+    server.export_file(f.substr(0, eq), f.substr(eq + 1));
+  }
+  if (ready_fd >= 0) {
+    const std::string text = std::to_string(server.port()) + "\n";
+    [[maybe_unused]] ssize_t w = ::write(ready_fd, text.data(), text.size());
+    ::close(ready_fd);
+  }
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  const ServerStats s = server.stats();
+  server.stop();
+  if (!quiet_stats) {
+    std::printf("served %llu reads (%s) on %llu connections; %llu refused, %llu connections dropped\n",
+                static_cast<unsigned long long>(s.reads_served), format_bytes(s.bytes_served).c_str(),
+                static_cast<unsigned long long>(s.connections_accepted),
+                static_cast<unsigned long long>(s.reads_refused),
+                static_cast<unsigned long long>(s.connections_dropped));
+  }
+  return 0;
+}
+
+SourceProcess::SourceProcess(const PatternSpec& spec) : spec_(spec) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno("pipe");
+  std::fflush(nullptr);
+  pid_ = ::fork();
+  if (pid_ < 0) throw_errno("fork");
+  if (pid_ == 0) {
+    ::close(fds[0]);
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    int rc = 1;
+    try {
+      rc = serve_forever("127.0.0.1", 0, {}, {spec}, fds[1], true);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "source: %s\n", e.what());
+    }
+    std::fflush(nullptr);
+    ::_exit(rc);
+  }
+  ::close(fds[1]);
+  char buf[16] = {};
+  const ssize_t n = ::read(fds[0], buf, sizeof buf - 1);
+  ::close(fds[0]);
+  if (n <= 0) {
+    kill_now();
+    throw std::runtime_error("the source process did not start");
+  }
+  port_ = static_cast<uint16_t>(std::stoi(buf));
+}
+
+SourceProcess::~SourceProcess() { kill_now(); }
+
+std::string SourceProcess::uri() const { return "tcp://127.0.0.1:" + std::to_string(port_) + "/" + spec_.name; }
+
+void SourceProcess::kill_now() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGTERM);
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+}
+
+}  // namespace pagewire::cli

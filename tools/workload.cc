@@ -1,0 +1,124 @@
+#include "tools/workload.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <thread>
+
+#include "tools/cli_util.h"
+#include "tools/pattern.h"
+
+namespace pagewire::cli {
+
+AccessPattern parse_access_pattern(const std::string& text) {
+  if (text == "random") return AccessPattern::kRandom;
+  if (text == "sequential") return AccessPattern::kSequential;
+  if (text == "strided") return AccessPattern::kStrided;
+  throw std::invalid_argument("access pattern must be random, sequential or strided, not '" + text + "'");
+}
+
+const char* to_string(AccessPattern p) {
+  switch (p) {
+    case AccessPattern::kRandom: return "random";
+    case AccessPattern::kSequential: return "sequential";
+    case AccessPattern::kStrided: return "strided";
+  }
+  return "?";
+}
+
+namespace {
+
+// The pages thread `t` of `threads` visits, in visiting order.
+std::vector<size_t> plan(const WorkloadConfig& c, size_t pages, unsigned t, unsigned threads,
+                         const std::vector<size_t>& shuffled) {
+  std::vector<size_t> out;
+  if (c.pattern == AccessPattern::kRandom) {
+    for (size_t i = t; i < pages; i += threads) out.push_back(shuffled[i]);
+    return out;
+  }
+  // Sequential and strided scans each walk their own contiguous share.
+  const size_t begin = pages * t / threads;
+  const size_t end = pages * (t + 1) / threads;
+  if (c.pattern == AccessPattern::kSequential) {
+    for (size_t p = begin; p < end; ++p) out.push_back(p);
+    return out;
+  }
+  const size_t stride = std::max<uint64_t>(c.stride_pages, 1);
+  for (size_t start = begin; start < std::min(end, begin + stride); ++start) {
+    for (size_t p = start; p < end; p += stride) out.push_back(p);
+  }
+  return out;
+}
+
+}  // namespace
+
+WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_size, const WorkloadConfig& c) {
+  const size_t pages = (size + page_size - 1) / page_size;
+  const unsigned threads = std::max(1u, c.threads);
+  std::vector<size_t> shuffled;
+  if (c.pattern == AccessPattern::kRandom) {
+    shuffled.resize(pages);
+    std::iota(shuffled.begin(), shuffled.end(), 0);
+    std::shuffle(shuffled.begin(), shuffled.end(), std::mt19937_64(c.order_seed));
+  }
+  std::vector<std::vector<size_t>> plans;
+  for (unsigned t = 0; t < threads; ++t) plans.push_back(plan(c, pages, t, threads, shuffled));
+  shuffled.clear();
+  shuffled.shrink_to_fit();
+
+  WorkloadResult result;
+  std::vector<std::vector<uint64_t>> lat(threads);
+  std::atomic<uint64_t> done{0};
+  std::atomic<uint64_t> wrong{0};
+  std::atomic<int64_t> first_wrong{-1};
+  std::atomic<unsigned> running{threads};
+  const double start = now_seconds();
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      pin_this_thread(c.cpu);
+      auto& mine = lat[t];
+      mine.reserve(plans[t].size());
+      for (size_t p : plans[t]) {
+        const uint64_t off = uint64_t{p} * page_size;
+        const auto* addr = reinterpret_cast<const volatile std::byte*>(base + off);
+        const auto t0 = std::chrono::steady_clock::now();
+        (void)*addr;  // the first touch: a fault on a missing page
+        const auto t1 = std::chrono::steady_clock::now();
+        mine.push_back(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
+        if (c.verify) {
+          const size_t len = std::min<size_t>(page_size, size - off);
+          const int64_t bad = check_pattern(base + off, off, len, c.seed);
+          if (bad >= 0) {
+            ++wrong;
+            int64_t expected = -1;
+            first_wrong.compare_exchange_strong(expected, bad);
+          }
+        }
+        done.fetch_add(1, std::memory_order_relaxed);
+      }
+      --running;
+    });
+  }
+  if (!c.progress_label.empty()) {
+    Progress progress(c.progress_label, pages);
+    while (running.load() > 0) {
+      progress.update(done.load());
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    progress.finish();
+  }
+  for (auto& t : ts) t.join();
+  result.seconds = now_seconds() - start;
+  for (auto& v : lat) result.latencies_ns.insert(result.latencies_ns.end(), v.begin(), v.end());
+  result.pages = done.load();
+  result.wrong_pages = wrong.load();
+  result.first_wrong_offset = first_wrong.load();
+  return result;
+}
+
+}  // namespace pagewire::cli
