@@ -120,7 +120,7 @@ Stats FaultEngine::stats() const {
   for (const auto& h : handlers_) parts.push_back(&h->metrics);
   Stats s = merge_metrics(parts);
   s.pages_total = pages_.size();
-  s.pages_present = s.pages_fetched + s.copy_eexist;
+  s.pages_present = s.pages_fetched - s.install_failures;
   for (const auto& h : handlers_) s.reconnects += h->channel->reconnects();
   return s;
 }
@@ -225,17 +225,21 @@ void FaultEngine::complete(Handler& h, const ReadCompletion& c) {
   const uint64_t offset = info.page * desc_.page_size;
   const uint64_t len = std::min<uint64_t>(desc_.page_size, desc_.length - offset);
   if (len < desc_.page_size) std::memset(src + len, 0, desc_.page_size - len);
+  // Counted before the copy: the copy wakes the faulting threads, and what
+  // they read in stats() afterwards must include their page.
+  Metrics::bump(h.metrics.pages_fetched);
+  Metrics::bump(h.metrics.bytes_fetched, len);
   uint64_t retries = 0;
   const int rc = uffd_.copy(addr, src, desc_.page_size, &retries);
   h.staging->release(slot);
   if (retries > 0) Metrics::bump(h.metrics.copy_retries, retries);
   if (rc == 0 || rc == EEXIST) {
     pages_.set(info.page, PageState::kPresent);
-    Metrics::bump(rc == 0 ? h.metrics.pages_fetched : h.metrics.copy_eexist);
-    Metrics::bump(h.metrics.bytes_fetched, len);
+    if (rc == EEXIST) Metrics::bump(h.metrics.copy_eexist);
     h.metrics.fault_latency.record(now_ns() - info.start_ns);
     return;
   }
+  Metrics::bump(h.metrics.install_failures);
   refuse_page(h, info.page, Errc::kIo, std::string("UFFDIO_COPY: ") + std::strerror(rc));
 }
 

@@ -80,6 +80,7 @@ Stats merge_metrics(std::span<const Metrics* const> parts) {
     s.transport_errors += get(m->transport_errors);
     s.reconnects += get(m->reconnects);
     s.pages_refused += get(m->pages_refused);
+    s.install_failures += get(m->install_failures);
     m->fault_latency.merge_into(counts, max_ns, sum_ns);
   }
   s.fault_latency = LatencyHistogram::summarize(counts, max_ns, sum_ns);
@@ -141,6 +142,7 @@ std::string stats_to_json(const Stats& s) {
                       {"transport_errors", s.transport_errors},
                       {"reconnects", s.reconnects},
                       {"pages_refused", s.pages_refused},
+                      {"install_failures", s.install_failures},
                       {"pages_present", s.pages_present},
                       {"pages_total", s.pages_total},
                       {"fault_latency", latency_json(s.fault_latency)}};

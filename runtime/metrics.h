@@ -46,6 +46,7 @@ struct alignas(64) Metrics {
   std::atomic<uint64_t> transport_errors{0};
   std::atomic<uint64_t> reconnects{0};
   std::atomic<uint64_t> pages_refused{0};
+  std::atomic<uint64_t> install_failures{0};
   LatencyHistogram fault_latency;
 
   // Single-writer increment: no locked instruction on the fast path.

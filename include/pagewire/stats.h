@@ -26,10 +26,13 @@ struct Stats {
   uint64_t transport_errors = 0;   // reads that completed with an error
   uint64_t reconnects = 0;         // connections re-established after a drop
   uint64_t pages_refused = 0;      // pages made inaccessible because they could not be fetched
+  uint64_t install_failures = 0;   // pages fetched whose UFFDIO_COPY failed (then refused)
   uint64_t pages_present = 0;      // pages installed so far
   uint64_t pages_total = 0;
   // Time from reading the fault event to the page being installed, measured
   // by the handler thread (the faulting thread also waits for the wake-up).
+  // Counters are exact once a faulting thread resumes; the latency sample of
+  // its fault is recorded just after, so it may lag by a few.
   LatencySummary fault_latency;
 };
 
