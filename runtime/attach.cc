@@ -23,7 +23,7 @@ Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options
 }
 
 Region attach(std::string_view uri, const AttachOptions& options) {
-  TransportTimeouts t{options.request_timeout_ms, options.reconnect_timeout_ms};
+  TransportOptions t{options.request_timeout_ms, options.reconnect_timeout_ms, options.io_uring};
   return attach(connect_transport(uri, t), options);
 }
 

@@ -248,9 +248,14 @@ TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {
   EXPECT_GE(r.stats().pages_refused, 1u);
 }
 
-TEST(Failures, SilentPeerTimesOutAndIsRefused) {
+class SilentPeer : public ::testing::TestWithParam<bool> {};
+INSTANTIATE_TEST_SUITE_P(Io, SilentPeer, ::testing::Values(true, false),
+                         [](const auto& p) { return p.param ? "io_uring" : "syscalls"; });
+
+TEST_P(SilentPeer, TimesOutAndIsRefused) {
   SilentServer silent("quiet", 1 << 20);
   AttachOptions o;
+  o.io_uring = GetParam();
   o.handler_threads = 1;
   o.request_timeout_ms = 200;
   o.reconnect_timeout_ms = 200;

@@ -45,9 +45,23 @@ size_t verify_pages(const Region& r, const std::vector<size_t>& order, int threa
   return bad.load();
 }
 
-TEST(TcpEndToEnd, RandomMultiThreadedContentsAreExact) {
+// Both ways of driving the sockets: io_uring, and the plain-syscall
+// fallback used where the kernel lacks it.
+class TcpBothIoPaths : public ::testing::TestWithParam<bool> {
+ protected:
+  AttachOptions options(unsigned n) {
+    AttachOptions o = handlers(n);
+    o.io_uring = GetParam();
+    return o;
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Io, TcpBothIoPaths, ::testing::Values(true, false),
+                         [](const auto& p) { return p.param ? "io_uring" : "syscalls"; });
+
+TEST_P(TcpBothIoPaths, RandomMultiThreadedContentsAreExact) {
   PatternServer src("ram", 64 << 20);
-  Region r = attach(src.uri(), handlers(2));
+  Region r = attach(src.uri(), options(2));
   EXPECT_EQ(r.transport(), "tcp");
   std::vector<size_t> order(r.size() / kPage);
   std::iota(order.begin(), order.end(), 0);
@@ -160,9 +174,9 @@ TEST(TcpEndToEnd, ManyDestinationsAtOnce) {
   EXPECT_GE(src.server().stats().connections_accepted, 4u);
 }
 
-TEST(TcpEndToEnd, DroppedConnectionsReconnectAndLoseNothing) {
+TEST_P(TcpBothIoPaths, DroppedConnectionsReconnectAndLoseNothing) {
   PatternServer src("drop", 32 << 20);
-  Region r = attach(src.uri(), handlers(2));
+  Region r = attach(src.uri(), options(2));
   std::vector<size_t> order(r.size() / kPage);
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin(), order.end(), std::mt19937_64(3));

@@ -70,7 +70,9 @@ LatencySummary floor_transport_read(const BenchConfig& c, const Placement& pl, c
   std::thread reader([&] {
     try {
       pin_this_thread(pl.handler_cpu);
-      auto transport = connect_transport(uri, {});
+      TransportOptions topts;
+      topts.io_uring = c.io_uring;
+      auto transport = connect_transport(uri, topts);
       auto channel = transport->open_channel();
       Mapping buf = Mapping::anonymous(4096);
       channel->register_buffer(buf.data(), buf.size());
@@ -121,8 +123,9 @@ int run_bench(const BenchConfig& c) {
   fill_pattern(local.data(), 0, local.size(), c.seed);
 
   const unsigned handlers = c.handlers != 0 ? c.handlers : std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 4);
-  std::printf("pagewire bench: %s, %s pattern, 4 KiB pages, %u faulting threads, %u handler threads\n", uri.c_str(),
-              to_string(c.pattern), c.threads, handlers);
+  std::printf("pagewire bench: %s, %s pattern, 4 KiB pages, %u faulting threads, %u handler threads, %s\n",
+              uri.c_str(), to_string(c.pattern), c.threads, handlers,
+              c.io_uring ? "io_uring sockets" : "plain-syscall sockets");
   std::printf("floor a = userfaultfd fault served from local memory (same engine, threads and placement)\n");
   std::printf("floor b = one raw 4 KiB transport read, no userfaultfd (%u samples)\n", c.floor_samples);
   std::printf("ratio   = fault p50 / (floor a p50 + floor b p50)\n\n");
@@ -135,6 +138,7 @@ int run_bench(const BenchConfig& c) {
                            {"page_bytes", 4096},
                            {"threads", c.threads},
                            {"handlers", handlers},
+                           {"io_uring", c.io_uring},
                            {"placements", nlohmann::json::array()}};
   bool ok = true;
   for (const Placement& pl : pls) {
@@ -147,6 +151,7 @@ int run_bench(const BenchConfig& c) {
     AttachOptions o;
     o.handler_threads = handlers;
     o.handler_cpu = pl.handler_cpu;
+    o.io_uring = c.io_uring;
     Region r = attach(uri, o);
     WorkloadConfig w;
     w.pattern = c.pattern;

@@ -22,6 +22,7 @@ struct BenchConfig {
   uint64_t floor_size = 256ull << 20;
   std::string json_path;
   double max_ratio = 0;  // > 0: exit non-zero when a ratio exceeds it
+  bool io_uring = true;  // TCP sockets through io_uring, else plain syscalls
 };
 
 int run_bench(const BenchConfig& config);

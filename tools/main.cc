@@ -37,9 +37,11 @@ void print_touch_report(const WorkloadResult& res, const Stats& s) {
   std::printf("%s", format_stats(s).c_str());
 }
 
-int cmd_attach(const std::string& uri, const WorkloadConfig& w, unsigned handlers, const std::string& json) {
+int cmd_attach(const std::string& uri, const WorkloadConfig& w, unsigned handlers, const std::string& json,
+               bool io_uring = true) {
   AttachOptions o;
   o.handler_threads = handlers;
+  o.io_uring = io_uring;
   Region r = attach(uri, o);
   std::printf("attached %s over %s: %s, %u B pages\n", uri.c_str(), std::string(r.transport()).c_str(),
               format_bytes(r.size()).c_str(), r.page_size());
@@ -170,6 +172,9 @@ int main(int argc, char** argv) {
   bench->add_option("--seed", bc.seed, "pattern seed of the region (with --uri: what serve --pattern used)");
   bench->add_option("--json", bc.json_path, "write the results as JSON to this file");
   bench->add_option("--max-ratio", bc.max_ratio, "exit non-zero when a placement's ratio exceeds this");
+  bool no_io_uring = false;
+  bench->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
+  att->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
 
   app.add_subcommand("info", "what this machine offers: userfaultfd features, io_uring, RDMA devices");
 
@@ -192,13 +197,14 @@ int main(int argc, char** argv) {
       w.verify = !verify_seed.empty();
       if (w.verify) w.seed = std::stoull(verify_seed, nullptr, 0);
       w.progress_label = "faulting";
-      return cmd_attach(uri, w, handlers, json);
+      return cmd_attach(uri, w, handlers, json, !no_io_uring);
     }
     if (demo->parsed()) return cmd_demo(parse_size(demo_size), threads, handlers);
     if (bench->parsed()) {
       bc.size = parse_size(bench_size);
       bc.floor_size = parse_size(floor_size);
       bc.pattern = parse_access_pattern(access);
+      bc.io_uring = !no_io_uring;
       return run_bench(bc);
     }
     return cmd_info();

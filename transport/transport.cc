@@ -24,7 +24,7 @@ std::string_view to_string(Errc code) {
   return "unknown error";
 }
 
-std::unique_ptr<Transport> connect_transport(std::string_view uri, const TransportTimeouts& t) {
+std::unique_ptr<Transport> connect_transport(std::string_view uri, const TransportOptions& t) {
   RegionUri u = parse_region_uri(uri);
   spdlog::info("transport: {} chosen by URI scheme for {}", u.scheme, uri);
   return std::make_unique<tcp::TcpTransport>(u.host, u.port, u.name, t);

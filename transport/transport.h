@@ -106,13 +106,16 @@ class Transport {
   virtual std::unique_ptr<Channel> open_channel() = 0;
 };
 
-struct TransportTimeouts {
+struct TransportOptions {
   unsigned request_timeout_ms = 10000;
   unsigned reconnect_timeout_ms = 3000;
+  // TCP: drive sockets through io_uring. Off, or where the kernel lacks
+  // io_uring or an operation it needs, plain syscalls do the same work.
+  bool io_uring = true;
 };
 
 // Parses `uri` and connects: tcp://HOST:PORT/NAME. Throws pagewire::Error.
-std::unique_ptr<Transport> connect_transport(std::string_view uri, const TransportTimeouts& t);
+std::unique_ptr<Transport> connect_transport(std::string_view uri, const TransportOptions& t);
 
 // Checks a read against a region: non-empty, within the region, no overflow.
 inline bool read_in_bounds(uint64_t region_length, uint64_t offset, uint64_t length) {

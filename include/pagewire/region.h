@@ -32,6 +32,9 @@ struct AttachOptions {
   unsigned reconnect_timeout_ms = 3000;
   // CPU to pin handler threads to; -1 leaves placement to the scheduler.
   int handler_cpu = -1;
+  // TCP: drive sockets through io_uring (falls back to plain syscalls by
+  // itself where the kernel lacks it, and logs so); false forces syscalls.
+  bool io_uring = true;
 };
 
 // An attached region. Owns the mapping, the userfaultfd and the handler

@@ -5,7 +5,9 @@
 
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <thread>
+#include <utility>
 
 #include "spdlog/spdlog.h"
 
@@ -23,9 +25,35 @@ constexpr uint64_t user_data(uint64_t kind, uint64_t index = 0) { return (kind <
 constexpr uint64_t kind_of(uint64_t data) { return data >> 56; }
 constexpr uint64_t index_of(uint64_t data) { return data & ((uint64_t{1} << 56) - 1); }
 
-bool io_uring_logged = false;
+std::once_flag io_mode_logged;
 
 }  // namespace
+
+std::unique_ptr<Ring> Ring::open(unsigned entries, std::string* why) {
+  std::unique_ptr<Ring> ring;
+  try {
+    ring = std::make_unique<Ring>(entries);
+  } catch (const Error& e) {
+    *why = e.what();
+    return nullptr;
+  }
+  io_uring_probe* probe = io_uring_get_probe_ring(ring->get());
+  if (probe == nullptr) {
+    *why = "io_uring cannot be probed";
+    return nullptr;
+  }
+  std::string missing;
+  for (auto [op, name] : {std::pair{IORING_OP_SENDMSG, "SENDMSG"}, std::pair{IORING_OP_RECVMSG, "RECVMSG"},
+                          std::pair{IORING_OP_POLL_ADD, "POLL_ADD"}}) {
+    if (!io_uring_opcode_supported(probe, op)) missing += std::string(missing.empty() ? "" : ", ") + name;
+  }
+  io_uring_free_probe(probe);
+  if (!missing.empty()) {
+    *why = "io_uring lacks " + missing;
+    return nullptr;
+  }
+  return ring;
+}
 
 Ring::Ring(unsigned entries) {
   // COOP_TASKRUN (5.19+) spares the completion an IPI when the thread is
@@ -35,10 +63,6 @@ Ring::Ring(unsigned entries) {
   if (rc < 0) {
     throw Error(Errc::kIo, std::string("io_uring_queue_init: ") + std::strerror(-rc) +
                                " (is io_uring disabled? see sysctl kernel.io_uring_disabled)");
-  }
-  if (!io_uring_logged) {
-    io_uring_logged = true;
-    spdlog::debug("tcp: io_uring ready (features 0x{:x})", ring_.features);
   }
 }
 
@@ -53,7 +77,7 @@ io_uring_sqe* Ring::sqe() {
 }
 
 TcpTransport::TcpTransport(const std::string& host, uint16_t port, const std::string& name,
-                           const TransportTimeouts& t)
+                           const TransportOptions& t)
     : endpoint_(resolve(host, port)), timeouts_(t) {
   std::string why;
   first_connection_ = connect_to(endpoint_, t.reconnect_timeout_ms, &why);
@@ -81,15 +105,25 @@ std::unique_ptr<Channel> TcpTransport::open_channel() {
   return std::make_unique<TcpChannel>(std::move(fd), endpoint_, desc_, timeouts_);
 }
 
-TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportTimeouts timeouts)
+TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportOptions options)
     : endpoint_(std::move(endpoint)),
       desc_(std::move(desc)),
-      timeouts_(timeouts),
+      timeouts_(options),
       sock_(std::move(connection)),
-      ring_(kRingEntries),
       ops_(kMaxOutstanding),
       requests_(kMaxOutstanding) {
   local_.reserve(kMaxOutstanding);
+  std::string why = "io_uring turned off by option";
+  if (options.io_uring) ring_ = Ring::open(kRingEntries, &why);
+  std::call_once(io_mode_logged, [&] {
+    if (ring_) {
+      spdlog::info("tcp: sockets driven by io_uring (features 0x{:x})", ring_->get()->features);
+    } else {
+      spdlog::warn("tcp: {}; using plain syscalls", why);
+    }
+  });
+  // A reply that stops halfway must not block a plain recvmsg for good.
+  if (!ring_) set_io_timeout(sock_.get(), timeouts_.request_timeout_ms);
 }
 
 TcpChannel::~TcpChannel() {
@@ -101,20 +135,38 @@ TcpChannel::~TcpChannel() {
   dead_ = Errc::kCancelled;
   if (sock_) ::shutdown(sock_.get(), SHUT_RDWR);
   WaitResult scratch;
+  if (ring_) drain_ring(scratch);
+}
+
+void TcpChannel::drain_ring(WaitResult& out) {
   while (socket_ops_ > 0) {
-    io_uring_submit_and_wait(ring_.get(), 1);
-    reap(scratch);
-    scratch.clear();
+    io_uring_submit_and_wait(ring_->get(), 1);
+    pending_sends_.clear();
+    io_uring_cqe* cqe;
+    unsigned seen = 0;
+    unsigned head;
+    io_uring_for_each_cqe(ring_->get(), head, cqe) {
+      ++seen;
+      const uint64_t data = io_uring_cqe_get_data64(cqe);
+      if (kind_of(data) == kSend || kind_of(data) == kRecv) {
+        --socket_ops_;
+      } else if (kind_of(data) == kWatch && index_of(data) < watches_.size()) {
+        out.woken_tokens.push_back(watches_[index_of(data)].token);
+        if ((cqe->flags & IORING_CQE_F_MORE) == 0) arm_watch(index_of(data));
+      }
+    }
+    io_uring_cq_advance(ring_->get(), seen);
   }
+  recv_armed_ = false;
 }
 
 void TcpChannel::watch(int fd, uint64_t token) {
   watches_.push_back({fd, token});
-  arm_watch(watches_.size() - 1);
+  if (ring_) arm_watch(watches_.size() - 1);
 }
 
 void TcpChannel::arm_watch(size_t index) {
-  io_uring_sqe* s = ring_.sqe();
+  io_uring_sqe* s = ring_->sqe();
   io_uring_prep_poll_multishot(s, watches_[index].fd, POLLIN);
   io_uring_sqe_set_data64(s, user_data(kWatch, index));
 }
@@ -159,16 +211,41 @@ void TcpChannel::queue_sends() {
     m.msg.msg_iovlen = 2;
   }
   m.msg.msg_iov = m.iov;
-  io_uring_sqe* s = ring_.sqe();
+  sent_ = tail_;
+  if (!ring_) {
+    // Plain syscalls: a blocking sendmsg, resumed after partial writes.
+    size_t left = m.iov[0].iov_len + (m.msg.msg_iovlen == 2 ? m.iov[1].iov_len : 0);
+    while (left > 0) {
+      const ssize_t n = ::sendmsg(sock_.get(), &m.msg, MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        send_error_ = "send to " + endpoint_.text + ": " + std::strerror(n < 0 ? errno : EPIPE);
+        break;
+      }
+      left -= static_cast<size_t>(n);
+      auto done = static_cast<size_t>(n);
+      while (done > 0 && done >= m.msg.msg_iov->iov_len) {
+        done -= m.msg.msg_iov->iov_len;
+        ++m.msg.msg_iov;
+        --m.msg.msg_iovlen;
+      }
+      if (done > 0) {
+        m.msg.msg_iov->iov_base = static_cast<char*>(m.msg.msg_iov->iov_base) + done;
+        m.msg.msg_iov->iov_len -= done;
+      }
+    }
+    pending_sends_.clear();
+    return;
+  }
+  io_uring_sqe* s = ring_->sqe();
   // MSG_WAITALL makes io_uring finish a short send itself (6.0+).
   io_uring_prep_sendmsg(s, sock_.get(), &m.msg, MSG_NOSIGNAL | MSG_WAITALL);
   io_uring_sqe_set_data64(s, user_data(kSend));
   ++socket_ops_;
-  sent_ = tail_;
 }
 
 void TcpChannel::arm_recv() {
-  if (recv_armed_ || head_ == sent_ || !sock_) return;
+  if (!ring_ || recv_armed_ || head_ == sent_ || !sock_) return;
   // Header and payload in one recvmsg: the payload lands in the staging
   // slot directly.
   const ReadOp& op = ops_[head_ & kMask];
@@ -177,17 +254,11 @@ void TcpChannel::arm_recv() {
   recv_msg_ = {};
   recv_msg_.msg_iov = recv_iov_;
   recv_msg_.msg_iovlen = 2;
-  io_uring_sqe* s = ring_.sqe();
+  io_uring_sqe* s = ring_->sqe();
   io_uring_prep_recvmsg(s, sock_.get(), &recv_msg_, MSG_WAITALL);
   io_uring_sqe_set_data64(s, user_data(kRecv));
   ++socket_ops_;
   recv_armed_ = true;
-}
-
-void TcpChannel::submit() {
-  io_uring_submit(ring_.get());
-  // IORING_FEAT_SUBMIT_STABLE: the kernel has consumed the msghdrs.
-  pending_sends_.clear();
 }
 
 void TcpChannel::wait(WaitResult& out, int timeout_ms) {
@@ -205,22 +276,31 @@ void TcpChannel::wait(WaitResult& out, int timeout_ms) {
     const int left_ms = static_cast<int>(std::max<int64_t>(left.count(), 0));
     effective = effective < 0 ? left_ms : std::min(effective, left_ms);
   }
-  int rc;
-  if (effective < 0) {
-    rc = io_uring_submit_and_wait(ring_.get(), 1);
-  } else if (effective == 0) {
-    rc = io_uring_submit(ring_.get());
+  if (!send_error_.empty()) {
+    const std::string why = std::move(send_error_);
+    send_error_.clear();
+    recover(Errc::kIo, why, out);
+  } else if (!ring_) {
+    wait_with_syscalls(out, effective);
   } else {
-    __kernel_timespec ts{effective / 1000, static_cast<long long>(effective % 1000) * 1000000};
-    io_uring_cqe* cqe = nullptr;
-    rc = io_uring_submit_and_wait_timeout(ring_.get(), &cqe, 1, &ts, nullptr);
+    int rc;
+    if (effective < 0) {
+      rc = io_uring_submit_and_wait(ring_->get(), 1);
+    } else if (effective == 0) {
+      rc = io_uring_submit(ring_->get());
+    } else {
+      __kernel_timespec ts{effective / 1000, static_cast<long long>(effective % 1000) * 1000000};
+      io_uring_cqe* cqe = nullptr;
+      rc = io_uring_submit_and_wait_timeout(ring_->get(), &cqe, 1, &ts, nullptr);
+    }
+    // IORING_FEAT_SUBMIT_STABLE: the kernel has consumed the msghdrs.
+    pending_sends_.clear();
+    if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EBUSY) {
+      recover(Errc::kIo, std::string("io_uring_enter: ") + std::strerror(-rc), out);
+    } else {
+      reap(out);
+    }
   }
-  pending_sends_.clear();
-  if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EBUSY) {
-    recover(Errc::kIo, std::string("io_uring_enter: ") + std::strerror(-rc), out);
-    return;
-  }
-  reap(out);
   if (head_ != tail_ && dead_ == Errc::kOk &&
       std::chrono::steady_clock::now() - last_progress_ >= std::chrono::milliseconds(timeouts_.request_timeout_ms)) {
     recover(Errc::kTimeout, "no answer from " + endpoint_.text + " within " +
@@ -233,6 +313,39 @@ void TcpChannel::wait(WaitResult& out, int timeout_ms) {
   }
 }
 
+void TcpChannel::wait_with_syscalls(WaitResult& out, int timeout_ms) {
+  std::vector<pollfd> fds;
+  fds.reserve(watches_.size() + 1);
+  for (const Watch& w : watches_) fds.push_back({w.fd, POLLIN, 0});
+  const bool expecting = sock_ && head_ != sent_;
+  if (expecting) fds.push_back({sock_.get(), POLLIN, 0});
+  const int rc = ::poll(fds.data(), fds.size(), timeout_ms);
+  if (rc <= 0) return;  // timeout or EINTR: the caller checks the deadline
+  for (size_t i = 0; i < watches_.size(); ++i) {
+    if (fds[i].revents != 0) out.woken_tokens.push_back(watches_[i].token);
+  }
+  if (!expecting || fds.back().revents == 0) return;
+  // Take every reply that is already here; each recvmsg waits for a whole
+  // reply (bounded by SO_RCVTIMEO).
+  for (;;) {
+    const ReadOp& op = ops_[head_ & kMask];
+    iovec iov[2] = {{&reply_, sizeof reply_}, {op.dst, op.length}};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 2;
+    ssize_t n = ::recvmsg(sock_.get(), &msg, MSG_WAITALL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      recover(Errc::kTimeout, "reply from " + endpoint_.text + " stopped halfway", out);
+      return;
+    }
+    on_recv(n < 0 ? -errno : static_cast<int>(n), out);
+    if (!sock_ || dead_ != Errc::kOk || head_ == sent_) return;
+    pollfd more{sock_.get(), POLLIN, 0};
+    if (::poll(&more, 1, 0) <= 0) return;
+  }
+}
+
 void TcpChannel::reap(WaitResult& out) {
   io_uring_cqe* cqe;
   unsigned seen = 0;
@@ -241,7 +354,7 @@ void TcpChannel::reap(WaitResult& out) {
   int recv_res = 0;
   bool got_recv = false;
   int send_err = 0;
-  io_uring_for_each_cqe(ring_.get(), head, cqe) {
+  io_uring_for_each_cqe(ring_->get(), head, cqe) {
     ++seen;
     const uint64_t data = io_uring_cqe_get_data64(cqe);
     switch (kind_of(data)) {
@@ -266,7 +379,7 @@ void TcpChannel::reap(WaitResult& out) {
         break;
     }
   }
-  io_uring_cq_advance(ring_.get(), seen);
+  io_uring_cq_advance(ring_->get(), seen);
   if (got_recv) on_recv(recv_res, out);
   if (send_err != 0 && dead_ == Errc::kOk && sock_) {
     recover(Errc::kIo, "send to " + endpoint_.text + ": " + std::strerror(send_err), out);
@@ -314,25 +427,7 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   spdlog::warn("tcp: {} ({} reads outstanding); reconnecting", text, tail_ - head_);
   // Break the connection and take back every op the kernel holds on it.
   ::shutdown(sock_.get(), SHUT_RDWR);
-  while (socket_ops_ > 0) {
-    io_uring_submit_and_wait(ring_.get(), 1);
-    pending_sends_.clear();
-    io_uring_cqe* cqe;
-    unsigned seen = 0;
-    unsigned head;
-    io_uring_for_each_cqe(ring_.get(), head, cqe) {
-      ++seen;
-      const uint64_t data = io_uring_cqe_get_data64(cqe);
-      if (kind_of(data) == kSend || kind_of(data) == kRecv) {
-        --socket_ops_;
-      } else if (kind_of(data) == kWatch && index_of(data) < watches_.size()) {
-        out.woken_tokens.push_back(watches_[index_of(data)].token);
-        if ((cqe->flags & IORING_CQE_F_MORE) == 0) arm_watch(index_of(data));
-      }
-    }
-    io_uring_cq_advance(ring_.get(), seen);
-  }
-  recv_armed_ = false;
+  if (ring_) drain_ring(out);
   sock_.reset();
 
   const auto now = std::chrono::steady_clock::now();
@@ -358,6 +453,7 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
         }
         desc_.key = d.key;
         sock_ = std::move(fd);
+        if (!ring_) set_io_timeout(sock_.get(), timeouts_.request_timeout_ms);
         ++reconnects_;
         spdlog::info("tcp: reconnected to {}; resending {} reads", endpoint_.text, tail_ - head_);
         for (uint64_t seq = head_; seq != tail_; ++seq) requests_[seq & kMask].key = desc_.key;

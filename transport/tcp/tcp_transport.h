@@ -23,7 +23,7 @@ namespace pagewire::tcp {
 class TcpTransport final : public Transport {
  public:
   // Connects and reads the region descriptor; throws pagewire::Error.
-  TcpTransport(const std::string& host, uint16_t port, const std::string& name, const TransportTimeouts& t);
+  TcpTransport(const std::string& host, uint16_t port, const std::string& name, const TransportOptions& t);
 
   std::string_view name() const override { return "tcp"; }
   const RegionDescriptor& region() const override { return desc_; }
@@ -32,7 +32,7 @@ class TcpTransport final : public Transport {
 
  private:
   Endpoint endpoint_;
-  TransportTimeouts timeouts_;
+  TransportOptions timeouts_;
   RegionDescriptor desc_;
   UniqueFd first_connection_;  // handed to the first channel
 };
@@ -40,6 +40,9 @@ class TcpTransport final : public Transport {
 // Owner of one io_uring instance.
 class Ring {
  public:
+  // A ring that has every operation the channel uses, or null with *why
+  // saying what the kernel lacks.
+  static std::unique_ptr<Ring> open(unsigned entries, std::string* why);
   explicit Ring(unsigned entries);
   Ring(const Ring&) = delete;
   Ring& operator=(const Ring&) = delete;
@@ -54,7 +57,7 @@ class Ring {
 
 class TcpChannel final : public Channel {
  public:
-  TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportTimeouts timeouts);
+  TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportOptions options);
   ~TcpChannel() override;
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
@@ -86,13 +89,16 @@ class TcpChannel final : public Channel {
   // outstanding, or, past the reconnect deadline, fail every read.
   void recover(Errc why, const std::string& text, WaitResult& out);
   void fail_all(Errc status, WaitResult& out);
-  void submit();
+  // Without io_uring: poll the socket and the watched descriptors, then
+  // receive replies with plain recvmsg.
+  void wait_with_syscalls(WaitResult& out, int timeout_ms);
+  void drain_ring(WaitResult& out);
 
   Endpoint endpoint_;
   RegionDescriptor desc_;
-  TransportTimeouts timeouts_;
+  TransportOptions timeouts_;
   UniqueFd sock_;
-  Ring ring_;  // destroyed before the socket; its socket ops are drained first
+  std::unique_ptr<Ring> ring_;  // null: plain syscalls. Destroyed before the socket, drained first
 
   // Reads in request order: the server answers in order, so a FIFO indexed
   // by sequence number is the whole in-flight table.
@@ -113,6 +119,7 @@ class TcpChannel final : public Channel {
   std::vector<Watch> watches_;
   Errc dead_ = Errc::kOk;
   std::string dead_text_;
+  std::string send_error_;  // a plain sendmsg failed; recovered in wait()
   uint64_t reconnects_ = 0;
   std::chrono::steady_clock::time_point last_progress_{};  // reset by a reconnect
   std::chrono::steady_clock::time_point last_reply_{};     // only a reply moves it
