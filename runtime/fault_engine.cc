@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -38,11 +39,14 @@ struct FaultEngine::Handler {
   struct SlotInfo {
     size_t page = 0;
     uint64_t start_ns = 0;
+    bool busy = false;
   };
 
   unsigned index = 0;
-  std::unique_ptr<Channel> channel;
+  // The staging memory outlives the channel, which drains the reads still
+  // landing in it when it is destroyed.
   std::unique_ptr<StagingPool> staging;
+  std::unique_ptr<Channel> channel;
   std::vector<SlotInfo> slots;
   std::vector<ReadOp> batch;
   std::vector<uffd_msg> events = std::vector<uffd_msg>(kEventBatch);
@@ -57,7 +61,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
       transport_(std::move(transport)),
       desc_(transport_->region()),
       region_(Mapping::anonymous(round_up(desc_.length, desc_.page_size))),
-      uffd_(Userfaultfd::open(UFFD_FEATURE_POISON)),
+      uffd_(Userfaultfd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_EVENT_REMOVE)),
       pages_(region_.size() / desc_.page_size),
       stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
   if (!stop_fd_) throw_errno("eventfd");
@@ -71,6 +75,9 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
                  describe_uffd_features(Userfaultfd::kernel_features()),
                  uffd_.has(UFFD_FEATURE_POISON) ? "UFFDIO_POISON (SIGBUS)" : "PROT_NONE (SIGSEGV)");
   });
+  // A child forked later would see zero-filled memory where pages were
+  // still missing (its copy is not registered): keep the region out of it.
+  if (::madvise(region_.data(), region_.size(), MADV_DONTFORK) != 0) throw_errno("madvise(MADV_DONTFORK)");
   uffd_.register_missing(region_.data(), region_.size());
 
   const unsigned n = options_.handler_threads != 0 ? options_.handler_threads : default_handlers();
@@ -151,8 +158,10 @@ void FaultEngine::run_handler(Handler& h) {
   try {
     for (;;) {
       h.result.clear();
-      // Do not sleep while the uffd may still hold events we could take.
+      // Do not sleep while the uffd may still hold events we could take,
+      // and do not wake for it while there is no slot to take them into.
       const bool can_read = h.uffd_ready && !h.staging->empty();
+      h.channel->pause_watch(kUffdToken, h.staging->empty());
       h.channel->wait(h.result, can_read ? 0 : -1);
       for (uint64_t token : h.result.woken_tokens) {
         if (token == kStopToken) return;
@@ -163,8 +172,16 @@ void FaultEngine::run_handler(Handler& h) {
       if (h.uffd_ready && !h.staging->empty()) read_faults(h);
     }
   } catch (const std::exception& e) {
-    // Nothing may escape a thread; the region is marked failed instead.
-    record_failure(std::string("fault handler stopped: ") + e.what());
+    // Nothing may escape a thread; the region is marked failed instead,
+    // and the pages this handler owned are refused: nobody else would ever
+    // install them, and their waiters would stay parked.
+    const std::string why = std::string("fault handler stopped: ") + e.what();
+    record_failure(why);
+    for (size_t slot = 0; slot < h.slots.size(); ++slot) {
+      if (!h.slots[slot].busy) continue;
+      h.slots[slot].busy = false;
+      refuse_page(h, h.slots[slot].page, Errc::kIo, why);
+    }
   }
 }
 
@@ -181,6 +198,10 @@ void FaultEngine::read_faults(Handler& h) {
     const uint64_t t0 = now_ns();
     for (int i = 0; i < n; ++i) {
       const uffd_msg& msg = h.events[static_cast<size_t>(i)];
+      if (msg.event == UFFD_EVENT_REMOVE) {
+        forget_pages(msg.arg.remove.start, msg.arg.remove.end);
+        continue;
+      }
       if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
       Metrics::bump(h.metrics.faults);
       const uint64_t offset = (msg.arg.pagefault.address - reinterpret_cast<uint64_t>(region_.data())) &
@@ -198,7 +219,7 @@ void FaultEngine::read_faults(Handler& h) {
         continue;
       }
       const uint32_t slot = h.staging->acquire();
-      h.slots[slot] = {page, t0};
+      h.slots[slot] = {page, t0, true};
       // The last page of a region whose length is not page aligned is read
       // short; the rest of it lies past the end of the source and reads zero.
       const uint64_t len = std::min<uint64_t>(desc_.page_size, desc_.length - offset);
@@ -215,6 +236,7 @@ void FaultEngine::read_faults(Handler& h) {
 void FaultEngine::complete(Handler& h, const ReadCompletion& c) {
   const auto slot = static_cast<uint32_t>(c.cookie);
   const Handler::SlotInfo info = h.slots[slot];
+  h.slots[slot].busy = false;
   std::byte* addr = region_.data() + info.page * desc_.page_size;
   if (c.status != Errc::kOk) {
     h.staging->release(slot);
@@ -241,6 +263,20 @@ void FaultEngine::complete(Handler& h, const ReadCompletion& c) {
   }
   Metrics::bump(h.metrics.install_failures);
   refuse_page(h, info.page, Errc::kIo, std::string("UFFDIO_COPY: ") + std::strerror(rc));
+}
+
+void FaultEngine::forget_pages(uint64_t start, uint64_t end) {
+  // MADV_DONTNEED (or REMOVE) zapped these pages: the next touch faults
+  // again and fetches them from the source again, as postcopy expects of a
+  // discarded page. Pages in flight are left to their fetch; refused pages
+  // stay refused.
+  const uint64_t base = reinterpret_cast<uint64_t>(region_.data());
+  start = std::max(start, base);
+  end = std::min(end, base + region_.size());
+  for (uint64_t a = start & ~uint64_t{desc_.page_size - 1}; a < end; a += desc_.page_size) {
+    const size_t page = (a - base) / desc_.page_size;
+    if (pages_.get(page) == PageState::kPresent) pages_.set(page, PageState::kMissing);
+  }
 }
 
 void FaultEngine::refuse_page(Handler& h, size_t page, Errc why, const std::string& text) {

@@ -46,6 +46,7 @@ class FaultEngine {
   void read_faults(Handler& h);
   void complete(Handler& h, const ReadCompletion& c);
   void refuse_page(Handler& h, size_t page, Errc why, const std::string& text);
+  void forget_pages(uint64_t start, uint64_t end);
   void record_failure(const std::string& text);
 
   // Members in creation order; destroyed in reverse: handlers (joined in

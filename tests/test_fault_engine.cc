@@ -2,6 +2,9 @@
 // page, and refusal of pages whose reads fail.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -126,6 +129,42 @@ TEST(FaultEngine, WritesAfterTheFetchStick) {
   EXPECT_EQ(r.data()[kPage + 1], std::byte{0xab});
   EXPECT_EQ(check_pattern(r.data() + kPage + 2, kPage + 2, kPage - 2, kSeed), -1);
   EXPECT_EQ(check_pattern(r.data() + kPage, kPage, 1, kSeed), -1);
+}
+
+}  // namespace
+}  // namespace pagewire
+
+namespace pagewire {
+namespace {
+
+TEST(FaultEngine, DiscardedPagesAreFetchedAgain) {
+  Source src(1 << 20);
+  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
+  LocalTransport* raw = transport.get();
+  Region r = attach(std::move(transport), {});
+  std::byte* page = r.data() + 3 * kPage;
+  page[0] = std::byte{0x11};  // fetched, then changed locally
+  ASSERT_EQ(::madvise(page, kPage, MADV_DONTNEED), 0);
+  // A discarded page is the source's page again, never zeros, never a hang.
+  EXPECT_EQ(check_pattern(page, 3 * kPage, kPage, kSeed), -1);
+  EXPECT_EQ(raw->reads(), 2);
+}
+
+TEST(FaultEngine, RegionIsNotInheritedByForkedChildren) {
+  Source src(1 << 20);
+  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), {});
+  EXPECT_EQ(check_pattern(r.data(), 0, kPage, kSeed), -1);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // In the child the region is not mapped at all: touching it must not
+    // read zeros (it faults), so report whether the mapping is absent.
+    const int rc = ::msync(r.data(), kPage, MS_ASYNC);
+    ::_exit(rc != 0 && errno == ENOMEM ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child inherited the region";
 }
 
 }  // namespace

@@ -80,6 +80,9 @@ class Channel {
   virtual LocalBuffer register_buffer(std::byte* base, size_t length) = 0;
   // Makes wait() return `token` whenever `fd` becomes readable.
   virtual void watch(int fd, uint64_t token) = 0;
+  // While paused, a watched descriptor does not end a wait: a handler with
+  // no free staging slot must not spin on a userfaultfd it cannot drain.
+  virtual void pause_watch(uint64_t token, bool paused) = 0;
   // Queues a batch of reads; every op is bounds-checked against the region
   // and ones outside it complete with kOutOfBounds. Never blocks; the batch
   // must fit in the free outstanding slots.

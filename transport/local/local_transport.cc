@@ -17,6 +17,11 @@ class LocalChannel final : public Channel {
     fds_.push_back({fd, POLLIN, 0});
     tokens_.push_back(token);
   }
+  void pause_watch(uint64_t token, bool paused) override {
+    for (size_t i = 0; i < tokens_.size(); ++i) {
+      if (tokens_[i] == token) fds_[i].fd = paused ? -(real_fd(fds_[i].fd) + 1) : real_fd(fds_[i].fd);
+    }
+  }
   void post(std::span<const ReadOp> ops) override {
     for (const ReadOp& op : ops) {
       if (!read_in_bounds(t_->desc_.length, op.remote_offset, op.length)) {
@@ -47,6 +52,9 @@ class LocalChannel final : public Channel {
   }
 
  private:
+  // poll() skips negative descriptors; a paused fd is stored as -(fd + 1).
+  static int real_fd(int fd) { return fd < 0 ? -fd - 1 : fd; }
+
   LocalTransport* t_;
   std::vector<pollfd> fds_;
   std::vector<uint64_t> tokens_;

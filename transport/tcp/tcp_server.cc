@@ -55,6 +55,20 @@ bool send_iov(int fd, iovec* iov, size_t count) {
   return true;
 }
 
+// Hangs up after a refusal so that the refusal arrives: closing with
+// unread input would send a reset, and the peer's kernel could drop the
+// reply before its reader saw it.
+void close_gracefully(int fd) {
+  ::shutdown(fd, SHUT_WR);
+  tcp::set_io_timeout(fd, 200);
+  char sink[4096];
+  for (size_t drained = 0; drained < (1u << 20);) {
+    const ssize_t n = ::recv(fd, sink, sizeof sink, 0);
+    if (n <= 0) break;
+    drained += static_cast<size_t>(n);
+  }
+}
+
 }  // namespace
 
 TcpServer::TcpServer(const ServerOptions& options) : options_(options) {
@@ -273,7 +287,10 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
       bytes_ += req.length;
     }
     if (iovs > 0 && !send_iov(fd.get(), iov.data(), iovs)) return finish(false);
-    if (refuse != Errc::kOk) return finish(true);
+    if (refuse != Errc::kOk) {
+      close_gracefully(fd.get());
+      return finish(true);
+    }
     const size_t used = count * sizeof(wire::ReadRequest);
     std::memmove(buf.data(), buf.data() + used, have - used);
     have -= used;

@@ -141,7 +141,6 @@ TcpChannel::~TcpChannel() {
 void TcpChannel::drain_ring(WaitResult& out) {
   while (socket_ops_ > 0) {
     io_uring_submit_and_wait(ring_->get(), 1);
-    pending_sends_.clear();
     io_uring_cqe* cqe;
     unsigned seen = 0;
     unsigned head;
@@ -158,11 +157,20 @@ void TcpChannel::drain_ring(WaitResult& out) {
     io_uring_cq_advance(ring_->get(), seen);
   }
   recv_armed_ = false;
+  send_inflight_ = false;
 }
 
 void TcpChannel::watch(int fd, uint64_t token) {
   watches_.push_back({fd, token});
   if (ring_) arm_watch(watches_.size() - 1);
+}
+
+void TcpChannel::pause_watch(uint64_t token, bool paused) {
+  // io_uring's multishot poll reports new events only, so it never spins;
+  // the pause matters to the level-triggered poll() of the syscall path.
+  for (Watch& w : watches_) {
+    if (w.token == token) w.paused = paused;
+  }
 }
 
 void TcpChannel::arm_watch(size_t index) {
@@ -198,9 +206,10 @@ void TcpChannel::post(std::span<const ReadOp> ops) {
 }
 
 void TcpChannel::queue_sends() {
-  if (sent_ == tail_ || !sock_) return;
-  // One sendmsg for the whole batch; two iovecs when it wraps the FIFO.
-  SendMsg& m = pending_sends_.emplace_back();
+  if (sent_ == tail_ || !sock_ || send_inflight_) return;
+  // One sendmsg for everything not sent yet; two iovecs when it wraps.
+  SendMsg& m = send_;
+  m = {};
   const uint64_t first = sent_ & kMask;
   const uint64_t count = tail_ - sent_;
   const uint64_t run1 = std::min<uint64_t>(count, kMaxOutstanding - first);
@@ -212,6 +221,7 @@ void TcpChannel::queue_sends() {
   }
   m.msg.msg_iov = m.iov;
   sent_ = tail_;
+  send_bytes_ = count * sizeof(wire::ReadRequest);
   if (!ring_) {
     // Plain syscalls: a blocking sendmsg, resumed after partial writes.
     size_t left = m.iov[0].iov_len + (m.msg.msg_iovlen == 2 ? m.iov[1].iov_len : 0);
@@ -234,7 +244,6 @@ void TcpChannel::queue_sends() {
         m.msg.msg_iov->iov_len -= done;
       }
     }
-    pending_sends_.clear();
     return;
   }
   io_uring_sqe* s = ring_->sqe();
@@ -242,6 +251,7 @@ void TcpChannel::queue_sends() {
   io_uring_prep_sendmsg(s, sock_.get(), &m.msg, MSG_NOSIGNAL | MSG_WAITALL);
   io_uring_sqe_set_data64(s, user_data(kSend));
   ++socket_ops_;
+  send_inflight_ = true;
 }
 
 void TcpChannel::arm_recv() {
@@ -293,8 +303,6 @@ void TcpChannel::wait(WaitResult& out, int timeout_ms) {
       io_uring_cqe* cqe = nullptr;
       rc = io_uring_submit_and_wait_timeout(ring_->get(), &cqe, 1, &ts, nullptr);
     }
-    // IORING_FEAT_SUBMIT_STABLE: the kernel has consumed the msghdrs.
-    pending_sends_.clear();
     if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EBUSY) {
       recover(Errc::kIo, std::string("io_uring_enter: ") + std::strerror(-rc), out);
     } else {
@@ -316,7 +324,8 @@ void TcpChannel::wait(WaitResult& out, int timeout_ms) {
 void TcpChannel::wait_with_syscalls(WaitResult& out, int timeout_ms) {
   std::vector<pollfd> fds;
   fds.reserve(watches_.size() + 1);
-  for (const Watch& w : watches_) fds.push_back({w.fd, POLLIN, 0});
+  // A negative fd makes poll() skip the entry.
+  for (const Watch& w : watches_) fds.push_back({w.paused ? -1 : w.fd, POLLIN, 0});
   const bool expecting = sock_ && head_ != sent_;
   if (expecting) fds.push_back({sock_.get(), POLLIN, 0});
   const int rc = ::poll(fds.data(), fds.size(), timeout_ms);
@@ -360,7 +369,13 @@ void TcpChannel::reap(WaitResult& out) {
     switch (kind_of(data)) {
       case kSend:
         --socket_ops_;
-        if (cqe->res < 0 && send_err == 0) send_err = -cqe->res;
+        send_inflight_ = false;
+        // A short send leaves the stream cut mid-record: as bad as an error.
+        if (cqe->res < 0) {
+          send_err = -cqe->res;
+        } else if (static_cast<size_t>(cqe->res) != send_bytes_) {
+          send_err = EPIPE;
+        }
         break;
       case kRecv:
         --socket_ops_;
@@ -380,10 +395,13 @@ void TcpChannel::reap(WaitResult& out) {
     }
   }
   io_uring_cq_advance(ring_->get(), seen);
+  const uint64_t reconnects_before = reconnects_.load();
   if (got_recv) on_recv(recv_res, out);
-  if (send_err != 0 && dead_ == Errc::kOk && sock_) {
+  // A send error from the connection that on_recv just replaced is stale.
+  if (send_err != 0 && dead_ == Errc::kOk && sock_ && reconnects_.load() == reconnects_before) {
     recover(Errc::kIo, "send to " + endpoint_.text + ": " + std::strerror(send_err), out);
   }
+  queue_sends();  // what was posted while the last send was in flight
 }
 
 void TcpChannel::on_recv(int res, WaitResult& out) {

@@ -7,8 +7,8 @@
 #include <liburing.h>
 #include <sys/uio.h>
 
+#include <atomic>
 #include <chrono>
-#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -62,6 +62,7 @@ class TcpChannel final : public Channel {
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
   void watch(int fd, uint64_t token) override;
+  void pause_watch(uint64_t token, bool paused) override;
   void post(std::span<const ReadOp> ops) override;
   uint32_t outstanding() const override { return static_cast<uint32_t>(tail_ - head_ + local_.size()); }
   void wait(WaitResult& out, int timeout_ms) override;
@@ -74,6 +75,7 @@ class TcpChannel final : public Channel {
   struct Watch {
     int fd;
     uint64_t token;
+    bool paused = false;
   };
   struct SendMsg {
     msghdr msg{};
@@ -109,7 +111,12 @@ class TcpChannel final : public Channel {
   uint64_t tail_ = 0;  // next sequence number
   std::vector<ReadCompletion> local_;  // completions decided without the wire
 
-  std::deque<SendMsg> pending_sends_;  // stable until submitted
+  // One send in flight at a time: io_uring does not order separate SQEs on
+  // a socket, and two batches must never interleave on the stream. The
+  // msghdr stays put until its completion.
+  SendMsg send_;
+  bool send_inflight_ = false;
+  size_t send_bytes_ = 0;
   wire::ReadReply reply_{};
   iovec recv_iov_[2]{};
   msghdr recv_msg_{};
@@ -120,7 +127,7 @@ class TcpChannel final : public Channel {
   Errc dead_ = Errc::kOk;
   std::string dead_text_;
   std::string send_error_;  // a plain sendmsg failed; recovered in wait()
-  uint64_t reconnects_ = 0;
+  std::atomic<uint64_t> reconnects_{0};  // read by stats() from other threads
   std::chrono::steady_clock::time_point last_progress_{};  // reset by a reconnect
   std::chrono::steady_clock::time_point last_reply_{};     // only a reply moves it
 };
