@@ -9,7 +9,7 @@ namespace {
 
 [[noreturn]] void bad(std::string_view uri, const std::string& why) {
   throw Error(Errc::kBadUri, "bad region URI '" + std::string(uri) + "': " + why +
-                                 " (expected tcp://HOST:PORT/NAME)");
+                                 " (expected tcp://HOST:PORT/NAME, rdma://... or auto://...)");
 }
 
 }  // namespace
@@ -19,7 +19,9 @@ RegionUri parse_region_uri(std::string_view uri) {
   const size_t sep = uri.find("://");
   if (sep == std::string_view::npos || sep == 0) bad(uri, "no scheme");
   out.scheme = std::string(uri.substr(0, sep));
-  if (out.scheme != "tcp") bad(uri, "unknown scheme '" + out.scheme + "'");
+  if (out.scheme != "tcp" && out.scheme != "rdma" && out.scheme != "auto") {
+    bad(uri, "unknown scheme '" + out.scheme + "'");
+  }
   std::string_view rest = uri.substr(sep + 3);
   const size_t slash = rest.find('/');
   if (slash == std::string_view::npos) bad(uri, "no region name");

@@ -61,22 +61,32 @@ int run_catching_signals(const std::function<void()>& fn) {
   return t_signal;
 }
 
-PatternServer::PatternServer(const std::string& name, size_t length, uint64_t seed)
-    : name_(name), memory_(Mapping::anonymous(length)) {
-  fill_pattern(memory_.data(), 0, length, seed);
+namespace {
+ServerOptions loopback_tcp() {
   ServerOptions o;
   o.bind_address = "127.0.0.1";
   o.port = 0;
-  server_ = std::make_unique<MemoryServer>(o);
+  o.rdma = RdmaServing::kOff;
+  return o;
+}
+}  // namespace
+
+PatternServer::PatternServer(const std::string& name, size_t length, uint64_t seed)
+    : PatternServer(name, length, seed, loopback_tcp()) {}
+
+PatternServer::PatternServer(const std::string& name, size_t length, uint64_t seed, const ServerOptions& options)
+    : name_(name), memory_(Mapping::anonymous(length)) {
+  fill_pattern(memory_.data(), 0, length, seed);
+  server_ = std::make_unique<MemoryServer>(options);
   server_->export_memory(name, memory_.data(), length);
 }
 
 std::string PatternServer::uri() const { return "tcp://127.0.0.1:" + std::to_string(server_->port()) + "/" + name_; }
 
-ChildServer::ChildServer(const std::vector<std::string>& args) {
+ChildServer::ChildServer(const std::vector<std::string>& args, const std::string& bind) {
   int fds[2];
   if (::pipe(fds) != 0) throw std::runtime_error("pipe");
-  std::vector<std::string> argv_s = {PAGEWIRE_CLI, "serve", "--bind", "127.0.0.1", "--port", "0", "--ready-fd", "3"};
+  std::vector<std::string> argv_s = {PAGEWIRE_CLI, "serve", "--bind", bind, "--port", "0", "--ready-fd", "3"};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& s : argv_s) argv.push_back(s.data());

@@ -30,6 +30,7 @@ inline uint8_t touch(const std::byte* p) { return static_cast<uint8_t>(*reinterp
 class PatternServer {
  public:
   PatternServer(const std::string& name, size_t length, uint64_t seed = kSeed);
+  PatternServer(const std::string& name, size_t length, uint64_t seed, const ServerOptions& options);
   std::string uri() const;
   MemoryServer& server() { return *server_; }
   const std::byte* source() const { return memory_.data(); }
@@ -43,7 +44,7 @@ class PatternServer {
 // `pagewire serve` run as a separate process, so it can be killed.
 class ChildServer {
  public:
-  explicit ChildServer(const std::vector<std::string>& args);
+  explicit ChildServer(const std::vector<std::string>& args, const std::string& bind = "127.0.0.1");
   ~ChildServer();
   uint16_t port() const { return port_; }
   void kill_now();  // SIGKILL, and reap

@@ -116,8 +116,10 @@ int run_bench(const BenchConfig& c) {
   std::string uri = c.uri;
   if (uri.empty()) {
     std::fprintf(stderr, "starting a source process exporting %s...\n", format_bytes(c.size).c_str());
-    source = std::make_unique<SourceProcess>(PatternSpec{"bench", c.size, c.seed});
-    uri = source->uri();
+    const bool loopback = c.addr.rfind("127.", 0) == 0;
+    source = std::make_unique<SourceProcess>(PatternSpec{"bench", c.size, c.seed}, loopback ? c.addr : "0.0.0.0",
+                                             c.transport == "tcp" ? "off" : "on");
+    uri = source->uri(c.transport, c.addr);
   }
   Mapping local = Mapping::anonymous(std::min(c.size, c.floor_size));
   fill_pattern(local.data(), 0, local.size(), c.seed);
@@ -128,7 +130,12 @@ int run_bench(const BenchConfig& c) {
               c.io_uring ? "io_uring sockets" : "plain-syscall sockets");
   std::printf("floor a = userfaultfd fault served from local memory (same engine, threads and placement)\n");
   std::printf("floor b = one raw 4 KiB transport read, no userfaultfd (%u samples)\n", c.floor_samples);
-  std::printf("ratio   = fault p50 / (floor a p50 + floor b p50)\n\n");
+  std::printf("ratio   = fault p50 / (floor a p50 + floor b p50)\n");
+  if (c.ib_read_lat_us > 0) {
+    std::printf("fabric  = fault p50 / (floor a p50 + ib_read_lat typical %.1fus), measured on this device\n",
+                c.ib_read_lat_us);
+  }
+  std::printf("\n");
   std::printf("%-9s %10s %10s %10s %10s %10s %10s %12s %7s\n", "placement", "floor_a", "floor_b", "fault_p50",
               "fault_p99", "p99.9", "max", "faults/s", "ratio");
 
@@ -164,9 +171,13 @@ int run_bench(const BenchConfig& c) {
     const LatencySummary f = summarize_samples(res.latencies_ns);
     const Stats s = r.stats();
     const double ratio = static_cast<double>(f.p50_ns) / static_cast<double>(a.p50_ns + b.p50_ns);
+    const double fabric_ratio =
+        c.ib_read_lat_us > 0 ? static_cast<double>(f.p50_ns) / (static_cast<double>(a.p50_ns) + c.ib_read_lat_us * 1000)
+                             : 0;
     const double rate = static_cast<double>(res.pages) / res.seconds;
     std::printf("%-9s %8.1fus %8.1fus %8.1fus %8.1fus %8.1fus %8.1fus %12.0f %7.2f\n", pl.name.c_str(), us(a.p50_ns),
                 us(b.p50_ns), us(f.p50_ns), us(f.p99_ns), us(f.p999_ns), us(f.max_ns), rate, ratio);
+    if (c.ib_read_lat_us > 0) std::printf("%-9s fabric ratio %.2f\n", "", fabric_ratio);
     if (res.wrong_pages != 0) {
       std::printf("  ERROR: %llu pages read wrong (first at offset %lld)\n",
                   static_cast<unsigned long long>(res.wrong_pages), static_cast<long long>(res.first_wrong_offset));
@@ -186,7 +197,10 @@ int run_bench(const BenchConfig& c) {
                                     {"pages", res.pages},
                                     {"wrong_pages", res.wrong_pages},
                                     {"duplicate_faults", s.duplicate_faults},
-                                    {"ratio", ratio}});
+                                    {"ratio", ratio},
+                                    {"transport", std::string(r.transport())},
+                                    {"ib_read_lat_us", c.ib_read_lat_us},
+                                    {"fabric_ratio", fabric_ratio}});
   }
   std::printf("\nlatencies are p50 unless named; the fault columns are what a touching thread saw.\n");
   if (!c.json_path.empty()) {

@@ -23,6 +23,9 @@ struct BenchConfig {
   std::string json_path;
   double max_ratio = 0;  // > 0: exit non-zero when a ratio exceeds it
   bool io_uring = true;  // TCP sockets through io_uring, else plain syscalls
+  std::string transport = "tcp";     // scheme for the bench's own source: tcp, rdma, auto
+  std::string addr = "127.0.0.1";    // where destinations reach the bench's own source
+  double ib_read_lat_us = 0;         // > 0: ib_read_lat's typical 4 KiB latency on this device
 };
 
 int run_bench(const BenchConfig& config);

@@ -129,6 +129,9 @@ int main(int argc, char** argv) {
   serve->add_option("--file", files, "export a file read-only: NAME=PATH (repeatable)");
   serve->add_option("--pattern", patterns, "export patterned memory: NAME=SIZE[:SEED] (repeatable)");
   serve->add_option("--ready-fd", ready_fd, "write the port to this descriptor once listening");
+  std::string rdma_mode = "auto";
+  serve->add_option("--rdma", rdma_mode, "serve RDMA destinations too: auto (when a device exists), on, off")
+      ->capture_default_str();
 
   // attach
   auto* att = app.add_subcommand("attach", "attach a region and fault in every page");
@@ -139,7 +142,7 @@ int main(int argc, char** argv) {
   uint64_t stride = 16;
   std::string verify_seed;
   std::string json;
-  att->add_option("uri", uri, "tcp://HOST:PORT/NAME")->required();
+  att->add_option("uri", uri, "tcp://HOST:PORT/NAME, rdma://HOST:PORT/NAME or auto://HOST:PORT/NAME")->required();
   att->add_option("--access", access, "random, sequential or strided")->capture_default_str();
   att->add_option("--stride", stride, "pages between touches for strided access")->capture_default_str();
   att->add_option("--threads", threads, "touching threads")->capture_default_str();
@@ -172,6 +175,12 @@ int main(int argc, char** argv) {
   bench->add_option("--seed", bc.seed, "pattern seed of the region (with --uri: what serve --pattern used)");
   bench->add_option("--json", bc.json_path, "write the results as JSON to this file");
   bench->add_option("--max-ratio", bc.max_ratio, "exit non-zero when a placement's ratio exceeds this");
+  bench->add_option("--transport", bc.transport, "transport to the bench's own source: tcp, rdma or auto")
+      ->capture_default_str();
+  bench->add_option("--addr", bc.addr, "address of the bench's own source (for rdma: one the device is bound to)")
+      ->capture_default_str();
+  bench->add_option("--ib-read-lat-us", bc.ib_read_lat_us,
+                    "ib_read_lat's typical 4 KiB latency on this device, for the fabric ratio");
   bool no_io_uring = false;
   bench->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
   att->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
@@ -187,7 +196,7 @@ int main(int argc, char** argv) {
       for (const auto& p : patterns) specs.push_back(parse_pattern_spec(p, 0x5eed));
       if (specs.empty() && files.empty()) throw std::invalid_argument("nothing to serve: give --file or --pattern");
       if (ready_fd < 0) spdlog::set_level(std::min(spdlog::get_level(), spdlog::level::info));
-      return serve_forever(bind, port, files, specs, ready_fd, ready_fd >= 0);
+      return serve_forever(bind, port, rdma_mode, files, specs, ready_fd, ready_fd >= 0);
     }
     if (att->parsed()) {
       WorkloadConfig w;

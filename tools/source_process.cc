@@ -17,8 +17,9 @@
 
 namespace pagewire::cli {
 
-int serve_forever(const std::string& bind, uint16_t port, const std::vector<std::string>& files,
-                  const std::vector<PatternSpec>& patterns, int ready_fd, bool quiet_stats) {
+int serve_forever(const std::string& bind, uint16_t port, const std::string& rdma,
+                  const std::vector<std::string>& files, const std::vector<PatternSpec>& patterns, int ready_fd,
+                  bool quiet_stats) {
   // Signals are taken synchronously by sigwait below, so block them before
   // the server's threads exist (they inherit the mask).
   sigset_t stop_signals;
@@ -35,6 +36,13 @@ int serve_forever(const std::string& bind, uint16_t port, const std::vector<std:
   ServerOptions o;
   o.bind_address = bind;
   o.port = port;
+  if (rdma == "on") {
+    o.rdma = RdmaServing::kOn;
+  } else if (rdma == "off") {
+    o.rdma = RdmaServing::kOff;
+  } else if (rdma != "auto") {
+    throw std::invalid_argument("--rdma must be auto, on or off");
+  }
   MemoryServer server(o);
   for (size_t i = 0; i < patterns.size(); ++i) {
     server.export_memory(patterns[i].name, memory[i].data(), patterns[i].size);
@@ -63,7 +71,8 @@ int serve_forever(const std::string& bind, uint16_t port, const std::vector<std:
   return 0;
 }
 
-SourceProcess::SourceProcess(const PatternSpec& spec) : spec_(spec) {
+SourceProcess::SourceProcess(const PatternSpec& spec, const std::string& bind_address, const std::string& rdma)
+    : spec_(spec) {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno("pipe");
   std::fflush(nullptr);
@@ -74,7 +83,7 @@ SourceProcess::SourceProcess(const PatternSpec& spec) : spec_(spec) {
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     int rc = 1;
     try {
-      rc = serve_forever("127.0.0.1", 0, {}, {spec}, fds[1], true);
+      rc = serve_forever(bind_address, 0, rdma, {}, {spec}, fds[1], true);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "source: %s\n", e.what());
     }
@@ -94,7 +103,9 @@ SourceProcess::SourceProcess(const PatternSpec& spec) : spec_(spec) {
 
 SourceProcess::~SourceProcess() { kill_now(); }
 
-std::string SourceProcess::uri() const { return "tcp://127.0.0.1:" + std::to_string(port_) + "/" + spec_.name; }
+std::string SourceProcess::uri(const std::string& scheme, const std::string& addr) const {
+  return scheme + "://" + addr + ":" + std::to_string(port_) + "/" + spec_.name;
+}
 
 void SourceProcess::kill_now() {
   if (pid_ <= 0) return;

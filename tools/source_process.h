@@ -14,14 +14,17 @@ namespace pagewire::cli {
 
 class SourceProcess {
  public:
-  explicit SourceProcess(const PatternSpec& spec);
+  // Serves on bind_address (loopback by default); rdma as in ServerOptions.
+  explicit SourceProcess(const PatternSpec& spec, const std::string& bind_address = "127.0.0.1",
+                         const std::string& rdma = "off");
   SourceProcess(const SourceProcess&) = delete;
   SourceProcess& operator=(const SourceProcess&) = delete;
   ~SourceProcess();
 
   uint16_t port() const { return port_; }
   pid_t pid() const { return pid_; }
-  std::string uri() const;
+  // SCHEME://ADDR:PORT/NAME, where ADDR is how destinations reach it.
+  std::string uri(const std::string& scheme = "tcp", const std::string& addr = "127.0.0.1") const;
   void kill_now();
 
  private:
@@ -32,7 +35,9 @@ class SourceProcess {
 
 // Serves every export until SIGINT/SIGTERM; writes the port number to
 // ready_fd (if >= 0) once listening. The body of `pagewire serve`.
-int serve_forever(const std::string& bind, uint16_t port, const std::vector<std::string>& files,
-                  const std::vector<PatternSpec>& patterns, int ready_fd, bool quiet_stats);
+// rdma: "auto", "on" or "off" (see ServerOptions::rdma).
+int serve_forever(const std::string& bind, uint16_t port, const std::string& rdma,
+                  const std::vector<std::string>& files, const std::vector<PatternSpec>& patterns, int ready_fd,
+                  bool quiet_stats);
 
 }  // namespace pagewire::cli

@@ -5,6 +5,8 @@
 #include "pagewire/error.h"
 #include "pagewire/server.h"
 #include "runtime/unique_fd.h"
+#include "spdlog/spdlog.h"
+#include "transport/rdma/rdma_server.h"
 #include "transport/tcp/tcp_server.h"
 
 namespace pagewire {
@@ -18,9 +20,23 @@ void check_page_size(uint32_t page_size) {
 
 }  // namespace
 
-MemoryServer::MemoryServer(const ServerOptions& options) : tcp_(std::make_unique<TcpServer>(options)) {}
+MemoryServer::MemoryServer(const ServerOptions& options) : tcp_(std::make_unique<TcpServer>(options)) {
+  if (options.rdma == RdmaServing::kOff) return;
+  if (options.rdma == RdmaServing::kAuto && !rdma::have_device()) {
+    spdlog::info("server: no RDMA device; serving TCP only");
+    return;
+  }
+  try {
+    rdma_ = std::make_unique<rdma::RdmaServer>(options.bind_address, tcp_->port());
+  } catch (const std::exception& e) {
+    if (options.rdma == RdmaServing::kOn) throw;
+    spdlog::warn("server: not serving RDMA: {}", e.what());
+  }
+}
 
 MemoryServer::~MemoryServer() { stop(); }
+
+bool MemoryServer::serves_rdma() const { return rdma_ != nullptr; }
 
 void MemoryServer::export_file(const std::string& name, const std::string& path, uint32_t page_size) {
   check_page_size(page_size);
@@ -38,7 +54,8 @@ void MemoryServer::export_file(const std::string& name, const std::string& path,
   region->base = region->file_mapping.data();
   region->length = length;
   region->page_size = page_size;
-  tcp_->add(std::move(region));
+  const ExportedRegion& r = tcp_->add(std::move(region));
+  if (rdma_) rdma_->add(r);
 }
 
 void MemoryServer::export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size) {
@@ -49,12 +66,28 @@ void MemoryServer::export_memory(const std::string& name, const void* base, size
   region->base = static_cast<const std::byte*>(base);
   region->length = length;
   region->page_size = page_size;
-  tcp_->add(std::move(region));
+  const ExportedRegion& r = tcp_->add(std::move(region));
+  if (rdma_) rdma_->add(r);
 }
 
 uint16_t MemoryServer::port() const { return tcp_->port(); }
-ServerStats MemoryServer::stats() const { return tcp_->stats(); }
-void MemoryServer::drop_connections() { tcp_->drop_connections(); }
-void MemoryServer::stop() { tcp_->stop(); }
+ServerStats MemoryServer::stats() const {
+  ServerStats s = tcp_->stats();
+  if (rdma_) {
+    s.rdma_connections_accepted = rdma_->connections_accepted();
+    s.rdma_connections_active = rdma_->connections_active();
+  }
+  return s;
+}
+
+void MemoryServer::drop_connections() {
+  tcp_->drop_connections();
+  if (rdma_) rdma_->drop_connections();
+}
+
+void MemoryServer::stop() {
+  if (rdma_) rdma_->stop();
+  tcp_->stop();
+}
 
 }  // namespace pagewire

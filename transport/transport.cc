@@ -2,6 +2,7 @@
 
 #include "runtime/uri.h"
 #include "spdlog/spdlog.h"
+#include "transport/rdma/rdma_transport.h"
 #include "transport/tcp/tcp_transport.h"
 
 namespace pagewire {
@@ -26,7 +27,28 @@ std::string_view to_string(Errc code) {
 
 std::unique_ptr<Transport> connect_transport(std::string_view uri, const TransportOptions& t) {
   RegionUri u = parse_region_uri(uri);
-  spdlog::info("transport: {} chosen by URI scheme for {}", u.scheme, uri);
+  if (u.scheme == "rdma") {
+    spdlog::info("transport: rdma, chosen by URI scheme for {}", uri);
+    return std::make_unique<rdma::RdmaTransport>(u.host, u.port, u.name, t);
+  }
+  if (u.scheme == "auto") {
+    if (!rdma::have_device()) {
+      spdlog::info("transport: tcp for {} (auto: no RDMA device here)", uri);
+    } else {
+      try {
+        auto transport = std::make_unique<rdma::RdmaTransport>(u.host, u.port, u.name, t);
+        spdlog::info("transport: rdma for {} (auto: a device exists and the peer speaks RDMA)", uri);
+        return transport;
+      } catch (const Error& e) {
+        // A missing region is missing over TCP too; anything else may be
+        // a peer without RDMA.
+        if (e.code() == Errc::kNotFound) throw;
+        spdlog::info("transport: tcp for {} (auto: RDMA failed: {})", uri, e.what());
+      }
+    }
+  } else {
+    spdlog::info("transport: tcp, chosen by URI scheme for {}", uri);
+  }
   return std::make_unique<tcp::TcpTransport>(u.host, u.port, u.name, t);
 }
 

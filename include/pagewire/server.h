@@ -9,14 +9,25 @@
 
 namespace pagewire {
 
+enum class RdmaServing {
+  kAuto,  // serve RDMA too when this machine has an RDMA device
+  kOn,    // serve RDMA too, or fail
+  kOff,
+};
+
 struct ServerOptions {
   std::string bind_address = "0.0.0.0";
   uint16_t port = 7471;  // 0 picks a free port; see MemoryServer::port()
   unsigned max_connections = 256;
+  // RDMA destinations connect to the same port number (the RDMA port space
+  // is separate from TCP's).
+  RdmaServing rdma = RdmaServing::kAuto;
 };
 
 struct ServerStats {
-  uint64_t connections_accepted = 0;
+  uint64_t connections_accepted = 0;  // TCP
+  uint64_t rdma_connections_accepted = 0;
+  uint64_t rdma_connections_active = 0;
   uint64_t connections_active = 0;
   uint64_t connections_dropped = 0;  // dropped for a protocol error
   uint64_t reads_served = 0;
@@ -26,6 +37,9 @@ struct ServerStats {
 
 class TcpServer;
 struct ExportedRegion;
+namespace rdma {
+class RdmaServer;
+}
 
 class MemoryServer {
  public:
@@ -43,6 +57,8 @@ class MemoryServer {
                      uint32_t page_size = 4096);
 
   uint16_t port() const;
+  // True when RDMA destinations are served as well as TCP ones.
+  bool serves_rdma() const;
   ServerStats stats() const;
   // Closes every connection at once (the regions stay exported); a test
   // hook for dropped links.
@@ -50,7 +66,8 @@ class MemoryServer {
   void stop();
 
  private:
-  std::unique_ptr<TcpServer> tcp_;
+  std::unique_ptr<TcpServer> tcp_;  // owns the exported regions
+  std::unique_ptr<rdma::RdmaServer> rdma_;  // null when not serving RDMA; stopped first
 };
 
 }  // namespace pagewire

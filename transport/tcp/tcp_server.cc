@@ -114,7 +114,14 @@ const ExportedRegion* TcpServer::find(const std::string& name) const {
 }
 
 ServerStats TcpServer::stats() const {
-  return {accepted_.load(), active_.load(), dropped_.load(), reads_.load(), bytes_.load(), refused_.load()};
+  ServerStats s;
+  s.connections_accepted = accepted_.load();
+  s.connections_active = active_.load();
+  s.connections_dropped = dropped_.load();
+  s.reads_served = reads_.load();
+  s.bytes_served = bytes_.load();
+  s.reads_refused = refused_.load();
+  return s;
 }
 
 void TcpServer::drop_connections() {

@@ -1,0 +1,246 @@
+// The fault path over rdma://: one-sided RDMA READs through rdma-core. Needs
+// an RDMA device (Soft-RoCE under tools/rxe-vm in CI) and the address of an
+// interface it is bound to in PAGEWIRE_RDMA_ADDR; skips with the reason
+// otherwise, and fails instead when PAGEWIRE_REQUIRE_RDMA=1.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <future>
+#include <numeric>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "tests/test_util.h"
+#include "tools/pattern.h"
+#include "transport/rdma/verbs.h"
+
+namespace pagewire {
+namespace {
+
+using testing::ChildServer;
+using testing::kSeed;
+using testing::PatternServer;
+using testing::run_catching_signals;
+
+constexpr size_t kPage = 4096;
+
+class Rdma : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* addr = std::getenv("PAGEWIRE_RDMA_ADDR");
+    std::string why;
+    if (!rdma::have_device()) {
+      why = "no RDMA device here (ibv_devices lists none); run under tools/rxe-vm";
+    } else if (addr == nullptr || *addr == '\0') {
+      why = "PAGEWIRE_RDMA_ADDR (an address the RDMA device is bound to) is not set";
+    }
+    if (!why.empty()) {
+      const char* require = std::getenv("PAGEWIRE_REQUIRE_RDMA");
+      if (require != nullptr && std::string(require) == "1") FAIL() << why;
+      GTEST_SKIP() << why;
+    }
+    addr_ = addr;
+  }
+
+  ServerOptions rdma_server() const {
+    ServerOptions o;
+    o.bind_address = "0.0.0.0";
+    o.port = 0;
+    o.rdma = RdmaServing::kOn;
+    return o;
+  }
+  std::string uri(const std::string& scheme, uint16_t port, const std::string& name) const {
+    return scheme + "://" + addr_ + ":" + std::to_string(port) + "/" + name;
+  }
+
+  std::string addr_;
+};
+
+AttachOptions handlers(unsigned n) {
+  AttachOptions o;
+  o.handler_threads = n;
+  return o;
+}
+
+size_t verify_pages(const Region& r, const std::vector<size_t>& order, int threads) {
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      for (size_t i = static_cast<size_t>(t); i < order.size(); i += static_cast<size_t>(threads)) {
+        const size_t p = order[i];
+        if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) ++bad;
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  return bad.load();
+}
+
+TEST_F(Rdma, RandomMultiThreadedContentsAreExact) {
+  PatternServer src("ram", 16 << 20, kSeed, rdma_server());
+  Region r = attach(uri("rdma", src.server().port(), "ram"), handlers(2));
+  EXPECT_EQ(r.transport(), "rdma");
+  std::vector<size_t> order(r.size() / kPage);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(42));
+  EXPECT_EQ(verify_pages(r, order, 4), 0u);
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+  EXPECT_EQ(r.stats().pages_fetched, order.size());
+  EXPECT_FALSE(r.failed()) << r.error();
+}
+
+TEST_F(Rdma, SequentialMultiThreadedContentsAreExact) {
+  PatternServer src("seq", 8 << 20, kSeed, rdma_server());
+  Region r = attach(uri("rdma", src.server().port(), "seq"), handlers(2));
+  std::vector<size_t> order(r.size() / kPage);
+  std::iota(order.begin(), order.end(), 0);
+  EXPECT_EQ(verify_pages(r, order, 3), 0u);
+  EXPECT_EQ(r.stats().pages_fetched, order.size());
+}
+
+TEST_F(Rdma, ManyThreadsOnOnePageFetchItOnce) {
+  PatternServer src("one", 1 << 20, kSeed, rdma_server());
+  Region r = attach(uri("rdma", src.server().port(), "one"), handlers(2));
+  std::atomic<bool> go{false};
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 8; ++t) {
+    ts.emplace_back([&, t] {
+      while (!go.load()) std::this_thread::yield();
+      const size_t off = 9 * kPage + static_cast<size_t>(t) * 128;
+      if (check_pattern(r.data() + off, off, 128, kSeed) != -1) ++bad;
+    });
+  }
+  go.store(true);
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_EQ(r.stats().pages_fetched, 1u);
+}
+
+TEST_F(Rdma, ServesTcpAndRdmaAtOnceAndAutoPicksRdma) {
+  PatternServer src("both", 4 << 20, kSeed, rdma_server());
+  ASSERT_TRUE(src.server().serves_rdma());
+  Region over_rdma = attach(uri("auto", src.server().port(), "both"), handlers(1));
+  Region over_tcp = attach(uri("tcp", src.server().port(), "both"), handlers(1));
+  EXPECT_EQ(over_rdma.transport(), "rdma");
+  EXPECT_EQ(over_tcp.transport(), "tcp");
+  auto a = std::async(std::launch::async, [&] { return check_pattern(over_rdma.data(), 0, over_rdma.size(), kSeed); });
+  auto b = std::async(std::launch::async, [&] { return check_pattern(over_tcp.data(), 0, over_tcp.size(), kSeed); });
+  EXPECT_EQ(a.get(), -1);
+  EXPECT_EQ(b.get(), -1);
+  EXPECT_GE(src.server().stats().rdma_connections_accepted, 1u);
+}
+
+Errc attach_error(const std::string& u, std::string* what = nullptr) {
+  try {
+    AttachOptions o;
+    o.reconnect_timeout_ms = 1000;
+    attach(u, o);
+  } catch (const Error& e) {
+    if (what != nullptr) *what = e.what();
+    return e.code();
+  }
+  return Errc::kOk;
+}
+
+TEST_F(Rdma, UnknownRegionIsRejected) {
+  PatternServer src("known", 1 << 20, kSeed, rdma_server());
+  std::string what;
+  EXPECT_EQ(attach_error(uri("rdma", src.server().port(), "unknown"), &what), Errc::kNotFound) << what;
+}
+
+TEST_F(Rdma, NothingListening) {
+  uint16_t port;
+  {
+    PatternServer gone("gone", 1 << 20, kSeed, rdma_server());
+    port = gone.server().port();
+  }
+  std::string what;
+  const Errc e = attach_error(uri("rdma", port, "gone"), &what);
+  EXPECT_TRUE(e == Errc::kConnectFailed || e == Errc::kTimeout) << what;
+  EXPECT_FALSE(what.empty());
+}
+
+TEST_F(Rdma, TooLongNameIsABadUri) {
+  EXPECT_EQ(attach_error(uri("rdma", 1, std::string(60, 'x'))), Errc::kBadUri);
+}
+
+// Faulting threads walk random pages until a signal stops them.
+struct Walk {
+  std::vector<int> signals;
+  size_t wrong = 0;
+  size_t good = 0;
+};
+
+Walk walk(const Region& r, int threads) {
+  Walk out;
+  out.signals.resize(static_cast<size_t>(threads));
+  std::atomic<size_t> wrong{0};
+  std::atomic<size_t> good{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(static_cast<uint64_t>(t) + 5);
+      const size_t pages = r.size() / kPage;
+      out.signals[static_cast<size_t>(t)] = run_catching_signals([&] {
+        for (size_t i = 0; i < pages; ++i) {
+          const size_t p = rng() % pages;
+          if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) {
+            ++wrong;
+          } else {
+            ++good;
+          }
+        }
+      });
+    });
+  }
+  for (auto& t : ts) t.join();
+  out.wrong = wrong.load();
+  out.good = good.load();
+  return out;
+}
+
+TEST_F(Rdma, SourceKilledMidRunNoHangNoZeroPage) {
+  ChildServer child({"--rdma", "on", "--pattern", "victim=64M:" + std::to_string(kSeed)}, "0.0.0.0");
+  AttachOptions o = handlers(2);
+  o.request_timeout_ms = 3000;
+  Region r = attach(uri("rdma", child.port(), "victim"), o);
+  ASSERT_EQ(r.transport(), "rdma");
+  auto w = std::async(std::launch::async, [&] { return walk(r, 2); });
+  for (int i = 0; i < 2000 && r.stats().pages_fetched < 500; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  child.kill_now();
+  ASSERT_EQ(w.wait_for(std::chrono::seconds(120)), std::future_status::ready) << "a faulting thread hangs";
+  const Walk res = w.get();
+  EXPECT_EQ(res.wrong, 0u);
+  EXPECT_GT(res.good, 0u);
+  for (int sig : res.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << sig;
+  EXPECT_TRUE(r.failed());
+  EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();
+}
+
+TEST_F(Rdma, DroppedConnectionRefusesNeverZeroFills) {
+  PatternServer src("drop", 32 << 20, kSeed, rdma_server());
+  Region r = attach(uri("rdma", src.server().port(), "drop"), handlers(2));
+  auto w = std::async(std::launch::async, [&] { return walk(r, 2); });
+  for (int i = 0; i < 2000 && r.stats().pages_fetched < 200; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  src.server().drop_connections();
+  ASSERT_EQ(w.wait_for(std::chrono::seconds(120)), std::future_status::ready) << "a faulting thread hangs";
+  const Walk res = w.get();
+  EXPECT_EQ(res.wrong, 0u);
+  // Every thread either saw all its pages right or was refused one.
+  if (r.failed()) {
+    EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();
+  }
+}
+
+}  // namespace
+}  // namespace pagewire

@@ -1,0 +1,203 @@
+#include "transport/rdma/rdma_server.h"
+
+#include <arpa/inet.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "spdlog/spdlog.h"
+#include "transport/tcp/socket_util.h"
+#include "transport/tcp/tcp_server.h"
+
+namespace pagewire::rdma {
+
+RdmaServer::RdmaServer(const std::string& bind_address, uint16_t port) {
+  if (!have_device()) throw Error(Errc::kConnectFailed, "no RDMA device");
+  events_ = make_event_channel();
+  rdma_cm_id* raw = nullptr;
+  if (rdma_create_id(events_.get(), &raw, nullptr, RDMA_PS_TCP) != 0) throw_errno("rdma_create_id");
+  listen_id_.reset(raw);
+  tcp::Endpoint ep = tcp::resolve(bind_address, port);
+  if (rdma_bind_addr(listen_id_.get(), reinterpret_cast<sockaddr*>(&ep.addr)) != 0) {
+    throw_errno("rdma_bind_addr " + ep.text);
+  }
+  if (rdma_listen(listen_id_.get(), 64) != 0) throw_errno("rdma_listen " + ep.text);
+  port_ = ntohs(rdma_get_src_port(listen_id_.get()));
+  // One PD per device librdmacm may hand us connections on.
+  int n = 0;
+  ibv_context** contexts = rdma_get_devices(&n);
+  for (int i = 0; contexts != nullptr && i < n; ++i) {
+    ibv_pd* pd = ibv_alloc_pd(contexts[i]);
+    if (pd == nullptr) throw_errno("ibv_alloc_pd");
+    devices_.push_back({contexts[i], Pd(pd)});
+  }
+  if (contexts != nullptr) rdma_free_devices(contexts);
+  stop_fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  drop_fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!stop_fd_ || !drop_fd_) throw_errno("eventfd");
+  thread_ = std::thread([this] { run(); });
+  spdlog::info("server: RDMA listening on {}:{} ({} device(s))", bind_address, port_, devices_.size());
+}
+
+RdmaServer::~RdmaServer() { stop(); }
+
+void RdmaServer::register_everywhere(Registered& r) {
+  for (Device& d : devices_) {
+    if (r.mrs.count(d.context) != 0) continue;
+    // Remote read only: file-backed regions are mapped read-only.
+    ibv_mr* mr = ibv_reg_mr(d.pd.get(), const_cast<std::byte*>(r.region->base), r.region->length,
+                            IBV_ACCESS_REMOTE_READ);
+    if (mr == nullptr) {
+      throw_errno("ibv_reg_mr of region '" + r.region->name + "' on " + ibv_get_device_name(d.context->device));
+    }
+    r.mrs.emplace(d.context, Mr(mr));
+  }
+}
+
+void RdmaServer::add(const ExportedRegion& region) {
+  std::lock_guard lock(mu_);
+  Registered& r = regions_[region.name];
+  r.region = &region;
+  register_everywhere(r);
+}
+
+void RdmaServer::drop_connections() {
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t w = ::write(drop_fd_.get(), &one, sizeof one);
+}
+
+void RdmaServer::stop() {
+  if (stopped_) return;
+  stopped_ = true;
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t w = ::write(stop_fd_.get(), &one, sizeof one);
+  if (thread_.joinable()) thread_.join();
+  for (auto& [id, peer] : peers_) rdma_disconnect(id);
+  peers_.clear();
+  {
+    std::lock_guard lock(mu_);
+    regions_.clear();  // MRs before PDs
+  }
+  devices_.clear();
+  listen_id_.reset();
+}
+
+void RdmaServer::on_connect_request(rdma_cm_event* ev) {
+  rdma_cm_id* id = ev->id;
+  HelloReply reply{kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0};
+  Hello hello{};
+  const bool well_formed = ev->param.conn.private_data != nullptr &&
+                           ev->param.conn.private_data_len >= sizeof hello &&
+                           (std::memcpy(&hello, ev->param.conn.private_data, sizeof hello), true) &&
+                           hello.magic == kHelloMagic && hello.name_length > 0 && hello.name_length <= kMaxRdmaName;
+  const uint8_t initiator_depth = ev->param.conn.initiator_depth;
+  rdma_ack_cm_event(ev);
+  auto refuse = [&](Errc why) {
+    reply.status = static_cast<uint32_t>(why);
+    rdma_reject(id, &reply, sizeof reply);
+    rdma_destroy_id(id);
+  };
+  if (!well_formed) {
+    spdlog::warn("server: RDMA connect request without a pagewire hello; rejected");
+    return refuse(Errc::kProtocol);
+  }
+  const std::string name(hello.name, hello.name_length);
+  const ExportedRegion* region = nullptr;
+  uint32_t rkey = 0;
+  {
+    std::lock_guard lock(mu_);
+    auto it = regions_.find(name);
+    if (it != regions_.end()) {
+      auto mr = it->second.mrs.find(id->verbs);
+      if (mr != it->second.mrs.end()) {
+        region = it->second.region;
+        rkey = mr->second->rkey;
+      }
+    }
+  }
+  if (region == nullptr) {
+    spdlog::info("server: RDMA peer asked for unknown region '{}'", name);
+    return refuse(Errc::kNotFound);
+  }
+  ibv_pd* pd = nullptr;
+  for (Device& d : devices_) {
+    if (d.context == id->verbs) pd = d.pd.get();
+  }
+  ibv_device_attr attr{};
+  ibv_query_device(id->verbs, &attr);
+  // The passive side only answers reads: a tiny send queue will do.
+  Peer peer;
+  ibv_cq* cq = ibv_create_cq(id->verbs, 2, nullptr, nullptr, 0);
+  ibv_qp_init_attr qa{};
+  qa.send_cq = cq;
+  qa.recv_cq = cq;
+  qa.qp_type = IBV_QPT_RC;
+  qa.cap.max_send_wr = 1;
+  qa.cap.max_recv_wr = 1;
+  qa.cap.max_send_sge = 1;
+  qa.cap.max_recv_sge = 1;
+  if (cq == nullptr || pd == nullptr || rdma_create_qp(id, pd, &qa) != 0) {
+    spdlog::error("server: cannot set up an RDMA queue pair: {}", std::strerror(errno));
+    if (cq != nullptr) ibv_destroy_cq(cq);
+    return refuse(Errc::kIo);
+  }
+  peer.cq.reset(cq);
+  peer.id.reset(id);
+  reply.rkey = rkey;
+  reply.page_size = region->page_size;
+  reply.length = region->length;
+  reply.remote_addr = reinterpret_cast<uint64_t>(region->base);
+  rdma_conn_param param{};
+  param.private_data = &reply;
+  param.private_data_len = sizeof reply;
+  // Reads the peer may have outstanding against us, within our limit.
+  param.responder_resources = static_cast<uint8_t>(std::min<int>(initiator_depth, attr.max_qp_rd_atom));
+  param.initiator_depth = 0;
+  param.rnr_retry_count = 7;
+  if (rdma_accept(id, &param) != 0) {
+    spdlog::error("server: rdma_accept: {}", std::strerror(errno));
+    return;  // peer (and id) destroyed as it goes out of scope
+  }
+  ++accepted_;
+  ++active_;
+  peers_.emplace(id, std::move(peer));
+  spdlog::debug("server: RDMA peer attached '{}'", name);
+}
+
+void RdmaServer::run() {
+  for (;;) {
+    pollfd fds[3] = {{events_->fd, POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}, {drop_fd_.get(), POLLIN, 0}};
+    if (::poll(fds, 3, -1) < 0 && errno != EINTR) return;
+    if (fds[1].revents != 0) return;
+    if (fds[2].revents != 0) {
+      uint64_t v;
+      [[maybe_unused]] ssize_t r = ::read(drop_fd_.get(), &v, sizeof v);
+      for (auto& [id, peer] : peers_) rdma_disconnect(id);
+    }
+    rdma_cm_event* ev = nullptr;
+    while (rdma_get_cm_event(events_.get(), &ev) == 0) {
+      switch (ev->event) {
+        case RDMA_CM_EVENT_CONNECT_REQUEST:
+          on_connect_request(ev);  // acks the event
+          break;
+        case RDMA_CM_EVENT_DISCONNECTED:
+        case RDMA_CM_EVENT_REJECTED:
+        case RDMA_CM_EVENT_CONNECT_ERROR:
+        case RDMA_CM_EVENT_UNREACHABLE:
+        case RDMA_CM_EVENT_DEVICE_REMOVAL: {
+          rdma_cm_id* id = ev->id;
+          rdma_ack_cm_event(ev);  // before destroying the id, which waits for acks
+          if (peers_.erase(id) > 0) --active_;
+          break;
+        }
+        default:
+          rdma_ack_cm_event(ev);
+          break;
+      }
+    }
+  }
+}
+
+}  // namespace pagewire::rdma

@@ -1,0 +1,77 @@
+// The RDMA side of the memory server. Each exported region is registered
+// once per RDMA device (remote read only); a destination's connect request
+// names the region, and the accept carries its address, rkey and shape.
+// After that the server's CPU takes no part: reads are one-sided.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "pagewire/server.h"
+#include "runtime/unique_fd.h"
+#include "transport/rdma/verbs.h"
+
+namespace pagewire {
+
+struct ExportedRegion;
+
+namespace rdma {
+
+class RdmaServer {
+ public:
+  // Listens on bind_address:port in the RDMA port space; throws when no
+  // RDMA device can listen there.
+  RdmaServer(const std::string& bind_address, uint16_t port);
+  RdmaServer(const RdmaServer&) = delete;
+  RdmaServer& operator=(const RdmaServer&) = delete;
+  ~RdmaServer();
+
+  void add(const ExportedRegion& region);
+  uint16_t port() const { return port_; }
+  uint64_t connections_accepted() const { return accepted_.load(); }
+  uint64_t connections_active() const { return active_.load(); }
+  void drop_connections();
+  void stop();
+
+ private:
+  struct Device {
+    ibv_context* context;
+    Pd pd;
+  };
+  struct Registered {
+    const ExportedRegion* region;
+    std::map<ibv_context*, Mr> mrs;  // one per device
+  };
+  struct Peer {
+    Cq cq;
+    CmId id;  // with its QP; destroyed before the CQ
+  };
+
+  void run();
+  void on_connect_request(rdma_cm_event* ev);
+  void register_everywhere(Registered& r);
+
+  EventChannel events_;
+  CmId listen_id_;
+  UniqueFd stop_fd_;
+  UniqueFd drop_fd_;
+  uint16_t port_ = 0;
+
+  std::mutex mu_;  // guards regions_ against add() from other threads
+  std::vector<Device> devices_;
+  std::unordered_map<std::string, Registered> regions_;
+  std::map<rdma_cm_id*, Peer> peers_;  // event thread only
+  std::atomic<uint64_t> accepted_{0};
+  std::atomic<uint64_t> active_{0};
+  bool stopped_ = false;
+  std::thread thread_;  // last: starts once the rest exists
+};
+
+}  // namespace rdma
+}  // namespace pagewire

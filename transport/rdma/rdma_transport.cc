@@ -1,0 +1,365 @@
+#include "transport/rdma/rdma_transport.h"
+
+#include <fcntl.h>
+#include <poll.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "spdlog/spdlog.h"
+
+namespace pagewire::rdma {
+namespace {
+
+constexpr uint32_t kMaxDepth = 256;
+static_assert(RdmaChannel::kSignalEvery < kMaxDepth, "a signalled read must fit in every send queue");
+
+unsigned setup_timeout(const TransportOptions& o) { return std::max(o.reconnect_timeout_ms, 500u); }
+
+// Waits for the cm event that ends a setup step; throws with what the peer
+// or the fabric said otherwise. The caller acks the returned event.
+rdma_cm_event* expect(rdma_event_channel* ec, rdma_cm_event_type want, unsigned timeout_ms,
+                      const std::string& step, const std::string& peer) {
+  rdma_cm_event* ev = next_event(ec, static_cast<int>(timeout_ms));
+  if (ev == nullptr) {
+    throw Error(Errc::kTimeout, step + " " + peer + ": no answer within " + std::to_string(timeout_ms) + " ms");
+  }
+  if (ev->event == want) return ev;
+  const rdma_cm_event_type got = ev->event;
+  const int status = ev->status;
+  HelloReply reply{};
+  const bool ours = ev->param.conn.private_data != nullptr && ev->param.conn.private_data_len >= sizeof reply &&
+                    (std::memcpy(&reply, ev->param.conn.private_data, sizeof reply), reply.magic == kHelloMagic);
+  rdma_ack_cm_event(ev);
+  if (got == RDMA_CM_EVENT_REJECTED && ours) {
+    const auto code = static_cast<Errc>(reply.status);
+    throw Error(code, peer + " refused the connection: " + std::string(to_string(code)));
+  }
+  switch (got) {
+    case RDMA_CM_EVENT_ADDR_ERROR:
+      throw Error(Errc::kConnectFailed, "cannot resolve " + peer +
+                                            " to a local RDMA device (is an RDMA device, e.g. rxe0, bound to the "
+                                            "interface that reaches it?)");
+    case RDMA_CM_EVENT_ROUTE_ERROR:
+      throw Error(Errc::kConnectFailed, "no RDMA route to " + peer);
+    case RDMA_CM_EVENT_REJECTED:
+      throw Error(Errc::kConnectFailed, "connection to " + peer + " rejected (reason " + std::to_string(status) +
+                                            "): is `pagewire serve` running there with RDMA?");
+    case RDMA_CM_EVENT_UNREACHABLE:
+    case RDMA_CM_EVENT_CONNECT_ERROR:
+      throw Error(Errc::kConnectFailed, peer + " does not answer over RDMA (" + rdma_event_str(got) + ")");
+    default:
+      throw Error(Errc::kProtocol, step + " " + peer + ": unexpected " + rdma_event_str(got));
+  }
+}
+
+}  // namespace
+
+RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::string& name,
+                             const TransportOptions& o)
+    : endpoint_(tcp::resolve(host, port)), name_(name), options_(o) {
+  if (name.empty() || name.size() > kMaxRdmaName) {
+    throw Error(Errc::kBadUri, "an rdma:// region name must be 1.." + std::to_string(kMaxRdmaName) + " bytes");
+  }
+  if (!have_device()) {
+    throw Error(Errc::kConnectFailed,
+                "no RDMA device here (ibv_devices lists none): use tcp://, or run under tools/rxe-vm for Soft-RoCE");
+  }
+  first_ = std::make_unique<Connection>(connect_one());
+  const HelloReply& r = first_->reply;
+  desc_.name = name;
+  desc_.length = r.length;
+  desc_.page_size = r.page_size;
+  desc_.key = r.rkey;
+  desc_.remote_addr = r.remote_addr;
+  if (r.length == 0 || r.page_size == 0 || (r.page_size & (r.page_size - 1)) != 0) {
+    throw Error(Errc::kProtocol, endpoint_.text + " sent an invalid region descriptor");
+  }
+  spdlog::info("rdma: attached '{}' at {} on {} port {}: {} bytes, {} B pages", name, endpoint_.text,
+               ibv_get_device_name(first_->id->verbs->device), first_->id->port_num, desc_.length, desc_.page_size);
+}
+
+RdmaTransport::~RdmaTransport() {
+  // A connection never handed to a channel goes before the PD.
+  first_.reset();
+}
+
+TransportCapabilities RdmaTransport::capabilities() const {
+  const auto depth = std::min<uint32_t>(kMaxDepth, static_cast<uint32_t>(device_.max_qp_wr));
+  return {depth, static_cast<uint32_t>(std::min<uint64_t>(device_.max_mr_size, 1u << 30)), true};
+}
+
+Connection RdmaTransport::connect_one() {
+  const unsigned timeout = setup_timeout(options_);
+  Connection c;
+  c.events = make_event_channel();
+  rdma_cm_id* raw = nullptr;
+  if (rdma_create_id(c.events.get(), &raw, nullptr, RDMA_PS_TCP) != 0) throw_errno("rdma_create_id");
+  CmId id(raw);
+  if (rdma_resolve_addr(id.get(), nullptr, reinterpret_cast<sockaddr*>(&endpoint_.addr),
+                        static_cast<int>(timeout)) != 0) {
+    throw Error(Errc::kConnectFailed, "rdma_resolve_addr " + endpoint_.text + ": " + std::strerror(errno));
+  }
+  rdma_ack_cm_event(expect(c.events.get(), RDMA_CM_EVENT_ADDR_RESOLVED, timeout, "resolving", endpoint_.text));
+  if (rdma_resolve_route(id.get(), static_cast<int>(timeout)) != 0) throw_errno("rdma_resolve_route");
+  rdma_ack_cm_event(expect(c.events.get(), RDMA_CM_EVENT_ROUTE_RESOLVED, timeout, "routing to", endpoint_.text));
+
+  ibv_context* ctx = id->verbs;
+  if (!pd_) {
+    // Query the limits once, on the device the route picked.
+    if (ibv_query_device(ctx, &device_) != 0) throw_errno("ibv_query_device");
+    ibv_pd* pd = ibv_alloc_pd(ctx);
+    if (pd == nullptr) throw_errno("ibv_alloc_pd");
+    pd_.reset(pd);
+  } else if (pd_->context != ctx) {
+    throw Error(Errc::kConnectFailed, "the route to " + endpoint_.text + " moved to another RDMA device");
+  }
+  ibv_port_attr port{};
+  if (ibv_query_port(ctx, id->port_num, &port) != 0) throw_errno("ibv_query_port");
+  if (port.state != IBV_PORT_ACTIVE) {
+    throw Error(Errc::kConnectFailed, std::string("RDMA device ") + ibv_get_device_name(ctx->device) + " port " +
+                                          std::to_string(id->port_num) + " is not active (" +
+                                          ibv_port_state_str(port.state) + ")");
+  }
+
+  c.depth = std::min<uint32_t>(kMaxDepth, static_cast<uint32_t>(device_.max_qp_wr));
+  ibv_comp_channel* comp = ibv_create_comp_channel(ctx);
+  if (comp == nullptr) throw_errno("ibv_create_comp_channel");
+  c.comp.reset(comp);
+  ::fcntl(comp->fd, F_SETFL, ::fcntl(comp->fd, F_GETFL) | O_NONBLOCK);
+  const int cqe = std::min<int>(static_cast<int>(c.depth) + 1, device_.max_cqe);
+  ibv_cq* cq = ibv_create_cq(ctx, cqe, nullptr, comp, 0);
+  if (cq == nullptr) throw_errno("ibv_create_cq");
+  c.cq.reset(cq);
+  ibv_qp_init_attr qa{};
+  qa.send_cq = cq;
+  qa.recv_cq = cq;
+  qa.qp_type = IBV_QPT_RC;
+  qa.cap.max_send_wr = c.depth;
+  qa.cap.max_recv_wr = 1;
+  qa.cap.max_send_sge = 1;
+  qa.cap.max_recv_sge = 1;
+  qa.sq_sig_all = 0;
+  if (rdma_create_qp(id.get(), pd_.get(), &qa) != 0) throw_errno("rdma_create_qp");
+  c.depth = std::min(c.depth, qa.cap.max_send_wr);
+
+  Hello hello{};
+  hello.magic = kHelloMagic;
+  hello.version = 1;
+  hello.name_length = static_cast<uint8_t>(name_.size());
+  std::memcpy(hello.name, name_.data(), name_.size());
+  rdma_conn_param param{};
+  param.private_data = &hello;
+  param.private_data_len = sizeof hello;
+  // Reads in flight at once are bounded by what this device may initiate.
+  param.initiator_depth = static_cast<uint8_t>(std::min(device_.max_qp_init_rd_atom, 16));
+  param.responder_resources = 0;
+  param.retry_count = 7;
+  param.rnr_retry_count = 7;
+  if (rdma_connect(id.get(), &param) != 0) throw_errno("rdma_connect");
+  rdma_cm_event* ev = expect(c.events.get(), RDMA_CM_EVENT_ESTABLISHED, timeout, "connecting to", endpoint_.text);
+  const bool ok = ev->param.conn.private_data != nullptr && ev->param.conn.private_data_len >= sizeof c.reply;
+  if (ok) std::memcpy(&c.reply, ev->param.conn.private_data, sizeof c.reply);
+  rdma_ack_cm_event(ev);
+  if (!ok || c.reply.magic != kHelloMagic || c.reply.status != 0) {
+    throw Error(Errc::kProtocol, endpoint_.text + " does not speak the pagewire RDMA protocol");
+  }
+  c.id = std::move(id);
+  return c;
+}
+
+std::unique_ptr<Channel> RdmaTransport::open_channel() {
+  Connection c = first_ ? std::move(*first_) : connect_one();
+  first_.reset();
+  if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size) {
+    throw Error(Errc::kProtocol, "region '" + name_ + "' changed shape on " + endpoint_.text);
+  }
+  RegionDescriptor d = desc_;
+  d.key = c.reply.rkey;
+  d.remote_addr = c.reply.remote_addr;
+  return std::make_unique<RdmaChannel>(std::move(c), pd_.get(), d, options_);
+}
+
+RdmaChannel::RdmaChannel(Connection conn, ibv_pd* pd, RegionDescriptor desc, TransportOptions options)
+    : pd_(pd), desc_(std::move(desc)), options_(options), conn_(std::move(conn)), fifo_(conn_.depth) {
+  wrs_.resize(conn_.depth);
+  sges_.resize(conn_.depth);
+  local_.reserve(conn_.depth);
+}
+
+RdmaChannel::~RdmaChannel() {
+  if (conn_.id) rdma_disconnect(conn_.id.get());
+  if (unacked_cq_events_ > 0) ibv_ack_cq_events(conn_.cq.get(), unacked_cq_events_);
+}
+
+LocalBuffer RdmaChannel::register_buffer(std::byte* base, size_t length) {
+  ibv_mr* mr = ibv_reg_mr(pd_, base, length, IBV_ACCESS_LOCAL_WRITE);
+  if (mr == nullptr) throw_errno("ibv_reg_mr of " + std::to_string(length) + " staging bytes");
+  mrs_.emplace_back(mr);
+  return {base, length, mr->lkey};
+}
+
+uint32_t RdmaChannel::lkey_for(const std::byte* p) const {
+  for (const Mr& mr : mrs_) {
+    const auto* b = static_cast<const std::byte*>(mr->addr);
+    if (p >= b && p < b + mr->length) return mr->lkey;
+  }
+  return 0;
+}
+
+void RdmaChannel::post(std::span<const ReadOp> ops) {
+  const size_t cap = fifo_.size();
+  size_t n = 0;
+  for (const ReadOp& op : ops) {
+    if (!read_in_bounds(desc_.length, op.remote_offset, op.length)) {
+      local_.push_back({op.cookie, Errc::kOutOfBounds});
+      continue;
+    }
+    const uint32_t lkey = lkey_for(op.dst);
+    if (dead_ != Errc::kOk || lkey == 0 || posted_ + n >= cap) {
+      local_.push_back({op.cookie, dead_ != Errc::kOk ? dead_ : Errc::kInvalidArgument});
+      continue;
+    }
+    sges_[n] = {reinterpret_cast<uint64_t>(op.dst), op.length, lkey};
+    ibv_send_wr& wr = wrs_[n];
+    wr = {};
+    wr.wr_id = op.cookie;
+    wr.sg_list = &sges_[n];
+    wr.num_sge = 1;
+    wr.opcode = IBV_WR_RDMA_READ;
+    wr.wr.rdma.remote_addr = desc_.remote_addr + op.remote_offset;
+    wr.wr.rdma.rkey = desc_.key;
+    if (n > 0) wrs_[n - 1].next = &wr;
+    ++n;
+  }
+  if (n == 0) return;
+  if (posted_ == 0) last_progress_ = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < n; ++i) {
+    // Signal the batch's last read, and one in every kSignalEvery.
+    const bool signalled = i + 1 == n || ++unsignalled_ >= kSignalEvery;
+    if (signalled) {
+      wrs_[i].send_flags = IBV_SEND_SIGNALED;
+      unsignalled_ = 0;
+    }
+    fifo_[(fifo_head_ + posted_ + i) % cap] = {wrs_[i].wr_id, signalled};
+  }
+  ibv_send_wr* bad = nullptr;
+  const int rc = ibv_post_send(conn_.id->qp, &wrs_[0], &bad);  // one doorbell for the batch
+  if (rc != 0) {
+    // Nothing from `bad` on was posted; what came before was.
+    size_t accepted = 0;
+    for (ibv_send_wr* w = &wrs_[0]; w != bad && w != nullptr; w = w->next) ++accepted;
+    spdlog::error("rdma: ibv_post_send: {}", std::strerror(rc));
+    for (size_t i = accepted; i < n; ++i) local_.push_back({wrs_[i].wr_id, Errc::kIo});
+    if (accepted > 0) {
+      // Make sure the accepted prefix ends in a signalled read.
+      fifo_[(fifo_head_ + posted_ + accepted - 1) % cap].signalled = true;
+      wrs_[accepted - 1].next = nullptr;
+    }
+    posted_ += accepted;
+    return;
+  }
+  posted_ += n;
+}
+
+int RdmaChannel::drain_cq(WaitResult& out) {
+  ibv_wc wc[32];
+  int total = 0;
+  for (;;) {
+    const int n = ibv_poll_cq(conn_.cq.get(), 32, wc);
+    if (n < 0) {
+      fail(Errc::kIo, "ibv_poll_cq failed", out);
+      return total;
+    }
+    for (int i = 0; i < n; ++i) {
+      if (dead_ != Errc::kOk) continue;  // flushes after a failure
+      if (wc[i].status != IBV_WC_SUCCESS) {
+        fail(Errc::kIo, std::string("RDMA READ completed with ") + wc_status(wc[i].status), out);
+        continue;
+      }
+      // In-order completion: everything up to this signalled read is done.
+      while (posted_ > 0) {
+        const Posted p = fifo_[fifo_head_ % fifo_.size()];
+        ++fifo_head_;
+        --posted_;
+        out.completions.push_back({p.cookie, Errc::kOk});
+        ++total;
+        if (p.signalled) break;
+      }
+      last_progress_ = std::chrono::steady_clock::now();
+    }
+    if (n < 32) return total;
+  }
+}
+
+void RdmaChannel::fail(Errc why, const std::string& text, WaitResult& out) {
+  if (dead_ != Errc::kOk) return;
+  dead_ = why;
+  dead_text_ = text;
+  spdlog::error("rdma: {} ({} reads outstanding); this connection is dead", text, posted_);
+  for (; posted_ > 0; --posted_, ++fifo_head_) out.completions.push_back({fifo_[fifo_head_ % fifo_.size()].cookie, why});
+}
+
+void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
+  if (!local_.empty()) {
+    out.completions.insert(out.completions.end(), local_.begin(), local_.end());
+    local_.clear();
+    timeout_ms = 0;
+  }
+  if (drain_cq(out) > 0) timeout_ms = 0;
+  if (timeout_ms != 0 && posted_ > 0) {
+    // Arm, then look again: a completion between the two would be missed.
+    ibv_req_notify_cq(conn_.cq.get(), 0);
+    if (drain_cq(out) > 0) timeout_ms = 0;
+  }
+  int effective = timeout_ms;
+  if (posted_ > 0 && dead_ == Errc::kOk) {
+    const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                            last_progress_);
+    const int left = static_cast<int>(std::max<int64_t>(options_.request_timeout_ms - waited.count(), 0));
+    effective = effective < 0 ? left : std::min(effective, left);
+  }
+  std::vector<pollfd> fds;
+  fds.reserve(watches_.size() + 2);
+  for (const Watch& w : watches_) fds.push_back({w.paused ? -1 : w.fd, POLLIN, 0});
+  fds.push_back({conn_.comp->fd, POLLIN, 0});
+  fds.push_back({conn_.events->fd, POLLIN, 0});
+  const int rc = ::poll(fds.data(), fds.size(), effective);
+  if (rc > 0) {
+    for (size_t i = 0; i < watches_.size(); ++i) {
+      if (fds[i].revents != 0) out.woken_tokens.push_back(watches_[i].token);
+    }
+    if (fds[watches_.size()].revents != 0) {
+      ibv_cq* cq = nullptr;
+      void* ctx = nullptr;
+      while (ibv_get_cq_event(conn_.comp.get(), &cq, &ctx) == 0) ++unacked_cq_events_;
+      if (unacked_cq_events_ >= 64) {
+        ibv_ack_cq_events(conn_.cq.get(), unacked_cq_events_);
+        unacked_cq_events_ = 0;
+      }
+      drain_cq(out);
+    }
+    if (fds.back().revents != 0) {
+      rdma_cm_event* ev = nullptr;
+      while (rdma_get_cm_event(conn_.events.get(), &ev) == 0) {
+        const rdma_cm_event_type type = ev->event;
+        rdma_ack_cm_event(ev);
+        if (type == RDMA_CM_EVENT_DISCONNECTED || type == RDMA_CM_EVENT_DEVICE_REMOVAL) {
+          drain_cq(out);  // what completed before the peer left still counts
+          fail(Errc::kClosed, std::string("the source ") + rdma_event_str(type), out);
+        }
+      }
+    }
+  }
+  if (posted_ > 0 && dead_ == Errc::kOk &&
+      std::chrono::steady_clock::now() - last_progress_ >= std::chrono::milliseconds(options_.request_timeout_ms)) {
+    fail(Errc::kTimeout, "no RDMA completion within " + std::to_string(options_.request_timeout_ms) + " ms", out);
+  }
+  if (dead_ != Errc::kOk) {
+    out.channel_error = dead_;
+    out.channel_error_text = dead_text_;
+  }
+}
+
+}  // namespace pagewire::rdma

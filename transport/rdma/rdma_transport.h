@@ -1,0 +1,112 @@
+// The RDMA verbs transport: librdmacm to address and connect, one RC queue
+// pair and completion queue per handler thread, and RDMA READ straight into
+// registered staging memory. Posting is per batch (one doorbell), with
+// selective signalling: RC completes work requests in order, so one
+// signalled completion retires every unsignalled read posted before it.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "transport/rdma/verbs.h"
+#include "transport/tcp/socket_util.h"
+#include "transport/transport.h"
+
+namespace pagewire::rdma {
+
+// One connected queue pair. Members in teardown order (last destroyed
+// first): the cm id with its QP goes before the CQ, the CQ before its
+// completion channel, and all before the event channel.
+struct Connection {
+  EventChannel events;
+  CompChannel comp;
+  Cq cq;
+  CmId id;
+  HelloReply reply{};
+  uint32_t depth = 0;  // send queue entries
+};
+
+class RdmaTransport final : public Transport {
+ public:
+  // Connects (throws pagewire::Error with what went wrong: no device, port
+  // down, no route, rejected, no answer, unknown region).
+  RdmaTransport(const std::string& host, uint16_t port, const std::string& name, const TransportOptions& o);
+  ~RdmaTransport() override;
+
+  std::string_view name() const override { return "rdma"; }
+  const RegionDescriptor& region() const override { return desc_; }
+  TransportCapabilities capabilities() const override;
+  std::unique_ptr<Channel> open_channel() override;
+
+ private:
+  Connection connect_one();
+
+  tcp::Endpoint endpoint_;
+  std::string name_;
+  TransportOptions options_;
+  RegionDescriptor desc_;
+  ibv_device_attr device_{};
+  Pd pd_;  // one per device; every channel's QP and MRs live in it
+  std::unique_ptr<Connection> first_;  // handed to the first channel
+};
+
+class RdmaChannel final : public Channel {
+ public:
+  RdmaChannel(Connection conn, ibv_pd* pd, RegionDescriptor desc, TransportOptions options);
+  ~RdmaChannel() override;
+
+  LocalBuffer register_buffer(std::byte* base, size_t length) override;
+  void watch(int fd, uint64_t token) override { watches_.push_back({fd, token, false}); }
+  void pause_watch(uint64_t token, bool paused) override {
+    for (auto& w : watches_) {
+      if (w.token == token) w.paused = paused;
+    }
+  }
+  void post(std::span<const ReadOp> ops) override;
+  uint32_t outstanding() const override { return static_cast<uint32_t>(posted_ + local_.size()); }
+  void wait(WaitResult& out, int timeout_ms) override;
+
+  // Every this many unsignalled reads, one is signalled anyway so the send
+  // queue is retired before it fills.
+  static constexpr uint32_t kSignalEvery = 16;
+
+ private:
+  struct Watch {
+    int fd;
+    uint64_t token;
+    bool paused;
+  };
+  struct Posted {
+    uint64_t cookie;
+    bool signalled;
+  };
+
+  uint32_t lkey_for(const std::byte* p) const;
+  int drain_cq(WaitResult& out);
+  void fail(Errc why, const std::string& text, WaitResult& out);
+
+  ibv_pd* pd_;
+  RegionDescriptor desc_;
+  TransportOptions options_;
+  std::vector<Mr> mrs_;  // declared before conn_: the QP stops before they go
+  Connection conn_;
+
+  std::vector<Posted> fifo_;  // ring of posted reads, in posting order
+  uint64_t fifo_head_ = 0;
+  uint64_t posted_ = 0;
+  uint32_t unsignalled_ = 0;
+  std::vector<ibv_send_wr> wrs_;
+  std::vector<ibv_sge> sges_;
+  std::vector<ReadCompletion> local_;
+  std::vector<Watch> watches_;
+  unsigned unacked_cq_events_ = 0;
+  Errc dead_ = Errc::kOk;
+  std::string dead_text_;
+  std::chrono::steady_clock::time_point last_progress_{};
+};
+
+}  // namespace pagewire::rdma

@@ -1,0 +1,83 @@
+// Move-only owners for rdma-core objects, and the small helpers the RDMA
+// client and server share. Each owner frees its object with the matching
+// ibv_/rdma_ call; declare them in creation order so that they are
+// destroyed QP before CQ before MR before PD.
+#pragma once
+
+#include <infiniband/verbs.h>
+#include <rdma/rdma_cma.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "pagewire/error.h"
+
+namespace pagewire::rdma {
+
+struct PdDeleter {
+  void operator()(ibv_pd* p) const { ibv_dealloc_pd(p); }
+};
+struct MrDeleter {
+  void operator()(ibv_mr* p) const { ibv_dereg_mr(p); }
+};
+struct CqDeleter {
+  void operator()(ibv_cq* p) const { ibv_destroy_cq(p); }
+};
+struct CompChannelDeleter {
+  void operator()(ibv_comp_channel* p) const { ibv_destroy_comp_channel(p); }
+};
+struct EventChannelDeleter {
+  void operator()(rdma_event_channel* p) const { rdma_destroy_event_channel(p); }
+};
+// A cm id with the QP created on it: the QP goes first.
+struct CmIdDeleter {
+  void operator()(rdma_cm_id* id) const {
+    if (id->qp != nullptr) rdma_destroy_qp(id);
+    rdma_destroy_id(id);
+  }
+};
+
+using Pd = std::unique_ptr<ibv_pd, PdDeleter>;
+using Mr = std::unique_ptr<ibv_mr, MrDeleter>;
+using Cq = std::unique_ptr<ibv_cq, CqDeleter>;
+using CompChannel = std::unique_ptr<ibv_comp_channel, CompChannelDeleter>;
+using EventChannel = std::unique_ptr<rdma_event_channel, EventChannelDeleter>;
+using CmId = std::unique_ptr<rdma_cm_id, CmIdDeleter>;
+
+// The private data of the connection handshake. A REQ carries at most 56
+// bytes of it, an accept or a reject 148 or more.
+inline constexpr uint32_t kHelloMagic = 0x50575248;  // "PWRH"
+inline constexpr size_t kMaxRdmaName = 48;
+
+struct Hello {
+  uint32_t magic;
+  uint16_t version;
+  uint8_t name_length;
+  char name[kMaxRdmaName];
+};
+static_assert(sizeof(Hello) <= 56);
+
+struct HelloReply {
+  uint32_t magic;
+  uint32_t status;  // pagewire::Errc
+  uint32_t rkey;
+  uint32_t page_size;
+  uint64_t length;
+  uint64_t remote_addr;
+};
+static_assert(sizeof(HelloReply) <= 148);
+
+// Creates an event channel whose fd is non-blocking, so waits can time out.
+EventChannel make_event_channel();
+
+// Waits for the next cm event on `ec` for at most timeout_ms; nullptr on
+// timeout. The caller acks the event.
+rdma_cm_event* next_event(rdma_event_channel* ec, int timeout_ms);
+
+// True when this machine has at least one RDMA device.
+bool have_device();
+
+const char* wc_status(ibv_wc_status s);
+
+}  // namespace pagewire::rdma
