@@ -127,7 +127,7 @@ int run_bench(const BenchConfig& c) {
   const unsigned handlers = c.handlers != 0 ? c.handlers : std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 4);
   std::printf("pagewire bench: %s, %s pattern, 4 KiB pages, %u faulting threads, %u handler threads, %s\n",
               uri.c_str(), to_string(c.pattern), c.threads, handlers,
-              c.io_uring ? "io_uring sockets" : "plain-syscall sockets");
+              uri.rfind("tcp", 0) != 0 ? "" : c.io_uring ? "io_uring sockets" : "plain-syscall sockets");
   std::printf("floor a = userfaultfd fault served from local memory (same engine, threads and placement)\n");
   std::printf("floor b = one raw 4 KiB transport read, no userfaultfd (%u samples)\n", c.floor_samples);
   std::printf("ratio   = fault p50 / (floor a p50 + floor b p50)\n");

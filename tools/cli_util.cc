@@ -8,6 +8,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 
 namespace pagewire::cli {
@@ -99,7 +100,12 @@ double now_seconds() {
 }
 
 Progress::Progress(std::string label, uint64_t total)
-    : label_(std::move(label)), total_(total), tty_(::isatty(STDERR_FILENO) == 1), start_s_(now_seconds()) {}
+    : label_(std::move(label)), total_(total), start_s_(now_seconds()) {
+  // A serial console (as in the Soft-RoCE guest) is a tty with no TERM:
+  // redrawing a line there only floods the log.
+  const char* term = std::getenv("TERM");
+  tty_ = ::isatty(STDERR_FILENO) == 1 && term != nullptr && std::string(term) != "dumb";
+}
 
 void Progress::update(uint64_t done) {
   if (!tty_) return;

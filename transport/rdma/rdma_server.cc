@@ -92,7 +92,9 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
                            ev->param.conn.private_data_len >= sizeof hello &&
                            (std::memcpy(&hello, ev->param.conn.private_data, sizeof hello), true) &&
                            hello.magic == kHelloMagic && hello.name_length > 0 && hello.name_length <= kMaxRdmaName;
-  const uint8_t initiator_depth = ev->param.conn.initiator_depth;
+  // The CM reports the request from our side: its responder_resources is
+  // the reads the peer wants to have outstanding against us.
+  const uint8_t peer_reads = ev->param.conn.responder_resources;
   rdma_ack_cm_event(ev);
   auto refuse = [&](Errc why) {
     reply.status = static_cast<uint32_t>(why);
@@ -153,7 +155,7 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   param.private_data = &reply;
   param.private_data_len = sizeof reply;
   // Reads the peer may have outstanding against us, within our limit.
-  param.responder_resources = static_cast<uint8_t>(std::min<int>(initiator_depth, attr.max_qp_rd_atom));
+  param.responder_resources = static_cast<uint8_t>(std::min<int>(peer_reads, attr.max_qp_rd_atom));
   param.initiator_depth = 0;
   param.rnr_retry_count = 7;
   if (rdma_accept(id, &param) != 0) {
