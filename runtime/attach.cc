@@ -15,6 +15,8 @@ uint32_t Region::page_size() const { return engine_->page_size(); }
 const std::string& Region::name() const { return engine_->name(); }
 std::string_view Region::transport() const { return engine_->transport_name(); }
 Stats Region::stats() const { return engine_->stats(); }
+Progress Region::progress() const { return engine_->progress(); }
+bool Region::wait_complete(std::chrono::milliseconds timeout) const { return engine_->wait_complete(timeout); }
 bool Region::failed() const { return engine_->failed(); }
 std::string Region::error() const { return engine_->error(); }
 

@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -33,21 +34,33 @@ unsigned default_handlers() {
   return static_cast<unsigned>(std::clamp<long>(cpus, 1, 4));
 }
 
+void pin_to(int cpu) {
+  if (cpu < 0) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
+}
+
 }  // namespace
 
-struct FaultEngine::Handler {
-  struct SlotInfo {
-    size_t page = 0;
+struct FaultEngine::Worker {
+  struct Slot {
+    size_t first = 0;  // first page of the run
+    uint32_t pages = 0;
+    ReadKind kind = ReadKind::kDemand;
     uint64_t start_ns = 0;
     bool busy = false;
   };
 
   unsigned index = 0;
+  uint32_t slot_pages = 1;
   // The staging memory outlives the channel, which drains the reads still
   // landing in it when it is destroyed.
   std::unique_ptr<StagingPool> staging;
   std::unique_ptr<Channel> channel;
-  std::vector<SlotInfo> slots;
+  std::vector<Slot> slots;
+  uint32_t in_flight = 0;
   std::vector<ReadOp> batch;
   std::vector<uffd_msg> events = std::vector<uffd_msg>(kEventBatch);
   WaitResult result;
@@ -61,9 +74,11 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
       transport_(std::move(transport)),
       desc_(transport_->region()),
       region_(Mapping::anonymous(round_up(desc_.length, desc_.page_size))),
-      uffd_(Userfaultfd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_EVENT_REMOVE)),
+      uffd_(Userfaultfd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID)),
       pages_(region_.size() / desc_.page_size),
-      stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+      streams_(std::max(1u, options.prefetch_max_pages)),
+      stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      started_(std::chrono::steady_clock::now()) {
   if (!stop_fd_) throw_errno("eventfd");
   if (desc_.page_size != 4096) {
     throw Error(Errc::kInvalidArgument, "page size " + std::to_string(desc_.page_size) +
@@ -83,133 +98,225 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   const unsigned n = options_.handler_threads != 0 ? options_.handler_threads : default_handlers();
   const TransportCapabilities caps = transport_->capabilities();
   const uint32_t depth = std::clamp<uint32_t>(options_.queue_depth, 1, caps.max_outstanding_reads);
+  const uint32_t max_run = std::max<uint32_t>(1, caps.max_read_bytes / desc_.page_size);
   // Channels are opened here so that a connection failure surfaces from
   // attach() as an exception rather than inside a thread.
+  auto make_worker = [&](unsigned index, uint32_t slots, uint32_t slot_pages) {
+    auto w = std::make_unique<Worker>();
+    w->index = index;
+    w->slot_pages = std::min(slot_pages, max_run);
+    w->channel = transport_->open_channel();
+    w->staging = std::make_unique<StagingPool>(*w->channel, slots, w->slot_pages * desc_.page_size);
+    w->slots.resize(slots);
+    w->batch.reserve(slots);
+    w->channel->watch(stop_fd_.get(), kStopToken);
+    return w;
+  };
   for (unsigned i = 0; i < n; ++i) {
-    auto h = std::make_unique<Handler>();
-    h->index = i;
-    h->channel = transport_->open_channel();
-    h->staging = std::make_unique<StagingPool>(*h->channel, depth, desc_.page_size);
-    h->slots.resize(depth);
-    h->batch.reserve(depth);
+    auto h = make_worker(i, depth, options_.prefetch ? std::max(1u, options_.prefetch_max_pages) : 1);
     h->channel->watch(uffd_.fd(), kUffdToken);
-    h->channel->watch(stop_fd_.get(), kStopToken);
     handlers_.push_back(std::move(h));
   }
+  if (options_.background_pull) {
+    const uint32_t runs = std::clamp<uint32_t>(options_.pull_runs_in_flight, 1, caps.max_outstanding_reads);
+    puller_ = make_worker(n, runs, std::max(1u, options_.pull_run_pages));
+  }
   for (auto& h : handlers_) {
-    Handler* raw = h.get();
+    Worker* raw = h.get();
     raw->thread = std::thread([this, raw] { run_handler(*raw); });
   }
-  spdlog::info("attach: '{}' over {}: {} MiB, {} handler threads, {} reads in flight each", desc_.name,
-               transport_->name(), desc_.length >> 20, n, depth);
+  if (puller_) puller_->thread = std::thread([this] { run_puller(*puller_); });
+  spdlog::info("attach: '{}' over {}: {} MiB ({} zero pages known), {} handler threads, {} reads in flight each, "
+               "pull {}, prefetch {}",
+               desc_.name, transport_->name(), desc_.length >> 20, count_zero_pages(desc_.zero_map), n, depth,
+               puller_ ? "on" : "off", options_.prefetch ? "on" : "off");
 }
 
 FaultEngine::~FaultEngine() {
   uint64_t one = 1;
   [[maybe_unused]] ssize_t w = ::write(stop_fd_.get(), &one, sizeof one);
+  if (puller_ && puller_->thread.joinable()) puller_->thread.join();
   for (auto& h : handlers_) {
     if (h->thread.joinable()) h->thread.join();
   }
   // Threads may still be parked on pages that never arrived. Closing the
   // uffd would let them in to zero-filled memory, so the region is made
   // inaccessible first and they are woken into SIGSEGV instead.
-  size_t missing = 0;
-  for (size_t p = 0; p < pages_.size(); ++p) missing += pages_.get(p) != PageState::kPresent;
-  if (missing > 0) {
-    ::mprotect(region_.data(), region_.size(), PROT_NONE);
-    uffd_.wake(region_.data(), region_.size());
+  if (!complete_.load()) {
+    size_t missing = 0;
+    for (size_t p = 0; p < pages_.size(); ++p) missing += pages_.get(p) != PageState::kPresent;
+    if (missing > 0) {
+      ::mprotect(region_.data(), region_.size(), PROT_NONE);
+      uffd_.wake(region_.data(), region_.size());
+    }
   }
+  puller_.reset();
   handlers_.clear();  // channels drain their in-flight reads before staging memory goes
 }
 
 Stats FaultEngine::stats() const {
   std::vector<const Metrics*> parts;
   for (const auto& h : handlers_) parts.push_back(&h->metrics);
+  if (puller_) parts.push_back(&puller_->metrics);
   Stats s = merge_metrics(parts);
   s.pages_total = pages_.size();
-  s.pages_present = s.pages_fetched - s.install_failures;
+  s.pages_present = present_.load();
+  s.complete = complete_.load();
   for (const auto& h : handlers_) s.reconnects += h->channel->reconnects();
+  if (puller_) s.reconnects += puller_->channel->reconnects();
   return s;
 }
 
+Progress FaultEngine::progress() const {
+  Progress p;
+  const Stats s = stats();
+  p.pages_present = s.pages_present;
+  p.pages_total = s.pages_total;
+  p.bytes_transferred = s.bytes_fetched;
+  p.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  p.mb_per_second = p.seconds > 0 ? static_cast<double>(p.bytes_transferred) / 1e6 / p.seconds : 0;
+  p.complete = s.complete;
+  p.failed = failed_.load();
+  return p;
+}
+
+bool FaultEngine::wait_complete(std::chrono::milliseconds timeout) const {
+  std::unique_lock lock(state_mu_);
+  state_cv_.wait_for(lock, timeout, [this] { return complete_.load() || failed_.load(); });
+  return complete_.load();
+}
+
 std::string FaultEngine::error() const {
-  std::lock_guard lock(error_mu_);
+  std::lock_guard lock(state_mu_);
   return error_;
 }
 
 void FaultEngine::record_failure(const std::string& text) {
-  std::lock_guard lock(error_mu_);
-  if (error_.empty()) {
-    error_ = text;
-    spdlog::error("region '{}': {}", desc_.name, text);
+  {
+    std::lock_guard lock(state_mu_);
+    if (error_.empty()) {
+      error_ = text;
+      spdlog::error("region '{}': {}", desc_.name, text);
+    }
+    failed_.store(true);
   }
-  failed_.store(true);
+  state_cv_.notify_all();
 }
 
-void FaultEngine::run_handler(Handler& h) {
-  const std::string thread_name = "pw-fault-" + std::to_string(h.index);
-  ::pthread_setname_np(::pthread_self(), thread_name.c_str());
-  if (options_.handler_cpu >= 0) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(options_.handler_cpu, &set);
-    ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
+void FaultEngine::mark_present(size_t pages) {
+  if (present_.fetch_add(pages) + pages != pages_.size()) return;
+  // Every page is here: the region becomes plain memory.
+  try {
+    uffd_.unregister(region_.data(), region_.size());
+  } catch (const std::exception& e) {
+    spdlog::warn("region '{}': complete, but {}", desc_.name, e.what());
   }
+  {
+    std::lock_guard lock(state_mu_);
+    complete_.store(true);
+  }
+  state_cv_.notify_all();
+  spdlog::info("region '{}': every page present after {:.2f} s; unregistered, plain memory now", desc_.name,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
+}
+
+void FaultEngine::stop_worker_on_exception(Worker& w, const std::exception& e) {
+  // Nothing may escape a thread; the region is marked failed instead, and
+  // the pages this worker owned are refused: nobody else would ever
+  // install them, and their waiters would stay parked.
+  const std::string why = std::string("a fault worker stopped: ") + e.what();
+  record_failure(why);
+  for (auto& slot : w.slots) {
+    if (!slot.busy) continue;
+    slot.busy = false;
+    for (uint32_t i = 0; i < slot.pages; ++i) refuse_page(w, slot.first + i, Errc::kIo, why);
+  }
+}
+
+void FaultEngine::run_handler(Worker& w) {
+  const std::string thread_name = "pw-fault-" + std::to_string(w.index);
+  ::pthread_setname_np(::pthread_self(), thread_name.c_str());
+  pin_to(options_.handler_cpu);
   try {
     for (;;) {
-      h.result.clear();
+      w.result.clear();
       // Do not sleep while the uffd may still hold events we could take,
       // and do not wake for it while there is no slot to take them into.
-      const bool can_read = h.uffd_ready && !h.staging->empty();
-      h.channel->pause_watch(kUffdToken, h.staging->empty());
-      h.channel->wait(h.result, can_read ? 0 : -1);
-      for (uint64_t token : h.result.woken_tokens) {
+      const bool can_read = w.uffd_ready && !w.staging->empty();
+      w.channel->pause_watch(kUffdToken, w.staging->empty());
+      w.channel->wait(w.result, can_read ? 0 : -1);
+      for (uint64_t token : w.result.woken_tokens) {
         if (token == kStopToken) return;
-        if (token == kUffdToken) h.uffd_ready = true;
+        if (token == kUffdToken) w.uffd_ready = true;
       }
-      for (const ReadCompletion& c : h.result.completions) complete(h, c);
-      if (h.result.channel_error != Errc::kOk) record_failure(h.result.channel_error_text);
-      if (h.uffd_ready && !h.staging->empty()) read_faults(h);
+      for (const ReadCompletion& c : w.result.completions) complete(w, c);
+      if (w.result.channel_error != Errc::kOk) record_failure(w.result.channel_error_text);
+      if (w.uffd_ready && !w.staging->empty()) read_faults(w);
     }
   } catch (const std::exception& e) {
-    // Nothing may escape a thread; the region is marked failed instead,
-    // and the pages this handler owned are refused: nobody else would ever
-    // install them, and their waiters would stay parked.
-    const std::string why = std::string("fault handler stopped: ") + e.what();
-    record_failure(why);
-    for (size_t slot = 0; slot < h.slots.size(); ++slot) {
-      if (!h.slots[slot].busy) continue;
-      h.slots[slot].busy = false;
-      refuse_page(h, h.slots[slot].page, Errc::kIo, why);
-    }
+    stop_worker_on_exception(w, e);
   }
 }
 
-void FaultEngine::read_faults(Handler& h) {
-  h.batch.clear();
-  while (!h.staging->empty()) {
-    const size_t want = std::min<size_t>(kEventBatch, h.staging->available());
-    const int n = uffd_.read_events(std::span(h.events.data(), want));
+uint32_t FaultEngine::claim_run(size_t first, uint32_t max) {
+  uint32_t n = 0;
+  while (n < max && first + n < pages_.size() && !zero(first + n) && pages_.claim(first + n)) ++n;
+  return n;
+}
+
+void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns) {
+  const uint32_t slot = w.staging->acquire();
+  w.slots[slot] = {first, pages, kind, start_ns, true};
+  ++w.in_flight;
+  if (kind == ReadKind::kDemand) demand_in_flight_.fetch_add(1, std::memory_order_relaxed);
+  // The last page of a region whose length is not page aligned is read
+  // short; the rest of it lies past the end of the source and reads zero.
+  const uint64_t offset = uint64_t{first} * desc_.page_size;
+  const uint64_t len = std::min<uint64_t>(uint64_t{pages} * desc_.page_size, desc_.length - offset);
+  w.batch.push_back({offset, static_cast<uint32_t>(len), w.staging->at(slot), slot});
+}
+
+void FaultEngine::install_zero(Worker& w, size_t page) {
+  uint64_t retries = 0;
+  uint64_t existed = 0;
+  const int rc = uffd_.zeropage(region_.data() + page * desc_.page_size, desc_.page_size, desc_.page_size,
+                                &retries, &existed);
+  if (rc != 0) {
+    Metrics::bump(w.metrics.install_failures);
+    refuse_page(w, page, Errc::kIo, std::string("UFFDIO_ZEROPAGE: ") + std::strerror(rc));
+    return;
+  }
+  if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
+  Metrics::bump(w.metrics.pages_zero);
+  pages_.set(page, PageState::kPresent);
+  mark_present(1);
+}
+
+void FaultEngine::read_faults(Worker& w) {
+  w.batch.clear();
+  while (!w.staging->empty()) {
+    const size_t want = std::min<size_t>(kEventBatch, w.staging->available());
+    const int n = uffd_.read_events(std::span(w.events.data(), want));
     if (n < 0) {
       record_failure(std::string("reading userfaultfd: ") + std::strerror(-n));
-      h.uffd_ready = false;
+      w.uffd_ready = false;
       break;
     }
     const uint64_t t0 = now_ns();
     for (int i = 0; i < n; ++i) {
-      const uffd_msg& msg = h.events[static_cast<size_t>(i)];
+      const uffd_msg& msg = w.events[static_cast<size_t>(i)];
       if (msg.event == UFFD_EVENT_REMOVE) {
         forget_pages(msg.arg.remove.start, msg.arg.remove.end);
         continue;
       }
       if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
-      Metrics::bump(h.metrics.faults);
+      Metrics::bump(w.metrics.faults);
       const uint64_t offset = (msg.arg.pagefault.address - reinterpret_cast<uint64_t>(region_.data())) &
                               ~uint64_t{desc_.page_size - 1};
       const size_t page = offset / desc_.page_size;
       std::byte* addr = region_.data() + offset;
       if (!pages_.claim(page)) {
-        Metrics::bump(h.metrics.duplicate_faults);
+        Metrics::bump(w.metrics.duplicate_faults);
         // IN_FLIGHT: the owner's UFFDIO_COPY will wake this thread too.
         // PRESENT: the copy raced with the fault; wake it ourselves.
         // REFUSED: refused pages were poisoned or protected already.
@@ -218,51 +325,141 @@ void FaultEngine::read_faults(Handler& h) {
         if (s == PageState::kRefused) uffd_.refuse(addr, desc_.page_size);
         continue;
       }
-      const uint32_t slot = h.staging->acquire();
-      h.slots[slot] = {page, t0, true};
-      // The last page of a region whose length is not page aligned is read
-      // short; the rest of it lies past the end of the source and reads zero.
-      const uint64_t len = std::min<uint64_t>(desc_.page_size, desc_.length - offset);
-      h.batch.push_back({offset, static_cast<uint32_t>(len), h.staging->at(slot), slot});
+      if (zero(page)) {
+        install_zero(w, page);
+        continue;
+      }
+      // Every message read was sized to a free slot, so this one has one.
+      queue_read(w, page, 1, ReadKind::kDemand, t0);
+      if (options_.prefetch) prefetch(w, msg.arg.pagefault.feat.ptid, page);
     }
     if (static_cast<size_t>(n) < want) {
-      h.uffd_ready = false;
+      w.uffd_ready = false;
       break;
     }
   }
-  if (!h.batch.empty()) h.channel->post(h.batch);
+  if (!w.batch.empty()) w.channel->post(w.batch);
 }
 
-void FaultEngine::complete(Handler& h, const ReadCompletion& c) {
+void FaultEngine::prefetch(Worker& w, uint32_t thread_id, size_t page) {
+  const PrefetchPlan plan = streams_.on_fault(thread_id, page);
+  if (plan.used > 0) Metrics::bump(w.metrics.prefetch_used, plan.used);
+  if (plan.wasted > 0) Metrics::bump(w.metrics.prefetch_wasted, plan.wasted);
+  if (plan.pages == 0) return;
+  // Prefetch never takes the slots demand faults need: half stay free.
+  const auto spare = [&] { return w.staging->available() > w.slots.size() / 2; };
+  uint32_t issued = 0;
+  if (plan.stride == 1) {
+    // The next pages: one run, one read, one UFFDIO_COPY.
+    if (spare()) {
+      const uint32_t n = claim_run(page + 1, std::min(plan.pages, w.slot_pages));
+      if (n > 0) queue_read(w, page + 1, n, ReadKind::kPrefetch, 0);
+      issued = n;
+    }
+  } else {
+    for (uint32_t i = 1; i <= plan.pages && spare(); ++i) {
+      const int64_t q = static_cast<int64_t>(page) + plan.stride * static_cast<int64_t>(i);
+      if (q < 0 || static_cast<size_t>(q) >= pages_.size()) break;
+      if (claim_run(static_cast<size_t>(q), 1) == 1) {
+        queue_read(w, static_cast<size_t>(q), 1, ReadKind::kPrefetch, 0);
+        ++issued;
+      }
+    }
+  }
+  if (issued > 0) {
+    streams_.issued(thread_id, issued);
+    Metrics::bump(w.metrics.prefetch_issued, issued);
+  }
+}
+
+void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   const auto slot = static_cast<uint32_t>(c.cookie);
-  const Handler::SlotInfo info = h.slots[slot];
-  h.slots[slot].busy = false;
-  std::byte* addr = region_.data() + info.page * desc_.page_size;
+  const Worker::Slot s = w.slots[slot];
+  w.slots[slot].busy = false;
+  --w.in_flight;
+  if (s.kind == ReadKind::kDemand) demand_in_flight_.fetch_sub(1, std::memory_order_relaxed);
   if (c.status != Errc::kOk) {
-    h.staging->release(slot);
-    refuse_page(h, info.page, c.status, h.result.channel_error_text);
+    w.staging->release(slot);
+    for (uint32_t i = 0; i < s.pages; ++i) refuse_page(w, s.first + i, c.status, w.result.channel_error_text);
     return;
   }
-  std::byte* src = h.staging->at(slot);
-  const uint64_t offset = info.page * desc_.page_size;
-  const uint64_t len = std::min<uint64_t>(desc_.page_size, desc_.length - offset);
-  if (len < desc_.page_size) std::memset(src + len, 0, desc_.page_size - len);
+  std::byte* src = w.staging->at(slot);
+  const uint64_t offset = uint64_t{s.first} * desc_.page_size;
+  const uint64_t run_bytes = uint64_t{s.pages} * desc_.page_size;
+  const uint64_t len = std::min<uint64_t>(run_bytes, desc_.length - offset);
+  if (len < run_bytes) std::memset(src + len, 0, run_bytes - len);
   // Counted before the copy: the copy wakes the faulting threads, and what
   // they read in stats() afterwards must include their page.
-  Metrics::bump(h.metrics.pages_fetched);
-  Metrics::bump(h.metrics.bytes_fetched, len);
+  Metrics::bump(s.kind == ReadKind::kPull ? w.metrics.pages_pulled : w.metrics.pages_fetched, s.pages);
+  Metrics::bump(w.metrics.bytes_fetched, len);
+  if (s.kind == ReadKind::kPull) Metrics::bump(w.metrics.pull_runs);
   uint64_t retries = 0;
-  const int rc = uffd_.copy(addr, src, desc_.page_size, &retries);
-  h.staging->release(slot);
-  if (retries > 0) Metrics::bump(h.metrics.copy_retries, retries);
-  if (rc == 0 || rc == EEXIST) {
-    pages_.set(info.page, PageState::kPresent);
-    if (rc == EEXIST) Metrics::bump(h.metrics.copy_eexist);
-    h.metrics.fault_latency.record(now_ns() - info.start_ns);
+  uint64_t existed = 0;
+  const int rc = uffd_.copy(region_.data() + offset, src, run_bytes, desc_.page_size, &retries, &existed);
+  w.staging->release(slot);
+  if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
+  if (existed > 0) Metrics::bump(w.metrics.copy_eexist, existed);
+  if (rc != 0) {
+    Metrics::bump(w.metrics.install_failures, s.pages);
+    for (uint32_t i = 0; i < s.pages; ++i) {
+      refuse_page(w, s.first + i, Errc::kIo, std::string("UFFDIO_COPY: ") + std::strerror(rc));
+    }
     return;
   }
-  Metrics::bump(h.metrics.install_failures);
-  refuse_page(h, info.page, Errc::kIo, std::string("UFFDIO_COPY: ") + std::strerror(rc));
+  for (uint32_t i = 0; i < s.pages; ++i) pages_.set(s.first + i, PageState::kPresent);
+  if (s.kind == ReadKind::kDemand) w.metrics.fault_latency.record(now_ns() - s.start_ns);
+  mark_present(s.pages);
+}
+
+void FaultEngine::run_puller(Worker& w) {
+  ::pthread_setname_np(::pthread_self(), "pw-pull");
+  pin_to(options_.handler_cpu);
+  const size_t total = pages_.size();
+  size_t cursor = 0;
+  try {
+    while (!complete_.load()) {
+      w.batch.clear();
+      // Demand faults first: while any is in flight, keep one run at most.
+      while (!w.staging->empty() && cursor < total &&
+             (w.in_flight == 0 || demand_in_flight_.load(std::memory_order_relaxed) == 0)) {
+        const PageState state = pages_.get(cursor);
+        if (state != PageState::kMissing) {
+          ++cursor;
+          continue;
+        }
+        if (zero(cursor)) {
+          if (pages_.claim(cursor)) install_zero(w, cursor);
+          ++cursor;
+          continue;
+        }
+        const uint32_t n = claim_run(cursor, w.slot_pages);
+        if (n > 0) queue_read(w, cursor, n, ReadKind::kPull, 0);
+        cursor += std::max<uint32_t>(n, 1);
+      }
+      if (!w.batch.empty()) w.channel->post(w.batch);
+      int timeout = -1;
+      if (w.in_flight == 0) {
+        // Nothing of ours in flight: what is missing is in flight for a
+        // handler, or was discarded since; look again shortly.
+        if (cursor >= total) cursor = 0;
+        timeout = 2;
+      } else if (cursor < total && !w.staging->empty()) {
+        timeout = 1;  // held back by demand faults
+      }
+      w.result.clear();
+      w.channel->wait(w.result, timeout);
+      for (uint64_t token : w.result.woken_tokens) {
+        if (token == kStopToken) return;
+      }
+      for (const ReadCompletion& c : w.result.completions) complete(w, c);
+      if (w.result.channel_error != Errc::kOk) {
+        record_failure(w.result.channel_error_text);
+        return;  // the handlers refuse what can no longer be fetched
+      }
+    }
+  } catch (const std::exception& e) {
+    stop_worker_on_exception(w, e);
+  }
 }
 
 void FaultEngine::forget_pages(uint64_t start, uint64_t end) {
@@ -275,14 +472,17 @@ void FaultEngine::forget_pages(uint64_t start, uint64_t end) {
   end = std::min(end, base + region_.size());
   for (uint64_t a = start & ~uint64_t{desc_.page_size - 1}; a < end; a += desc_.page_size) {
     const size_t page = (a - base) / desc_.page_size;
-    if (pages_.get(page) == PageState::kPresent) pages_.set(page, PageState::kMissing);
+    if (pages_.get(page) == PageState::kPresent) {
+      pages_.set(page, PageState::kMissing);
+      present_.fetch_sub(1);
+    }
   }
 }
 
-void FaultEngine::refuse_page(Handler& h, size_t page, Errc why, const std::string& text) {
+void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::string& text) {
   // Never zero-fill: the waiters are woken into SIGBUS (or SIGSEGV).
-  Metrics::bump(h.metrics.transport_errors);
-  Metrics::bump(h.metrics.pages_refused);
+  Metrics::bump(w.metrics.transport_errors);
+  Metrics::bump(w.metrics.pages_refused);
   pages_.set(page, PageState::kRefused);
   // Recorded before the waiters wake, so that they find the region failed.
   record_failure("page " + std::to_string(page) + " could not be fetched: " + std::string(to_string(why)) +

@@ -1,12 +1,19 @@
 // The destination side's core: the region's mapping, its userfaultfd, the
-// page-state table, and the handler threads that serve faults.
+// page-state table, the handler threads that serve faults, and the
+// background puller.
 //
 // Per fault: a handler reads the event, claims the page in the page table,
-// posts a read into one of its staging slots, and when the read completes
-// installs the page with UFFDIO_COPY, which wakes every thread parked on it.
+// posts a read into one of its staging slots (plus reads ahead of a
+// detected stream), and when the read completes installs the page with
+// UFFDIO_COPY, which wakes every thread parked on it. Pages known to be
+// zero are installed with UFFDIO_ZEROPAGE and never read. The puller
+// claims missing pages in runs through the same table, so each page is
+// fetched once whoever asks first.
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -16,6 +23,7 @@
 #include "pagewire/region.h"
 #include "runtime/metrics.h"
 #include "runtime/page_table.h"
+#include "runtime/prefetch.h"
 #include "runtime/uffd.h"
 #include "runtime/unique_fd.h"
 #include "transport/transport.h"
@@ -35,21 +43,38 @@ class FaultEngine {
   const std::string& name() const { return desc_.name; }
   std::string_view transport_name() const { return transport_->name(); }
   Stats stats() const;
+  Progress progress() const;
+  bool wait_complete(std::chrono::milliseconds timeout) const;
   bool failed() const { return failed_.load(); }
   std::string error() const;
 
  private:
   friend class FaultEngineTestPeer;
-  struct Handler;
+  // A thread with its own channel and staging slots: a fault handler or
+  // the puller. Each slot holds one read: a run of pages.
+  struct Worker;
+  enum class ReadKind : uint8_t { kDemand, kPrefetch, kPull };
 
-  void run_handler(Handler& h);
-  void read_faults(Handler& h);
-  void complete(Handler& h, const ReadCompletion& c);
-  void refuse_page(Handler& h, size_t page, Errc why, const std::string& text);
+  void run_handler(Worker& w);
+  void run_puller(Worker& w);
+  void read_faults(Worker& w);
+  // Claims and queues the pages a prefetch plan names.
+  void prefetch(Worker& w, uint32_t thread_id, size_t page);
+  // Queues a read of `pages` claimed pages starting at `first`.
+  void queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns);
+  // Claims a run of missing pages from `first` (at most `max` pages).
+  uint32_t claim_run(size_t first, uint32_t max);
+  // Installs claimed zero pages without a transfer.
+  void install_zero(Worker& w, size_t page);
+  void complete(Worker& w, const ReadCompletion& c);
+  void mark_present(size_t pages);
+  void refuse_page(Worker& w, size_t page, Errc why, const std::string& text);
   void forget_pages(uint64_t start, uint64_t end);
   void record_failure(const std::string& text);
+  void stop_worker_on_exception(Worker& w, const std::exception& e);
+  bool zero(size_t page) const { return is_zero_page(desc_.zero_map, page); }
 
-  // Members in creation order; destroyed in reverse: handlers (joined in
+  // Members in creation order; destroyed in reverse: workers (joined in
   // the destructor body) before the uffd, the uffd before the mapping.
   AttachOptions options_;
   std::unique_ptr<Transport> transport_;
@@ -57,11 +82,18 @@ class FaultEngine {
   Mapping region_;
   Userfaultfd uffd_;
   PageTable pages_;
+  PrefetchTable streams_;
   UniqueFd stop_fd_;
+  std::chrono::steady_clock::time_point started_;
+  std::atomic<uint64_t> present_{0};
+  std::atomic<uint64_t> demand_in_flight_{0};  // the puller yields while this is non-zero
+  std::atomic<bool> complete_{false};
   std::atomic<bool> failed_{false};
-  mutable std::mutex error_mu_;
+  mutable std::mutex state_mu_;
+  mutable std::condition_variable state_cv_;
   std::string error_;
-  std::vector<std::unique_ptr<Handler>> handlers_;
+  std::vector<std::unique_ptr<Worker>> handlers_;
+  std::unique_ptr<Worker> puller_;
 };
 
 }  // namespace pagewire

@@ -81,6 +81,12 @@ Stats merge_metrics(std::span<const Metrics* const> parts) {
     s.reconnects += get(m->reconnects);
     s.pages_refused += get(m->pages_refused);
     s.install_failures += get(m->install_failures);
+    s.pages_zero += get(m->pages_zero);
+    s.pages_pulled += get(m->pages_pulled);
+    s.pull_runs += get(m->pull_runs);
+    s.prefetch_issued += get(m->prefetch_issued);
+    s.prefetch_used += get(m->prefetch_used);
+    s.prefetch_wasted += get(m->prefetch_wasted);
     m->fault_latency.merge_into(counts, max_ns, sum_ns);
   }
   s.fault_latency = LatencyHistogram::summarize(counts, max_ns, sum_ns);
@@ -121,6 +127,10 @@ std::string format_stats(const Stats& s) {
          std::to_string(s.copy_retries) + ", copy EEXIST " + std::to_string(s.copy_eexist) +
          ", transport errors " + std::to_string(s.transport_errors) + ", reconnects " +
          std::to_string(s.reconnects) + ", pages refused " + std::to_string(s.pages_refused) + "\n";
+  out += "zero pages " + std::to_string(s.pages_zero) + " (no transfer), pulled " + std::to_string(s.pages_pulled) +
+         " in " + std::to_string(s.pull_runs) + " runs, prefetch issued " + std::to_string(s.prefetch_issued) +
+         " used " + std::to_string(s.prefetch_used) + " wasted " + std::to_string(s.prefetch_wasted) +
+         (s.complete ? ", complete (plain memory now)" : "") + "\n";
   const auto& l = s.fault_latency;
   out += "handler fault latency (us): p50 " + us(l.p50_ns) + "  p99 " + us(l.p99_ns) + "  p99.9 " +
          us(l.p999_ns) + "  max " + us(l.max_ns) + "  (n=" + std::to_string(l.count) + ")\n";
@@ -143,6 +153,13 @@ std::string stats_to_json(const Stats& s) {
                       {"reconnects", s.reconnects},
                       {"pages_refused", s.pages_refused},
                       {"install_failures", s.install_failures},
+                      {"pages_zero", s.pages_zero},
+                      {"pages_pulled", s.pages_pulled},
+                      {"pull_runs", s.pull_runs},
+                      {"prefetch_issued", s.prefetch_issued},
+                      {"prefetch_used", s.prefetch_used},
+                      {"prefetch_wasted", s.prefetch_wasted},
+                      {"complete", s.complete},
                       {"pages_present", s.pages_present},
                       {"pages_total", s.pages_total},
                       {"fault_latency", latency_json(s.fault_latency)}};

@@ -47,6 +47,12 @@ struct alignas(64) Metrics {
   std::atomic<uint64_t> reconnects{0};
   std::atomic<uint64_t> pages_refused{0};
   std::atomic<uint64_t> install_failures{0};
+  std::atomic<uint64_t> pages_zero{0};
+  std::atomic<uint64_t> pages_pulled{0};
+  std::atomic<uint64_t> pull_runs{0};
+  std::atomic<uint64_t> prefetch_issued{0};
+  std::atomic<uint64_t> prefetch_used{0};
+  std::atomic<uint64_t> prefetch_wasted{0};
   LatencyHistogram fault_latency;
 
   // Single-writer increment: no locked instruction on the fast path.

@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -90,10 +91,10 @@ int Userfaultfd::read_events(std::span<uffd_msg> msgs) {
   }
 }
 
-int Userfaultfd::copy(void* dst, const void* src, size_t len, uint64_t* retries) {
+int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
   auto* d = static_cast<std::byte*>(dst);
   auto* s = static_cast<const std::byte*>(src);
-  for (;;) {
+  while (len > 0) {
     uffdio_copy c{};
     c.dst = reinterpret_cast<uint64_t>(d);
     c.src = reinterpret_cast<uint64_t>(s);
@@ -102,20 +103,51 @@ int Userfaultfd::copy(void* dst, const void* src, size_t len, uint64_t* retries)
     if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
     const int err = errno;
     if (err == EEXIST) {
-      // Present already, but threads may still be parked on it.
-      wake(dst, len);
-      return EEXIST;
+      // This page is present already, but threads may still be parked on
+      // it; the rest of the run still needs installing.
+      wake(d, page);
+      if (existed != nullptr) ++*existed;
+      d += page;
+      s += page;
+      len -= std::min(len, page);
+      continue;
     }
     if (err != EAGAIN) return err;
-    // The address space is changing under us; part may be done already.
+    // Partly done (the address space changed under us): go on from there.
     if (retries != nullptr) ++*retries;
     if (c.copy > 0) {
       d += c.copy;
       s += c.copy;
       len -= static_cast<size_t>(c.copy);
-      if (len == 0) return 0;
     }
   }
+  return 0;
+}
+
+int Userfaultfd::zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
+  auto* a = static_cast<std::byte*>(addr);
+  while (len > 0) {
+    uffdio_zeropage z{};
+    z.range.start = reinterpret_cast<uint64_t>(a);
+    z.range.len = len;
+    z.mode = 0;
+    if (::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z) == 0) return 0;
+    const int err = errno;
+    if (err == EEXIST) {
+      wake(a, page);
+      if (existed != nullptr) ++*existed;
+      a += page;
+      len -= std::min(len, page);
+      continue;
+    }
+    if (err != EAGAIN) return err;
+    if (retries != nullptr) ++*retries;
+    if (z.zeropage > 0) {
+      a += z.zeropage;
+      len -= static_cast<size_t>(z.zeropage);
+    }
+  }
+  return 0;
 }
 
 int Userfaultfd::wake(void* addr, size_t len) {

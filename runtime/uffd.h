@@ -36,10 +36,13 @@ class Userfaultfd {
   // Returns -errno on a real error.
   int read_events(std::span<uffd_msg> msgs);
 
-  // Installs [src, src+len) at dst and wakes the waiters. EAGAIN is retried
-  // here (counted in *retries); returns 0, EEXIST (already there: the
-  // waiters were woken) or another errno.
-  int copy(void* dst, const void* src, size_t len, uint64_t* retries);
+  // Installs [src, src+len) at dst, page by page of `page` bytes, and wakes
+  // the waiters. EAGAIN is retried here (counted in *retries); a page found
+  // present already (EEXIST) is woken and skipped (counted in *existed).
+  // Returns 0 or the errno that stopped it.
+  int copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
+  // Installs zero pages over [addr, addr+len), with the same outcomes.
+  int zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
   int wake(void* addr, size_t len);
   // Makes the range raise SIGBUS on access (UFFDIO_POISON) where the kernel
   // has it, else PROT_NONE (SIGSEGV); then wakes the waiters either way.

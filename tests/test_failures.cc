@@ -33,7 +33,7 @@ constexpr size_t kPage = 4096;
 
 Errc attach_error(const std::string& uri, std::string* what = nullptr) {
   try {
-    AttachOptions o;
+    AttachOptions o = testing::on_demand();
     o.reconnect_timeout_ms = 500;
     attach(uri, o);
   } catch (const Error& e) {
@@ -61,6 +61,8 @@ UniqueFd raw_attach(uint16_t port, const std::string& name, wire::HelloReply* re
   EXPECT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
   EXPECT_TRUE(tcp::send_all(fd.get(), name.data(), name.size()));
   EXPECT_TRUE(tcp::recv_all(fd.get(), reply, sizeof *reply));
+  std::vector<char> zero_map(reply->zero_map_bytes);
+  EXPECT_TRUE(tcp::recv_all(fd.get(), zero_map.data(), zero_map.size()));
   return fd;
 }
 
@@ -103,7 +105,7 @@ TEST(Failures, NothingListening) {
 TEST(Failures, GarbageAndTruncatedRequestsAreDroppedOthersServed) {
   PatternServer src("r", 1 << 20);
   const uint16_t port = src.server().port();
-  Region healthy = attach(src.uri(), {});
+  Region healthy = attach(src.uri(), testing::on_demand());
   EXPECT_EQ(check_pattern(healthy.data(), 0, kPage, kSeed), -1);
 
   {  // Garbage instead of a hello.
@@ -143,7 +145,7 @@ TEST(Failures, GarbageAndTruncatedRequestsAreDroppedOthersServed) {
   }
   EXPECT_GE(src.server().stats().connections_dropped, 3u);
   EXPECT_EQ(check_pattern(healthy.data(), 0, healthy.size(), kSeed), -1);
-  Region fresh = attach(src.uri(), {});
+  Region fresh = attach(src.uri(), testing::on_demand());
   EXPECT_EQ(check_pattern(fresh.data(), 0, fresh.size(), kSeed), -1);
 }
 
@@ -227,7 +229,7 @@ WalkResult walk_until_stopped(const Region& r, int threads) {
 
 TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {
   ChildServer child({"--pattern", "victim=256M:" + std::to_string(kSeed)});
-  AttachOptions o;
+  AttachOptions o = testing::on_demand();
   o.handler_threads = 2;
   o.reconnect_timeout_ms = 300;
   o.request_timeout_ms = 2000;
@@ -254,7 +256,7 @@ INSTANTIATE_TEST_SUITE_P(Io, SilentPeer, ::testing::Values(true, false),
 
 TEST_P(SilentPeer, TimesOutAndIsRefused) {
   SilentServer silent("quiet", 1 << 20);
-  AttachOptions o;
+  AttachOptions o = testing::on_demand();
   o.io_uring = GetParam();
   o.handler_threads = 1;
   o.request_timeout_ms = 200;
@@ -270,7 +272,7 @@ TEST_P(SilentPeer, TimesOutAndIsRefused) {
 
 TEST(Failures, DestroyWithFaultsPendingDoesNotHang) {
   SilentServer silent("quiet", 1 << 20);
-  AttachOptions o;
+  AttachOptions o = testing::on_demand();
   o.handler_threads = 2;
   o.request_timeout_ms = 60000;  // the reads would wait a minute
   auto r = std::make_unique<Region>(attach("tcp://127.0.0.1:" + std::to_string(silent.port()) + "/quiet", o));

@@ -34,7 +34,7 @@ struct Source {
 TEST(FaultEngine, RandomMultiThreadedContentsAreExact) {
   Source src(32 << 20);
   auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
-  AttachOptions o;
+  AttachOptions o = testing::on_demand();
   o.handler_threads = 2;
   Region r = attach(std::move(transport), o);
   ASSERT_EQ(r.size(), src.memory.size());
@@ -66,7 +66,7 @@ TEST(FaultEngine, ManyThreadsOnOnePageFetchItOnce) {
   Source src(1 << 20);
   auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
   LocalTransport* raw = transport.get();
-  AttachOptions o;
+  AttachOptions o = testing::on_demand();
   o.handler_threads = 2;
   Region r = attach(std::move(transport), o);
   std::atomic<bool> go{false};
@@ -92,7 +92,7 @@ TEST(FaultEngine, FailedReadIsRefusedNeverZeroFilled) {
   inject.fail_after_reads = 10;
   inject.status = Errc::kIo;
   auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage, inject);
-  AttachOptions o;
+  AttachOptions o = testing::on_demand();
   o.handler_threads = 1;
   Region r = attach(std::move(transport), o);
   size_t good = 0;
@@ -116,7 +116,7 @@ TEST(FaultEngine, UnalignedLengthZeroesOnlyPastTheEnd) {
   const size_t len = 3 * kPage + 100;
   Source src(4 * kPage);
   auto transport = std::make_unique<LocalTransport>(src.memory.data(), len, kPage);
-  Region r = attach(std::move(transport), {});
+  Region r = attach(std::move(transport), testing::on_demand());
   EXPECT_EQ(r.size(), len);
   EXPECT_EQ(check_pattern(r.data(), 0, len, kSeed), -1);
   for (size_t i = len; i < 4 * kPage; ++i) ASSERT_EQ(r.data()[i], std::byte{0}) << i;
@@ -124,7 +124,7 @@ TEST(FaultEngine, UnalignedLengthZeroesOnlyPastTheEnd) {
 
 TEST(FaultEngine, WritesAfterTheFetchStick) {
   Source src(1 << 20);
-  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), {});
+  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), testing::on_demand());
   r.data()[kPage + 1] = std::byte{0xab};  // a write fault fetches the page first
   EXPECT_EQ(r.data()[kPage + 1], std::byte{0xab});
   EXPECT_EQ(check_pattern(r.data() + kPage + 2, kPage + 2, kPage - 2, kSeed), -1);
@@ -141,7 +141,7 @@ TEST(FaultEngine, DiscardedPagesAreFetchedAgain) {
   Source src(1 << 20);
   auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
   LocalTransport* raw = transport.get();
-  Region r = attach(std::move(transport), {});
+  Region r = attach(std::move(transport), testing::on_demand());
   std::byte* page = r.data() + 3 * kPage;
   page[0] = std::byte{0x11};  // fetched, then changed locally
   ASSERT_EQ(::madvise(page, kPage, MADV_DONTNEED), 0);
@@ -152,7 +152,7 @@ TEST(FaultEngine, DiscardedPagesAreFetchedAgain) {
 
 TEST(FaultEngine, RegionIsNotInheritedByForkedChildren) {
   Source src(1 << 20);
-  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), {});
+  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), testing::on_demand());
   EXPECT_EQ(check_pattern(r.data(), 0, kPage, kSeed), -1);
   const pid_t pid = ::fork();
   ASSERT_GE(pid, 0);

@@ -61,7 +61,7 @@ class Rdma : public ::testing::Test {
 };
 
 AttachOptions handlers(unsigned n) {
-  AttachOptions o;
+  AttachOptions o = testing::on_demand();
   o.handler_threads = n;
   return o;
 }
@@ -138,7 +138,7 @@ TEST_F(Rdma, ServesTcpAndRdmaAtOnceAndAutoPicksRdma) {
 
 Errc attach_error(const std::string& u, std::string* what = nullptr) {
   try {
-    AttachOptions o;
+    AttachOptions o = testing::on_demand();
     o.reconnect_timeout_ms = 1000;
     attach(u, o);
   } catch (const Error& e) {

@@ -24,7 +24,7 @@ using testing::PatternServer;
 constexpr size_t kPage = 4096;
 
 AttachOptions handlers(unsigned n) {
-  AttachOptions o;
+  AttachOptions o = testing::on_demand();
   o.handler_threads = n;
   return o;
 }

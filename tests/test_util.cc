@@ -143,7 +143,7 @@ SilentServer::SilentServer(const std::string& name, uint64_t length) : name_(nam
       if (::recv(fd, &hello, sizeof hello, MSG_WAITALL) != sizeof hello) continue;
       std::string n(hello.name_length, '\0');
       if (::recv(fd, n.data(), n.size(), MSG_WAITALL) != static_cast<ssize_t>(n.size())) continue;
-      wire::HelloReply reply{wire::kHelloMagic, 0, 7, 4096, length_};
+      wire::HelloReply reply{wire::kHelloMagic, 0, 7, 4096, length_, 0, 0};
       ::send(fd, &reply, sizeof reply, MSG_NOSIGNAL);
     }
   });

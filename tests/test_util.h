@@ -18,6 +18,16 @@ namespace pagewire::testing {
 
 inline constexpr uint64_t kSeed = 0x5eed;
 
+// Pure demand paging (no background pull, no prefetch): what tests that
+// count fetches exactly attach with.
+inline AttachOptions on_demand(unsigned handlers = 0) {
+  AttachOptions o;
+  o.handler_threads = handlers;
+  o.background_pull = false;
+  o.prefetch = false;
+  return o;
+}
+
 // Runs fn on this thread; returns the signal (SIGBUS, SIGSEGV) that cut it
 // short, or 0 when it ran to the end.
 int run_catching_signals(const std::function<void()>& fn);

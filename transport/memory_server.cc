@@ -2,6 +2,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+
 #include "pagewire/error.h"
 #include "pagewire/server.h"
 #include "runtime/unique_fd.h"
@@ -54,6 +56,7 @@ void MemoryServer::export_file(const std::string& name, const std::string& path,
   region->base = region->file_mapping.data();
   region->length = length;
   region->page_size = page_size;
+  region->zero_map = compute_zero_map(region->base, region->length, page_size);
   const ExportedRegion& r = tcp_->add(std::move(region));
   if (rdma_) rdma_->add(r);
 }
@@ -66,8 +69,19 @@ void MemoryServer::export_memory(const std::string& name, const void* base, size
   region->base = static_cast<const std::byte*>(base);
   region->length = length;
   region->page_size = page_size;
+  region->zero_map = compute_zero_map(region->base, region->length, page_size);
   const ExportedRegion& r = tcp_->add(std::move(region));
   if (rdma_) rdma_->add(r);
+}
+
+void MemoryServer::mark_changed(const std::string& name, uint64_t offset, uint64_t length) {
+  ExportedRegion* r = tcp_->find_mutable(name);
+  if (r == nullptr) throw Error(Errc::kNotFound, "no region named '" + name + "' is exported");
+  if (length == 0 || offset >= r->length) return;
+  const uint64_t end = std::min(r->length, offset + length);
+  std::lock_guard lock(r->zero_map_mu);
+  update_zero_map(r->zero_map, r->base, r->length, r->page_size, offset / r->page_size,
+                  (end + r->page_size - 1) / r->page_size);
 }
 
 uint16_t MemoryServer::port() const { return tcp_->port(); }

@@ -1,7 +1,8 @@
 // The TCP wire protocol. Little-endian, fixed-size records.
 //
 //   client -> server  Hello{magic, version, name_len} + name
-//   server -> client  HelloReply{magic, status, key, page_size, length}
+//   server -> client  HelloReply{magic, status, key, page_size, length,
+//                     zero_map_bytes} + the zero-page bitmap
 //   client -> server  ReadRequest ...          (any number, pipelined)
 //   server -> client  ReadReply + payload ...  (in request order)
 //
@@ -16,7 +17,7 @@ namespace pagewire::wire {
 inline constexpr uint32_t kHelloMagic = 0x50574831;  // "PWH1"
 inline constexpr uint32_t kReadMagic = 0x50575244;   // "PWRD"
 inline constexpr uint32_t kReplyMagic = 0x50575250;  // "PWRP"
-inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kVersion = 2;
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 
@@ -32,6 +33,8 @@ struct HelloReply {
   uint32_t key;
   uint32_t page_size;
   uint64_t length;
+  uint32_t zero_map_bytes;  // bitmap of all-zero pages that follows, bit = page
+  uint32_t reserved;
 };
 
 struct ReadRequest {
@@ -50,7 +53,7 @@ struct ReadReply {
 };
 
 static_assert(sizeof(Hello) == 8);
-static_assert(sizeof(HelloReply) == 24);
+static_assert(sizeof(HelloReply) == 32);
 static_assert(sizeof(ReadRequest) == 24);
 static_assert(sizeof(ReadReply) == 16);
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "pagewire/error.h"
+#include "transport/zero_map.h"
 
 namespace pagewire {
 
@@ -28,6 +29,7 @@ struct RegionDescriptor {
   uint32_t page_size = 4096;
   uint32_t key = 0;          // names the region on its server (the rkey on RDMA)
   uint64_t remote_addr = 0;  // base address for RDMA READ; 0 on TCP
+  ZeroMap zero_map;          // pages known to be all zero; empty when unknown
 };
 
 struct TransportCapabilities {

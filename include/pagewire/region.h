@@ -4,6 +4,7 @@
 //   std::memcpy(buf, region.data() + off, n);  // missing pages fetched on first touch
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -35,6 +36,32 @@ struct AttachOptions {
   // TCP: drive sockets through io_uring (falls back to plain syscalls by
   // itself where the kernel lacks it, and logs so); false forces syscalls.
   bool io_uring = true;
+
+  // Postcopy: a background puller fetches every page still missing, in
+  // runs of up to pull_run_pages (one read and one UFFDIO_COPY per run),
+  // with at most pull_runs_in_flight runs outstanding, on a connection of
+  // its own; while demand faults are in flight it keeps to one run. When
+  // every page is present the region is unregistered from userfaultfd and
+  // is plain memory. Off: pure on-demand paging (far-memory use).
+  bool background_pull = true;
+  unsigned pull_run_pages = 64;
+  unsigned pull_runs_in_flight = 4;
+  // Fetch ahead of sequential and strided faulting streams, with a window
+  // that doubles while the stream holds (up to prefetch_max_pages) and is
+  // dropped when it breaks. Random access pays nothing for it.
+  bool prefetch = true;
+  unsigned prefetch_max_pages = 32;
+};
+
+// How far a region has arrived.
+struct Progress {
+  uint64_t pages_present = 0;
+  uint64_t pages_total = 0;
+  uint64_t bytes_transferred = 0;
+  double seconds = 0;       // since attach
+  double mb_per_second = 0;  // transferred bytes over that time
+  bool complete = false;    // every page present; the region is plain memory
+  bool failed = false;
 };
 
 // An attached region. Owns the mapping, the userfaultfd and the handler
@@ -53,6 +80,10 @@ class Region {
   // Which transport serves this region ("tcp", "local", ...).
   std::string_view transport() const;
   Stats stats() const;
+  Progress progress() const;
+  // Waits until every page is present and the region is plain memory (true)
+  // or the region failed or the timeout passed (false).
+  bool wait_complete(std::chrono::milliseconds timeout) const;
   // True once a page could not be fetched and was refused; error() says why.
   bool failed() const;
   std::string error() const;

@@ -56,6 +56,12 @@ class MemoryServer {
   void export_memory(const std::string& name, const void* base, size_t length,
                      uint32_t page_size = 4096);
 
+  // The owner changed [offset, offset+length) of an exported region: its
+  // zero-page map is recomputed there. Destinations that connect later get
+  // the new map; one already connected keeps the map it was given, so
+  // (as in postcopy) pages must not turn from zero to data while served.
+  void mark_changed(const std::string& name, uint64_t offset, uint64_t length);
+
   uint16_t port() const;
   // True when RDMA destinations are served as well as TCP ones.
   bool serves_rdma() const;

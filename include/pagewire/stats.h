@@ -18,7 +18,7 @@ struct LatencySummary {
 
 struct Stats {
   uint64_t faults = 0;             // fault events read from userfaultfd
-  uint64_t pages_fetched = 0;      // pages read from the source and installed
+  uint64_t pages_fetched = 0;      // pages read on demand (faults and prefetch) and installed
   uint64_t bytes_fetched = 0;      // payload bytes read from the source
   uint64_t duplicate_faults = 0;   // faults on a page already in flight or present
   uint64_t copy_retries = 0;       // UFFDIO_COPY answered EAGAIN and was retried
@@ -27,6 +27,13 @@ struct Stats {
   uint64_t reconnects = 0;         // connections re-established after a drop
   uint64_t pages_refused = 0;      // pages made inaccessible because they could not be fetched
   uint64_t install_failures = 0;   // pages fetched whose UFFDIO_COPY failed (then refused)
+  uint64_t pages_zero = 0;         // installed with UFFDIO_ZEROPAGE: known zero, never transferred
+  uint64_t pages_pulled = 0;       // fetched by the background pull
+  uint64_t pull_runs = 0;          // its reads (one multi-page read and one UFFDIO_COPY each)
+  uint64_t prefetch_issued = 0;    // pages fetched ahead of a detected sequential or strided stream
+  uint64_t prefetch_used = 0;      // of those, pages the stream then walked over
+  uint64_t prefetch_wasted = 0;    // of those, pages past the point where the stream broke off
+  bool complete = false;           // every page present; the region is plain memory now
   uint64_t pages_present = 0;      // pages installed so far
   uint64_t pages_total = 0;
   // Time from reading the fault event to the page being installed, measured

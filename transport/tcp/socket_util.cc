@@ -122,8 +122,17 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   if (reply.length == 0 || reply.page_size == 0 || (reply.page_size & (reply.page_size - 1)) != 0) {
     throw Error(Errc::kProtocol, "server " + peer + " sent an invalid descriptor");
   }
+  const uint64_t pages = (reply.length + reply.page_size - 1) / reply.page_size;
+  if (reply.zero_map_bytes != 0 && reply.zero_map_bytes != (pages + 63) / 64 * 8) {
+    throw Error(Errc::kProtocol, "server " + peer + " sent a zero-page map of the wrong size");
+  }
+  ZeroMap zero_map(reply.zero_map_bytes / 8);
+  if (!zero_map.empty() && !recv_all(fd, zero_map.data(), reply.zero_map_bytes)) {
+    throw Error(Errc::kProtocol, "server " + peer + " cut the zero-page map short");
+  }
   set_io_timeout(fd, 0);
   RegionDescriptor d;
+  d.zero_map = std::move(zero_map);
   d.name = name;
   d.length = reply.length;
   d.page_size = reply.page_size;

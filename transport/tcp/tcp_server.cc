@@ -107,6 +107,12 @@ const ExportedRegion& TcpServer::add(std::unique_ptr<ExportedRegion> region) {
   return r;
 }
 
+ExportedRegion* TcpServer::find_mutable(const std::string& name) {
+  std::lock_guard lock(mu_);
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : regions_[it->second].get();
+}
+
 const ExportedRegion* TcpServer::find(const std::string& name) const {
   std::lock_guard lock(mu_);
   auto it = by_name_.find(name);
@@ -232,7 +238,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     return finish(true);
   }
   const ExportedRegion* region = find(name);
-  wire::HelloReply reply{wire::kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0};
+  wire::HelloReply reply{wire::kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0, 0};
   if (region == nullptr) {
     reply.status = static_cast<uint32_t>(Errc::kNotFound);
     spdlog::info("server: {} asked for unknown region '{}'", peer, name);
@@ -242,7 +248,16 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   reply.key = region->key;
   reply.page_size = region->page_size;
   reply.length = region->length;
-  if (!tcp::send_all(fd.get(), &reply, sizeof reply)) return finish(false);
+  ZeroMap zero_map;
+  {
+    std::lock_guard zero_lock(region->zero_map_mu);
+    zero_map = region->zero_map;  // a snapshot, sent without holding the lock
+  }
+  reply.zero_map_bytes = static_cast<uint32_t>(zero_map.size() * 8);
+  if (!tcp::send_all(fd.get(), &reply, sizeof reply) ||
+      !tcp::send_all(fd.get(), zero_map.data(), reply.zero_map_bytes)) {
+    return finish(false);
+  }
   tcp::set_io_timeout(fd.get(), 0);
   spdlog::debug("server: {} attached '{}'", peer, name);
 

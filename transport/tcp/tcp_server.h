@@ -15,6 +15,7 @@
 
 #include "pagewire/server.h"
 #include "runtime/unique_fd.h"
+#include "transport/zero_map.h"
 
 namespace pagewire {
 
@@ -25,6 +26,10 @@ struct ExportedRegion {
   uint32_t page_size = 4096;
   uint32_t key = 0;
   Mapping file_mapping;  // set for file-backed regions
+  // Pages known to be zero. Updated in place under zero_map_mu when the
+  // owner reports a change (the RDMA server has it registered for reads).
+  ZeroMap zero_map;
+  mutable std::mutex zero_map_mu;
 };
 
 class TcpServer {
@@ -35,6 +40,7 @@ class TcpServer {
   ~TcpServer();
 
   const ExportedRegion& add(std::unique_ptr<ExportedRegion> region);
+  ExportedRegion* find_mutable(const std::string& name);
   uint16_t port() const { return port_; }
   ServerStats stats() const;
   void drop_connections();

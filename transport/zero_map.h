@@ -1,0 +1,39 @@
+// Which pages of a region are entirely zero: one bit per page. The server
+// computes it once at export (and again for ranges the owner reports
+// changed) and hands it to destinations with the region descriptor, so
+// zero pages are installed with UFFDIO_ZEROPAGE and never cross the wire.
+//
+// A destination's map is a snapshot taken when it connects: as in postcopy,
+// the source must not turn a zero page into data after that.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace pagewire {
+
+using ZeroMap = std::vector<uint64_t>;
+
+inline bool is_zero_page(const ZeroMap& map, size_t page) {
+  return page / 64 < map.size() && ((map[page / 64] >> (page % 64)) & 1) != 0;
+}
+
+// Recomputes the bits of pages [first, last) of the region at base.
+void update_zero_map(ZeroMap& map, const std::byte* base, uint64_t length, uint32_t page_size, size_t first,
+                     size_t last);
+
+inline ZeroMap compute_zero_map(const std::byte* base, uint64_t length, uint32_t page_size) {
+  const size_t pages = (length + page_size - 1) / page_size;
+  ZeroMap map((pages + 63) / 64, 0);
+  update_zero_map(map, base, length, page_size, 0, pages);
+  return map;
+}
+
+inline size_t count_zero_pages(const ZeroMap& map) {
+  size_t n = 0;
+  for (uint64_t w : map) n += static_cast<size_t>(__builtin_popcountll(w));
+  return n;
+}
+
+}  // namespace pagewire
