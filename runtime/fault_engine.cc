@@ -3,10 +3,12 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cstring>
 
@@ -29,6 +31,10 @@ uint64_t now_ns() {
 
 size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
 
+// Reads own at most 64 pages, one bit each.
+constexpr uint32_t kMaxRunPages = 64;
+uint64_t all_pages(uint32_t pages) { return pages >= 64 ? ~uint64_t{0} : (uint64_t{1} << pages) - 1; }
+
 unsigned default_handlers() {
   const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
   return static_cast<unsigned>(std::clamp<long>(cpus, 1, 4));
@@ -46,8 +52,11 @@ void pin_to(int cpu) {
 
 struct FaultEngine::Worker {
   struct Slot {
-    size_t first = 0;  // first page of the run
+    size_t first = 0;  // first page of the run read
     uint32_t pages = 0;
+    // Which pages of the run this read owns (claimed). A pull run may span
+    // pages that arrived another way; those are read but not installed.
+    uint64_t owned = 0;
     ReadKind kind = ReadKind::kDemand;
     uint64_t start_ns = 0;
     bool busy = false;
@@ -98,7 +107,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   const unsigned n = options_.handler_threads != 0 ? options_.handler_threads : default_handlers();
   const TransportCapabilities caps = transport_->capabilities();
   const uint32_t depth = std::clamp<uint32_t>(options_.queue_depth, 1, caps.max_outstanding_reads);
-  const uint32_t max_run = std::max<uint32_t>(1, caps.max_read_bytes / desc_.page_size);
+  const uint32_t max_run = std::clamp<uint32_t>(caps.max_read_bytes / desc_.page_size, 1, kMaxRunPages);
   // Channels are opened here so that a connection failure surfaces from
   // attach() as an exception rather than inside a thread.
   auto make_worker = [&](unsigned index, uint32_t slots, uint32_t slot_pages) {
@@ -264,9 +273,10 @@ uint32_t FaultEngine::claim_run(size_t first, uint32_t max) {
   return n;
 }
 
-void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns) {
+void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns,
+                             uint64_t owned) {
   const uint32_t slot = w.staging->acquire();
-  w.slots[slot] = {first, pages, kind, start_ns, true};
+  w.slots[slot] = {first, pages, owned != 0 ? owned : all_pages(pages), kind, start_ns, true};
   ++w.in_flight;
   if (kind == ReadKind::kDemand) demand_in_flight_.fetch_add(1, std::memory_order_relaxed);
   // The last page of a region whose length is not page aligned is read
@@ -378,9 +388,12 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   w.slots[slot].busy = false;
   --w.in_flight;
   if (s.kind == ReadKind::kDemand) demand_in_flight_.fetch_sub(1, std::memory_order_relaxed);
+  const auto owned = [&](uint32_t i) { return ((s.owned >> i) & 1) != 0; };
   if (c.status != Errc::kOk) {
     w.staging->release(slot);
-    for (uint32_t i = 0; i < s.pages; ++i) refuse_page(w, s.first + i, c.status, w.result.channel_error_text);
+    for (uint32_t i = 0; i < s.pages; ++i) {
+      if (owned(i)) refuse_page(w, s.first + i, c.status, w.result.channel_error_text);
+    }
     return;
   }
   std::byte* src = w.staging->at(slot);
@@ -388,32 +401,49 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   const uint64_t run_bytes = uint64_t{s.pages} * desc_.page_size;
   const uint64_t len = std::min<uint64_t>(run_bytes, desc_.length - offset);
   if (len < run_bytes) std::memset(src + len, 0, run_bytes - len);
+  const auto installed = static_cast<uint32_t>(std::popcount(s.owned));
   // Counted before the copy: the copy wakes the faulting threads, and what
   // they read in stats() afterwards must include their page.
-  Metrics::bump(s.kind == ReadKind::kPull ? w.metrics.pages_pulled : w.metrics.pages_fetched, s.pages);
+  Metrics::bump(s.kind == ReadKind::kPull ? w.metrics.pages_pulled : w.metrics.pages_fetched, installed);
   Metrics::bump(w.metrics.bytes_fetched, len);
   if (s.kind == ReadKind::kPull) Metrics::bump(w.metrics.pull_runs);
   uint64_t retries = 0;
   uint64_t existed = 0;
-  const int rc = uffd_.copy(region_.data() + offset, src, run_bytes, desc_.page_size, &retries, &existed);
+  int rc = 0;
+  // One UFFDIO_COPY per stretch of owned pages (the whole run, normally).
+  for (uint32_t i = 0; i < s.pages && rc == 0;) {
+    if (!owned(i)) {
+      ++i;
+      continue;
+    }
+    uint32_t j = i;
+    while (j < s.pages && owned(j)) ++j;
+    const uint64_t at = uint64_t{i} * desc_.page_size;
+    rc = uffd_.copy(region_.data() + offset + at, src + at, uint64_t{j - i} * desc_.page_size, desc_.page_size,
+                    &retries, &existed);
+    if (rc == 0) {
+      for (uint32_t k = i; k < j; ++k) pages_.set(s.first + k, PageState::kPresent);
+      mark_present(j - i);
+    } else {
+      Metrics::bump(w.metrics.install_failures, j - i);
+      for (uint32_t k = i; k < j; ++k) {
+        refuse_page(w, s.first + k, Errc::kIo, std::string("UFFDIO_COPY: ") + std::strerror(rc));
+      }
+    }
+    i = j;
+  }
   w.staging->release(slot);
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
   if (existed > 0) Metrics::bump(w.metrics.copy_eexist, existed);
-  if (rc != 0) {
-    Metrics::bump(w.metrics.install_failures, s.pages);
-    for (uint32_t i = 0; i < s.pages; ++i) {
-      refuse_page(w, s.first + i, Errc::kIo, std::string("UFFDIO_COPY: ") + std::strerror(rc));
-    }
-    return;
-  }
-  for (uint32_t i = 0; i < s.pages; ++i) pages_.set(s.first + i, PageState::kPresent);
-  if (s.kind == ReadKind::kDemand) w.metrics.fault_latency.record(now_ns() - s.start_ns);
-  mark_present(s.pages);
+  if (s.kind == ReadKind::kDemand && rc == 0) w.metrics.fault_latency.record(now_ns() - s.start_ns);
 }
 
 void FaultEngine::run_puller(Worker& w) {
   ::pthread_setname_np(::pthread_self(), "pw-pull");
   pin_to(options_.handler_cpu);
+  // Demand faults first, on the CPU too: a handler woken by a fault's reply
+  // preempts the puller at once.
+  ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
   const size_t total = pages_.size();
   size_t cursor = 0;
   try {
@@ -432,9 +462,20 @@ void FaultEngine::run_puller(Worker& w) {
           ++cursor;
           continue;
         }
-        const uint32_t n = claim_run(cursor, w.slot_pages);
-        if (n > 0) queue_read(w, cursor, n, ReadKind::kPull, 0);
-        cursor += std::max<uint32_t>(n, 1);
+        // A span from this missing page: claim what is missing in the next
+        // slot_pages pages and read them in one go, gaps (pages that came
+        // by demand meanwhile) included, rather than breaking the run at
+        // every page a fault took. Zero pages end the span.
+        uint64_t owned_mask = 0;
+        uint32_t span = 0;
+        for (uint32_t i = 0; i < w.slot_pages && cursor + i < total && !zero(cursor + i); ++i) {
+          if (pages_.get(cursor + i) == PageState::kMissing && pages_.claim(cursor + i)) {
+            owned_mask |= uint64_t{1} << i;
+            span = i + 1;
+          }
+        }
+        if (owned_mask != 0) queue_read(w, cursor, span, ReadKind::kPull, 0, owned_mask);
+        cursor += std::max<uint32_t>(span, 1);
       }
       if (!w.batch.empty()) w.channel->post(w.batch);
       int timeout = -1;

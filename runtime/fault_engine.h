@@ -61,7 +61,8 @@ class FaultEngine {
   // Claims and queues the pages a prefetch plan names.
   void prefetch(Worker& w, uint32_t thread_id, size_t page);
   // Queues a read of `pages` claimed pages starting at `first`.
-  void queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns);
+  // `owned` marks the pages of the run this read installs (0: all of them).
+  void queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns, uint64_t owned = 0);
   // Claims a run of missing pages from `first` (at most `max` pages).
   uint32_t claim_run(size_t first, uint32_t max);
   // Installs claimed zero pages without a transfer.

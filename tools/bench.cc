@@ -50,6 +50,8 @@ LatencySummary floor_local_fault(const BenchConfig& c, const Placement& pl, cons
   AttachOptions o;
   o.handler_threads = c.handlers;
   o.handler_cpu = pl.handler_cpu;
+  o.background_pull = false;  // every touch a demand fault, as in the fault run
+  o.prefetch = c.prefetch;
   Region r = attach(std::make_unique<LocalTransport>(source.data(), source.size(), 4096), o);
   WorkloadConfig w;
   w.pattern = c.pattern;
@@ -159,6 +161,8 @@ int run_bench(const BenchConfig& c) {
     o.handler_threads = handlers;
     o.handler_cpu = pl.handler_cpu;
     o.io_uring = c.io_uring;
+    o.background_pull = false;
+    o.prefetch = c.prefetch;
     Region r = attach(uri, o);
     WorkloadConfig w;
     w.pattern = c.pattern;

@@ -21,6 +21,8 @@ struct BenchConfig {
   unsigned floor_samples = 20000;
   uint64_t floor_size = 256ull << 20;
   std::string json_path;
+  std::string suite = "faults";  // faults, postcopy
+  bool prefetch = false;         // faults suite: prefetch on (off measures each fault)
   double max_ratio = 0;  // > 0: exit non-zero when a ratio exceeds it
   bool io_uring = true;  // TCP sockets through io_uring, else plain syscalls
   std::string transport = "tcp";     // scheme for the bench's own source: tcp, rdma, auto
@@ -29,5 +31,7 @@ struct BenchConfig {
 };
 
 int run_bench(const BenchConfig& config);
+// --suite postcopy: pull, prefetch, demand priority and zero pages.
+int run_postcopy_bench(const BenchConfig& config);
 
 }  // namespace pagewire::cli

@@ -38,14 +38,27 @@ void print_touch_report(const WorkloadResult& res, const Stats& s) {
 }
 
 int cmd_attach(const std::string& uri, const WorkloadConfig& w, unsigned handlers, const std::string& json,
-               bool io_uring = true) {
+               bool io_uring = true, bool pull = false, bool prefetch = true) {
   AttachOptions o;
   o.handler_threads = handlers;
   o.io_uring = io_uring;
+  o.background_pull = pull;
+  o.prefetch = prefetch;
   Region r = attach(uri, o);
   std::printf("attached %s over %s: %s, %u B pages\n", uri.c_str(), std::string(r.transport()).c_str(),
               format_bytes(r.size()).c_str(), r.page_size());
   WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
+  if (pull) {
+    Progress progress("pulling", r.size() / r.page_size());
+    while (!r.wait_complete(std::chrono::milliseconds(200)) && !r.failed()) {
+      progress.update(r.progress().pages_present);
+    }
+    progress.finish();
+    const pagewire::Progress p = r.progress();
+    std::printf("pull: %llu/%llu pages present after %.2f s (%.1f MB/s)%s\n",
+                static_cast<unsigned long long>(p.pages_present), static_cast<unsigned long long>(p.pages_total),
+                p.seconds, p.mb_per_second, p.complete ? "; plain memory now" : "");
+  }
   const Stats s = r.stats();
   print_touch_report(res, s);
   if (!json.empty()) {
@@ -149,6 +162,10 @@ int main(int argc, char** argv) {
   att->add_option("--handlers", handlers, "fault handler threads (0: one per CPU, at most 4)")->capture_default_str();
   att->add_option("--verify", verify_seed, "check every byte against the pattern with this seed (serve --pattern)");
   att->add_option("--json", json, "write the stats as JSON to this file");
+  bool pull = false;
+  bool no_prefetch = false;
+  att->add_flag("--pull", pull, "pull every page in the background too (postcopy), and wait until all are present");
+  att->add_flag("--no-prefetch", no_prefetch, "do not fetch ahead of sequential or strided faulting threads");
 
   // demo
   auto* demo = app.add_subcommand("demo", "serve 256 MiB from a child process, fault it all in, verify it");
@@ -181,6 +198,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench->add_option("--ib-read-lat-us", bc.ib_read_lat_us,
                     "ib_read_lat's typical 4 KiB latency on this device, for the fabric ratio");
+  bench->add_flag("--prefetch", bc.prefetch, "faults suite: keep prefetch on (off: every touch is one fault)");
+  bench->add_option("--suite", bc.suite,
+                    "faults: fault latency against its floors; postcopy: pull, prefetch, demand priority, zero pages")
+      ->capture_default_str();
   bool no_io_uring = false;
   bench->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
   att->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
@@ -206,7 +227,7 @@ int main(int argc, char** argv) {
       w.verify = !verify_seed.empty();
       if (w.verify) w.seed = std::stoull(verify_seed, nullptr, 0);
       w.progress_label = "faulting";
-      return cmd_attach(uri, w, handlers, json, !no_io_uring);
+      return cmd_attach(uri, w, handlers, json, !no_io_uring, pull, !no_prefetch);
     }
     if (demo->parsed()) return cmd_demo(parse_size(demo_size), threads, handlers);
     if (bench->parsed()) {
@@ -214,6 +235,8 @@ int main(int argc, char** argv) {
       bc.floor_size = parse_size(floor_size);
       bc.pattern = parse_access_pattern(access);
       bc.io_uring = !no_io_uring;
+      if (bc.suite == "postcopy") return run_postcopy_bench(bc);
+      if (bc.suite != "faults") throw std::invalid_argument("--suite must be faults or postcopy");
       return run_bench(bc);
     }
     return cmd_info();

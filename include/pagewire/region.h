@@ -44,7 +44,7 @@ struct AttachOptions {
   // every page is present the region is unregistered from userfaultfd and
   // is plain memory. Off: pure on-demand paging (far-memory use).
   bool background_pull = true;
-  unsigned pull_run_pages = 64;
+  unsigned pull_run_pages = 64;  // at most 64
   unsigned pull_runs_in_flight = 4;
   // Fetch ahead of sequential and strided faulting streams, with a window
   // that doubles while the stream holds (up to prefetch_max_pages) and is

@@ -1,0 +1,260 @@
+// `pagewire bench --suite postcopy`: the postcopy engine against its floors,
+// each pair measured in the same run on the same source.
+//   1. total postcopy time for the region while 2 threads touch random
+//      pages, against streaming the region over the same transport with no
+//      userfaultfd (same run size and reads in flight);
+//   2. a sequential scan with prefetch against the same scan without;
+//   3. demand-fault p50/p99 while the pull runs against the same with no pull;
+//   4. a region with half its pages zero: bytes on the wire.
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "nlohmann/json.hpp"
+#include "pagewire/pagewire.h"
+#include "runtime/metrics.h"
+#include "runtime/unique_fd.h"
+#include "tools/bench.h"
+#include "tools/cli_util.h"
+#include "tools/pattern.h"
+#include "tools/source_process.h"
+#include "transport/transport.h"
+
+namespace pagewire::cli {
+namespace {
+
+constexpr uint32_t kPage = 4096;
+
+AttachOptions base_options(const BenchConfig& c) {
+  AttachOptions o;
+  o.handler_threads = c.handlers;
+  o.io_uring = c.io_uring;
+  o.background_pull = false;
+  o.prefetch = false;
+  return o;
+}
+
+// Streams the whole region through one channel: reads of `run_pages`,
+// `in_flight` outstanding, no userfaultfd. Returns seconds.
+double stream_floor(const std::string& uri, const BenchConfig& c, uint32_t run_pages, uint32_t in_flight) {
+  TransportOptions t;
+  t.io_uring = c.io_uring;
+  auto transport = connect_transport(uri, t);
+  auto channel = transport->open_channel();
+  const uint64_t run = uint64_t{run_pages} * kPage;
+  Mapping buf = Mapping::anonymous(run * in_flight);
+  channel->register_buffer(buf.data(), buf.size());
+  const uint64_t length = transport->region().length;
+  const double start = now_seconds();
+  uint64_t next = 0;
+  uint64_t done = 0;
+  std::vector<uint32_t> free_slots(in_flight);
+  std::iota(free_slots.begin(), free_slots.end(), 0);
+  std::vector<uint64_t> offset_of(in_flight);
+  WaitResult res;
+  std::vector<ReadOp> batch;
+  while (done < length) {
+    batch.clear();
+    while (!free_slots.empty() && next < length) {
+      const uint32_t slot = free_slots.back();
+      free_slots.pop_back();
+      const auto len = static_cast<uint32_t>(std::min<uint64_t>(run, length - next));
+      offset_of[slot] = next;
+      batch.push_back({next, len, buf.data() + slot * run, slot});
+      next += len;
+    }
+    if (!batch.empty()) channel->post(batch);
+    res.clear();
+    channel->wait(res, -1);
+    if (res.channel_error != Errc::kOk) throw std::runtime_error("stream floor: " + res.channel_error_text);
+    for (const auto& comp : res.completions) {
+      if (comp.status != Errc::kOk) throw std::runtime_error("stream floor: a read failed");
+      const auto slot = static_cast<uint32_t>(comp.cookie);
+      const uint64_t off = offset_of[slot];
+      // Spot-check one page per run: the floor must read real data too.
+      if (check_pattern(buf.data() + slot * run, off, 64, c.seed) != -1) {
+        throw std::runtime_error("stream floor read wrong data");
+      }
+      done += std::min<uint64_t>(run, length - off);
+      free_slots.push_back(slot);
+    }
+  }
+  return now_seconds() - start;
+}
+
+struct PostcopyRun {
+  double seconds = 0;
+  Stats stats;
+  uint64_t wrong = 0;
+  std::vector<uint64_t> touch_ns;
+};
+
+// Attaches with pull on, touches random pages from `threads` threads until
+// the region is complete, and times attach-to-complete.
+PostcopyRun postcopy(const std::string& uri, const BenchConfig& c, bool pull, bool stop_at_complete) {
+  AttachOptions o = base_options(c);
+  o.background_pull = pull;
+  const double start = now_seconds();
+  Region r = attach(uri, o);
+  const size_t pages = r.size() / kPage;
+  std::vector<size_t> order(pages);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(c.seed));
+  std::atomic<uint64_t> wrong{0};
+  std::vector<std::vector<uint64_t>> lat(c.threads);
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < c.threads; ++t) {
+    ts.emplace_back([&, t] {
+      for (size_t i = t; i < pages; i += c.threads) {
+        if (stop_at_complete && r.progress().complete) return;
+        const size_t p = order[i];
+        const auto t0 = std::chrono::steady_clock::now();
+        (void)*reinterpret_cast<const volatile std::byte*>(r.data() + p * kPage);
+        const auto t1 = std::chrono::steady_clock::now();
+        lat[t].push_back(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
+        if (check_pattern(r.data() + p * kPage, p * kPage, kPage, c.seed) != -1) ++wrong;
+      }
+    });
+  }
+  Progress progress("postcopy", pages);
+  while (pull && !r.wait_complete(std::chrono::milliseconds(100))) {
+    if (r.failed()) throw std::runtime_error("postcopy failed: " + r.error());
+    progress.update(r.progress().pages_present);
+  }
+  const double complete_at = now_seconds();
+  for (auto& t : ts) t.join();
+  progress.finish();
+  PostcopyRun out;
+  out.seconds = (pull ? complete_at : now_seconds()) - start;
+  if (pull && check_pattern(r.data(), 0, r.size(), c.seed) != -1) ++wrong;
+  out.stats = r.stats();
+  out.wrong = wrong.load();
+  for (auto& v : lat) out.touch_ns.insert(out.touch_ns.end(), v.begin(), v.end());
+  return out;
+}
+
+double scan_seconds(const std::string& uri, const BenchConfig& c, bool prefetch, Stats* stats) {
+  AttachOptions o = base_options(c);
+  o.prefetch = prefetch;
+  Region r = attach(uri, o);
+  const double start = now_seconds();
+  const int64_t bad = check_pattern(r.data(), 0, r.size(), c.seed);  // one thread, front to back
+  const double s = now_seconds() - start;
+  if (bad != -1) throw std::runtime_error("sequential scan read wrong data");
+  *stats = r.stats();
+  return s;
+}
+
+}  // namespace
+
+int run_postcopy_bench(const BenchConfig& c) {
+  std::fprintf(stderr, "starting source processes (%s patterned, and %s half zero)...\n",
+               format_bytes(c.size).c_str(), format_bytes(c.size / 4).c_str());
+  SourceProcess source(PatternSpec{"bench", c.size, c.seed}, "127.0.0.1", "off");
+  const std::string uri = source.uri();
+  BenchConfig cc = c;
+  cc.handlers = c.handlers != 0 ? c.handlers : std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 4);
+  const AttachOptions defaults;
+  nlohmann::json report = {{"uri", uri}, {"region_bytes", c.size}, {"threads", c.threads}, {"handlers", cc.handlers}};
+  bool ok = true;
+  auto check = [&](bool pass, const char* what) {
+    std::printf("  %s %s\n", pass ? "ok  " : "MISS", what);
+    ok = ok && pass;
+  };
+
+  std::printf("pagewire bench --suite postcopy: %s, %u touching threads, %u handlers\n\n", uri.c_str(), c.threads,
+              cc.handlers);
+
+  // 1. Postcopy total time against the raw stream.
+  const double stream = stream_floor(uri, cc, defaults.pull_run_pages, defaults.pull_runs_in_flight);
+  const PostcopyRun pc = postcopy(uri, cc, true, true);
+  const double ratio = pc.seconds / stream;
+  std::printf("1. postcopy of %s while %u threads touch random pages: %.2f s; raw stream %.2f s (%.0f MB/s); "
+              "ratio %.2f\n",
+              format_bytes(c.size).c_str(), c.threads, pc.seconds, stream, static_cast<double>(c.size) / 1e6 / stream,
+              ratio);
+  std::printf("   demand faults %llu, pulled %llu pages in %llu runs, wrong pages %llu\n",
+              static_cast<unsigned long long>(pc.stats.faults), static_cast<unsigned long long>(pc.stats.pages_pulled),
+              static_cast<unsigned long long>(pc.stats.pull_runs), static_cast<unsigned long long>(pc.wrong));
+  check(ratio <= 1.3, "postcopy time <= 1.3x raw stream");
+  check(pc.wrong == 0, "every byte verified");
+  report["postcopy"] = {{"seconds", pc.seconds}, {"stream_seconds", stream}, {"ratio", ratio},
+                        {"demand_faults", pc.stats.faults}, {"pages_pulled", pc.stats.pages_pulled},
+                        {"wrong_pages", pc.wrong}};
+
+  // 2. Sequential scan with and without prefetch.
+  Stats with_s;
+  Stats without_s;
+  const double without = scan_seconds(uri, cc, false, &without_s);
+  const double with = scan_seconds(uri, cc, true, &with_s);
+  const double speedup = without / with;
+  std::printf("\n2. sequential scan of %s: prefetch off %.2f s (%.0f MB/s, %llu faults), on %.2f s (%.0f MB/s, "
+              "%llu faults; prefetch issued %llu used %llu wasted %llu); speedup %.1fx\n",
+              format_bytes(c.size).c_str(), without, static_cast<double>(c.size) / 1e6 / without,
+              static_cast<unsigned long long>(without_s.faults), with, static_cast<double>(c.size) / 1e6 / with,
+              static_cast<unsigned long long>(with_s.faults), static_cast<unsigned long long>(with_s.prefetch_issued),
+              static_cast<unsigned long long>(with_s.prefetch_used),
+              static_cast<unsigned long long>(with_s.prefetch_wasted), speedup);
+  check(speedup >= 3.0, "prefetch scan >= 3x faster");
+  report["sequential_scan"] = {{"prefetch_off_seconds", without}, {"prefetch_on_seconds", with},
+                               {"speedup", speedup}, {"prefetch_issued", with_s.prefetch_issued},
+                               {"prefetch_used", with_s.prefetch_used}, {"prefetch_wasted", with_s.prefetch_wasted}};
+
+  // 3. Random demand faults with and without the pull running.
+  const PostcopyRun no_pull = postcopy(uri, cc, false, false);
+  const PostcopyRun pulling = postcopy(uri, cc, true, false);
+  const LatencySummary& a = no_pull.stats.fault_latency;
+  const LatencySummary& b = pulling.stats.fault_latency;
+  const double p99_ratio = static_cast<double>(b.p99_ns) / static_cast<double>(a.p99_ns);
+  std::printf("\n3. random demand faults (handler-measured): no pull p50 %.1fus p99 %.1fus (n=%llu); while pulling "
+              "p50 %.1fus p99 %.1fus (n=%llu); p99 ratio %.2f\n",
+              a.p50_ns / 1e3, a.p99_ns / 1e3, static_cast<unsigned long long>(a.count), b.p50_ns / 1e3,
+              b.p99_ns / 1e3, static_cast<unsigned long long>(b.count), p99_ratio);
+  check(p99_ratio <= 2.0, "p99 while pulling <= 2x p99 without");
+  check(no_pull.wrong == 0 && pulling.wrong == 0, "every byte verified");
+  report["demand_priority"] = {{"no_pull", latency_json(a)}, {"pulling", latency_json(b)}, {"p99_ratio", p99_ratio}};
+
+  // 4. Half the pages zero: bytes on the wire.
+  {
+    const uint64_t len = c.size / 4;
+    Mapping half = Mapping::anonymous(len);
+    for (uint64_t p = 0; p < len / kPage; ++p) {
+      if ((p / 64) % 2 == 1) fill_pattern(half.data() + p * kPage, p * kPage, kPage, c.seed);
+    }
+    ServerOptions so;
+    so.bind_address = "127.0.0.1";
+    so.port = 0;
+    so.rdma = RdmaServing::kOff;
+    MemoryServer server(so);
+    server.export_memory("half", half.data(), len);
+    AttachOptions o = base_options(cc);
+    o.background_pull = true;
+    Region r = attach("tcp://127.0.0.1:" + std::to_string(server.port()) + "/half", o);
+    if (!r.wait_complete(std::chrono::minutes(10))) throw std::runtime_error("half-zero pull did not complete");
+    const bool same = std::memcmp(r.data(), half.data(), len) == 0;
+    const double share = static_cast<double>(r.stats().bytes_fetched) / static_cast<double>(len);
+    std::printf("\n4. %s region, half its pages zero, pulled: %s on the wire (%.1f%% of the region), %llu zero "
+                "pages installed without a transfer\n",
+                format_bytes(len).c_str(), format_bytes(r.stats().bytes_fetched).c_str(), share * 100,
+                static_cast<unsigned long long>(r.stats().pages_zero));
+    check(share <= 0.55, "bytes on the wire <= 55% of the region");
+    check(same, "every byte verified");
+    report["half_zero"] = {{"region_bytes", len}, {"bytes_on_wire", r.stats().bytes_fetched}, {"share", share}};
+  }
+
+  if (!c.json_path.empty()) {
+    std::ofstream(c.json_path) << report.dump(2) << "\n";
+    std::printf("\nwrote %s\n", c.json_path.c_str());
+  }
+  return ok ? 0 : 1;
+}
+
+}  // namespace pagewire::cli
