@@ -289,6 +289,8 @@ void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind k
 void FaultEngine::install_zero(Worker& w, size_t page) {
   uint64_t retries = 0;
   uint64_t existed = 0;
+  // Counted before the ioctl wakes the faulting thread, as in complete().
+  Metrics::bump(w.metrics.pages_zero);
   const int rc = uffd_.zeropage(region_.data() + page * desc_.page_size, desc_.page_size, desc_.page_size,
                                 &retries, &existed);
   if (rc != 0) {
@@ -297,7 +299,6 @@ void FaultEngine::install_zero(Worker& w, size_t page) {
     return;
   }
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
-  Metrics::bump(w.metrics.pages_zero);
   pages_.set(page, PageState::kPresent);
   mark_present(1);
 }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <future>
 #include <numeric>
 #include <random>
@@ -264,6 +265,25 @@ TEST_F(Rdma, PostcopyPullCompletesWithExactBytes) {
   const Stats s = r.stats();
   EXPECT_TRUE(s.complete);
   EXPECT_EQ(s.pages_pulled + s.pages_fetched + s.pages_zero, s.pages_total);
+}
+
+}  // namespace
+}  // namespace pagewire
+
+namespace pagewire {
+namespace {
+
+TEST_F(Rdma, ZeroPagesNeverCrossTheFabric) {
+  const size_t len = 4 << 20;
+  Mapping source = Mapping::anonymous(len);
+  for (size_t p = 0; p < len / kPage; p += 2) fill_pattern(source.data() + p * kPage, p * kPage, kPage, kSeed);
+  MemoryServer server(rdma_server());
+  server.export_memory("half", source.data(), len);
+  Region r = attach(uri("rdma", server.port(), "half"), handlers(2));
+  EXPECT_EQ(std::memcmp(r.data(), source.data(), len), 0);
+  const Stats s = r.stats();
+  EXPECT_EQ(s.pages_zero, len / kPage / 2);
+  EXPECT_EQ(s.bytes_fetched, len / 2);
 }
 
 }  // namespace

@@ -53,6 +53,13 @@ void RdmaServer::register_everywhere(Registered& r) {
       throw_errno("ibv_reg_mr of region '" + r.region->name + "' on " + ibv_get_device_name(d.context->device));
     }
     r.mrs.emplace(d.context, Mr(mr));
+    if (!r.region->zero_map.empty()) {
+      // Updated in place by mark_changed(), never reallocated.
+      ibv_mr* zmr = ibv_reg_mr(d.pd.get(), const_cast<uint64_t*>(r.region->zero_map.data()),
+                               r.region->zero_map.size() * 8, IBV_ACCESS_REMOTE_READ);
+      if (zmr == nullptr) throw_errno("ibv_reg_mr of the zero-page map of '" + r.region->name + "'");
+      r.zero_mrs.emplace(d.context, Mr(zmr));
+    }
   }
 }
 
@@ -86,7 +93,7 @@ void RdmaServer::stop() {
 
 void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   rdma_cm_id* id = ev->id;
-  HelloReply reply{kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0};
+  HelloReply reply{kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0, 0, 0, 0};
   Hello hello{};
   const bool well_formed = ev->param.conn.private_data != nullptr &&
                            ev->param.conn.private_data_len >= sizeof hello &&
@@ -116,6 +123,12 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
       if (mr != it->second.mrs.end()) {
         region = it->second.region;
         rkey = mr->second->rkey;
+      }
+      auto zmr = it->second.zero_mrs.find(id->verbs);
+      if (zmr != it->second.zero_mrs.end()) {
+        reply.zero_map_addr = reinterpret_cast<uint64_t>(zmr->second->addr);
+        reply.zero_map_rkey = zmr->second->rkey;
+        reply.zero_map_bytes = static_cast<uint32_t>(zmr->second->length);
       }
     }
   }

@@ -46,7 +46,8 @@ class RdmaServer {
   };
   struct Registered {
     const ExportedRegion* region;
-    std::map<ibv_context*, Mr> mrs;  // one per device
+    std::map<ibv_context*, Mr> mrs;       // one per device
+    std::map<ibv_context*, Mr> zero_mrs;  // the zero-page bitmap, per device
   };
   struct Peer {
     Cq cq;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 #include "spdlog/spdlog.h"
 
@@ -76,8 +77,46 @@ RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::
   if (r.length == 0 || r.page_size == 0 || (r.page_size & (r.page_size - 1)) != 0) {
     throw Error(Errc::kProtocol, endpoint_.text + " sent an invalid region descriptor");
   }
+  fetch_zero_map(*first_);
   spdlog::info("rdma: attached '{}' at {} on {} port {}: {} bytes, {} B pages", name, endpoint_.text,
                ibv_get_device_name(first_->id->verbs->device), first_->id->port_num, desc_.length, desc_.page_size);
+}
+
+void RdmaTransport::fetch_zero_map(Connection& c) {
+  const HelloReply& r = c.reply;
+  const uint64_t pages = (desc_.length + desc_.page_size - 1) / desc_.page_size;
+  if (r.zero_map_bytes == 0) return;
+  if (r.zero_map_bytes != (pages + 63) / 64 * 8) {
+    throw Error(Errc::kProtocol, endpoint_.text + " sent a zero-page map of the wrong size");
+  }
+  ZeroMap map(r.zero_map_bytes / 8);
+  Mr mr(ibv_reg_mr(pd_.get(), map.data(), r.zero_map_bytes, IBV_ACCESS_LOCAL_WRITE));
+  if (!mr) throw_errno("ibv_reg_mr for the zero-page map");
+  ibv_sge sge{reinterpret_cast<uint64_t>(map.data()), r.zero_map_bytes, mr->lkey};
+  ibv_send_wr wr{};
+  wr.wr_id = 1;
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.opcode = IBV_WR_RDMA_READ;
+  wr.send_flags = IBV_SEND_SIGNALED;
+  wr.wr.rdma.remote_addr = r.zero_map_addr;
+  wr.wr.rdma.rkey = r.zero_map_rkey;
+  ibv_send_wr* bad = nullptr;
+  if (const int rc = ibv_post_send(c.id->qp, &wr, &bad); rc != 0) {
+    throw Error(Errc::kIo, std::string("posting the zero-page map read: ") + std::strerror(rc));
+  }
+  // Setup path: poll until the one completion arrives.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(setup_timeout(options_));
+  ibv_wc wc{};
+  int n = 0;
+  while ((n = ibv_poll_cq(c.cq.get(), 1, &wc)) == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  if (n != 1 || wc.status != IBV_WC_SUCCESS) {
+    throw Error(Errc::kIo, "reading the zero-page map from " + endpoint_.text + ": " +
+                               (n == 1 ? wc_status(wc.status) : "no completion"));
+  }
+  desc_.zero_map = std::move(map);
 }
 
 RdmaTransport::~RdmaTransport() {

@@ -44,6 +44,8 @@ class RdmaTransport final : public Transport {
 
  private:
   Connection connect_one();
+  // One RDMA READ of the server's zero-page bitmap into desc_.zero_map.
+  void fetch_zero_map(Connection& c);
 
   tcp::Endpoint endpoint_;
   std::string name_;

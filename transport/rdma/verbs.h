@@ -65,6 +65,11 @@ struct HelloReply {
   uint32_t page_size;
   uint64_t length;
   uint64_t remote_addr;
+  // The zero-page bitmap, registered for remote read: the destination
+  // fetches it with one RDMA READ when it connects.
+  uint64_t zero_map_addr;
+  uint32_t zero_map_rkey;
+  uint32_t zero_map_bytes;
 };
 static_assert(sizeof(HelloReply) <= 148);
 
