@@ -17,6 +17,7 @@
 #include "runtime/unique_fd.h"
 #include "tools/cli_util.h"
 #include "tools/pattern.h"
+#include "tools/plot.h"
 #include "tools/source_process.h"
 #include "transport/local/local_transport.h"
 #include "transport/transport.h"
@@ -150,6 +151,7 @@ int run_bench(const BenchConfig& c) {
                            {"io_uring", c.io_uring},
                            {"placements", nlohmann::json::array()}};
   bool ok = true;
+  std::vector<Series> cdfs;
   for (const Placement& pl : pls) {
     if (source) pin_process(source->pid(), pl.server_cpu);
     BenchConfig cc = c;
@@ -172,6 +174,7 @@ int run_bench(const BenchConfig& c) {
     w.seed = c.seed;
     w.progress_label = "faults (" + pl.name + ")";
     WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
+    if (!c.plot_path.empty()) cdfs.push_back({"fault, " + pl.name, cdf_points(res.latencies_ns)});
     const LatencySummary f = summarize_samples(res.latencies_ns);
     const Stats s = r.stats();
     const double ratio = static_cast<double>(f.p50_ns) / static_cast<double>(a.p50_ns + b.p50_ns);
@@ -207,12 +210,66 @@ int run_bench(const BenchConfig& c) {
                                     {"fabric_ratio", fabric_ratio}});
   }
   std::printf("\nlatencies are p50 unless named; the fault columns are what a touching thread saw.\n");
+  if (!c.plot_path.empty()) {
+    write_plot(c.plot_path, std::string("pagewire bench: ") + to_string(c.pattern) + " 4 KiB faults, " + uri, cdfs, {});
+    std::printf("wrote %s\n", c.plot_path.c_str());
+  }
   if (!c.json_path.empty()) {
     std::ofstream out(c.json_path);
     out << report.dump(2) << "\n";
     if (!out) throw std::runtime_error("cannot write " + c.json_path);
     std::printf("wrote %s\n", c.json_path.c_str());
   }
+  return ok ? 0 : 1;
+}
+
+}  // namespace pagewire::cli
+
+namespace pagewire::cli {
+
+int run_scaling_bench(const BenchConfig& c) {
+  std::unique_ptr<SourceProcess> source;
+  std::string uri = c.uri;
+  if (uri.empty()) {
+    source = std::make_unique<SourceProcess>(PatternSpec{"bench", c.size, c.seed});
+    uri = source->uri();
+  }
+  std::printf("pagewire bench --suite scaling: random 4 KiB faults on %s (%s), faults per second\n\n", uri.c_str(),
+              format_bytes(c.size).c_str());
+  const std::vector<unsigned> counts = {1, 2, 4};
+  std::printf("%-22s", "handlers \\ threads");
+  for (unsigned t : counts) std::printf("%12u", t);
+  std::printf("\n");
+  nlohmann::json rows = nlohmann::json::array();
+  bool ok = true;
+  for (unsigned h : counts) {
+    std::printf("%-22u", h);
+    for (unsigned t : counts) {
+      AttachOptions o;
+      o.handler_threads = h;
+      o.background_pull = false;
+      o.prefetch = false;
+      o.io_uring = c.io_uring;
+      Region r = attach(uri, o);
+      WorkloadConfig w;
+      w.pattern = AccessPattern::kRandom;
+      w.threads = t;
+      w.seed = c.seed;
+      const WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
+      const double rate = static_cast<double>(res.pages) / res.seconds;
+      ok = ok && res.wrong_pages == 0;
+      std::printf("%12.0f", rate);
+      std::fflush(stdout);
+      rows.push_back({{"handlers", h}, {"threads", t}, {"faults_per_second", rate},
+                      {"duplicate_faults", r.stats().duplicate_faults}, {"wrong_pages", res.wrong_pages}});
+    }
+    std::printf("\n");
+  }
+  if (!c.json_path.empty()) {
+    std::ofstream(c.json_path) << nlohmann::json{{"uri", uri}, {"scaling", rows}}.dump(2) << "\n";
+    std::printf("wrote %s\n", c.json_path.c_str());
+  }
+  if (!ok) std::printf("ERROR: some pages read wrong\n");
   return ok ? 0 : 1;
 }
 

@@ -21,6 +21,7 @@ struct BenchConfig {
   unsigned floor_samples = 20000;
   uint64_t floor_size = 256ull << 20;
   std::string json_path;
+  std::string plot_path;  // a PNG of latency CDFs (and, for a pull, MiB present over time)
   std::string suite = "faults";  // faults, postcopy
   bool prefetch = false;         // faults suite: prefetch on (off measures each fault)
   double max_ratio = 0;  // > 0: exit non-zero when a ratio exceeds it
@@ -33,5 +34,7 @@ struct BenchConfig {
 int run_bench(const BenchConfig& config);
 // --suite postcopy: pull, prefetch, demand priority and zero pages.
 int run_postcopy_bench(const BenchConfig& config);
+// --suite scaling: faults per second against handler and faulting threads.
+int run_scaling_bench(const BenchConfig& config);
 
 }  // namespace pagewire::cli

@@ -25,6 +25,7 @@
 #include "tools/bench.h"
 #include "tools/cli_util.h"
 #include "tools/pattern.h"
+#include "tools/plot.h"
 #include "tools/source_process.h"
 #include "transport/transport.h"
 
@@ -91,6 +92,7 @@ double stream_floor(const std::string& uri, const BenchConfig& c, uint32_t run_p
 }
 
 struct PostcopyRun {
+  std::vector<std::pair<double, double>> timeline;  // (s since attach, MiB present)
   double seconds = 0;
   Stats stats;
   uint64_t wrong = 0;
@@ -125,14 +127,19 @@ PostcopyRun postcopy(const std::string& uri, const BenchConfig& c, bool pull, bo
     });
   }
   Progress progress("postcopy", pages);
-  while (pull && !r.wait_complete(std::chrono::milliseconds(100))) {
+  std::vector<std::pair<double, double>> timeline;
+  while (pull && !r.wait_complete(std::chrono::milliseconds(20))) {
     if (r.failed()) throw std::runtime_error("postcopy failed: " + r.error());
-    progress.update(r.progress().pages_present);
+    const uint64_t present = r.progress().pages_present;
+    timeline.emplace_back(now_seconds() - start, static_cast<double>(present * kPage) / (1 << 20));
+    progress.update(present);
   }
+  timeline.emplace_back(now_seconds() - start, static_cast<double>(r.size()) / (1 << 20));
   const double complete_at = now_seconds();
   for (auto& t : ts) t.join();
   progress.finish();
   PostcopyRun out;
+  out.timeline = std::move(timeline);
   out.seconds = (pull ? complete_at : now_seconds()) - start;
   if (pull && check_pattern(r.data(), 0, r.size(), c.seed) != -1) ++wrong;
   out.stats = r.stats();
@@ -221,6 +228,19 @@ int run_postcopy_bench(const BenchConfig& c) {
   check(p99_ratio <= 2.0, "p99 while pulling <= 2x p99 without");
   check(no_pull.wrong == 0 && pulling.wrong == 0, "every byte verified");
   report["demand_priority"] = {{"no_pull", latency_json(a)}, {"pulling", latency_json(b)}, {"p99_ratio", p99_ratio}};
+  if (!c.plot_path.empty()) {
+    // Only touches that faulted: with the pull on, most touches find the
+    // page present and would hide the faults' own curve.
+    auto faulted = [](std::vector<uint64_t> v) {
+      std::erase_if(v, [](uint64_t ns) { return ns < 2000; });
+      return v;
+    };
+    write_plot(c.plot_path, "pagewire postcopy: " + format_bytes(c.size) + " over " + uri,
+               {{"random faults, no pull", cdf_points(faulted(no_pull.touch_ns))},
+                {"random faults while pulling", cdf_points(faulted(pulling.touch_ns))}},
+               {{"postcopy with 2 threads touching", pc.timeline}});
+    std::printf("\nwrote %s\n", c.plot_path.c_str());
+  }
 
   // 4. Half the pages zero: bytes on the wire.
   {

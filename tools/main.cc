@@ -191,6 +191,7 @@ int main(int argc, char** argv) {
   bench->add_option("--floor-size", floor_size, "local region size for floor a")->capture_default_str();
   bench->add_option("--seed", bc.seed, "pattern seed of the region (with --uri: what serve --pattern used)");
   bench->add_option("--json", bc.json_path, "write the results as JSON to this file");
+  bench->add_option("--plot", bc.plot_path, "draw latency CDFs (and pull progress) into this PNG (needs gnuplot)");
   bench->add_option("--max-ratio", bc.max_ratio, "exit non-zero when a placement's ratio exceeds this");
   bench->add_option("--transport", bc.transport, "transport to the bench's own source: tcp, rdma or auto")
       ->capture_default_str();
@@ -200,7 +201,8 @@ int main(int argc, char** argv) {
                     "ib_read_lat's typical 4 KiB latency on this device, for the fabric ratio");
   bench->add_flag("--prefetch", bc.prefetch, "faults suite: keep prefetch on (off: every touch is one fault)");
   bench->add_option("--suite", bc.suite,
-                    "faults: fault latency against its floors; postcopy: pull, prefetch, demand priority, zero pages")
+                    "faults: fault latency against its floors; postcopy: pull, prefetch, demand priority, zero pages; "
+                    "scaling: faults/s against handler and faulting threads")
       ->capture_default_str();
   bool no_io_uring = false;
   bench->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
@@ -236,7 +238,8 @@ int main(int argc, char** argv) {
       bc.pattern = parse_access_pattern(access);
       bc.io_uring = !no_io_uring;
       if (bc.suite == "postcopy") return run_postcopy_bench(bc);
-      if (bc.suite != "faults") throw std::invalid_argument("--suite must be faults or postcopy");
+      if (bc.suite == "scaling") return run_scaling_bench(bc);
+      if (bc.suite != "faults") throw std::invalid_argument("--suite must be faults, postcopy or scaling");
       return run_bench(bc);
     }
     return cmd_info();
