@@ -48,6 +48,17 @@ void pin_to(int cpu) {
   ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
 }
 
+// Demand faults first, on the CPU too: a handler woken by a fault's reply
+// should preempt the puller and the application. Raising priority needs
+// CAP_SYS_NICE; without it the thread stays at its default, and says so.
+void set_nice(int nice) {
+  if (nice == 0) return;
+  if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), nice) != 0) {
+    static std::once_flag once;
+    std::call_once(once, [nice] { spdlog::info("fault threads: cannot set nice {} (needs CAP_SYS_NICE)", nice); });
+  }
+}
+
 }  // namespace
 
 struct FaultEngine::Worker {
@@ -110,11 +121,11 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   const uint32_t max_run = std::clamp<uint32_t>(caps.max_read_bytes / desc_.page_size, 1, kMaxRunPages);
   // Channels are opened here so that a connection failure surfaces from
   // attach() as an exception rather than inside a thread.
-  auto make_worker = [&](unsigned index, uint32_t slots, uint32_t slot_pages) {
+  auto make_worker = [&](unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use) {
     auto w = std::make_unique<Worker>();
     w->index = index;
     w->slot_pages = std::min(slot_pages, max_run);
-    w->channel = transport_->open_channel();
+    w->channel = transport_->open_channel(use);
     w->staging = std::make_unique<StagingPool>(*w->channel, slots, w->slot_pages * desc_.page_size);
     w->slots.resize(slots);
     w->batch.reserve(slots);
@@ -122,13 +133,14 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
     return w;
   };
   for (unsigned i = 0; i < n; ++i) {
-    auto h = make_worker(i, depth, options_.prefetch ? std::max(1u, options_.prefetch_max_pages) : 1);
+    auto h = make_worker(i, depth, options_.prefetch ? std::max(1u, options_.prefetch_max_pages) : 1,
+                         ChannelUse::kDemand);
     h->channel->watch(uffd_.fd(), kUffdToken);
     handlers_.push_back(std::move(h));
   }
   if (options_.background_pull) {
     const uint32_t runs = std::clamp<uint32_t>(options_.pull_runs_in_flight, 1, caps.max_outstanding_reads);
-    puller_ = make_worker(n, runs, std::max(1u, options_.pull_run_pages));
+    puller_ = make_worker(n, runs, std::max(1u, options_.pull_run_pages), ChannelUse::kBulk);
   }
   for (auto& h : handlers_) {
     Worker* raw = h.get();
@@ -246,6 +258,7 @@ void FaultEngine::run_handler(Worker& w) {
   const std::string thread_name = "pw-fault-" + std::to_string(w.index);
   ::pthread_setname_np(::pthread_self(), thread_name.c_str());
   pin_to(options_.handler_cpu);
+  set_nice(options_.handler_nice);
   try {
     for (;;) {
       w.result.clear();
@@ -442,9 +455,7 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
 void FaultEngine::run_puller(Worker& w) {
   ::pthread_setname_np(::pthread_self(), "pw-pull");
   pin_to(options_.handler_cpu);
-  // Demand faults first, on the CPU too: a handler woken by a fault's reply
-  // preempts the puller at once.
-  ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
+  set_nice(options_.puller_nice);
   const size_t total = pages_.size();
   size_t cursor = 0;
   try {

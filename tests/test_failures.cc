@@ -57,7 +57,7 @@ UniqueFd raw_connect(uint16_t port) {
 // Attaches region `name` by hand and returns the socket, ready for reads.
 UniqueFd raw_attach(uint16_t port, const std::string& name, wire::HelloReply* reply) {
   UniqueFd fd = raw_connect(port);
-  wire::Hello h{wire::kHelloMagic, wire::kVersion, static_cast<uint16_t>(name.size())};
+  wire::Hello h{wire::kHelloMagic, wire::kVersion, static_cast<uint8_t>(name.size()), 0};
   EXPECT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
   EXPECT_TRUE(tcp::send_all(fd.get(), name.data(), name.size()));
   EXPECT_TRUE(tcp::recv_all(fd.get(), reply, sizeof *reply));
@@ -135,7 +135,7 @@ TEST(Failures, GarbageAndTruncatedRequestsAreDroppedOthersServed) {
   }
   {  // A truncated hello.
     UniqueFd fd = raw_connect(port);
-    wire::Hello h{wire::kHelloMagic, wire::kVersion, 10};
+    wire::Hello h{wire::kHelloMagic, wire::kVersion, 10, 0};
     ASSERT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
     ASSERT_TRUE(tcp::send_all(fd.get(), "abc", 3));
   }

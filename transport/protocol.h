@@ -21,10 +21,14 @@ inline constexpr uint16_t kVersion = 2;
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 
+// Hello::flags
+inline constexpr uint8_t kHelloBulk = 1;  // background transfer: serve it after demand reads
+
 struct Hello {
   uint32_t magic;
   uint16_t version;
-  uint16_t name_length;
+  uint8_t name_length;
+  uint8_t flags;
 };
 
 struct HelloReply {

@@ -72,6 +72,8 @@ struct WaitResult {
   }
 };
 
+enum class ChannelUse { kDemand, kBulk };
+
 class Channel {
  public:
   Channel() = default;
@@ -107,8 +109,10 @@ class Transport {
   virtual std::string_view name() const = 0;
   virtual const RegionDescriptor& region() const = 0;
   virtual TransportCapabilities capabilities() const = 0;
-  // One per handler thread; the channel is used by that thread alone.
-  virtual std::unique_ptr<Channel> open_channel() = 0;
+  // One per handler thread; the channel is used by that thread alone. A
+  // bulk channel carries background transfers (the pull): where the peer
+  // can, it serves them behind demand reads.
+  virtual std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) = 0;
 };
 
 struct TransportOptions {

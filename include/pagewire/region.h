@@ -51,6 +51,11 @@ struct AttachOptions {
   // dropped when it breaks. Random access pays nothing for it.
   bool prefetch = true;
   unsigned prefetch_max_pages = 32;
+  // Scheduling priority (nice) of the handler threads and of the puller:
+  // handlers above the application and the pull, so that a demand fault's
+  // reply is served at once. Negative values need CAP_SYS_NICE.
+  int handler_nice = -10;
+  int puller_nice = 0;
 };
 
 // How far a region has arrived.

@@ -68,6 +68,6 @@ LocalTransport::LocalTransport(const std::byte* base, uint64_t length, uint32_t 
   desc_.page_size = page_size;
 }
 
-std::unique_ptr<Channel> LocalTransport::open_channel() { return std::make_unique<LocalChannel>(this); }
+std::unique_ptr<Channel> LocalTransport::open_channel(ChannelUse) { return std::make_unique<LocalChannel>(this); }
 
 }  // namespace pagewire

@@ -25,7 +25,7 @@ class LocalTransport final : public Transport {
   std::string_view name() const override { return "local"; }
   const RegionDescriptor& region() const override { return desc_; }
   TransportCapabilities capabilities() const override { return {1024, 1u << 30, false}; }
-  std::unique_ptr<Channel> open_channel() override;
+  std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) override;
   uint64_t reads() const { return reads_.load(); }
 
  private:

@@ -208,7 +208,7 @@ Connection RdmaTransport::connect_one() {
   return c;
 }
 
-std::unique_ptr<Channel> RdmaTransport::open_channel() {
+std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {
   Connection c = first_ ? std::move(*first_) : connect_one();
   first_.reset();
   if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size) {

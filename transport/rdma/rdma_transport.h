@@ -40,7 +40,8 @@ class RdmaTransport final : public Transport {
   std::string_view name() const override { return "rdma"; }
   const RegionDescriptor& region() const override { return desc_; }
   TransportCapabilities capabilities() const override;
-  std::unique_ptr<Channel> open_channel() override;
+  // RDMA reads take no CPU on the source: demand and bulk are alike there.
+  std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) override;
 
  private:
   Connection connect_one();

@@ -96,12 +96,13 @@ bool recv_all(int fd, void* buf, size_t n) {
   return true;
 }
 
-RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer) {
+RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer,
+                           uint8_t flags) {
   if (name.empty() || name.size() > wire::kMaxNameLength) {
     throw Error(Errc::kBadUri, "region name must be 1.." + std::to_string(wire::kMaxNameLength) + " bytes");
   }
   set_io_timeout(fd, timeout_ms);
-  wire::Hello hello{wire::kHelloMagic, wire::kVersion, static_cast<uint16_t>(name.size())};
+  wire::Hello hello{wire::kHelloMagic, wire::kVersion, static_cast<uint8_t>(name.size()), flags};
   if (!send_all(fd, &hello, sizeof hello) || !send_all(fd, name.data(), name.size())) {
     throw Error(Errc::kConnectFailed, "sending hello to " + peer + ": " + std::strerror(errno));
   }

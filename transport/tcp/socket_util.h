@@ -34,7 +34,8 @@ bool recv_all(int fd, void* buf, size_t n);
 
 // Says hello for region `name` and reads the descriptor. Throws Error with
 // the server's answer (kNotFound, kProtocol, ...).
-RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer);
+RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer,
+                           uint8_t flags = 0);
 
 void set_io_timeout(int fd, unsigned timeout_ms);
 

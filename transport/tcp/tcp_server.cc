@@ -6,6 +6,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -259,7 +260,12 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     return finish(false);
   }
   tcp::set_io_timeout(fd.get(), 0);
-  spdlog::debug("server: {} attached '{}'", peer, name);
+  if ((hello.flags & wire::kHelloBulk) != 0) {
+    // Background transfer: let the threads answering demand reads run
+    // first (a woken nice-0 thread preempts this one at once).
+    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
+  }
+  spdlog::debug("server: {} attached '{}'{}", peer, name, (hello.flags & wire::kHelloBulk) != 0 ? " (bulk)" : "");
 
   std::vector<std::byte> buf(kRecvBuffer);
   std::vector<wire::ReadReply> replies(kRecvBuffer / sizeof(wire::ReadRequest));

@@ -91,22 +91,26 @@ TransportCapabilities TcpTransport::capabilities() const {
   return {TcpChannel::kMaxOutstanding, wire::kMaxReadBytes, false};
 }
 
-std::unique_ptr<Channel> TcpTransport::open_channel() {
-  UniqueFd fd = std::move(first_connection_);
+std::unique_ptr<Channel> TcpTransport::open_channel(ChannelUse use) {
+  const uint8_t flags = use == ChannelUse::kBulk ? wire::kHelloBulk : 0;
+  UniqueFd fd;
+  if (use == ChannelUse::kDemand) fd = std::move(first_connection_);
   if (!fd) {
     std::string why;
     fd = connect_to(endpoint_, timeouts_.reconnect_timeout_ms, &why);
     if (!fd) throw Error(Errc::kConnectFailed, why);
-    RegionDescriptor d = handshake(fd.get(), desc_.name, timeouts_.reconnect_timeout_ms, endpoint_.text);
+    RegionDescriptor d = handshake(fd.get(), desc_.name, timeouts_.reconnect_timeout_ms, endpoint_.text, flags);
     if (d.length != desc_.length || d.page_size != desc_.page_size) {
       throw Error(Errc::kProtocol, "region '" + desc_.name + "' changed shape on " + endpoint_.text);
     }
   }
-  return std::make_unique<TcpChannel>(std::move(fd), endpoint_, desc_, timeouts_);
+  return std::make_unique<TcpChannel>(std::move(fd), endpoint_, desc_, timeouts_, flags);
 }
 
-TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportOptions options)
-    : endpoint_(std::move(endpoint)),
+TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportOptions options,
+                       uint8_t hello_flags)
+    : hello_flags_(hello_flags),
+      endpoint_(std::move(endpoint)),
       desc_(std::move(desc)),
       timeouts_(options),
       sock_(std::move(connection)),
@@ -464,7 +468,7 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
     if (fd) {
       try {
         RegionDescriptor d = handshake(fd.get(), desc_.name, static_cast<unsigned>(std::max<int64_t>(left.count(), 1)),
-                                       endpoint_.text);
+                                       endpoint_.text, hello_flags_);
         if (d.length != desc_.length || d.page_size != desc_.page_size) {
           last_why = "region '" + desc_.name + "' changed shape on " + endpoint_.text;
           break;  // never read a different region into these pages

@@ -28,7 +28,7 @@ class TcpTransport final : public Transport {
   std::string_view name() const override { return "tcp"; }
   const RegionDescriptor& region() const override { return desc_; }
   TransportCapabilities capabilities() const override;
-  std::unique_ptr<Channel> open_channel() override;
+  std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) override;
 
  private:
   Endpoint endpoint_;
@@ -57,7 +57,8 @@ class Ring {
 
 class TcpChannel final : public Channel {
  public:
-  TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportOptions options);
+  TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportOptions options,
+             uint8_t hello_flags = 0);
   ~TcpChannel() override;
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
@@ -96,6 +97,7 @@ class TcpChannel final : public Channel {
   void wait_with_syscalls(WaitResult& out, int timeout_ms);
   void drain_ring(WaitResult& out);
 
+  uint8_t hello_flags_;  // said again on every reconnect
   Endpoint endpoint_;
   RegionDescriptor desc_;
   TransportOptions timeouts_;
