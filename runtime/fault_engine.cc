@@ -94,7 +94,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
       transport_(std::move(transport)),
       desc_(transport_->region()),
       region_(Mapping::anonymous(round_up(desc_.length, desc_.page_size))),
-      uffd_(Userfaultfd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID)),
+      uffd_(Userfaultfd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID)),
       pages_(region_.size() / desc_.page_size),
       streams_(std::max(1u, options.prefetch_max_pages)),
       stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
@@ -226,6 +226,21 @@ void FaultEngine::record_failure(const std::string& text) {
 
 void FaultEngine::mark_present(size_t pages) {
   if (present_.fetch_add(pages) + pages != pages_.size()) return;
+  // Every page is counted. Before the region becomes plain memory (where a
+  // missing page would read as zeros), check the page tables: a page the
+  // application discarded after it arrived is fetched again first.
+  std::vector<unsigned char> resident(pages_.size());
+  if (::mincore(region_.data(), region_.size(), resident.data()) == 0) {
+    size_t gone = 0;
+    for (size_t p = 0; p < resident.size(); ++p) {
+      if ((resident[p] & 1) == 0 && pages_.transition(p, PageState::kPresent, PageState::kMissing)) ++gone;
+    }
+    if (gone > 0) {
+      present_.fetch_sub(gone);
+      spdlog::info("region '{}': {} pages were discarded after they arrived; fetching them again", desc_.name, gone);
+      return;
+    }
+  }
   // Every page is here: the region becomes plain memory.
   try {
     uffd_.unregister(region_.data(), region_.size());
@@ -250,7 +265,10 @@ void FaultEngine::stop_worker_on_exception(Worker& w, const std::exception& e) {
   for (auto& slot : w.slots) {
     if (!slot.busy) continue;
     slot.busy = false;
-    for (uint32_t i = 0; i < slot.pages; ++i) refuse_page(w, slot.first + i, Errc::kIo, why);
+    if (slot.kind == ReadKind::kDemand) demand_in_flight_.fetch_sub(1, std::memory_order_relaxed);
+    for (uint32_t i = 0; i < slot.pages; ++i) {
+      if (((slot.owned >> i) & 1) != 0) refuse_page(w, slot.first + i, Errc::kIo, why);
+    }
   }
 }
 
@@ -329,17 +347,13 @@ void FaultEngine::read_faults(Worker& w) {
     const uint64_t t0 = now_ns();
     for (int i = 0; i < n; ++i) {
       const uffd_msg& msg = w.events[static_cast<size_t>(i)];
-      if (msg.event == UFFD_EVENT_REMOVE) {
-        forget_pages(msg.arg.remove.start, msg.arg.remove.end);
-        continue;
-      }
       if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
       Metrics::bump(w.metrics.faults);
       const uint64_t offset = (msg.arg.pagefault.address - reinterpret_cast<uint64_t>(region_.data())) &
                               ~uint64_t{desc_.page_size - 1};
       const size_t page = offset / desc_.page_size;
       std::byte* addr = region_.data() + offset;
-      if (!pages_.claim(page)) {
+      if (!pages_.claim(page) && !(pages_.get(page) == PageState::kPresent && discarded(page))) {
         Metrics::bump(w.metrics.duplicate_faults);
         // IN_FLIGHT: the owner's UFFDIO_COPY will wake this thread too.
         // PRESENT: the copy raced with the fault; wake it ourselves.
@@ -355,7 +369,8 @@ void FaultEngine::read_faults(Worker& w) {
       }
       // Every message read was sized to a free slot, so this one has one.
       queue_read(w, page, 1, ReadKind::kDemand, t0);
-      if (options_.prefetch) prefetch(w, msg.arg.pagefault.feat.ptid, page);
+      // Prefetch must leave a slot for each fault still to handle in this batch.
+      if (options_.prefetch) prefetch(w, msg.arg.pagefault.feat.ptid, page, static_cast<uint32_t>(n - i - 1));
     }
     if (static_cast<size_t>(n) < want) {
       w.uffd_ready = false;
@@ -365,13 +380,16 @@ void FaultEngine::read_faults(Worker& w) {
   if (!w.batch.empty()) w.channel->post(w.batch);
 }
 
-void FaultEngine::prefetch(Worker& w, uint32_t thread_id, size_t page) {
+void FaultEngine::prefetch(Worker& w, uint32_t thread_id, size_t page, uint32_t reserved) {
   const PrefetchPlan plan = streams_.on_fault(thread_id, page);
   if (plan.used > 0) Metrics::bump(w.metrics.prefetch_used, plan.used);
   if (plan.wasted > 0) Metrics::bump(w.metrics.prefetch_wasted, plan.wasted);
   if (plan.pages == 0) return;
-  // Prefetch never takes the slots demand faults need: half stay free.
-  const auto spare = [&] { return w.staging->available() > w.slots.size() / 2; };
+  // Prefetch never takes the slots demand faults need: half stay free, and
+  // one for each fault read but not yet handled.
+  const auto spare = [&] {
+    return w.staging->available() > std::max<size_t>(w.slots.size() / 2, reserved);
+  };
   uint32_t issued = 0;
   if (plan.stride == 1) {
     // The next pages: one run, one read, one UFFDIO_COPY.
@@ -459,7 +477,8 @@ void FaultEngine::run_puller(Worker& w) {
   const size_t total = pages_.size();
   size_t cursor = 0;
   try {
-    while (!complete_.load()) {
+    // A refused page never arrives, so a failed region never completes.
+    while (!complete_.load() && !failed_.load()) {
       w.batch.clear();
       // Demand faults first: while any is in flight, keep one run at most.
       while (!w.staging->empty() && cursor < total &&
@@ -515,21 +534,18 @@ void FaultEngine::run_puller(Worker& w) {
   }
 }
 
-void FaultEngine::forget_pages(uint64_t start, uint64_t end) {
-  // MADV_DONTNEED (or REMOVE) zapped these pages: the next touch faults
-  // again and fetches them from the source again, as postcopy expects of a
-  // discarded page. Pages in flight are left to their fetch; refused pages
-  // stay refused.
-  const uint64_t base = reinterpret_cast<uint64_t>(region_.data());
-  start = std::max(start, base);
-  end = std::min(end, base + region_.size());
-  for (uint64_t a = start & ~uint64_t{desc_.page_size - 1}; a < end; a += desc_.page_size) {
-    const size_t page = (a - base) / desc_.page_size;
-    if (pages_.get(page) == PageState::kPresent) {
-      pages_.set(page, PageState::kMissing);
-      present_.fetch_sub(1);
-    }
+bool FaultEngine::discarded(size_t page) {
+  // A page the table calls present faults again only if the application
+  // discarded it (MADV_DONTNEED) or the fault raced with its install. The
+  // page tables tell which; a discarded page is fetched again, as postcopy
+  // expects, rather than woken into a fault loop.
+  unsigned char resident = 0;
+  if (::mincore(region_.data() + page * desc_.page_size, desc_.page_size, &resident) != 0 || (resident & 1) != 0) {
+    return false;
   }
+  if (!pages_.transition(page, PageState::kPresent, PageState::kInFlight)) return false;
+  present_.fetch_sub(1);
+  return true;
 }
 
 void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::string& text) {

@@ -59,7 +59,7 @@ class FaultEngine {
   void run_puller(Worker& w);
   void read_faults(Worker& w);
   // Claims and queues the pages a prefetch plan names.
-  void prefetch(Worker& w, uint32_t thread_id, size_t page);
+  void prefetch(Worker& w, uint32_t thread_id, size_t page, uint32_t reserved);
   // Queues a read of `pages` claimed pages starting at `first`.
   // `owned` marks the pages of the run this read installs (0: all of them).
   void queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns, uint64_t owned = 0);
@@ -70,7 +70,9 @@ class FaultEngine {
   void complete(Worker& w, const ReadCompletion& c);
   void mark_present(size_t pages);
   void refuse_page(Worker& w, size_t page, Errc why, const std::string& text);
-  void forget_pages(uint64_t start, uint64_t end);
+  // True when a page the table calls present was discarded by the
+  // application; it is then claimed again (IN_FLIGHT) for the caller.
+  bool discarded(size_t page);
   void record_failure(const std::string& text);
   void stop_worker_on_exception(Worker& w, const std::exception& e);
   bool zero(size_t page) const { return is_zero_page(desc_.zero_map, page); }

@@ -24,6 +24,9 @@ class PageTable {
     return states_[page].compare_exchange_strong(expected, PageState::kInFlight, std::memory_order_acq_rel);
   }
   void set(size_t page, PageState s) { states_[page].store(s, std::memory_order_release); }
+  bool transition(size_t page, PageState from, PageState to) {
+    return states_[page].compare_exchange_strong(from, to, std::memory_order_acq_rel);
+  }
 
  private:
   size_t pages_;

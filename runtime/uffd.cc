@@ -1,6 +1,7 @@
 #include "runtime/uffd.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -91,66 +92,75 @@ int Userfaultfd::read_events(std::span<uffd_msg> msgs) {
   }
 }
 
-int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
-  auto* d = static_cast<std::byte*>(dst);
-  auto* s = static_cast<const std::byte*>(src);
-  while (len > 0) {
-    uffdio_copy c{};
-    c.dst = reinterpret_cast<uint64_t>(d);
-    c.src = reinterpret_cast<uint64_t>(s);
-    c.len = len;
-    c.mode = 0;
-    if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
-    const int err = errno;
+namespace {
+
+// The loop UFFDIO_COPY and UFFDIO_ZEROPAGE share. `issue(offset, len)` runs
+// the ioctl on [offset, offset+len) and returns 0 or errno, with *done set
+// to the bytes it installed before failing.
+template <typename Issue>
+int install_pages(size_t len, size_t page, uint64_t* retries, uint64_t* existed, Issue issue, void* base,
+                  const Userfaultfd& uffd) {
+  size_t at = 0;
+  while (at < len) {
+    int64_t done = 0;
+    const int err = issue(at, len - at, &done);
+    if (err == 0) return 0;
     if (err == EEXIST) {
       // This page is present already, but threads may still be parked on
       // it; the rest of the run still needs installing.
-      wake(d, page);
+      uffd.wake(static_cast<std::byte*>(base) + at, page);
       if (existed != nullptr) ++*existed;
-      d += page;
-      s += page;
-      len -= std::min(len, page);
+      at += page;
       continue;
     }
     if (err != EAGAIN) return err;
-    // Partly done (the address space changed under us): go on from there.
+    // The address space is changing under us (no non-cooperative events
+    // are enabled, so nobody has to read one first): retry from where the
+    // ioctl got to.
     if (retries != nullptr) ++*retries;
-    if (c.copy > 0) {
-      d += c.copy;
-      s += c.copy;
-      len -= static_cast<size_t>(c.copy);
+    if (done > 0) {
+      at += static_cast<size_t>(done);
+    } else {
+      sched_yield();
     }
   }
   return 0;
+}
+
+}  // namespace
+
+int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
+  return install_pages(
+      len, page, retries, existed,
+      [&](size_t at, size_t n, int64_t* done) {
+        uffdio_copy c{};
+        c.dst = reinterpret_cast<uint64_t>(dst) + at;
+        c.src = reinterpret_cast<uint64_t>(src) + at;
+        c.len = n;
+        c.mode = 0;
+        if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
+        *done = c.copy;
+        return errno;
+      },
+      dst, *this);
 }
 
 int Userfaultfd::zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
-  auto* a = static_cast<std::byte*>(addr);
-  while (len > 0) {
-    uffdio_zeropage z{};
-    z.range.start = reinterpret_cast<uint64_t>(a);
-    z.range.len = len;
-    z.mode = 0;
-    if (::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z) == 0) return 0;
-    const int err = errno;
-    if (err == EEXIST) {
-      wake(a, page);
-      if (existed != nullptr) ++*existed;
-      a += page;
-      len -= std::min(len, page);
-      continue;
-    }
-    if (err != EAGAIN) return err;
-    if (retries != nullptr) ++*retries;
-    if (z.zeropage > 0) {
-      a += z.zeropage;
-      len -= static_cast<size_t>(z.zeropage);
-    }
-  }
-  return 0;
+  return install_pages(
+      len, page, retries, existed,
+      [&](size_t at, size_t n, int64_t* done) {
+        uffdio_zeropage z{};
+        z.range.start = reinterpret_cast<uint64_t>(addr) + at;
+        z.range.len = n;
+        z.mode = 0;
+        if (::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z) == 0) return 0;
+        *done = z.zeropage;
+        return errno;
+      },
+      addr, *this);
 }
 
-int Userfaultfd::wake(void* addr, size_t len) {
+int Userfaultfd::wake(void* addr, size_t len) const {
   uffdio_range range{reinterpret_cast<uint64_t>(addr), len};
   return ::ioctl(fd_.get(), UFFDIO_WAKE, &range) == 0 ? 0 : errno;
 }

@@ -37,13 +37,13 @@ class Userfaultfd {
   int read_events(std::span<uffd_msg> msgs);
 
   // Installs [src, src+len) at dst, page by page of `page` bytes, and wakes
-  // the waiters. EAGAIN is retried here (counted in *retries); a page found
-  // present already (EEXIST) is woken and skipped (counted in *existed).
+  // the waiters. A page found present already (EEXIST) is woken and skipped
+  // (counted in *existed); EAGAIN is retried here (counted in *retries).
   // Returns 0 or the errno that stopped it.
   int copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
   // Installs zero pages over [addr, addr+len), with the same outcomes.
   int zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
-  int wake(void* addr, size_t len);
+  int wake(void* addr, size_t len) const;
   // Makes the range raise SIGBUS on access (UFFDIO_POISON) where the kernel
   // has it, else PROT_NONE (SIGSEGV); then wakes the waiters either way.
   int refuse(void* addr, size_t len);

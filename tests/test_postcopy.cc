@@ -55,6 +55,23 @@ TEST(Postcopy, PullCompletesAndTheRegionBecomesPlainMemory) {
   EXPECT_EQ(src.server().stats().reads_served, reads);
 }
 
+TEST(Postcopy, PagesDiscardedDuringThePullArriveAgain) {
+  PatternServer src("discard", 64 << 20);
+  Region r = attach(src.uri(), with_pull());
+  std::mt19937_64 rng(4);
+  const size_t pages = r.size() / kPage;
+  // Discard runs of pages here and there while the pull goes on: each
+  // must be fetched again, and the region must not turn into plain memory
+  // with a hole in it.
+  for (int i = 0; i < 200 && !r.progress().complete; ++i) {
+    const size_t p = rng() % (pages - 16);
+    ASSERT_EQ(::madvise(r.data() + p * kPage, 16 * kPage, MADV_DONTNEED), 0);
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  ASSERT_TRUE(r.wait_complete(std::chrono::seconds(120))) << r.error();
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+}
+
 TEST(Postcopy, DemandFaultsDuringThePullReadExactBytes) {
   PatternServer src("busy", 64 << 20);
   Region r = attach(src.uri(), with_pull());

@@ -78,7 +78,7 @@ void MemoryServer::mark_changed(const std::string& name, uint64_t offset, uint64
   ExportedRegion* r = tcp_->find_mutable(name);
   if (r == nullptr) throw Error(Errc::kNotFound, "no region named '" + name + "' is exported");
   if (length == 0 || offset >= r->length) return;
-  const uint64_t end = std::min(r->length, offset + length);
+  const uint64_t end = offset + std::min(length, r->length - offset);  // no overflow
   std::lock_guard lock(r->zero_map_mu);
   update_zero_map(r->zero_map, r->base, r->length, r->page_size, offset / r->page_size,
                   (end + r->page_size - 1) / r->page_size);

@@ -291,12 +291,12 @@ void RdmaChannel::post(std::span<const ReadOp> ops) {
     for (ibv_send_wr* w = &wrs_[0]; w != bad && w != nullptr; w = w->next) ++accepted;
     spdlog::error("rdma: ibv_post_send: {}", std::strerror(rc));
     for (size_t i = accepted; i < n; ++i) local_.push_back({wrs_[i].wr_id, Errc::kIo});
-    if (accepted > 0) {
-      // Make sure the accepted prefix ends in a signalled read.
-      fifo_[(fifo_head_ + posted_ + accepted - 1) % cap].signalled = true;
-      wrs_[accepted - 1].next = nullptr;
-    }
+    // The accepted prefix may end unsignalled, so its completion would
+    // never come: the queue pair is not to be trusted any more.
     posted_ += accepted;
+    WaitResult failed;
+    fail(Errc::kIo, std::string("ibv_post_send: ") + std::strerror(rc), failed);
+    local_.insert(local_.end(), failed.completions.begin(), failed.completions.end());
     return;
   }
   posted_ += n;
