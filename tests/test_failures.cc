@@ -191,42 +191,6 @@ TEST(Failures, ReadOutsideTheRegionIsRefusedByTheChannel) {
   EXPECT_EQ(src.server().stats().reads_refused, 0u);  // never sent
 }
 
-// Faulting threads walk random pages, verifying each, until a signal stops
-// them. Returns the signals seen and counts pages that read wrong.
-struct WalkResult {
-  std::vector<int> signals;
-  size_t wrong_pages = 0;
-  size_t good_pages = 0;
-};
-
-WalkResult walk_until_stopped(const Region& r, int threads) {
-  WalkResult out;
-  out.signals.resize(static_cast<size_t>(threads));
-  std::atomic<size_t> wrong{0};
-  std::atomic<size_t> good{0};
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&, t] {
-      std::mt19937_64 rng(static_cast<uint64_t>(t) + 11);
-      const size_t pages = r.size() / kPage;
-      out.signals[static_cast<size_t>(t)] = run_catching_signals([&] {
-        for (size_t i = 0; i < pages; ++i) {
-          const size_t p = rng() % pages;
-          if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) {
-            ++wrong;
-          } else {
-            ++good;
-          }
-        }
-      });
-    });
-  }
-  for (auto& t : ts) t.join();
-  out.wrong_pages = wrong.load();
-  out.good_pages = good.load();
-  return out;
-}
-
 TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {
   ChildServer child({"--pattern", "victim=256M:" + std::to_string(kSeed)});
   AttachOptions o = testing::on_demand();
@@ -234,16 +198,16 @@ TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {
   o.reconnect_timeout_ms = 300;
   o.request_timeout_ms = 2000;
   Region r = attach("tcp://127.0.0.1:" + std::to_string(child.port()) + "/victim", o);
-  auto walk = std::async(std::launch::async, [&] { return walk_until_stopped(r, 2); });
+  auto walk = std::async(std::launch::async, [&] { return testing::walk_until_stopped(r, 2); });
   // Kill the source once some pages have arrived.
   for (int i = 0; i < 1000 && r.stats().pages_fetched < 2000; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   child.kill_now();
   ASSERT_EQ(walk.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "a faulting thread hangs";
-  WalkResult w = walk.get();
-  EXPECT_EQ(w.wrong_pages, 0u);
-  EXPECT_GT(w.good_pages, 0u);
+  const testing::Walk w = walk.get();
+  EXPECT_EQ(w.wrong, 0u);
+  EXPECT_GT(w.good, 0u);
   for (int sig : w.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
   EXPECT_TRUE(r.failed());
   EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();

@@ -26,6 +26,7 @@ using testing::ChildServer;
 using testing::kSeed;
 using testing::PatternServer;
 using testing::run_catching_signals;
+using testing::verify_pages;
 
 constexpr size_t kPage = 4096;
 
@@ -65,21 +66,6 @@ AttachOptions handlers(unsigned n) {
   AttachOptions o = testing::on_demand();
   o.handler_threads = n;
   return o;
-}
-
-size_t verify_pages(const Region& r, const std::vector<size_t>& order, int threads) {
-  std::atomic<size_t> bad{0};
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&, t] {
-      for (size_t i = static_cast<size_t>(t); i < order.size(); i += static_cast<size_t>(threads)) {
-        const size_t p = order[i];
-        if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) ++bad;
-      }
-    });
-  }
-  for (auto& t : ts) t.join();
-  return bad.load();
 }
 
 TEST_F(Rdma, RandomMultiThreadedContentsAreExact) {
@@ -171,54 +157,19 @@ TEST_F(Rdma, TooLongNameIsABadUri) {
   EXPECT_EQ(attach_error(uri("rdma", 1, std::string(60, 'x'))), Errc::kBadUri);
 }
 
-// Faulting threads walk random pages until a signal stops them.
-struct Walk {
-  std::vector<int> signals;
-  size_t wrong = 0;
-  size_t good = 0;
-};
-
-Walk walk(const Region& r, int threads) {
-  Walk out;
-  out.signals.resize(static_cast<size_t>(threads));
-  std::atomic<size_t> wrong{0};
-  std::atomic<size_t> good{0};
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&, t] {
-      std::mt19937_64 rng(static_cast<uint64_t>(t) + 5);
-      const size_t pages = r.size() / kPage;
-      out.signals[static_cast<size_t>(t)] = run_catching_signals([&] {
-        for (size_t i = 0; i < pages; ++i) {
-          const size_t p = rng() % pages;
-          if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) {
-            ++wrong;
-          } else {
-            ++good;
-          }
-        }
-      });
-    });
-  }
-  for (auto& t : ts) t.join();
-  out.wrong = wrong.load();
-  out.good = good.load();
-  return out;
-}
-
 TEST_F(Rdma, SourceKilledMidRunNoHangNoZeroPage) {
   ChildServer child({"--rdma", "on", "--pattern", "victim=64M:" + std::to_string(kSeed)}, "0.0.0.0");
   AttachOptions o = handlers(2);
   o.request_timeout_ms = 3000;
   Region r = attach(uri("rdma", child.port(), "victim"), o);
   ASSERT_EQ(r.transport(), "rdma");
-  auto w = std::async(std::launch::async, [&] { return walk(r, 2); });
+  auto w = std::async(std::launch::async, [&] { return testing::walk_until_stopped(r, 2); });
   for (int i = 0; i < 2000 && r.stats().pages_fetched < 500; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   child.kill_now();
   ASSERT_EQ(w.wait_for(std::chrono::seconds(120)), std::future_status::ready) << "a faulting thread hangs";
-  const Walk res = w.get();
+  const testing::Walk res = w.get();
   EXPECT_EQ(res.wrong, 0u);
   EXPECT_GT(res.good, 0u);
   for (int sig : res.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << sig;
@@ -230,13 +181,13 @@ TEST_F(Rdma, SourceKilledMidRunNoHangNoZeroPage) {
 TEST_F(Rdma, DroppedConnectionRefusesNeverZeroFills) {
   PatternServer src("drop", 32 << 20, kSeed, rdma_server());
   Region r = attach(uri("rdma", src.server().port(), "drop"), handlers(2));
-  auto w = std::async(std::launch::async, [&] { return walk(r, 2); });
+  auto w = std::async(std::launch::async, [&] { return testing::walk_until_stopped(r, 2); });
   for (int i = 0; i < 2000 && r.stats().pages_fetched < 200; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   src.server().drop_connections();
   ASSERT_EQ(w.wait_for(std::chrono::seconds(120)), std::future_status::ready) << "a faulting thread hangs";
-  const Walk res = w.get();
+  const testing::Walk res = w.get();
   EXPECT_EQ(res.wrong, 0u);
   // Every thread either saw all its pages right or was refused one, and
   // the region says why.

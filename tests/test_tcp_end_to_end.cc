@@ -20,6 +20,7 @@ namespace {
 
 using testing::kSeed;
 using testing::PatternServer;
+using testing::verify_pages;
 
 constexpr size_t kPage = 4096;
 
@@ -27,22 +28,6 @@ AttachOptions handlers(unsigned n) {
   AttachOptions o = testing::on_demand();
   o.handler_threads = n;
   return o;
-}
-
-// Each of `threads` threads checks its share of `order` byte for byte.
-size_t verify_pages(const Region& r, const std::vector<size_t>& order, int threads) {
-  std::atomic<size_t> bad{0};
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&, t] {
-      for (size_t i = static_cast<size_t>(t); i < order.size(); i += static_cast<size_t>(threads)) {
-        const size_t p = order[i];
-        if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) ++bad;
-      }
-    });
-  }
-  for (auto& t : ts) t.join();
-  return bad.load();
 }
 
 // Both ways of driving the sockets: io_uring, and the plain-syscall

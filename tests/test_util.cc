@@ -12,7 +12,10 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <atomic>
 #include <mutex>
+#include <random>
+#include <thread>
 #include <stdexcept>
 
 #include "tools/pattern.h"
@@ -70,6 +73,51 @@ ServerOptions loopback_tcp() {
   return o;
 }
 }  // namespace
+
+size_t verify_pages(const Region& r, const std::vector<size_t>& pages, int threads) {
+  const size_t page = r.page_size();
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      for (size_t i = static_cast<size_t>(t); i < pages.size(); i += static_cast<size_t>(threads)) {
+        const size_t p = pages[i];
+        if (check_pattern(r.data() + p * page, p * page, page, kSeed) != -1) ++bad;
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  return bad.load();
+}
+
+Walk walk_until_stopped(const Region& r, int threads) {
+  const size_t page = r.page_size();
+  Walk out;
+  out.signals.resize(static_cast<size_t>(threads));
+  std::atomic<size_t> wrong{0};
+  std::atomic<size_t> good{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(static_cast<uint64_t>(t) + 11);
+      const size_t pages = r.size() / page;
+      out.signals[static_cast<size_t>(t)] = run_catching_signals([&] {
+        for (size_t i = 0; i < pages; ++i) {
+          const size_t p = rng() % pages;
+          if (check_pattern(r.data() + p * page, p * page, page, kSeed) != -1) {
+            ++wrong;
+          } else {
+            ++good;
+          }
+        }
+      });
+    });
+  }
+  for (auto& t : ts) t.join();
+  out.wrong = wrong.load();
+  out.good = good.load();
+  return out;
+}
 
 PatternServer::PatternServer(const std::string& name, size_t length, uint64_t seed)
     : PatternServer(name, length, seed, loopback_tcp()) {}

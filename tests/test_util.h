@@ -35,6 +35,20 @@ int run_catching_signals(const std::function<void()>& fn);
 // Reads one byte of each page through a volatile pointer: a real first touch.
 inline uint8_t touch(const std::byte* p) { return static_cast<uint8_t>(*reinterpret_cast<const volatile std::byte*>(p)); }
 
+// Each of `threads` threads checks its share of `pages` (page numbers, in
+// visiting order) byte for byte; returns how many pages differ.
+size_t verify_pages(const Region& r, const std::vector<size_t>& pages, int threads);
+
+// Faulting threads walk random pages, verifying each, until a signal stops
+// them (the source died) or they have made as many touches as there are
+// pages.
+struct Walk {
+  std::vector<int> signals;  // per thread: SIGBUS, SIGSEGV, or 0
+  size_t wrong = 0;
+  size_t good = 0;
+};
+Walk walk_until_stopped(const Region& r, int threads);
+
 // Memory filled with the pattern, served by an in-process MemoryServer on a
 // free loopback port.
 class PatternServer {

@@ -45,23 +45,34 @@ std::vector<Placement> placements(const std::string& which) {
 
 double us(uint64_t ns) { return static_cast<double>(ns) / 1000.0; }
 
-// Floor (a): a userfaultfd fault served from memory in this process by the
-// same engine and threads, with no network.
-LatencySummary floor_local_fault(const BenchConfig& c, const Placement& pl, const Mapping& source) {
+// Demand faults only, placed as the placement says: what both the floor
+// and the fault run attach with and touch with.
+AttachOptions demand_options(const BenchConfig& c, const Placement& pl) {
   AttachOptions o;
   o.handler_threads = c.handlers;
   o.handler_cpu = pl.handler_cpu;
-  o.background_pull = false;  // every touch a demand fault, as in the fault run
+  o.io_uring = c.io_uring;
+  o.background_pull = false;  // every touch a demand fault
   o.prefetch = c.prefetch;
-  Region r = attach(std::make_unique<LocalTransport>(source.data(), source.size(), 4096), o);
+  return o;
+}
+
+WorkloadConfig touch_config(const BenchConfig& c, const Placement& pl, const std::string& label) {
   WorkloadConfig w;
   w.pattern = c.pattern;
   w.stride_pages = c.stride_pages;
   w.threads = c.threads;
   w.cpu = pl.fault_cpu;
   w.seed = c.seed;
-  w.progress_label = "floor a (" + pl.name + ")";
-  WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
+  w.progress_label = label + " (" + pl.name + ")";
+  return w;
+}
+
+// Floor (a): a userfaultfd fault served from memory in this process by the
+// same engine and threads, with no network.
+LatencySummary floor_local_fault(const BenchConfig& c, const Placement& pl, const Mapping& source) {
+  Region r = attach(std::make_unique<LocalTransport>(source.data(), source.size(), 4096), demand_options(c, pl));
+  WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), touch_config(c, pl, "floor a"));
   if (res.wrong_pages != 0) throw std::runtime_error("floor a read wrong data");
   return summarize_samples(res.latencies_ns);
 }
@@ -159,21 +170,8 @@ int run_bench(const BenchConfig& c) {
     const LatencySummary a = floor_local_fault(cc, pl, local);
     const LatencySummary b = floor_transport_read(cc, pl, uri);
 
-    AttachOptions o;
-    o.handler_threads = handlers;
-    o.handler_cpu = pl.handler_cpu;
-    o.io_uring = c.io_uring;
-    o.background_pull = false;
-    o.prefetch = c.prefetch;
-    Region r = attach(uri, o);
-    WorkloadConfig w;
-    w.pattern = c.pattern;
-    w.stride_pages = c.stride_pages;
-    w.threads = c.threads;
-    w.cpu = pl.fault_cpu;
-    w.seed = c.seed;
-    w.progress_label = "faults (" + pl.name + ")";
-    WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
+    Region r = attach(uri, demand_options(cc, pl));
+    WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), touch_config(cc, pl, "faults"));
     if (!c.plot_path.empty()) cdfs.push_back({"fault, " + pl.name, cdf_points(res.latencies_ns)});
     const LatencySummary f = summarize_samples(res.latencies_ns);
     const Stats s = r.stats();
