@@ -22,6 +22,7 @@
 namespace pagewire {
 namespace {
 
+using testing::attach_error;
 using testing::ChildServer;
 using testing::kSeed;
 using testing::PatternServer;
@@ -31,17 +32,6 @@ using testing::touch;
 
 constexpr size_t kPage = 4096;
 
-Errc attach_error(const std::string& uri, std::string* what = nullptr) {
-  try {
-    AttachOptions o = testing::on_demand();
-    o.reconnect_timeout_ms = 500;
-    attach(uri, o);
-  } catch (const Error& e) {
-    if (what != nullptr) *what = e.what();
-    return e.code();
-  }
-  return Errc::kOk;
-}
 
 UniqueFd raw_connect(uint16_t port) {
   UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));

@@ -69,19 +69,7 @@ TEST(FaultEngine, ManyThreadsOnOnePageFetchItOnce) {
   AttachOptions o = testing::on_demand();
   o.handler_threads = 2;
   Region r = attach(std::move(transport), o);
-  std::atomic<bool> go{false};
-  std::atomic<size_t> bad{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < 16; ++t) {
-    threads.emplace_back([&, t] {
-      while (!go.load()) std::this_thread::yield();
-      const size_t off = 5 * kPage + static_cast<size_t>(t) * 200;
-      if (check_pattern(r.data() + off, off, 64, kSeed) != -1) ++bad;
-    });
-  }
-  go.store(true);
-  for (auto& t : threads) t.join();
-  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_EQ(testing::stampede(r, 5, 16), 0u);
   EXPECT_EQ(raw->reads(), 1);
   EXPECT_EQ(r.stats().pages_fetched, 1u);
 }

@@ -93,19 +93,7 @@ TEST_F(Rdma, SequentialMultiThreadedContentsAreExact) {
 TEST_F(Rdma, ManyThreadsOnOnePageFetchItOnce) {
   PatternServer src("one", 1 << 20, kSeed, rdma_server());
   Region r = attach(uri("rdma", src.server().port(), "one"), handlers(2));
-  std::atomic<bool> go{false};
-  std::atomic<size_t> bad{0};
-  std::vector<std::thread> ts;
-  for (int t = 0; t < 8; ++t) {
-    ts.emplace_back([&, t] {
-      while (!go.load()) std::this_thread::yield();
-      const size_t off = 9 * kPage + static_cast<size_t>(t) * 128;
-      if (check_pattern(r.data() + off, off, 128, kSeed) != -1) ++bad;
-    });
-  }
-  go.store(true);
-  for (auto& t : ts) t.join();
-  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_EQ(testing::stampede(r, 9, 8), 0u);
   EXPECT_EQ(r.stats().pages_fetched, 1u);
 }
 
@@ -123,22 +111,11 @@ TEST_F(Rdma, ServesTcpAndRdmaAtOnceAndAutoPicksRdma) {
   EXPECT_GE(src.server().stats().rdma_connections_accepted, 1u);
 }
 
-Errc attach_error(const std::string& u, std::string* what = nullptr) {
-  try {
-    AttachOptions o = testing::on_demand();
-    o.reconnect_timeout_ms = 1000;
-    attach(u, o);
-  } catch (const Error& e) {
-    if (what != nullptr) *what = e.what();
-    return e.code();
-  }
-  return Errc::kOk;
-}
 
 TEST_F(Rdma, UnknownRegionIsRejected) {
   PatternServer src("known", 1 << 20, kSeed, rdma_server());
   std::string what;
-  EXPECT_EQ(attach_error(uri("rdma", src.server().port(), "unknown"), &what), Errc::kNotFound) << what;
+  EXPECT_EQ(testing::attach_error(uri("rdma", src.server().port(), "unknown"), &what, 1000), Errc::kNotFound) << what;
 }
 
 TEST_F(Rdma, NothingListening) {
@@ -148,13 +125,13 @@ TEST_F(Rdma, NothingListening) {
     port = gone.server().port();
   }
   std::string what;
-  const Errc e = attach_error(uri("rdma", port, "gone"), &what);
+  const Errc e = testing::attach_error(uri("rdma", port, "gone"), &what, 1000);
   EXPECT_TRUE(e == Errc::kConnectFailed || e == Errc::kTimeout) << what;
   EXPECT_FALSE(what.empty());
 }
 
 TEST_F(Rdma, TooLongNameIsABadUri) {
-  EXPECT_EQ(attach_error(uri("rdma", 1, std::string(60, 'x'))), Errc::kBadUri);
+  EXPECT_EQ(testing::attach_error(uri("rdma", 1, std::string(60, 'x')), nullptr, 1000), Errc::kBadUri);
 }
 
 TEST_F(Rdma, SourceKilledMidRunNoHangNoZeroPage) {

@@ -78,19 +78,7 @@ TEST(TcpEndToEnd, SequentialMultiThreadedContentsAreExact) {
 TEST(TcpEndToEnd, ManyThreadsOnOnePageFetchItOnce) {
   PatternServer src("one", 1 << 20);
   Region r = attach(src.uri(), handlers(4));
-  std::atomic<bool> go{false};
-  std::atomic<size_t> bad{0};
-  std::vector<std::thread> ts;
-  for (int t = 0; t < 16; ++t) {
-    ts.emplace_back([&, t] {
-      while (!go.load()) std::this_thread::yield();
-      const size_t off = 9 * kPage + static_cast<size_t>(t) * 128;
-      if (check_pattern(r.data() + off, off, 128, kSeed) != -1) ++bad;
-    });
-  }
-  go.store(true);
-  for (auto& t : ts) t.join();
-  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_EQ(testing::stampede(r, 9, 16), 0u);
   EXPECT_EQ(r.stats().pages_fetched, 1u);
   EXPECT_EQ(src.server().stats().reads_served, 1u);
 }

@@ -90,6 +90,34 @@ size_t verify_pages(const Region& r, const std::vector<size_t>& pages, int threa
   return bad.load();
 }
 
+size_t stampede(const Region& r, size_t page, int threads) {
+  std::atomic<bool> go{false};
+  std::atomic<size_t> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      while (!go.load()) std::this_thread::yield();
+      const size_t off = page * r.page_size() + static_cast<size_t>(t) * 128 % r.page_size();
+      if (check_pattern(r.data() + off, off, 64, kSeed) != -1) ++bad;
+    });
+  }
+  go.store(true);
+  for (auto& t : ts) t.join();
+  return bad.load();
+}
+
+Errc attach_error(const std::string& uri, std::string* what, unsigned reconnect_timeout_ms) {
+  try {
+    AttachOptions o = on_demand();
+    o.reconnect_timeout_ms = reconnect_timeout_ms;
+    attach(uri, o);
+  } catch (const Error& e) {
+    if (what != nullptr) *what = e.what();
+    return e.code();
+  }
+  return Errc::kOk;
+}
+
 Walk walk_until_stopped(const Region& r, int threads) {
   const size_t page = r.page_size();
   Walk out;

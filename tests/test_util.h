@@ -39,6 +39,14 @@ inline uint8_t touch(const std::byte* p) { return static_cast<uint8_t>(*reinterp
 // visiting order) byte for byte; returns how many pages differ.
 size_t verify_pages(const Region& r, const std::vector<size_t>& pages, int threads);
 
+// `threads` threads, released together, each read a different part of
+// page `page`: one fault storm on one page. Returns the parts that read wrong.
+size_t stampede(const Region& r, size_t page, int threads);
+
+// The code of the pagewire::Error that attaching `uri` throws (kOk when it
+// attaches), with its message in *what.
+Errc attach_error(const std::string& uri, std::string* what = nullptr, unsigned reconnect_timeout_ms = 500);
+
 // Faulting threads walk random pages, verifying each, until a signal stops
 // them (the source died) or they have made as many touches as there are
 // pages.
