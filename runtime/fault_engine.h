@@ -70,6 +70,10 @@ class FaultEngine {
   void complete(Worker& w, const ReadCompletion& c);
   void mark_present(size_t pages);
   void refuse_page(Worker& w, size_t page, Errc why, const std::string& text);
+  // Whether the handler that read a fault on `page` now owns the page and
+  // must fetch it; if not, the fault is a duplicate and has been dealt with
+  // (left to the page's owner, woken, or refused).
+  bool take_fault(size_t page);
   // True when a page the table calls present was discarded by the
   // application; it is then claimed again (IN_FLIGHT) for the caller.
   bool discarded(size_t page);
@@ -89,7 +93,6 @@ class FaultEngine {
   UniqueFd stop_fd_;
   std::chrono::steady_clock::time_point started_;
   std::atomic<uint64_t> present_{0};
-  std::atomic<uint64_t> demand_in_flight_{0};  // the puller yields while this is non-zero
   std::atomic<bool> complete_{false};
   std::atomic<bool> failed_{false};
   mutable std::mutex state_mu_;

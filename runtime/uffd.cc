@@ -98,17 +98,15 @@ namespace {
 // the ioctl on [offset, offset+len) and returns 0 or errno, with *done set
 // to the bytes it installed before failing.
 template <typename Issue>
-int install_pages(size_t len, size_t page, uint64_t* retries, uint64_t* existed, Issue issue, void* base,
-                  const Userfaultfd& uffd) {
+int install_pages(size_t len, size_t page, uint64_t* retries, uint64_t* existed, Issue issue) {
   size_t at = 0;
   while (at < len) {
     int64_t done = 0;
     const int err = issue(at, len - at, &done);
     if (err == 0) return 0;
     if (err == EEXIST) {
-      // This page is present already, but threads may still be parked on
-      // it; the rest of the run still needs installing.
-      uffd.wake(static_cast<std::byte*>(base) + at, page);
+      // This page is present already (its waiters are woken with the rest
+      // of the range); the rest of the run still needs installing.
       if (existed != nullptr) ++*existed;
       at += page;
       continue;
@@ -137,12 +135,11 @@ int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint6
         c.dst = reinterpret_cast<uint64_t>(dst) + at;
         c.src = reinterpret_cast<uint64_t>(src) + at;
         c.len = n;
-        c.mode = 0;
+        c.mode = UFFDIO_COPY_MODE_DONTWAKE;
         if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
         *done = c.copy;
         return errno;
-      },
-      dst, *this);
+      });
 }
 
 int Userfaultfd::zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
@@ -152,12 +149,11 @@ int Userfaultfd::zeropage(void* addr, size_t len, size_t page, uint64_t* retries
         uffdio_zeropage z{};
         z.range.start = reinterpret_cast<uint64_t>(addr) + at;
         z.range.len = n;
-        z.mode = 0;
+        z.mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE;
         if (::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z) == 0) return 0;
         *done = z.zeropage;
         return errno;
-      },
-      addr, *this);
+      });
 }
 
 int Userfaultfd::wake(void* addr, size_t len) const {

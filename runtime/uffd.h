@@ -36,10 +36,13 @@ class Userfaultfd {
   // Returns -errno on a real error.
   int read_events(std::span<uffd_msg> msgs);
 
-  // Installs [src, src+len) at dst, page by page of `page` bytes, and wakes
-  // the waiters. A page found present already (EEXIST) is woken and skipped
-  // (counted in *existed); EAGAIN is retried here (counted in *retries).
-  // Returns 0 or the errno that stopped it.
+  // Installs [src, src+len) at dst, page by page of `page` bytes, without
+  // waking the waiters: the caller records the pages as present first and
+  // then calls wake(), so that no woken thread can fault on a page (after
+  // discarding it, say) while the page table still calls it in flight. A
+  // page found present already (EEXIST) is skipped (counted in *existed);
+  // EAGAIN is retried here (counted in *retries). Returns 0 or the errno
+  // that stopped it.
   int copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
   // Installs zero pages over [addr, addr+len), with the same outcomes.
   int zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
