@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <stdexcept>
 
 namespace pagewire::cli {
@@ -97,6 +98,29 @@ void pin_process(pid_t pid, int cpu) {
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+MachineBusy::MachineBusy() : start_(sample()) {}
+
+double MachineBusy::busy() const {
+  const auto [busy, total] = sample();
+  if (total <= start_.second) return 0;
+  return static_cast<double>(busy - start_.first) / static_cast<double>(total - start_.second);
+}
+
+std::pair<uint64_t, uint64_t> MachineBusy::sample() {
+  std::ifstream in("/proc/stat");
+  std::string cpu;
+  in >> cpu;  // the first line sums every CPU
+  uint64_t busy = 0;
+  uint64_t total = 0;
+  for (int field = 0; field < 8; ++field) {  // user nice system idle iowait irq softirq steal
+    uint64_t v = 0;
+    if (!(in >> v)) break;
+    total += v;
+    if (field != 3 && field != 4) busy += v;
+  }
+  return {busy, total};
 }
 
 Progress::Progress(std::string label, uint64_t total)

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace pagewire::cli {
@@ -43,5 +44,18 @@ class Progress {
 };
 
 double now_seconds();
+
+// How busy the whole machine's CPUs were between construction and busy()
+// (from /proc/stat: 1.0 = every CPU busy the whole time). Shows when a
+// benchmark is bound by CPU rather than by its transport.
+class MachineBusy {
+ public:
+  MachineBusy();
+  double busy() const;
+
+ private:
+  static std::pair<uint64_t, uint64_t> sample();  // (busy, total) jiffies
+  std::pair<uint64_t, uint64_t> start_;
+};
 
 }  // namespace pagewire::cli

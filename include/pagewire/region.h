@@ -40,7 +40,7 @@ struct AttachOptions {
   // Postcopy: a background puller fetches every page still missing, in
   // runs of up to pull_run_pages (one read and one UFFDIO_COPY per run),
   // with at most pull_runs_in_flight runs outstanding, on a connection of
-  // its own; while demand faults are in flight it keeps to one run. When
+  // its own that the source serves behind the demand connections. When
   // every page is present the region is unregistered from userfaultfd and
   // is plain memory. Off: pure on-demand paging (far-memory use).
   bool background_pull = true;
