@@ -29,11 +29,41 @@ uint64_t now_ns() {
           .count());
 }
 
-size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
-
 // Reads own at most 64 pages, one bit each.
 constexpr uint32_t kMaxRunPages = 64;
 uint64_t all_pages(uint32_t pages) { return pages >= 64 ? ~uint64_t{0} : (uint64_t{1} << pages) - 1; }
+
+// The source's descriptor in this side's pages: a 2 MiB page is known zero
+// when every 4 KiB source page in it is.
+RegionDescriptor local_descriptor(const RegionDescriptor& remote, uint32_t page_size) {
+  RegionDescriptor d = remote;
+  d.page_size = page_size;
+  if (page_size == remote.page_size || remote.page_size == 0) return d;
+  const uint64_t per = page_size / remote.page_size;
+  const uint64_t source_pages = (remote.length + remote.page_size - 1) / remote.page_size;
+  const uint64_t pages = (remote.length + page_size - 1) / page_size;
+  d.zero_map.assign((pages + 63) / 64, 0);
+  for (uint64_t p = 0; p < pages; ++p) {
+    bool all_zero = true;
+    for (uint64_t s = p * per; s < std::min(source_pages, (p + 1) * per) && all_zero; ++s) {
+      all_zero = is_zero_page(remote.zero_map, s);
+    }
+    if (all_zero) d.zero_map[p / 64] |= uint64_t{1} << (p % 64);
+  }
+  return d;
+}
+
+uint64_t minor_features(const Backing& b) {
+  if (!b.shared) return 0;
+  return b.huge ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
+}
+
+// The prefetch window in this side's pages: given in 4 KiB pages, and two
+// 2 MiB pages at most.
+uint32_t prefetch_window(const AttachOptions& o, uint32_t page_size) {
+  const uint32_t pages = std::max(1u, o.prefetch_max_pages);
+  return page_size == kSmallPage ? pages : 2;
+}
 
 unsigned default_handlers() {
   const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
@@ -71,6 +101,8 @@ struct FaultEngine::Worker {
     ReadKind kind = ReadKind::kDemand;
     uint64_t start_ns = 0;
     bool busy = false;
+    uint8_t parts = 1;  // reads still to complete (a split 2 MiB page has two)
+    Errc status = Errc::kOk;
   };
 
   unsigned index = 0;
@@ -79,6 +111,7 @@ struct FaultEngine::Worker {
   // landing in it when it is destroyed.
   std::unique_ptr<StagingPool> staging;
   std::unique_ptr<Channel> channel;
+  LocalBuffer landing;  // shared memory: the alias, registered with the channel
   std::vector<Slot> slots;
   uint32_t in_flight = 0;
   std::vector<ReadOp> batch;
@@ -92,17 +125,18 @@ struct FaultEngine::Worker {
 FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options)
     : options_(options),
       transport_(std::move(transport)),
-      desc_(transport_->region()),
-      region_(Mapping::anonymous(round_up(desc_.length, desc_.page_size))),
-      uffd_(Userfaultfd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID)),
-      pages_(region_.size() / desc_.page_size),
-      streams_(std::max(1u, options.prefetch_max_pages)),
+      backing_(Backing::create(transport_->region().length, options)),
+      desc_(local_descriptor(transport_->region(), backing_.page_size)),
+      uffd_(Userfaultfd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID | minor_features(backing_) |
+                              (backing_.huge ? UFFD_FEATURE_EXACT_ADDRESS : 0))),
+      pages_(backing_.view.size() / desc_.page_size),
+      streams_(prefetch_window(options, desc_.page_size)),
       stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
       started_(std::chrono::steady_clock::now()) {
   if (!stop_fd_) throw_errno("eventfd");
-  if (desc_.page_size != 4096) {
-    throw Error(Errc::kInvalidArgument, "page size " + std::to_string(desc_.page_size) +
-                                            " is not supported yet (4096 only)");
+  if (transport_->region().page_size != kSmallPage) {
+    throw Error(Errc::kInvalidArgument, "source page size " + std::to_string(transport_->region().page_size) +
+                                            " is not supported (4096 only)");
   }
   static std::once_flag features_logged;
   std::call_once(features_logged, [this] {
@@ -110,15 +144,38 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
                  describe_uffd_features(Userfaultfd::kernel_features()),
                  uffd_.has(UFFD_FEATURE_POISON) ? "UFFDIO_POISON (SIGBUS)" : "PROT_NONE (SIGSEGV)");
   });
+  if (backing_.shared && !uffd_.has(minor_features(backing_))) {
+    throw Error(Errc::kUffdUnavailable,
+                std::string("this kernel has no minor faults on ") + (backing_.huge ? "hugetlbfs" : "shared memory") +
+                    " (UFFD_FEATURE_MINOR_" + (backing_.huge ? "HUGETLBFS" : "SHMEM") +
+                    "): attach with anonymous memory instead");
+  }
   // A child forked later would see zero-filled memory where pages were
   // still missing (its copy is not registered): keep the region out of it.
-  if (::madvise(region_.data(), region_.size(), MADV_DONTFORK) != 0) throw_errno("madvise(MADV_DONTFORK)");
-  uffd_.register_missing(region_.data(), region_.size());
+  if (::madvise(backing_.view.data(), backing_.view.size(), MADV_DONTFORK) != 0) throw_errno("madvise(MADV_DONTFORK)");
+  if (backing_.shared && ::madvise(backing_.alias.data(), backing_.alias.size(), MADV_DONTFORK) != 0) {
+    throw_errno("madvise(MADV_DONTFORK)");
+  }
+  // Shared memory: minor faults for pages already in the memfd, missing
+  // faults for holes; both are resolved by filling the page through the
+  // alias and mapping it with UFFDIO_CONTINUE.
+  uffd_.register_range(backing_.view.data(), backing_.view.size(), backing_.shared);
+  if (backing_.huge && !backing_.shared) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
 
   const unsigned n = options_.handler_threads != 0 ? options_.handler_threads : default_handlers();
   const TransportCapabilities caps = transport_->capabilities();
-  const uint32_t depth = std::clamp<uint32_t>(options_.queue_depth, 1, caps.max_outstanding_reads);
+  if (caps.max_read_bytes < desc_.page_size) {
+    throw Error(Errc::kInvalidArgument, "this transport reads at most " + std::to_string(caps.max_read_bytes) +
+                                            " bytes at once: too little for " +
+                                            std::to_string(desc_.page_size >> 10) + " KiB pages");
+  }
+  // Staging for 2 MiB pages is kept to a few pages a worker.
+  const uint32_t max_depth = backing_.huge && !backing_.shared ? 8 : caps.max_outstanding_reads;
+  const uint32_t depth = std::clamp<uint32_t>(options_.queue_depth, 1, max_depth);
   const uint32_t max_run = std::clamp<uint32_t>(caps.max_read_bytes / desc_.page_size, 1, kMaxRunPages);
+  // Runs and prefetch windows are given in 4 KiB pages; in 2 MiB pages
+  // they come to one page (a run) and two (a window).
+  const uint32_t small_per_page = desc_.page_size / kSmallPage;
   // Channels are opened here so that a connection failure surfaces from
   // attach() as an exception rather than inside a thread.
   auto make_worker = [&](unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use) {
@@ -126,30 +183,37 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
     w->index = index;
     w->slot_pages = std::min(slot_pages, max_run);
     w->channel = transport_->open_channel(use);
-    w->staging = std::make_unique<StagingPool>(*w->channel, slots, w->slot_pages * desc_.page_size);
+    // Shared memory: reads land in the final pages, through the alias.
+    if (backing_.shared) w->landing = w->channel->register_buffer(backing_.alias.data(), backing_.alias.size());
+    w->staging = std::make_unique<StagingPool>(*w->channel, slots,
+                                               backing_.shared ? 0 : w->slot_pages * desc_.page_size);
     w->slots.resize(slots);
     w->batch.reserve(slots);
     w->channel->watch(stop_fd_.get(), kStopToken);
     return w;
   };
   for (unsigned i = 0; i < n; ++i) {
-    auto h = make_worker(i, depth, options_.prefetch ? std::max(1u, options_.prefetch_max_pages) : 1,
+    auto h = make_worker(i, depth, options_.prefetch ? prefetch_window(options_, desc_.page_size) : 1,
                          ChannelUse::kDemand);
     h->channel->watch(uffd_.fd(), kUffdToken);
     handlers_.push_back(std::move(h));
   }
   if (options_.background_pull) {
     const uint32_t runs = std::clamp<uint32_t>(options_.pull_runs_in_flight, 1, caps.max_outstanding_reads);
-    puller_ = make_worker(n, runs, std::max(1u, options_.pull_run_pages), ChannelUse::kBulk);
+    puller_ = make_worker(n, runs, std::max(1u, options_.pull_run_pages / small_per_page), ChannelUse::kBulk);
   }
   for (auto& h : handlers_) {
     Worker* raw = h.get();
     raw->thread = std::thread([this, raw] { run_handler(*raw); });
   }
   if (puller_) puller_->thread = std::thread([this] { run_puller(*puller_); });
-  spdlog::info("attach: '{}' over {}: {} MiB ({} zero pages known), {} handler threads, {} reads in flight each, "
-               "pull {}, prefetch {}",
-               desc_.name, transport_->name(), desc_.length >> 20, count_zero_pages(desc_.zero_map), n, depth,
+  spdlog::info("attach: '{}' over {}: {} MiB in {} KiB pages of {} ({} zero pages known), {} handler threads, {} "
+               "reads in flight each, pull {}, prefetch {}",
+               desc_.name, transport_->name(), desc_.length >> 20, desc_.page_size >> 10,
+               backing_.shared ? (backing_.huge ? "hugetlbfs shared memory, installed in place"
+                                                : "shared memory, installed in place")
+                               : (backing_.huge ? "anonymous hugetlb memory" : "anonymous memory"),
+               count_zero_pages(desc_.zero_map), n, depth,
                puller_ ? "on" : "off", options_.prefetch ? "on" : "off");
 }
 
@@ -167,8 +231,8 @@ FaultEngine::~FaultEngine() {
     size_t missing = 0;
     for (size_t p = 0; p < pages_.size(); ++p) missing += pages_.get(p) != PageState::kPresent;
     if (missing > 0) {
-      ::mprotect(region_.data(), region_.size(), PROT_NONE);
-      uffd_.wake(region_.data(), region_.size());
+      ::mprotect(backing_.view.data(), backing_.view.size(), PROT_NONE);
+      uffd_.wake(backing_.view.data(), backing_.view.size());
     }
   }
   puller_.reset();
@@ -229,11 +293,16 @@ void FaultEngine::mark_present(size_t pages) {
   // Every page is counted. Before the region becomes plain memory (where a
   // missing page would read as zeros), check the page tables: a page the
   // application discarded after it arrived is fetched again first.
-  std::vector<unsigned char> resident(pages_.size());
-  if (::mincore(region_.data(), region_.size(), resident.data()) == 0) {
+  // (mincore: one byte per 4 KiB, whatever the page size; for shared
+  // memory it tells what the memfd holds.)
+  const size_t per_page = desc_.page_size / kSmallPage;
+  std::vector<unsigned char> resident(backing_.view.size() / kSmallPage);
+  if (::mincore(backing_.view.data(), backing_.view.size(), resident.data()) == 0) {
     size_t gone = 0;
-    for (size_t p = 0; p < resident.size(); ++p) {
-      if ((resident[p] & 1) == 0 && pages_.transition(p, PageState::kPresent, PageState::kMissing)) ++gone;
+    for (size_t p = 0; p < pages_.size(); ++p) {
+      if ((resident[p * per_page] & 1) == 0 && pages_.transition(p, PageState::kPresent, PageState::kMissing)) {
+        ++gone;
+      }
     }
     if (gone > 0) {
       present_.fetch_sub(gone);
@@ -243,7 +312,7 @@ void FaultEngine::mark_present(size_t pages) {
   }
   // Every page is here: the region becomes plain memory.
   try {
-    uffd_.unregister(region_.data(), region_.size());
+    uffd_.unregister(backing_.view.data(), backing_.view.size());
   } catch (const std::exception& e) {
     spdlog::warn("region '{}': complete, but {}", desc_.name, e.what());
   }
@@ -303,34 +372,72 @@ uint32_t FaultEngine::claim_run(size_t first, uint32_t max) {
   return n;
 }
 
+std::byte* FaultEngine::landing(Worker& w, uint32_t slot, size_t first) const {
+  return backing_.shared ? backing_.alias.data() + first * desc_.page_size : w.staging->at(slot);
+}
+
 void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns,
-                             uint64_t owned) {
+                             uint64_t owned, uint32_t first_part) {
   const uint32_t slot = w.staging->acquire();
-  w.slots[slot] = {first, pages, owned != 0 ? owned : all_pages(pages), kind, start_ns, true};
-  ++w.in_flight;
   // The last page of a region whose length is not page aligned is read
   // short; the rest of it lies past the end of the source and reads zero.
   const uint64_t offset = uint64_t{first} * desc_.page_size;
   const uint64_t len = std::min<uint64_t>(uint64_t{pages} * desc_.page_size, desc_.length - offset);
-  w.batch.push_back({offset, static_cast<uint32_t>(len), w.staging->at(slot), slot});
+  std::byte* dst = landing(w, slot, first);
+  const bool split = pages == 1 && first_part > 0 && first_part < len;
+  w.slots[slot] = {first, pages, owned != 0 ? owned : all_pages(pages), kind, start_ns, true,
+                   static_cast<uint8_t>(split ? 2 : 1), Errc::kOk};
+  ++w.in_flight;
+  if (split) {
+    // The part from the faulting 4 KiB to the end first, then the head.
+    w.batch.push_back({offset + first_part, static_cast<uint32_t>(len - first_part), dst + first_part, slot});
+    w.batch.push_back({offset, first_part, dst, slot});
+    return;
+  }
+  w.batch.push_back({offset, static_cast<uint32_t>(len), dst, slot});
+}
+
+int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count, uint64_t* retries,
+                         uint64_t* existed) {
+  std::byte* dst = backing_.view.data() + page * desc_.page_size;
+  const uint64_t bytes = uint64_t{count} * desc_.page_size;
+  // Counted before the waiters are woken, as stats() readers expect.
+  if (backing_.shared) {
+    // The read landed in these very pages (through the alias): map them.
+    Metrics::bump(w.metrics.pages_continued, count);
+    return uffd_.map_in_place(dst, bytes, desc_.page_size, retries, existed);
+  }
+  Metrics::bump(w.metrics.bytes_copied, bytes);
+  return uffd_.copy(dst, src, bytes, desc_.page_size, retries, existed);
 }
 
 void FaultEngine::install_zero(Worker& w, size_t page) {
   uint64_t retries = 0;
   uint64_t existed = 0;
-  // Counted before the ioctl wakes the faulting thread, as in complete().
   Metrics::bump(w.metrics.pages_zero);
-  const int rc = uffd_.zeropage(region_.data() + page * desc_.page_size, desc_.page_size, desc_.page_size,
-                                &retries, &existed);
+  std::byte* dst = backing_.view.data() + page * desc_.page_size;
+  int rc = 0;
+  const char* how = "UFFDIO_ZEROPAGE: ";
+  if (backing_.shared) {
+    // A memfd handed in may hold old bytes there: zero the page itself.
+    std::memset(backing_.alias.data() + page * desc_.page_size, 0, desc_.page_size);
+    rc = uffd_.map_in_place(dst, desc_.page_size, desc_.page_size, &retries, &existed);
+    how = "UFFDIO_CONTINUE: ";
+  } else if (backing_.huge) {
+    rc = uffd_.copy(dst, zero_source_.data(), desc_.page_size, desc_.page_size, &retries, &existed);
+    how = "UFFDIO_COPY: ";
+  } else {
+    rc = uffd_.zeropage(dst, desc_.page_size, desc_.page_size, &retries, &existed);
+  }
   if (rc != 0) {
     Metrics::bump(w.metrics.install_failures);
-    refuse_page(w, page, Errc::kIo, std::string("UFFDIO_ZEROPAGE: ") + std::strerror(rc));
+    refuse_page(w, page, Errc::kIo, how + std::string(std::strerror(rc)));
     return;
   }
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
   pages_.set(page, PageState::kPresent);
   mark_present(1);
-  uffd_.wake(region_.data() + page * desc_.page_size, desc_.page_size);  // after the table says present
+  uffd_.wake(backing_.view.data() + page * desc_.page_size, desc_.page_size);  // after the table says present
 }
 
 void FaultEngine::read_faults(Worker& w) {
@@ -348,9 +455,8 @@ void FaultEngine::read_faults(Worker& w) {
       const uffd_msg& msg = w.events[static_cast<size_t>(i)];
       if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
       Metrics::bump(w.metrics.faults);
-      const uint64_t offset = (msg.arg.pagefault.address - reinterpret_cast<uint64_t>(region_.data())) &
-                              ~uint64_t{desc_.page_size - 1};
-      const size_t page = offset / desc_.page_size;
+      const uint64_t at = msg.arg.pagefault.address - reinterpret_cast<uint64_t>(backing_.view.data());
+      const size_t page = at / desc_.page_size;
       if (!take_fault(page)) {
         Metrics::bump(w.metrics.duplicate_faults);
         continue;
@@ -360,7 +466,10 @@ void FaultEngine::read_faults(Worker& w) {
         continue;
       }
       // Every message read was sized to a free slot, so this one has one.
-      queue_read(w, page, 1, ReadKind::kDemand, t0);
+      // A 2 MiB page is read from its faulting 4 KiB on (the kernel still
+      // maps it whole, so the thread waits for all of it).
+      const auto fault_part = static_cast<uint32_t>(at % desc_.page_size & ~uint64_t{kSmallPage - 1});
+      queue_read(w, page, 1, ReadKind::kDemand, t0, 0, fault_part);
       // Prefetch must leave a slot for each fault still to handle in this batch.
       if (options_.prefetch) prefetch(w, msg.arg.pagefault.feat.ptid, page, static_cast<uint32_t>(n - i - 1));
     }
@@ -408,18 +517,21 @@ void FaultEngine::prefetch(Worker& w, uint32_t thread_id, size_t page, uint32_t 
 
 void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   const auto slot = static_cast<uint32_t>(c.cookie);
-  const Worker::Slot s = w.slots[slot];
-  w.slots[slot].busy = false;
+  Worker::Slot& live = w.slots[slot];
+  if (c.status != Errc::kOk && live.status == Errc::kOk) live.status = c.status;
+  if (--live.parts > 0) return;  // the other part of a split read is still coming
+  const Worker::Slot s = live;
+  live.busy = false;
   --w.in_flight;
   const auto owned = [&](uint32_t i) { return ((s.owned >> i) & 1) != 0; };
-  if (c.status != Errc::kOk) {
+  if (s.status != Errc::kOk) {
     w.staging->release(slot);
     for (uint32_t i = 0; i < s.pages; ++i) {
-      if (owned(i)) refuse_page(w, s.first + i, c.status, w.result.channel_error_text);
+      if (owned(i)) refuse_page(w, s.first + i, s.status, w.result.channel_error_text);
     }
     return;
   }
-  std::byte* src = w.staging->at(slot);
+  std::byte* src = landing(w, slot, s.first);
   const uint64_t offset = uint64_t{s.first} * desc_.page_size;
   const uint64_t run_bytes = uint64_t{s.pages} * desc_.page_size;
   const uint64_t len = std::min<uint64_t>(run_bytes, desc_.length - offset);
@@ -442,17 +554,17 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
     uint32_t j = i;
     while (j < s.pages && owned(j)) ++j;
     const uint64_t at = uint64_t{i} * desc_.page_size;
-    rc = uffd_.copy(region_.data() + offset + at, src + at, uint64_t{j - i} * desc_.page_size, desc_.page_size,
-                    &retries, &existed);
+    rc = install(w, src + at, s.first + i, j - i, &retries, &existed);
     if (rc == 0) {
       // Present in the table before anyone waiting on these pages runs.
       for (uint32_t k = i; k < j; ++k) pages_.set(s.first + k, PageState::kPresent);
       mark_present(j - i);
-      uffd_.wake(region_.data() + offset + at, uint64_t{j - i} * desc_.page_size);
+      uffd_.wake(backing_.view.data() + offset + at, uint64_t{j - i} * desc_.page_size);
     } else {
       Metrics::bump(w.metrics.install_failures, j - i);
       for (uint32_t k = i; k < j; ++k) {
-        refuse_page(w, s.first + k, Errc::kIo, std::string("UFFDIO_COPY: ") + std::strerror(rc));
+        refuse_page(w, s.first + k, Errc::kIo,
+                    std::string(backing_.shared ? "UFFDIO_CONTINUE: " : "UFFDIO_COPY: ") + std::strerror(rc));
       }
     }
     i = j;
@@ -494,10 +606,14 @@ void FaultEngine::run_puller(Worker& w) {
         // every page a fault took. Zero pages end the span.
         uint64_t owned_mask = 0;
         uint32_t span = 0;
+        // Shared memory: reads land in the final pages, so a run must not
+        // cover a page that arrived another way; it ends there.
         for (uint32_t i = 0; i < w.slot_pages && cursor + i < total && !zero(cursor + i); ++i) {
           if (pages_.get(cursor + i) == PageState::kMissing && pages_.claim(cursor + i)) {
             owned_mask |= uint64_t{1} << i;
             span = i + 1;
+          } else if (backing_.shared) {
+            break;
           }
         }
         if (owned_mask != 0) queue_read(w, cursor, span, ReadKind::kPull, 0, owned_mask);
@@ -528,7 +644,7 @@ void FaultEngine::run_puller(Worker& w) {
 }
 
 bool FaultEngine::take_fault(size_t page) {
-  std::byte* addr = region_.data() + page * desc_.page_size;
+  std::byte* addr = backing_.view.data() + page * desc_.page_size;
   for (;;) {
     if (pages_.claim(page)) return true;
     switch (pages_.get(page)) {
@@ -536,8 +652,15 @@ bool FaultEngine::take_fault(size_t page) {
         return false;  // its owner wakes this thread too, once it is installed
       case PageState::kPresent:
         if (discarded(page)) return true;
-        // The install raced with the fault: wake it ourselves.
         if (pages_.get(page) == PageState::kPresent) {
+          // The install raced with the fault: wake it ourselves. Shared
+          // memory: the page may also have been unmapped here only
+          // (MADV_DONTNEED keeps it in the memfd); map it again.
+          if (backing_.shared) {
+            uint64_t retries = 0;
+            uint64_t existed = 0;
+            uffd_.map_in_place(addr, desc_.page_size, desc_.page_size, &retries, &existed);
+          }
           uffd_.wake(addr, desc_.page_size);
           return false;
         }
@@ -551,15 +674,17 @@ bool FaultEngine::take_fault(size_t page) {
   }
 }
 
+bool FaultEngine::resident(size_t page) const {
+  unsigned char r = 0;
+  return ::mincore(backing_.view.data() + page * desc_.page_size, kSmallPage, &r) != 0 || (r & 1) != 0;
+}
+
 bool FaultEngine::discarded(size_t page) {
   // A page the table calls present faults again only if the application
   // discarded it (MADV_DONTNEED) or the fault raced with its install. The
   // page tables tell which; a discarded page is fetched again, as postcopy
   // expects, rather than woken into a fault loop.
-  unsigned char resident = 0;
-  if (::mincore(region_.data() + page * desc_.page_size, desc_.page_size, &resident) != 0 || (resident & 1) != 0) {
-    return false;
-  }
+  if (resident(page)) return false;
   if (!pages_.transition(page, PageState::kPresent, PageState::kInFlight)) return false;
   present_.fetch_sub(1);
   return true;
@@ -573,7 +698,7 @@ void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::strin
   // Recorded before the waiters wake, so that they find the region failed.
   record_failure("page " + std::to_string(page) + " could not be fetched: " + std::string(to_string(why)) +
                  (text.empty() ? "" : " (" + text + ")"));
-  std::byte* addr = region_.data() + page * desc_.page_size;
+  std::byte* addr = backing_.view.data() + page * desc_.page_size;
   if (const int rc = uffd_.refuse(addr, desc_.page_size); rc != 0) {
     spdlog::error("region '{}': refusing page {} failed: {}", desc_.name, page, std::strerror(rc));
   }

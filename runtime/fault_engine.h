@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "pagewire/region.h"
+#include "runtime/backing.h"
 #include "runtime/metrics.h"
 #include "runtime/page_table.h"
 #include "runtime/prefetch.h"
@@ -37,7 +38,7 @@ class FaultEngine {
   FaultEngine& operator=(const FaultEngine&) = delete;
   ~FaultEngine();
 
-  std::byte* data() const { return region_.data(); }
+  std::byte* data() const { return backing_.view.data(); }
   size_t size() const { return desc_.length; }
   uint32_t page_size() const { return desc_.page_size; }
   const std::string& name() const { return desc_.name; }
@@ -62,7 +63,18 @@ class FaultEngine {
   void prefetch(Worker& w, uint32_t thread_id, size_t page, uint32_t reserved);
   // Queues a read of `pages` claimed pages starting at `first`.
   // `owned` marks the pages of the run this read installs (0: all of them).
-  void queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns, uint64_t owned = 0);
+  // `first_part` (a byte offset into a one-page read) is read first and the
+  // rest after: the faulting 4 KiB of a 2 MiB page goes out first.
+  void queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns, uint64_t owned = 0,
+                  uint32_t first_part = 0);
+  // Where a read of pages from `first` lands: the slot's staging buffer, or
+  // with shared memory the final pages themselves (through the alias).
+  std::byte* landing(Worker& w, uint32_t slot, size_t first) const;
+  // Installs [page, page+count) from where their read landed; 0 or errno.
+  int install(Worker& w, std::byte* src, size_t page, uint32_t count, uint64_t* retries, uint64_t* existed);
+  // Whether the page's first 4 KiB is resident (mapped, or in the page
+  // cache for shared memory): mincore fills a byte per 4 KiB.
+  bool resident(size_t page) const;
   // Claims a run of missing pages from `first` (at most `max` pages).
   uint32_t claim_run(size_t first, uint32_t max);
   // Installs claimed zero pages without a transfer.
@@ -85,8 +97,9 @@ class FaultEngine {
   // the destructor body) before the uffd, the uffd before the mapping.
   AttachOptions options_;
   std::unique_ptr<Transport> transport_;
-  RegionDescriptor desc_;
-  Mapping region_;
+  Backing backing_;
+  RegionDescriptor desc_;  // the source's, in this side's pages (4 KiB or 2 MiB)
+  Mapping zero_source_;    // anonymous 2 MiB pages: hugetlb has no UFFDIO_ZEROPAGE
   Userfaultfd uffd_;
   PageTable pages_;
   PrefetchTable streams_;

@@ -82,6 +82,8 @@ Stats merge_metrics(std::span<const Metrics* const> parts) {
     s.pages_refused += get(m->pages_refused);
     s.install_failures += get(m->install_failures);
     s.pages_zero += get(m->pages_zero);
+    s.bytes_copied += get(m->bytes_copied);
+    s.pages_continued += get(m->pages_continued);
     s.pages_pulled += get(m->pages_pulled);
     s.pull_runs += get(m->pull_runs);
     s.prefetch_issued += get(m->prefetch_issued);
@@ -131,6 +133,8 @@ std::string format_stats(const Stats& s) {
          " in " + std::to_string(s.pull_runs) + " runs, prefetch issued " + std::to_string(s.prefetch_issued) +
          " used " + std::to_string(s.prefetch_used) + " wasted " + std::to_string(s.prefetch_wasted) +
          (s.complete ? ", complete (plain memory now)" : "") + "\n";
+  out += "installed by copy " + std::to_string(s.bytes_copied >> 20) + " MiB (UFFDIO_COPY from staging), in place " +
+         std::to_string(s.pages_continued) + " pages (UFFDIO_CONTINUE, no copy)\n";
   const auto& l = s.fault_latency;
   out += "handler fault latency (us): p50 " + us(l.p50_ns) + "  p99 " + us(l.p99_ns) + "  p99.9 " +
          us(l.p999_ns) + "  max " + us(l.max_ns) + "  (n=" + std::to_string(l.count) + ")\n";
@@ -154,6 +158,8 @@ std::string stats_to_json(const Stats& s) {
                       {"pages_refused", s.pages_refused},
                       {"install_failures", s.install_failures},
                       {"pages_zero", s.pages_zero},
+                      {"bytes_copied", s.bytes_copied},
+                      {"pages_continued", s.pages_continued},
                       {"pages_pulled", s.pages_pulled},
                       {"pull_runs", s.pull_runs},
                       {"prefetch_issued", s.prefetch_issued},

@@ -48,6 +48,8 @@ struct alignas(64) Metrics {
   std::atomic<uint64_t> pages_refused{0};
   std::atomic<uint64_t> install_failures{0};
   std::atomic<uint64_t> pages_zero{0};
+  std::atomic<uint64_t> bytes_copied{0};
+  std::atomic<uint64_t> pages_continued{0};
   std::atomic<uint64_t> pages_pulled{0};
   std::atomic<uint64_t> pull_runs{0};
   std::atomic<uint64_t> prefetch_issued{0};

@@ -66,14 +66,18 @@ Userfaultfd Userfaultfd::open(uint64_t wanted_features) {
   return Userfaultfd(std::move(fd), wanted_features & offered);
 }
 
-void Userfaultfd::register_missing(void* addr, size_t len) {
+void Userfaultfd::register_range(void* addr, size_t len, bool minor) {
   uffdio_register reg{};
   reg.range.start = reinterpret_cast<uint64_t>(addr);
   reg.range.len = len;
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
-  if (::ioctl(fd_.get(), UFFDIO_REGISTER, &reg) != 0) throw_errno("UFFDIO_REGISTER");
-  if ((reg.ioctls & (1ull << _UFFDIO_COPY)) == 0) {
-    throw Error(Errc::kUffdUnavailable, "UFFDIO_COPY is not offered for this range");
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING | (minor ? UFFDIO_REGISTER_MODE_MINOR : 0);
+  if (::ioctl(fd_.get(), UFFDIO_REGISTER, &reg) != 0) {
+    throw_errno(minor ? "UFFDIO_REGISTER (missing and minor faults)" : "UFFDIO_REGISTER");
+  }
+  const uint64_t needed = minor ? _UFFDIO_CONTINUE : _UFFDIO_COPY;
+  if ((reg.ioctls & (1ull << needed)) == 0) {
+    throw Error(Errc::kUffdUnavailable,
+                std::string(minor ? "UFFDIO_CONTINUE" : "UFFDIO_COPY") + " is not offered for this range");
   }
 }
 
@@ -154,6 +158,18 @@ int Userfaultfd::zeropage(void* addr, size_t len, size_t page, uint64_t* retries
         *done = z.zeropage;
         return errno;
       });
+}
+
+int Userfaultfd::map_in_place(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
+  return install_pages(len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
+    uffdio_continue c{};
+    c.range.start = reinterpret_cast<uint64_t>(addr) + at;
+    c.range.len = n;
+    c.mode = UFFDIO_CONTINUE_MODE_DONTWAKE;
+    if (::ioctl(fd_.get(), UFFDIO_CONTINUE, &c) == 0) return 0;
+    *done = c.mapped;
+    return errno;
+  });
 }
 
 int Userfaultfd::wake(void* addr, size_t len) const {

@@ -28,8 +28,11 @@ class Userfaultfd {
   uint64_t features() const { return features_; }
   bool has(uint64_t feature) const { return (features_ & feature) != 0; }
 
-  // Registers [addr, addr+len) for MISSING faults; throws on failure.
-  void register_missing(void* addr, size_t len);
+  // Registers [addr, addr+len) for MISSING faults, and with `minor` for
+  // MINOR faults too (shared memory: a page in the page cache but not
+  // mapped here); throws on failure, or when the range does not offer the
+  // ioctl that resolves them (UFFDIO_COPY, or UFFDIO_CONTINUE for minor).
+  void register_range(void* addr, size_t len, bool minor);
   void unregister(void* addr, size_t len);
 
   // Reads up to msgs.size() events; returns how many (0 when none queued).
@@ -46,6 +49,9 @@ class Userfaultfd {
   int copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
   // Installs zero pages over [addr, addr+len), with the same outcomes.
   int zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
+  // Maps the page-cache pages already behind [addr, addr+len) (UFFDIO_CONTINUE),
+  // with the same outcomes and without waking.
+  int map_in_place(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
   int wake(void* addr, size_t len) const;
   // Makes the range raise SIGBUS on access (UFFDIO_POISON) where the kernel
   // has it, else PROT_NONE (SIGSEGV); then wakes the waiters either way.

@@ -21,6 +21,7 @@ std::string_view to_string(Errc code) {
     case Errc::kUffdUnavailable: return "userfaultfd unavailable";
     case Errc::kInvalidArgument: return "invalid argument";
     case Errc::kCancelled: return "cancelled";
+    case Errc::kNoMemory: return "no memory";
   }
   return "unknown error";
 }

@@ -23,6 +23,7 @@ enum class Errc : uint32_t {
   kUffdUnavailable = 9, // userfaultfd cannot be opened here
   kInvalidArgument = 10,
   kCancelled = 11,      // the region is being torn down
+  kNoMemory = 12,       // memory the region needs (2 MiB huge pages) is not reserved
 };
 
 std::string_view to_string(Errc code);

@@ -58,6 +58,25 @@ struct AttachOptions {
   // the source serves the pull's connection at low priority instead.
   int handler_nice = 0;
   int puller_nice = 0;
+
+  // The memory behind the region.
+  //  kAnonymous: private anonymous memory. Reads land in staging buffers
+  //    and pages go in with UFFDIO_COPY (one copy per page).
+  //  kShared: shared memory (a memfd), mapped twice: the region the
+  //    application touches, registered for minor (and missing) faults, and
+  //    an alias that only pagewire writes through. Reads land in the alias,
+  //    in the final page, and UFFDIO_CONTINUE maps it: no copy.
+  enum class Memory { kAnonymous, kShared };
+  Memory memory = Memory::kAnonymous;
+  // 2 MiB pages from hugetlbfs (MAP_HUGETLB, or a hugetlbfs memfd when
+  // shared). Faults fetch and install whole 2 MiB pages. They must be
+  // reserved first (vm.nr_hugepages); attach says how many when they are not.
+  bool huge_pages = false;
+  // Shared memory only: back the region with this memfd (as a VMM hands over
+  // guest RAM) instead of creating one. pagewire duplicates the descriptor;
+  // the file must be at least the region's size (rounded up to the page
+  // size), and a hugetlbfs memfd means 2 MiB pages. -1: create one.
+  int memfd = -1;
 };
 
 // How far a region has arrived.

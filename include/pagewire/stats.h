@@ -27,7 +27,11 @@ struct Stats {
   uint64_t reconnects = 0;         // connections re-established after a drop
   uint64_t pages_refused = 0;      // pages made inaccessible because they could not be fetched
   uint64_t install_failures = 0;   // pages fetched whose UFFDIO_COPY failed (then refused)
-  uint64_t pages_zero = 0;         // installed with UFFDIO_ZEROPAGE: known zero, never transferred
+  uint64_t pages_zero = 0;         // known zero, never transferred (UFFDIO_ZEROPAGE, or zeroed in place)
+  // How pages went in: copied out of a staging buffer (UFFDIO_COPY), or
+  // mapped where the read landed (shared memory: UFFDIO_CONTINUE, no copy).
+  uint64_t bytes_copied = 0;
+  uint64_t pages_continued = 0;
   uint64_t pages_pulled = 0;       // fetched by the background pull
   uint64_t pull_runs = 0;          // its reads (one multi-page read and one UFFDIO_COPY each)
   uint64_t prefetch_issued = 0;    // pages fetched ahead of a detected sequential or strided stream

@@ -1,0 +1,120 @@
+#include "runtime/backing.h"
+
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <linux/memfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include "pagewire/error.h"
+
+namespace pagewire {
+namespace {
+
+#ifndef MAP_HUGE_2MB
+#define MAP_HUGE_2MB (21 << MAP_HUGE_SHIFT)
+#endif
+
+uint64_t read_count(const char* path) {
+  std::ifstream in(path);
+  uint64_t v = 0;
+  in >> v;
+  return v;
+}
+
+[[noreturn]] void throw_no_huge_pages(uint64_t length, int err) {
+  const HugePageCount have = huge_pages_2m();
+  const uint64_t need = (length + kHugePage - 1) / kHugePage;
+  const uint64_t want = have.total + (need > have.free ? need - have.free : 0);
+  throw Error(Errc::kNoMemory,
+              "cannot map " + std::to_string(need) + " 2 MiB huge pages (" + std::strerror(err) + "): " +
+                  std::to_string(have.free) + " free of " + std::to_string(have.total) +
+                  " reserved. Reserve them as root with `sysctl vm.nr_hugepages=" + std::to_string(want) +
+                  "` (or echo " + std::to_string(want) +
+                  " > /proc/sys/vm/nr_hugepages; hugepages=N on the kernel command line reserves them at boot)");
+}
+
+Mapping map_shared(int fd, size_t length, bool huge) {
+  void* p = ::mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    if (huge && errno == ENOMEM) throw_no_huge_pages(length, errno);
+    throw_errno("mmap of the region's memfd (" + std::to_string(length) + " bytes)");
+  }
+  return Mapping(p, length);
+}
+
+}  // namespace
+
+HugePageCount huge_pages_2m() {
+  return {read_count("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
+          read_count("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")};
+}
+
+Backing Backing::create(uint64_t length, const AttachOptions& options) {
+  Backing b;
+  b.shared = options.memory == AttachOptions::Memory::kShared;
+  b.huge = options.huge_pages;
+  if (!b.shared && options.memfd >= 0) {
+    throw Error(Errc::kInvalidArgument, "a memfd backs shared memory only: set memory to kShared");
+  }
+  if (b.shared && options.memfd >= 0) {
+    struct statfs fs {};
+    struct stat st {};
+    if (::fstatfs(options.memfd, &fs) != 0 || ::fstat(options.memfd, &st) != 0) {
+      throw Error(Errc::kInvalidArgument, std::string("the memfd given cannot be examined: ") + std::strerror(errno));
+    }
+    const bool hugetlbfs = static_cast<uint64_t>(fs.f_type) == HUGETLBFS_MAGIC;
+    if (!hugetlbfs && static_cast<uint64_t>(fs.f_type) != TMPFS_MAGIC) {
+      throw Error(Errc::kInvalidArgument,
+                  "the memfd given is neither shared memory (memfd_create, tmpfs) nor hugetlbfs: minor faults "
+                  "need one of those");
+    }
+    if (b.huge && !hugetlbfs) {
+      throw Error(Errc::kInvalidArgument,
+                  "huge pages were asked for, but the memfd given is on shmem (4 KiB pages): create it with "
+                  "MFD_HUGETLB | MFD_HUGE_2MB");
+    }
+    b.huge = hugetlbfs;
+    b.page_size = b.huge ? kHugePage : kSmallPage;
+    const uint64_t need = (length + b.page_size - 1) / b.page_size * b.page_size;
+    if (static_cast<uint64_t>(st.st_size) < need) {
+      throw Error(Errc::kInvalidArgument, "the memfd given holds " + std::to_string(st.st_size) +
+                                              " bytes; the region needs " + std::to_string(need));
+    }
+    const int fd = ::fcntl(options.memfd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) throw_errno("dup of the memfd given");
+    b.memfd = UniqueFd(fd);
+  }
+  b.page_size = b.huge ? kHugePage : kSmallPage;
+  const size_t size = (length + b.page_size - 1) / b.page_size * b.page_size;
+  if (!b.shared) {
+    if (!b.huge) {
+      b.view = Mapping::anonymous(size);
+      return b;
+    }
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB,
+                     -1, 0);
+    if (p == MAP_FAILED) throw_no_huge_pages(size, errno);
+    b.view = Mapping(p, size);
+    return b;
+  }
+  if (!b.memfd) {
+    const unsigned flags = MFD_CLOEXEC | (b.huge ? MFD_HUGETLB | MFD_HUGE_2MB : 0u);
+    const int fd = ::memfd_create("pagewire", flags);
+    if (fd < 0) throw_errno("memfd_create");
+    b.memfd = UniqueFd(fd);
+    if (::ftruncate(b.memfd.get(), static_cast<off_t>(size)) != 0) throw_errno("ftruncate of the memfd");
+  }
+  b.view = map_shared(b.memfd.get(), size, b.huge);
+  b.alias = map_shared(b.memfd.get(), size, b.huge);
+  return b;
+}
+
+}  // namespace pagewire

@@ -1,0 +1,305 @@
+// Memory backings: shared memory (memfd) in minor-fault mode, where reads
+// land in the final page and UFFDIO_CONTINUE maps it, and 2 MiB hugetlb
+// pages, anonymous and shared. Contents are checked byte for byte.
+#include <gtest/gtest.h>
+#include <linux/memfd.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <future>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "runtime/backing.h"
+#include "tests/test_util.h"
+#include "tools/pattern.h"
+
+namespace pagewire {
+namespace {
+
+using testing::kSeed;
+using testing::PatternServer;
+
+constexpr size_t kPage = 4096;
+constexpr size_t kHuge = 2 << 20;
+
+// Makes sure `pages` 2 MiB pages are free, reserving more as root; returns
+// why not when it cannot (the test then skips).
+std::string reserve_huge_pages(uint64_t pages) {
+  HugePageCount have = huge_pages_2m();
+  if (have.free >= pages) return "";
+  {
+    std::ofstream out("/proc/sys/vm/nr_hugepages");
+    out << have.total + (pages - have.free);
+  }
+  have = huge_pages_2m();
+  if (have.free >= pages) return "";
+  return "needs " + std::to_string(pages) + " free 2 MiB huge pages, has " + std::to_string(have.free) +
+         " (reserving them needs root: sysctl vm.nr_hugepages)";
+}
+
+struct Mode {
+  const char* name;
+  AttachOptions::Memory memory;
+  bool huge;
+  bool pull;
+};
+
+AttachOptions options_for(const Mode& m) {
+  AttachOptions o = testing::on_demand(2);
+  o.memory = m.memory;
+  o.huge_pages = m.huge;
+  o.background_pull = m.pull;
+  return o;
+}
+
+class Backings : public ::testing::TestWithParam<Mode> {
+ protected:
+  void SetUp() override {
+    if (GetParam().huge) {
+      const std::string why = reserve_huge_pages(2 * kRegion / kHuge + 4);
+      if (!why.empty()) GTEST_SKIP() << why;
+    }
+  }
+  static constexpr size_t kRegion = 32 << 20;
+};
+
+const Mode kModes[] = {
+    {"shared", AttachOptions::Memory::kShared, false, false},
+    {"shared_pull", AttachOptions::Memory::kShared, false, true},
+    {"huge", AttachOptions::Memory::kAnonymous, true, false},
+    {"huge_pull", AttachOptions::Memory::kAnonymous, true, true},
+    {"shared_huge", AttachOptions::Memory::kShared, true, false},
+    {"shared_huge_pull", AttachOptions::Memory::kShared, true, true},
+};
+INSTANTIATE_TEST_SUITE_P(Modes, Backings, ::testing::ValuesIn(kModes),
+                         [](const auto& p) { return std::string(p.param.name); });
+
+TEST_P(Backings, RandomMultiThreadedContentsAreExact) {
+  PatternServer src("mem", kRegion);
+  Region r = attach(src.uri(), options_for(GetParam()));
+  EXPECT_EQ(r.page_size(), GetParam().huge ? kHuge : kPage);
+  std::vector<size_t> pages(kRegion / r.page_size());
+  std::iota(pages.begin(), pages.end(), 0);
+  std::shuffle(pages.begin(), pages.end(), std::mt19937_64(7));
+  EXPECT_EQ(testing::verify_pages(r, pages, 4), 0u);
+  if (GetParam().pull) {
+    ASSERT_TRUE(r.wait_complete(std::chrono::seconds(120))) << r.error();
+  }
+  EXPECT_EQ(check_pattern(r.data(), 0, kRegion, kSeed), -1);
+  const Stats s = r.stats();
+  EXPECT_EQ(s.pages_refused, 0u);
+  if (GetParam().memory == AttachOptions::Memory::kShared) {
+    // Reads landed in the final pages: nothing was copied out of staging.
+    EXPECT_EQ(s.bytes_copied, 0u);
+    EXPECT_GT(s.pages_continued, 0u);
+  } else {
+    EXPECT_GT(s.bytes_copied, 0u);
+    EXPECT_EQ(s.pages_continued, 0u);
+  }
+}
+
+TEST_P(Backings, ManyThreadsOnOnePageFetchItOnce) {
+  PatternServer src("one", kRegion);
+  Region r = attach(src.uri(), options_for(GetParam()));
+  EXPECT_EQ(testing::stampede(r, 5, 8), 0u);
+  if (!GetParam().pull) {
+    EXPECT_EQ(src.server().stats().reads_served, 1u);
+  }
+}
+
+TEST_P(Backings, ZeroPagesAreNotTransferred) {
+  // Every other 2 MiB of the source is zero: both page sizes see whole
+  // zero pages there.
+  Mapping mem = Mapping::anonymous(kRegion);
+  for (size_t off = 0; off < kRegion; off += 2 * kHuge) fill_pattern(mem.data() + off, off, kHuge, kSeed);
+  ServerOptions so;
+  so.bind_address = "127.0.0.1";
+  so.port = 0;
+  so.rdma = RdmaServing::kOff;
+  MemoryServer server(so);
+  server.export_memory("half", mem.data(), kRegion);
+  Region r = attach("tcp://127.0.0.1:" + std::to_string(server.port()) + "/half", options_for(GetParam()));
+  if (GetParam().pull) {
+    ASSERT_TRUE(r.wait_complete(std::chrono::seconds(120))) << r.error();
+  }
+  EXPECT_EQ(std::memcmp(r.data(), mem.data(), kRegion), 0);
+  EXPECT_EQ(r.stats().bytes_fetched, kRegion / 2);
+  EXPECT_EQ(r.stats().pages_zero, kRegion / 2 / r.page_size());
+}
+
+TEST_P(Backings, SequentialScanWithPrefetchIsExact) {
+  PatternServer src("scan", kRegion);
+  AttachOptions o = options_for(GetParam());
+  o.prefetch = true;
+  Region r = attach(src.uri(), o);
+  EXPECT_EQ(check_pattern(r.data(), 0, kRegion, kSeed), -1);
+  if (!GetParam().pull) {
+    EXPECT_GT(r.stats().prefetch_issued, 0u);
+    EXPECT_LT(r.stats().faults, kRegion / r.page_size());
+  }
+}
+
+TEST(SharedMemory, UsersHugetlbfsMemfdMeansHugePages) {
+  if (const std::string why = reserve_huge_pages(4); !why.empty()) GTEST_SKIP() << why;
+  PatternServer src("hugeram", 8 << 20);
+  const int fd = ::memfd_create("guest-ram", MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  UniqueFd owner(fd);
+  ASSERT_EQ(::ftruncate(fd, 8 << 20), 0);
+  AttachOptions o = testing::on_demand(2);
+  o.memory = AttachOptions::Memory::kShared;
+  o.memfd = fd;
+  o.background_pull = true;
+  Region r = attach(src.uri(), o);
+  EXPECT_EQ(r.page_size(), kHuge);
+  ASSERT_TRUE(r.wait_complete(std::chrono::seconds(60))) << r.error();
+  Mapping mine(::mmap(nullptr, 8 << 20, PROT_READ, MAP_SHARED, fd, 0), 8 << 20);
+  EXPECT_EQ(check_pattern(mine.data(), 0, 8 << 20, kSeed), -1);
+  EXPECT_EQ(check_pattern(r.data(), 0, 8 << 20, kSeed), -1);
+  EXPECT_EQ(r.stats().bytes_copied, 0u);
+}
+
+TEST(SharedMemory, UsersMemfdIsFilledInPlaceAndOldBytesNeverShow) {
+  PatternServer src("vmram", 8 << 20);
+  const int fd = ::memfd_create("guest-ram", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  UniqueFd owner(fd);
+  ASSERT_EQ(::ftruncate(fd, 8 << 20), 0);
+  {
+    // Stale bytes in the memfd (a reused guest RAM file): pagewire must
+    // replace every page with the source's, including the zero ones.
+    Mapping stale(::mmap(nullptr, 8 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), 8 << 20);
+    std::memset(stale.data(), 0xAB, 4 << 20);
+  }
+  AttachOptions o = testing::on_demand(2);
+  o.memory = AttachOptions::Memory::kShared;
+  o.memfd = fd;
+  Region r = attach(src.uri(), o);
+  std::vector<size_t> pages(2048);
+  std::iota(pages.begin(), pages.end(), 0);
+  EXPECT_EQ(testing::verify_pages(r, pages, 3), 0u);
+  // The caller's own mapping of the memfd sees the same bytes: they are
+  // the same pages.
+  Mapping mine(::mmap(nullptr, 8 << 20, PROT_READ, MAP_SHARED, fd, 0), 8 << 20);
+  EXPECT_EQ(check_pattern(mine.data(), 0, 8 << 20, kSeed), -1);
+  EXPECT_EQ(r.stats().bytes_copied, 0u);
+}
+
+TEST(SharedMemory, UnmappedPagesStayAndPunchedPagesArriveAgain) {
+  PatternServer src("keep", 4 << 20);
+  AttachOptions o = testing::on_demand(1);
+  o.memory = AttachOptions::Memory::kShared;
+  Region r = attach(src.uri(), o);
+  std::byte* page = r.data() + 3 * kPage;
+  page[0] = std::byte{0x5A};  // fetched, then written here
+  // MADV_DONTNEED on shared memory only unmaps: the write is kept and the
+  // page is mapped again without a transfer.
+  ASSERT_EQ(::madvise(page, kPage, MADV_DONTNEED), 0);
+  EXPECT_EQ(page[0], std::byte{0x5A});
+  EXPECT_EQ(check_pattern(page + 1, 3 * kPage + 1, kPage - 1, kSeed), -1);
+  EXPECT_EQ(src.server().stats().reads_served, 1u);
+  // MADV_REMOVE frees the page itself: it is the source's page again.
+  ASSERT_EQ(::madvise(page, kPage, MADV_REMOVE), 0);
+  EXPECT_EQ(check_pattern(page, 3 * kPage, kPage, kSeed), -1);
+  EXPECT_EQ(src.server().stats().reads_served, 2u);
+}
+
+TEST(SharedMemory, ForeignMemfdsAreRejectedClearly) {
+  PatternServer src("x", 4 << 20);
+  AttachOptions o = testing::on_demand(1);
+  o.memory = AttachOptions::Memory::kShared;
+  const int small = ::memfd_create("small", MFD_CLOEXEC);
+  ASSERT_GE(small, 0);
+  UniqueFd owner(small);
+  ASSERT_EQ(::ftruncate(small, 1 << 20), 0);
+  o.memfd = small;
+  std::string what;
+  try {
+    attach(src.uri(), o);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kInvalidArgument);
+    what = e.what();
+  }
+  EXPECT_NE(what.find("the region needs"), std::string::npos) << what;
+  o.memory = AttachOptions::Memory::kAnonymous;
+  EXPECT_THROW(attach(src.uri(), o), Error);
+}
+
+TEST(SharedMemory, SourceKilledMidRunNoHangNoZeroPage) {
+  testing::ChildServer child({"--pattern", "victim=256M:" + std::to_string(kSeed)});
+  AttachOptions o = testing::on_demand(2);
+  o.memory = AttachOptions::Memory::kShared;
+  o.reconnect_timeout_ms = 300;
+  o.request_timeout_ms = 2000;
+  Region r = attach("tcp://127.0.0.1:" + std::to_string(child.port()) + "/victim", o);
+  auto walk = std::async(std::launch::async, [&] { return testing::walk_until_stopped(r, 2); });
+  for (int i = 0; i < 1000 && r.stats().pages_fetched < 2000; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  child.kill_now();
+  ASSERT_EQ(walk.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "a faulting thread hangs";
+  const testing::Walk w = walk.get();
+  EXPECT_EQ(w.wrong, 0u);
+  EXPECT_GT(w.good, 0u);
+  for (int sig : w.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
+  EXPECT_TRUE(r.failed());
+}
+
+TEST(HugePages, UnreservedPagesGiveAnErrorThatSaysHowToReserveThem) {
+  const HugePageCount have = huge_pages_2m();
+  // A zero source larger than every free huge page: its pages are never
+  // touched, so it costs no memory here.
+  const size_t length = (have.free + 8) * kHuge;
+  Mapping zeros = Mapping::anonymous(length, PROT_READ | PROT_WRITE, MAP_NORESERVE);
+  ServerOptions so;
+  so.bind_address = "127.0.0.1";
+  so.port = 0;
+  so.rdma = RdmaServing::kOff;
+  MemoryServer server(so);
+  server.export_memory("big", zeros.data(), length);
+  for (auto memory : {AttachOptions::Memory::kAnonymous, AttachOptions::Memory::kShared}) {
+    AttachOptions o = testing::on_demand(1);
+    o.huge_pages = true;
+    o.memory = memory;
+    std::string what;
+    Errc code = Errc::kOk;
+    try {
+      attach("tcp://127.0.0.1:" + std::to_string(server.port()) + "/big", o);
+    } catch (const Error& e) {
+      code = e.code();
+      what = e.what();
+    }
+    EXPECT_EQ(code, Errc::kNoMemory) << what;
+    EXPECT_NE(what.find("vm.nr_hugepages="), std::string::npos) << what;
+  }
+}
+
+TEST(HugePages, FaultOnAnyPartOfAHugePageReadsItWhole) {
+  if (const std::string why = reserve_huge_pages(5); !why.empty()) GTEST_SKIP() << why;
+  PatternServer src("h", 4 * kHuge + 12345);  // the last huge page is mostly past the end
+  AttachOptions o = testing::on_demand(1);
+  o.huge_pages = true;
+  Region r = attach(src.uri(), o);
+  // The faulting 4 KiB is in the middle of the page: it is read first, the
+  // head after, and the page installed whole.
+  EXPECT_EQ(check_pattern(r.data() + kHuge + 300 * kPage, kHuge + 300 * kPage, kPage, kSeed), -1);
+  EXPECT_EQ(r.stats().faults, 1u);
+  EXPECT_EQ(src.server().stats().reads_served, 2u);
+  EXPECT_EQ(check_pattern(r.data() + kHuge, kHuge, kHuge, kSeed), -1);
+  EXPECT_EQ(r.stats().faults, 1u);  // the rest of the page came with it
+  // The short last page: source bytes, then zeros past the end.
+  const std::byte* tail = r.data() + 4 * kHuge;
+  EXPECT_EQ(check_pattern(tail, 4 * kHuge, 12345, kSeed), -1);
+  EXPECT_TRUE(std::all_of(tail + 12345, tail + kHuge, [](std::byte b) { return b == std::byte{0}; }));
+  EXPECT_EQ(r.size(), 4 * kHuge + 12345);
+}
+
+}  // namespace
+}  // namespace pagewire
