@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <fstream>
 #include <future>
 #include <numeric>
 #include <random>
@@ -25,24 +24,10 @@ namespace {
 
 using testing::kSeed;
 using testing::PatternServer;
+using testing::reserve_huge_pages;
 
 constexpr size_t kPage = 4096;
 constexpr size_t kHuge = 2 << 20;
-
-// Makes sure `pages` 2 MiB pages are free, reserving more as root; returns
-// why not when it cannot (the test then skips).
-std::string reserve_huge_pages(uint64_t pages) {
-  HugePageCount have = huge_pages_2m();
-  if (have.free >= pages) return "";
-  {
-    std::ofstream out("/proc/sys/vm/nr_hugepages");
-    out << have.total + (pages - have.free);
-  }
-  have = huge_pages_2m();
-  if (have.free >= pages) return "";
-  return "needs " + std::to_string(pages) + " free 2 MiB huge pages, has " + std::to_string(have.free) +
-         " (reserving them needs root: sysctl vm.nr_hugepages)";
-}
 
 struct Mode {
   const char* name;

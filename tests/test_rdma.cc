@@ -214,5 +214,54 @@ TEST_F(Rdma, ZeroPagesNeverCrossTheFabric) {
   EXPECT_EQ(s.bytes_fetched, len / 2);
 }
 
+// Memory backings over the fabric: shared memory, where the RDMA READ lands
+// in the final page (the alias is the memory region) and UFFDIO_CONTINUE
+// maps it; and 2 MiB hugetlb pages, anonymous and shared.
+struct RdmaMode {
+  const char* name;
+  AttachOptions::Memory memory;
+  bool huge;
+  bool pull;
+};
+
+class RdmaBackings : public Rdma, public ::testing::WithParamInterface<RdmaMode> {};
+
+const RdmaMode kRdmaModes[] = {
+    {"shared", AttachOptions::Memory::kShared, false, false},
+    {"shared_pull", AttachOptions::Memory::kShared, false, true},
+    {"huge", AttachOptions::Memory::kAnonymous, true, false},
+    {"shared_huge_pull", AttachOptions::Memory::kShared, true, true},
+};
+INSTANTIATE_TEST_SUITE_P(Modes, RdmaBackings, ::testing::ValuesIn(kRdmaModes),
+                         [](const auto& p) { return std::string(p.param.name); });
+
+TEST_P(RdmaBackings, RandomMultiThreadedContentsAreExact) {
+  constexpr size_t kLen = 16 << 20;
+  if (GetParam().huge) {
+    if (const std::string why = testing::reserve_huge_pages(kLen / (2 << 20) + 2); !why.empty()) GTEST_SKIP() << why;
+  }
+  PatternServer src("mem", kLen, kSeed, rdma_server());
+  AttachOptions o = handlers(2);
+  o.memory = GetParam().memory;
+  o.huge_pages = GetParam().huge;
+  o.background_pull = GetParam().pull;
+  Region r = attach(uri("rdma", src.server().port(), "mem"), o);
+  EXPECT_EQ(r.transport(), "rdma");
+  std::vector<size_t> order(r.size() / r.page_size());
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(42));
+  EXPECT_EQ(verify_pages(r, order, 4), 0u);
+  if (GetParam().pull) {
+    ASSERT_TRUE(r.wait_complete(std::chrono::seconds(300))) << r.error();
+  }
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+  const Stats s = r.stats();
+  EXPECT_FALSE(r.failed()) << r.error();
+  if (GetParam().memory == AttachOptions::Memory::kShared) {
+    EXPECT_EQ(s.bytes_copied, 0u);  // every page was read into place
+    EXPECT_GT(s.pages_continued, 0u);
+  }
+}
+
 }  // namespace
 }  // namespace pagewire

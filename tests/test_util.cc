@@ -11,13 +11,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cstring>
 #include <atomic>
+#include <cstring>
+#include <fstream>
 #include <mutex>
 #include <random>
-#include <thread>
 #include <stdexcept>
+#include <thread>
 
+#include "runtime/backing.h"
 #include "tools/pattern.h"
 #include "transport/protocol.h"
 
@@ -73,6 +75,19 @@ ServerOptions loopback_tcp() {
   return o;
 }
 }  // namespace
+
+std::string reserve_huge_pages(uint64_t pages) {
+  HugePageCount have = huge_pages_2m();
+  if (have.free >= pages) return "";
+  {
+    std::ofstream out("/proc/sys/vm/nr_hugepages");
+    out << have.total + (pages - have.free);
+  }
+  have = huge_pages_2m();
+  if (have.free >= pages) return "";
+  return "needs " + std::to_string(pages) + " free 2 MiB huge pages, has " + std::to_string(have.free) +
+         " (reserving them needs root: sysctl vm.nr_hugepages)";
+}
 
 size_t verify_pages(const Region& r, const std::vector<size_t>& pages, int threads) {
   const size_t page = r.page_size();

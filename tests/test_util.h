@@ -57,6 +57,10 @@ struct Walk {
 };
 Walk walk_until_stopped(const Region& r, int threads);
 
+// Makes sure `pages` 2 MiB huge pages are free, reserving more as root
+// (vm.nr_hugepages); returns why not when it cannot, for GTEST_SKIP.
+std::string reserve_huge_pages(uint64_t pages);
+
 // Memory filled with the pattern, served by an in-process MemoryServer on a
 // free loopback port.
 class PatternServer {

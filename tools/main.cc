@@ -12,6 +12,7 @@
 
 #include "CLI/CLI.hpp"
 #include "pagewire/pagewire.h"
+#include "runtime/backing.h"
 #include "runtime/metrics.h"
 #include "runtime/uffd.h"
 #include "spdlog/spdlog.h"
@@ -26,10 +27,10 @@ namespace {
 
 constexpr uint64_t kDefaultSeed = 0x5eed;
 
-void print_touch_report(const WorkloadResult& res, const Stats& s) {
+void print_touch_report(const WorkloadResult& res, const Stats& s, uint32_t page_size) {
   std::vector<uint64_t> lat = res.latencies_ns;
   const LatencySummary l = summarize_samples(lat);
-  const double mb = static_cast<double>(res.pages) * 4096 / 1e6;
+  const double mb = static_cast<double>(res.pages) * page_size / 1e6;
   std::printf("touched %llu pages in %.2f s: %.0f faults/s, %.1f MB/s\n", static_cast<unsigned long long>(res.pages),
               res.seconds, static_cast<double>(res.pages) / res.seconds, mb / res.seconds);
   std::printf("first-touch latency (us): p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n", l.p50_ns / 1e3,
@@ -37,16 +38,12 @@ void print_touch_report(const WorkloadResult& res, const Stats& s) {
   std::printf("%s", format_stats(s).c_str());
 }
 
-int cmd_attach(const std::string& uri, const WorkloadConfig& w, unsigned handlers, const std::string& json,
-               bool io_uring = true, bool pull = false, bool prefetch = true) {
-  AttachOptions o;
-  o.handler_threads = handlers;
-  o.io_uring = io_uring;
-  o.background_pull = pull;
-  o.prefetch = prefetch;
+int cmd_attach(const std::string& uri, const WorkloadConfig& w, const AttachOptions& o, const std::string& json) {
+  const bool pull = o.background_pull;
   Region r = attach(uri, o);
-  std::printf("attached %s over %s: %s, %u B pages\n", uri.c_str(), std::string(r.transport()).c_str(),
-              format_bytes(r.size()).c_str(), r.page_size());
+  std::printf("attached %s over %s: %s in %s pages of %s memory\n", uri.c_str(), std::string(r.transport()).c_str(),
+              format_bytes(r.size()).c_str(), format_bytes(r.page_size()).c_str(),
+              o.memory == AttachOptions::Memory::kShared ? "shared (memfd, minor faults, no copy)" : "anonymous");
   WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
   if (pull) {
     Progress progress("pulling", r.size() / r.page_size());
@@ -60,7 +57,7 @@ int cmd_attach(const std::string& uri, const WorkloadConfig& w, unsigned handler
                 p.seconds, p.mb_per_second, p.complete ? "; plain memory now" : "");
   }
   const Stats s = r.stats();
-  print_touch_report(res, s);
+  print_touch_report(res, s, r.page_size());
   if (!json.empty()) {
     std::ofstream(json) << stats_to_json(s) << "\n";
   }
@@ -91,7 +88,10 @@ int cmd_demo(uint64_t size, unsigned threads, unsigned handlers) {
   w.verify = true;
   w.seed = kDefaultSeed;
   w.progress_label = "faulting";
-  return cmd_attach(source.uri(), w, handlers, "");
+  AttachOptions o;
+  o.handler_threads = handlers;
+  o.background_pull = false;
+  return cmd_attach(source.uri(), w, o, "");
 }
 
 int cmd_info() {
@@ -116,6 +116,10 @@ int cmd_info() {
   std::printf("RDMA devices: %d%s\n", n, n == 0 ? " (the rdma:// transport needs one; see tools/rxe-vm)" : "");
   for (int i = 0; i < n; ++i) std::printf("  %s\n", ibv_get_device_name(devs[i]));
   if (devs != nullptr) ibv_free_device_list(devs);
+  const HugePageCount huge = huge_pages_2m();
+  std::printf("2 MiB huge pages: %llu reserved, %llu free%s\n", static_cast<unsigned long long>(huge.total),
+              static_cast<unsigned long long>(huge.free),
+              huge.total == 0 ? " (attach --huge-pages needs them: sysctl vm.nr_hugepages=N)" : "");
   std::printf("CPUs: %u\n", std::thread::hardware_concurrency());
   return 0;
 }
@@ -166,6 +170,14 @@ int main(int argc, char** argv) {
   bool no_prefetch = false;
   att->add_flag("--pull", pull, "pull every page in the background too (postcopy), and wait until all are present");
   att->add_flag("--no-prefetch", no_prefetch, "do not fetch ahead of sequential or strided faulting threads");
+  std::string memory = "anonymous";
+  bool huge_pages = false;
+  att->add_option("--memory", memory,
+                  "anonymous (pages copied in with UFFDIO_COPY) or shared (a memfd: reads land in place, "
+                  "UFFDIO_CONTINUE maps them)")
+      ->check(CLI::IsMember({"anonymous", "shared"}))
+      ->capture_default_str();
+  att->add_flag("--huge-pages", huge_pages, "2 MiB hugetlb pages (reserve them first: sysctl vm.nr_hugepages=N)");
 
   // demo
   auto* demo = app.add_subcommand("demo", "serve 256 MiB from a child process, fault it all in, verify it");
@@ -229,7 +241,15 @@ int main(int argc, char** argv) {
       w.verify = !verify_seed.empty();
       if (w.verify) w.seed = std::stoull(verify_seed, nullptr, 0);
       w.progress_label = "faulting";
-      return cmd_attach(uri, w, handlers, json, !no_io_uring, pull, !no_prefetch);
+      pagewire::AttachOptions o;
+      o.handler_threads = handlers;
+      o.io_uring = !no_io_uring;
+      o.background_pull = pull;
+      o.prefetch = !no_prefetch;
+      o.memory = memory == "shared" ? pagewire::AttachOptions::Memory::kShared
+                                    : pagewire::AttachOptions::Memory::kAnonymous;
+      o.huge_pages = huge_pages;
+      return cmd_attach(uri, w, o, json);
     }
     if (demo->parsed()) return cmd_demo(parse_size(demo_size), threads, handlers);
     if (bench->parsed()) {
