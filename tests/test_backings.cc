@@ -8,11 +8,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <future>
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "runtime/backing.h"
@@ -129,6 +131,42 @@ TEST_P(Backings, SequentialScanWithPrefetchIsExact) {
     EXPECT_GT(r.stats().prefetch_issued, 0u);
     EXPECT_LT(r.stats().faults, kRegion / r.page_size());
   }
+}
+
+TEST_P(Backings, DroppedConnectionsReconnectAndLoseNothing) {
+  PatternServer src("drop", kRegion);
+  Region r = attach(src.uri(), options_for(GetParam()));
+  std::vector<size_t> order(kRegion / r.page_size());
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(3));
+  std::atomic<bool> done{false};
+  std::thread dropper([&] {
+    for (int i = 0; i < 5 && !done.load(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      src.server().drop_connections();
+    }
+  });
+  const size_t bad = testing::verify_pages(r, order, 2);
+  done.store(true);
+  dropper.join();
+  EXPECT_EQ(bad, 0u);
+  EXPECT_FALSE(r.failed()) << r.error();
+  EXPECT_EQ(r.stats().pages_refused, 0u);
+}
+
+TEST_P(Backings, SilentSourceIsRefusedNeverZeroFilled) {
+  testing::SilentServer silent("quiet", kRegion);
+  AttachOptions o = options_for(GetParam());
+  o.handler_threads = 1;
+  o.request_timeout_ms = 200;
+  o.reconnect_timeout_ms = 200;
+  Region r = attach("tcp://127.0.0.1:" + std::to_string(silent.port()) + "/quiet", o);
+  auto sig = std::async(std::launch::async,
+                        [&] { return testing::run_catching_signals([&] { testing::touch(r.data() + 3 * kPage); }); });
+  ASSERT_EQ(sig.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "the fault hangs";
+  const int s = sig.get();
+  EXPECT_TRUE(s == SIGBUS || s == SIGSEGV) << "signal " << s;
+  EXPECT_TRUE(r.failed());
 }
 
 TEST(SharedMemory, UsersHugetlbfsMemfdMeansHugePages) {
