@@ -106,13 +106,9 @@ TEST_P(Backings, ZeroPagesAreNotTransferred) {
   // zero pages there.
   Mapping mem = Mapping::anonymous(kRegion);
   for (size_t off = 0; off < kRegion; off += 2 * kHuge) fill_pattern(mem.data() + off, off, kHuge, kSeed);
-  ServerOptions so;
-  so.bind_address = "127.0.0.1";
-  so.port = 0;
-  so.rdma = RdmaServing::kOff;
-  MemoryServer server(so);
+  MemoryServer server(testing::loopback_tcp());
   server.export_memory("half", mem.data(), kRegion);
-  Region r = attach("tcp://127.0.0.1:" + std::to_string(server.port()) + "/half", options_for(GetParam()));
+  Region r = attach(testing::loopback_uri(server, "half"), options_for(GetParam()));
   if (GetParam().pull) {
     ASSERT_TRUE(r.wait_complete(std::chrono::seconds(120))) << r.error();
   }
@@ -256,23 +252,9 @@ TEST(SharedMemory, ForeignMemfdsAreRejectedClearly) {
 }
 
 TEST(SharedMemory, SourceKilledMidRunNoHangNoZeroPage) {
-  testing::ChildServer child({"--pattern", "victim=256M:" + std::to_string(kSeed)});
   AttachOptions o = testing::on_demand(2);
   o.memory = AttachOptions::Memory::kShared;
-  o.reconnect_timeout_ms = 300;
-  o.request_timeout_ms = 2000;
-  Region r = attach("tcp://127.0.0.1:" + std::to_string(child.port()) + "/victim", o);
-  auto walk = std::async(std::launch::async, [&] { return testing::walk_until_stopped(r, 2); });
-  for (int i = 0; i < 1000 && r.stats().pages_fetched < 2000; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  child.kill_now();
-  ASSERT_EQ(walk.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "a faulting thread hangs";
-  const testing::Walk w = walk.get();
-  EXPECT_EQ(w.wrong, 0u);
-  EXPECT_GT(w.good, 0u);
-  for (int sig : w.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
-  EXPECT_TRUE(r.failed());
+  testing::expect_source_killed_mid_run_is_refused(o);
 }
 
 TEST(HugePages, UnreservedPagesGiveAnErrorThatSaysHowToReserveThem) {
@@ -281,11 +263,7 @@ TEST(HugePages, UnreservedPagesGiveAnErrorThatSaysHowToReserveThem) {
   // touched, so it costs no memory here.
   const size_t length = (have.free + 8) * kHuge;
   Mapping zeros = Mapping::anonymous(length, PROT_READ | PROT_WRITE, MAP_NORESERVE);
-  ServerOptions so;
-  so.bind_address = "127.0.0.1";
-  so.port = 0;
-  so.rdma = RdmaServing::kOff;
-  MemoryServer server(so);
+  MemoryServer server(testing::loopback_tcp());
   server.export_memory("big", zeros.data(), length);
   for (auto memory : {AttachOptions::Memory::kAnonymous, AttachOptions::Memory::kShared}) {
     AttachOptions o = testing::on_demand(1);
@@ -294,7 +272,7 @@ TEST(HugePages, UnreservedPagesGiveAnErrorThatSaysHowToReserveThem) {
     std::string what;
     Errc code = Errc::kOk;
     try {
-      attach("tcp://127.0.0.1:" + std::to_string(server.port()) + "/big", o);
+      attach(testing::loopback_uri(server, "big"), o);
     } catch (const Error& e) {
       code = e.code();
       what = e.what();

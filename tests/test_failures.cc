@@ -182,26 +182,7 @@ TEST(Failures, ReadOutsideTheRegionIsRefusedByTheChannel) {
 }
 
 TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {
-  ChildServer child({"--pattern", "victim=256M:" + std::to_string(kSeed)});
-  AttachOptions o = testing::on_demand();
-  o.handler_threads = 2;
-  o.reconnect_timeout_ms = 300;
-  o.request_timeout_ms = 2000;
-  Region r = attach("tcp://127.0.0.1:" + std::to_string(child.port()) + "/victim", o);
-  auto walk = std::async(std::launch::async, [&] { return testing::walk_until_stopped(r, 2); });
-  // Kill the source once some pages have arrived.
-  for (int i = 0; i < 1000 && r.stats().pages_fetched < 2000; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  child.kill_now();
-  ASSERT_EQ(walk.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "a faulting thread hangs";
-  const testing::Walk w = walk.get();
-  EXPECT_EQ(w.wrong, 0u);
-  EXPECT_GT(w.good, 0u);
-  for (int sig : w.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
-  EXPECT_TRUE(r.failed());
-  EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();
-  EXPECT_GE(r.stats().pages_refused, 1u);
+  testing::expect_source_killed_mid_run_is_refused(testing::on_demand(2));
 }
 
 class SilentPeer : public ::testing::TestWithParam<bool> {};

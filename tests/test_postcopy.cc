@@ -116,13 +116,9 @@ bool page_matches(const Region& r, size_t p) {
 TEST(Postcopy, ZeroPagesNeverCrossTheWire) {
   const size_t len = 16 << 20;
   Mapping source = half_zero_source(len);
-  ServerOptions so;
-  so.bind_address = "127.0.0.1";
-  so.port = 0;
-  so.rdma = RdmaServing::kOff;
-  MemoryServer server(so);
+  MemoryServer server(testing::loopback_tcp());
   server.export_memory("half", source.data(), len);
-  const std::string uri = "tcp://127.0.0.1:" + std::to_string(server.port()) + "/half";
+  const std::string uri = testing::loopback_uri(server, "half");
   {  // On demand: each zero page is installed without a read.
     Region r = attach(uri, on_demand(2));
     for (size_t p = 0; p < len / kPage; ++p) ASSERT_TRUE(page_matches(r, p)) << p;

@@ -11,9 +11,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <random>
 #include <stdexcept>
@@ -66,7 +69,6 @@ int run_catching_signals(const std::function<void()>& fn) {
   return t_signal;
 }
 
-namespace {
 ServerOptions loopback_tcp() {
   ServerOptions o;
   o.bind_address = "127.0.0.1";
@@ -74,7 +76,31 @@ ServerOptions loopback_tcp() {
   o.rdma = RdmaServing::kOff;
   return o;
 }
-}  // namespace
+
+std::string loopback_uri(const MemoryServer& server, const std::string& name) {
+  return "tcp://127.0.0.1:" + std::to_string(server.port()) + "/" + name;
+}
+
+void expect_source_killed_mid_run_is_refused(AttachOptions o) {
+  ChildServer child({"--pattern", "victim=256M:" + std::to_string(kSeed)});
+  o.reconnect_timeout_ms = 300;
+  o.request_timeout_ms = 2000;
+  Region r = attach("tcp://127.0.0.1:" + std::to_string(child.port()) + "/victim", o);
+  auto walk = std::async(std::launch::async, [&] { return walk_until_stopped(r, 2); });
+  // Kill the source once some pages have arrived.
+  for (int i = 0; i < 1000 && r.stats().pages_fetched < 2000; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  child.kill_now();
+  ASSERT_EQ(walk.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "a faulting thread hangs";
+  const Walk w = walk.get();
+  EXPECT_EQ(w.wrong, 0u);
+  EXPECT_GT(w.good, 0u);
+  for (int sig : w.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
+  EXPECT_TRUE(r.failed());
+  EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();
+  EXPECT_GE(r.stats().pages_refused, 1u);
+}
 
 std::string reserve_huge_pages(uint64_t pages) {
   HugePageCount have = huge_pages_2m();

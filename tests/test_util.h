@@ -57,6 +57,17 @@ struct Walk {
 };
 Walk walk_until_stopped(const Region& r, int threads);
 
+// A server on a free loopback TCP port, RDMA off; and the URI of one of
+// its exports.
+ServerOptions loopback_tcp();
+std::string loopback_uri(const MemoryServer& server, const std::string& name);
+
+// Attaches a 256 MiB pattern served by a child process with `o`, kills the
+// source with SIGKILL while two threads walk the region, and checks (with
+// gtest expectations) that no thread hangs or reads a wrong byte, each is
+// stopped by SIGBUS or SIGSEGV, and the region says it failed.
+void expect_source_killed_mid_run_is_refused(AttachOptions o);
+
 // Makes sure `pages` 2 MiB huge pages are free, reserving more as root
 // (vm.nr_hugepages); returns why not when it cannot, for GTEST_SKIP.
 std::string reserve_huge_pages(uint64_t pages);
