@@ -81,6 +81,19 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
                   "huge pages were asked for, but the memfd given is on shmem (4 KiB pages): create it with "
                   "MFD_HUGETLB | MFD_HUGE_2MB");
     }
+    if (hugetlbfs && fs.f_bsize != kHugePage) {
+      throw Error(Errc::kInvalidArgument, "the memfd given is on hugetlbfs with " + std::to_string(fs.f_bsize >> 10) +
+                                              " KiB pages; pagewire uses 2 MiB pages (MFD_HUGE_2MB)");
+    }
+    const int mode = ::fcntl(options.memfd, F_GETFL);
+    if (mode < 0 || (mode & O_ACCMODE) != O_RDWR) {
+      throw Error(Errc::kInvalidArgument, "the memfd given is not open for reading and writing");
+    }
+    const int seals = ::fcntl(options.memfd, F_GET_SEALS);
+    if (seals > 0 && (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) != 0) {
+      throw Error(Errc::kInvalidArgument, "the memfd given is sealed against writes (F_SEAL_WRITE or "
+                                          "F_SEAL_FUTURE_WRITE): pagewire writes the source's pages into it");
+    }
     b.huge = hugetlbfs;
     b.page_size = b.huge ? kHugePage : kSmallPage;
     const uint64_t need = (length + b.page_size - 1) / b.page_size * b.page_size;
@@ -101,7 +114,10 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
     }
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB,
                      -1, 0);
-    if (p == MAP_FAILED) throw_no_huge_pages(size, errno);
+    if (p == MAP_FAILED) {
+      if (errno == ENOMEM) throw_no_huge_pages(size, errno);
+      throw_errno("mmap of " + std::to_string(size) + " bytes of 2 MiB hugetlb pages");
+    }
     b.view = Mapping(p, size);
     return b;
   }
@@ -114,16 +130,20 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
   }
   b.view = map_shared(b.memfd.get(), size, b.huge);
   b.alias = map_shared(b.memfd.get(), size, b.huge);
+  return b;
+}
+
+void Backing::populate() {
+  if (!shared) return;
   // Allocate the memory now, through the alias (holes are zero-filled,
   // pages a caller's memfd holds already are kept): a fault then neither
   // allocates a page nor maps the alias, and measured here that is what
   // kept shared memory from matching UFFDIO_COPY (p50 +24% without it,
   // +4% with it, all threads on one CPU).
-  if (::madvise(b.alias.data(), size, MADV_POPULATE_WRITE) != 0) {
-    if (b.huge && errno == ENOMEM) throw_no_huge_pages(size, errno);
+  if (::madvise(alias.data(), alias.size(), MADV_POPULATE_WRITE) != 0) {
+    if (huge && errno == ENOMEM) throw_no_huge_pages(alias.size(), errno);
     throw_errno("madvise(MADV_POPULATE_WRITE) of the region's memfd");
   }
-  return b;
 }
 
 }  // namespace pagewire

@@ -28,6 +28,10 @@ struct Backing {
   // pages are not reserved; kInvalidArgument for a memfd that cannot back
   // the region.
   static Backing create(uint64_t length, const AttachOptions& options);
+  // Shared memory: allocates every page of the memfd now, through the alias
+  // (holes zero-filled, pages a caller's memfd holds kept), so that a fault
+  // neither allocates a page nor maps the alias.
+  void populate();
 };
 
 // How many 2 MiB pages are reserved and free now (from sysfs; 0 when the

@@ -62,7 +62,7 @@ uint64_t minor_features(const Backing& b) {
 // 2 MiB pages at most.
 uint32_t prefetch_window(const AttachOptions& o, uint32_t page_size) {
   const uint32_t pages = std::max(1u, o.prefetch_max_pages);
-  return page_size == kSmallPage ? pages : 2;
+  return page_size == kSmallPage ? pages : std::min(pages, 2u);
 }
 
 unsigned default_handlers() {
@@ -160,6 +160,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   // faults for holes; both are resolved by filling the page through the
   // alias and mapping it with UFFDIO_CONTINUE.
   uffd_.register_range(backing_.view.data(), backing_.view.size(), backing_.shared);
+  backing_.populate();
   if (backing_.huge && !backing_.shared) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
 
   const unsigned n = options_.handler_threads != 0 ? options_.handler_threads : default_handlers();
@@ -169,8 +170,10 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
                                             " bytes at once: too little for " +
                                             std::to_string(desc_.page_size >> 10) + " KiB pages");
   }
-  // Staging for 2 MiB pages is kept to a few pages a worker.
-  const uint32_t max_depth = backing_.huge && !backing_.shared ? 8 : caps.max_outstanding_reads;
+  // Staging for 2 MiB pages is kept to a few pages a worker, and a demand
+  // read of one may go out as two (its faulting 4 KiB first).
+  const uint32_t max_depth = backing_.huge ? (backing_.shared ? std::max(1u, caps.max_outstanding_reads / 2) : 8)
+                                           : caps.max_outstanding_reads;
   const uint32_t depth = std::clamp<uint32_t>(options_.queue_depth, 1, max_depth);
   const uint32_t max_run = std::clamp<uint32_t>(caps.max_read_bytes / desc_.page_size, 1, kMaxRunPages);
   // Runs and prefetch windows are given in 4 KiB pages; in 2 MiB pages
@@ -291,18 +294,13 @@ void FaultEngine::record_failure(const std::string& text) {
 void FaultEngine::mark_present(size_t pages) {
   if (present_.fetch_add(pages) + pages != pages_.size()) return;
   // Every page is counted. Before the region becomes plain memory (where a
-  // missing page would read as zeros), check the page tables: a page the
-  // application discarded after it arrived is fetched again first.
-  // (mincore: one byte per 4 KiB, whatever the page size; for shared
-  // memory it tells what the memfd holds.)
-  const size_t per_page = desc_.page_size / kSmallPage;
-  std::vector<unsigned char> resident(backing_.view.size() / kSmallPage);
-  if (::mincore(backing_.view.data(), backing_.view.size(), resident.data()) == 0) {
+  // missing page would read as zeros), check that each is still there: a
+  // page the application discarded after it arrived is fetched again first.
+  const std::vector<bool> held = held_pages();
+  if (!held.empty()) {
     size_t gone = 0;
     for (size_t p = 0; p < pages_.size(); ++p) {
-      if ((resident[p * per_page] & 1) == 0 && pages_.transition(p, PageState::kPresent, PageState::kMissing)) {
-        ++gone;
-      }
+      if (!held[p] && pages_.transition(p, PageState::kPresent, PageState::kMissing)) ++gone;
     }
     if (gone > 0) {
       present_.fetch_sub(gone);
@@ -401,20 +399,22 @@ int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count,
                          uint64_t* existed) {
   std::byte* dst = backing_.view.data() + page * desc_.page_size;
   const uint64_t bytes = uint64_t{count} * desc_.page_size;
-  // Counted before the waiters are woken, as stats() readers expect.
+  // Counted before the waiters are woken (the caller wakes them), as
+  // stats() readers expect.
   if (backing_.shared) {
     // The read landed in these very pages (through the alias): map them.
-    Metrics::bump(w.metrics.pages_continued, count);
-    return uffd_.map_in_place(dst, bytes, desc_.page_size, retries, existed);
+    const int rc = uffd_.map_in_place(dst, bytes, desc_.page_size, retries, existed);
+    if (rc == 0) Metrics::bump(w.metrics.pages_continued, count);
+    return rc;
   }
-  Metrics::bump(w.metrics.bytes_copied, bytes);
-  return uffd_.copy(dst, src, bytes, desc_.page_size, retries, existed);
+  const int rc = uffd_.copy(dst, src, bytes, desc_.page_size, retries, existed);
+  if (rc == 0) Metrics::bump(w.metrics.bytes_copied, bytes);
+  return rc;
 }
 
 void FaultEngine::install_zero(Worker& w, size_t page) {
   uint64_t retries = 0;
   uint64_t existed = 0;
-  Metrics::bump(w.metrics.pages_zero);
   std::byte* dst = backing_.view.data() + page * desc_.page_size;
   int rc = 0;
   const char* how = "UFFDIO_ZEROPAGE: ";
@@ -435,6 +435,7 @@ void FaultEngine::install_zero(Worker& w, size_t page) {
     return;
   }
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
+  Metrics::bump(w.metrics.pages_zero);
   pages_.set(page, PageState::kPresent);
   mark_present(1);
   uffd_.wake(backing_.view.data() + page * desc_.page_size, desc_.page_size);  // after the table says present
@@ -564,7 +565,11 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
       Metrics::bump(w.metrics.install_failures, j - i);
       for (uint32_t k = i; k < j; ++k) {
         refuse_page(w, s.first + k, Errc::kIo,
-                    std::string(backing_.shared ? "UFFDIO_CONTINUE: " : "UFFDIO_COPY: ") + std::strerror(rc));
+                    backing_.shared && rc == EFAULT
+                        ? std::string("UFFDIO_CONTINUE: the page is no longer in the memfd (a hole was punched "
+                                      "into it while attached; over RDMA the memory region still pins the old "
+                                      "page, so it cannot be fetched again)")
+                        : std::string(backing_.shared ? "UFFDIO_CONTINUE: " : "UFFDIO_COPY: ") + std::strerror(rc));
       }
     }
     i = j;
@@ -651,17 +656,27 @@ bool FaultEngine::take_fault(size_t page) {
       case PageState::kInFlight:
         return false;  // its owner wakes this thread too, once it is installed
       case PageState::kPresent:
-        if (discarded(page)) return true;
-        if (pages_.get(page) == PageState::kPresent) {
-          // The install raced with the fault: wake it ourselves. Shared
-          // memory: the page may also have been unmapped here only
-          // (MADV_DONTNEED keeps it in the memfd); map it again.
-          if (backing_.shared) {
+        if (backing_.shared) {
+          // Own the page while looking at it: no other handler may map it
+          // or fetch it into the memfd meanwhile.
+          if (!pages_.transition(page, PageState::kPresent, PageState::kInFlight)) break;  // look again
+          if (memfd_holds(page)) {
+            // Unmapped from the region only (MADV_DONTNEED keeps the page,
+            // and the application's writes, in the memfd), or the fault
+            // raced with the install: map it again, with no transfer.
             uint64_t retries = 0;
             uint64_t existed = 0;
             uffd_.map_in_place(addr, desc_.page_size, desc_.page_size, &retries, &existed);
+            pages_.set(page, PageState::kPresent);
+            uffd_.wake(addr, desc_.page_size);
+            return false;
           }
-          uffd_.wake(addr, desc_.page_size);
+          present_.fetch_sub(1);  // punched out of the memfd: fetch it again
+          return true;
+        }
+        if (discarded(page)) return true;
+        if (pages_.get(page) == PageState::kPresent) {
+          uffd_.wake(addr, desc_.page_size);  // the install raced with the fault
           return false;
         }
         break;  // reset to missing meanwhile (the completion sweep): look again
@@ -677,6 +692,42 @@ bool FaultEngine::take_fault(size_t page) {
 bool FaultEngine::resident(size_t page) const {
   unsigned char r = 0;
   return ::mincore(backing_.view.data() + page * desc_.page_size, kSmallPage, &r) != 0 || (r & 1) != 0;
+}
+
+bool FaultEngine::memfd_holds(size_t page) const {
+  const auto off = static_cast<off_t>(page * desc_.page_size);
+  if (!backing_.huge) return ::lseek(backing_.memfd.get(), off, SEEK_DATA) == off;  // swapped pages count
+  unsigned char r = 1;
+  return ::mincore(backing_.alias.data() + off, kSmallPage, &r) != 0 || (r & 1) != 0;
+}
+
+std::vector<bool> FaultEngine::held_pages() const {
+  const size_t pages = pages_.size();
+  std::vector<bool> held(pages, true);
+  if (backing_.shared && !backing_.huge) {
+    // shmem: the holes in the memfd (SEEK_HOLE / SEEK_DATA; swapped pages
+    // are data).
+    const auto end = static_cast<off_t>(backing_.view.size());
+    for (off_t hole = ::lseek(backing_.memfd.get(), 0, SEEK_HOLE); hole >= 0 && hole < end;) {
+      off_t data = ::lseek(backing_.memfd.get(), hole, SEEK_DATA);
+      if (data < 0) data = end;
+      for (auto p = static_cast<size_t>(hole) / desc_.page_size; p * desc_.page_size < static_cast<size_t>(data) && p < pages;
+           ++p) {
+        held[p] = false;
+      }
+      hole = data < end ? ::lseek(backing_.memfd.get(), data, SEEK_HOLE) : end;
+    }
+    return held;
+  }
+  // Anonymous memory: the region's page tables. hugetlbfs: the alias's (the
+  // region's may be unmapped while the memfd keeps the page). One byte per
+  // 4 KiB either way.
+  const Mapping& m = backing_.shared ? backing_.alias : backing_.view;
+  std::vector<unsigned char> r(m.size() / kSmallPage);
+  if (::mincore(m.data(), m.size(), r.data()) != 0) return {};
+  const size_t per_page = desc_.page_size / kSmallPage;
+  for (size_t p = 0; p < pages; ++p) held[p] = (r[p * per_page] & 1) != 0;
+  return held;
 }
 
 bool FaultEngine::discarded(size_t page) {

@@ -75,6 +75,12 @@ class FaultEngine {
   // Whether the page's first 4 KiB is resident (mapped, or in the page
   // cache for shared memory): mincore fills a byte per 4 KiB.
   bool resident(size_t page) const;
+  // Shared memory: whether the memfd still holds the page (rather than a
+  // hole punched into it with MADV_REMOVE or fallocate).
+  bool memfd_holds(size_t page) const;
+  // Per page: still there (anonymous: mapped; shared: held by the memfd).
+  // Empty when it cannot be told.
+  std::vector<bool> held_pages() const;
   // Claims a run of missing pages from `first` (at most `max` pages).
   uint32_t claim_run(size_t first, uint32_t max);
   // Installs claimed zero pages without a transfer.

@@ -75,7 +75,8 @@ struct AttachOptions {
   // Shared memory only: back the region with this memfd (as a VMM hands over
   // guest RAM) instead of creating one. pagewire duplicates the descriptor;
   // the file must be at least the region's size (rounded up to the page
-  // size), and a hugetlbfs memfd means 2 MiB pages. -1: create one.
+  // size, open read-write, not sealed against writes; it must not shrink
+  // while attached), and a hugetlbfs memfd means 2 MiB pages. -1: create one.
   int memfd = -1;
 };
 
