@@ -234,7 +234,11 @@ RdmaChannel::~RdmaChannel() {
 
 LocalBuffer RdmaChannel::register_buffer(std::byte* base, size_t length) {
   ibv_mr* mr = ibv_reg_mr(pd_, base, length, IBV_ACCESS_LOCAL_WRITE);
-  if (mr == nullptr) throw_errno("ibv_reg_mr of " + std::to_string(length) + " staging bytes");
+  if (mr == nullptr) {
+    throw_errno("ibv_reg_mr of " + std::to_string(length) +
+                " bytes (staging buffers, or a shared-memory region's alias; registration pins them and counts "
+                "against RLIMIT_MEMLOCK: see ulimit -l)");
+  }
   mrs_.emplace_back(mr);
   return {base, length, mr->lkey};
 }
