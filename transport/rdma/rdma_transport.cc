@@ -217,11 +217,30 @@ std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {
   RegionDescriptor d = desc_;
   d.key = c.reply.rkey;
   d.remote_addr = c.reply.remote_addr;
-  return std::make_unique<RdmaChannel>(std::move(c), pd_.get(), d, options_);
+  if (!mrs_) mrs_ = std::make_shared<MrCache>(pd_.get());
+  return std::make_unique<RdmaChannel>(std::move(c), mrs_, d, options_);
 }
 
-RdmaChannel::RdmaChannel(Connection conn, ibv_pd* pd, RegionDescriptor desc, TransportOptions options)
-    : pd_(pd), desc_(std::move(desc)), options_(options), conn_(std::move(conn)), fifo_(conn_.depth) {
+std::shared_ptr<ibv_mr> MrCache::get(std::byte* base, size_t length) {
+  std::lock_guard lock(mu_);
+  std::erase_if(mrs_, [](const std::weak_ptr<ibv_mr>& w) { return w.expired(); });
+  for (const auto& w : mrs_) {
+    if (auto mr = w.lock(); mr && mr->addr == base && mr->length == length) return mr;
+  }
+  ibv_mr* mr = ibv_reg_mr(pd_, base, length, IBV_ACCESS_LOCAL_WRITE);
+  if (mr == nullptr) {
+    throw_errno("ibv_reg_mr of " + std::to_string(length) +
+                " bytes (staging buffers, or a shared-memory region's alias; registration pins them and counts "
+                "against RLIMIT_MEMLOCK: see ulimit -l)");
+  }
+  std::shared_ptr<ibv_mr> owned(mr, [](ibv_mr* m) { ibv_dereg_mr(m); });
+  mrs_.push_back(owned);
+  return owned;
+}
+
+RdmaChannel::RdmaChannel(Connection conn, std::shared_ptr<MrCache> mrs, RegionDescriptor desc,
+                         TransportOptions options)
+    : cache_(std::move(mrs)), desc_(std::move(desc)), options_(options), conn_(std::move(conn)), fifo_(conn_.depth) {
   wrs_.resize(conn_.depth);
   sges_.resize(conn_.depth);
   local_.reserve(conn_.depth);
@@ -233,18 +252,13 @@ RdmaChannel::~RdmaChannel() {
 }
 
 LocalBuffer RdmaChannel::register_buffer(std::byte* base, size_t length) {
-  ibv_mr* mr = ibv_reg_mr(pd_, base, length, IBV_ACCESS_LOCAL_WRITE);
-  if (mr == nullptr) {
-    throw_errno("ibv_reg_mr of " + std::to_string(length) +
-                " bytes (staging buffers, or a shared-memory region's alias; registration pins them and counts "
-                "against RLIMIT_MEMLOCK: see ulimit -l)");
-  }
-  mrs_.emplace_back(mr);
+  std::shared_ptr<ibv_mr> mr = cache_->get(base, length);
+  mrs_.push_back(mr);
   return {base, length, mr->lkey};
 }
 
 uint32_t RdmaChannel::lkey_for(const std::byte* p) const {
-  for (const Mr& mr : mrs_) {
+  for (const auto& mr : mrs_) {
     const auto* b = static_cast<const std::byte*>(mr->addr);
     if (p >= b && p < b + mr->length) return mr->lkey;
   }

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,21 @@ struct Connection {
   CmId id;
   HelloReply reply{};
   uint32_t depth = 0;  // send queue entries
+};
+
+// Memory registrations shared by the channels of one transport: a buffer
+// every channel reads into (a shared-memory region's alias) is registered,
+// and pinned, once rather than once per channel. Deregistered when the last
+// channel holding it goes.
+class MrCache {
+ public:
+  explicit MrCache(ibv_pd* pd) : pd_(pd) {}
+  std::shared_ptr<ibv_mr> get(std::byte* base, size_t length);
+
+ private:
+  ibv_pd* pd_;
+  std::mutex mu_;
+  std::vector<std::weak_ptr<ibv_mr>> mrs_;
 };
 
 class RdmaTransport final : public Transport {
@@ -54,12 +70,13 @@ class RdmaTransport final : public Transport {
   RegionDescriptor desc_;
   ibv_device_attr device_{};
   Pd pd_;  // one per device; every channel's QP and MRs live in it
+  std::shared_ptr<MrCache> mrs_;
   std::unique_ptr<Connection> first_;  // handed to the first channel
 };
 
 class RdmaChannel final : public Channel {
  public:
-  RdmaChannel(Connection conn, ibv_pd* pd, RegionDescriptor desc, TransportOptions options);
+  RdmaChannel(Connection conn, std::shared_ptr<MrCache> mrs, RegionDescriptor desc, TransportOptions options);
   ~RdmaChannel() override;
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override;
@@ -92,10 +109,10 @@ class RdmaChannel final : public Channel {
   int drain_cq(WaitResult& out);
   void fail(Errc why, const std::string& text, WaitResult& out);
 
-  ibv_pd* pd_;
+  std::shared_ptr<MrCache> cache_;
   RegionDescriptor desc_;
   TransportOptions options_;
-  std::vector<Mr> mrs_;  // declared before conn_: the QP stops before they go
+  std::vector<std::shared_ptr<ibv_mr>> mrs_;  // declared before conn_: the QP stops before they go
   Connection conn_;
 
   std::vector<Posted> fifo_;  // ring of posted reads, in posting order
