@@ -33,7 +33,7 @@ namespace pagewire::cli {
 namespace {
 
 constexpr uint32_t kHuge = 2u << 20;
-constexpr int kRounds = 3;  // interleaved runs of each mode
+constexpr int kRounds = 5;  // interleaved runs of each mode
 
 double us(uint64_t ns) { return static_cast<double>(ns) / 1000.0; }
 
