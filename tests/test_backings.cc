@@ -284,9 +284,10 @@ TEST(SharedMemory, SourceKilledMidRunNoHangNoZeroPage) {
 
 TEST(HugePages, UnreservedPagesGiveAnErrorThatSaysHowToReserveThem) {
   const HugePageCount have = huge_pages_2m();
-  // A zero source larger than every free huge page: its pages are never
-  // touched, so it costs no memory here.
-  const size_t length = (have.free + 8) * kHuge;
+  // A zero source larger than every reserved huge page, with room to spare
+  // for other tests reserving a few meanwhile: its pages are only read, so
+  // it costs no memory here.
+  const size_t length = (have.total + 512) * kHuge;
   Mapping zeros = Mapping::anonymous(length, PROT_READ | PROT_WRITE, MAP_NORESERVE);
   MemoryServer server(testing::loopback_tcp());
   server.export_memory("big", zeros.data(), length);
