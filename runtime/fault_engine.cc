@@ -111,7 +111,6 @@ struct FaultEngine::Worker {
   // landing in it when it is destroyed.
   std::unique_ptr<StagingPool> staging;
   std::unique_ptr<Channel> channel;
-  LocalBuffer landing;  // shared memory: the alias, registered with the channel
   std::vector<Slot> slots;
   uint32_t in_flight = 0;
   std::vector<ReadOp> batch;
@@ -187,7 +186,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
     w->slot_pages = std::min(slot_pages, max_run);
     w->channel = transport_->open_channel(use);
     // Shared memory: reads land in the final pages, through the alias.
-    if (backing_.shared) w->landing = w->channel->register_buffer(backing_.alias.data(), backing_.alias.size());
+    if (backing_.shared) w->channel->register_buffer(backing_.alias.data(), backing_.alias.size());
     w->staging = std::make_unique<StagingPool>(*w->channel, slots,
                                                backing_.shared ? 0 : w->slot_pages * desc_.page_size);
     w->slots.resize(slots);
@@ -436,9 +435,15 @@ void FaultEngine::install_zero(Worker& w, size_t page) {
   }
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
   Metrics::bump(w.metrics.pages_zero);
-  pages_.set(page, PageState::kPresent);
-  mark_present(1);
-  uffd_.wake(backing_.view.data() + page * desc_.page_size, desc_.page_size);  // after the table says present
+  publish(page, 1);
+}
+
+void FaultEngine::publish(size_t first, uint32_t count) {
+  // Present in the table before anyone waiting on these pages runs: a woken
+  // thread that discards its page and faults again must find it present.
+  for (uint32_t k = 0; k < count; ++k) pages_.set(first + k, PageState::kPresent);
+  mark_present(count);
+  uffd_.wake(backing_.view.data() + first * desc_.page_size, uint64_t{count} * desc_.page_size);
 }
 
 void FaultEngine::read_faults(Worker& w) {
@@ -557,10 +562,7 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
     const uint64_t at = uint64_t{i} * desc_.page_size;
     rc = install(w, src + at, s.first + i, j - i, &retries, &existed);
     if (rc == 0) {
-      // Present in the table before anyone waiting on these pages runs.
-      for (uint32_t k = i; k < j; ++k) pages_.set(s.first + k, PageState::kPresent);
-      mark_present(j - i);
-      uffd_.wake(backing_.view.data() + offset + at, uint64_t{j - i} * desc_.page_size);
+      publish(s.first + i, j - i);
     } else {
       Metrics::bump(w.metrics.install_failures, j - i);
       for (uint32_t k = i; k < j; ++k) {

@@ -87,6 +87,9 @@ class FaultEngine {
   void install_zero(Worker& w, size_t page);
   void complete(Worker& w, const ReadCompletion& c);
   void mark_present(size_t pages);
+  // Records installed pages present, counts them, and only then wakes the
+  // threads parked on them (installs never wake by themselves).
+  void publish(size_t first, uint32_t count);
   void refuse_page(Worker& w, size_t page, Errc why, const std::string& text);
   // Whether the handler that read a fault on `page` now owns the page and
   // must fetch it; if not, the fault is a duplicate and has been dealt with

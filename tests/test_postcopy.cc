@@ -137,15 +137,11 @@ TEST(Postcopy, ZeroPagesNeverCrossTheWire) {
 TEST(Postcopy, ChangedMemoryIsNoLongerZero) {
   const size_t len = 1 << 20;
   Mapping source = Mapping::anonymous(len);
-  ServerOptions so;
-  so.bind_address = "127.0.0.1";
-  so.port = 0;
-  so.rdma = RdmaServing::kOff;
-  MemoryServer server(so);
+  MemoryServer server(testing::loopback_tcp());
   server.export_memory("grows", source.data(), len);
   fill_pattern(source.data() + 7 * kPage, 7 * kPage, kPage, kSeed);
   server.mark_changed("grows", 7 * kPage, kPage);
-  Region r = attach("tcp://127.0.0.1:" + std::to_string(server.port()) + "/grows", on_demand(1));
+  Region r = attach(testing::loopback_uri(server, "grows"), on_demand(1));
   EXPECT_EQ(check_pattern(r.data() + 7 * kPage, 7 * kPage, kPage, kSeed), -1);
   EXPECT_EQ(r.data()[6 * kPage], std::byte{0});
   EXPECT_EQ(r.stats().pages_zero, 1u);

@@ -2,6 +2,7 @@
 // made of measured in the same run and under the same thread placement.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -43,6 +44,13 @@ struct Placement {
 // "same" (one CPU), "split" (touching on CPU 0, serving on CPU 1), "free",
 // or "all" of them; throws std::invalid_argument for anything else.
 std::vector<Placement> placements(const std::string& which);
+
+// The median of a run's figures (the upper one of an even count; 0 for none).
+template <typename T>
+T median(std::vector<T> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? T{} : v[v.size() / 2];
+}
 
 int run_bench(const BenchConfig& config);
 // --suite postcopy: pull, prefetch, demand priority and zero pages.

@@ -37,11 +37,6 @@ constexpr int kRounds = 5;  // interleaved runs of each mode
 
 double us(uint64_t ns) { return static_cast<double>(ns) / 1000.0; }
 
-uint64_t median(std::vector<uint64_t> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
 uint64_t elapsed_ns(std::chrono::steady_clock::time_point t0) {
   return static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());

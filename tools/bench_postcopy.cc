@@ -37,11 +37,6 @@ namespace {
 constexpr uint32_t kPage = 4096;
 constexpr int kRounds = 3;  // interleaved runs of the timed pairs; medians reported
 
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
 std::string list(const std::vector<double>& v) {
   std::string out;
   for (double x : v) {
@@ -233,7 +228,7 @@ int run_postcopy_bench(const BenchConfig& c) {
   const PostcopyRun alone = postcopy(uri, quiet, true, true);
   // The same into shared memory, where reads land in the final pages.
   const PostcopyRun in_place = postcopy(uri, cc, true, true, AttachOptions::Memory::kShared);
-  const double ratio = median_of(ratios);
+  const double ratio = median(ratios);
   auto mbps = [&](double s) { return static_cast<double>(c.size) / 1e6 / s; };
   std::printf("1. postcopy of %s while %u threads touch random pages, against the raw stream, %d interleaved runs: "
               "ratio %.2f (median; runs:%s)\n"
@@ -295,7 +290,7 @@ int run_postcopy_bench(const BenchConfig& c) {
   }
   const LatencySummary& a = no_pull.stats.fault_latency;
   const LatencySummary& b = pulling.stats.fault_latency;
-  const double p99_ratio = median_of(p99_ratios);
+  const double p99_ratio = median(p99_ratios);
   std::printf("\n3. random demand faults (handler-measured), %d interleaved runs: p99 while pulling / p99 without %.2f "
               "(median; runs:%s)\n"
               "   last run: no pull p50 %.1fus p99 %.1fus (n=%llu); while pulling p50 %.1fus p99 %.1fus (n=%llu)\n",
