@@ -1,21 +1,25 @@
 // `pagewire bench --suite backings`: the memory backings against each other
-// and against their floor, in the same run and on the same source.
+// and against their floor, in the same run and on the same source. The
+// modes compared are measured side by side, touch by touch (regions
+// attached together, the order alternating), so that a noisy machine's
+// slow moments fall on all of them alike; medians of five such runs.
 //   1. random 4 KiB faults: shared memory (reads land in place, then
-//      UFFDIO_CONTINUE) against anonymous memory (staging, then UFFDIO_COPY),
-//      interleaved runs, medians;
+//      UFFDIO_CONTINUE) against anonymous memory (staging, then UFFDIO_COPY);
 //   2. 2 MiB faults (anonymous hugetlb and hugetlbfs shared memory) against
 //      one raw 2 MiB transport read with no userfaultfd (and, to show what
-//      landing in cold memory costs, the same read into a new 2 MiB each
-//      time).
+//      landing in cold memory costs, the same read into the page's own
+//      place in a populated buffer).
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "nlohmann/json.hpp"
@@ -42,100 +46,133 @@ uint64_t elapsed_ns(std::chrono::steady_clock::time_point t0) {
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
 }
 
-struct FaultRun {
-  LatencySummary touch;  // as the faulting threads saw it
-  Stats stats;
-};
-
-// Random 4 KiB first touches from c.threads threads, demand faults only.
-FaultRun small_faults(const std::string& uri, const BenchConfig& c, const Placement& pl, AttachOptions::Memory memory,
-                      uint64_t size) {
+AttachOptions demand_only(const BenchConfig& c, const Placement& pl, AttachOptions::Memory memory, bool huge) {
   AttachOptions o;
-  o.handler_threads = c.handlers;
+  o.handler_threads = huge ? 1 : c.handlers;
   o.handler_cpu = pl.handler_cpu;
   o.io_uring = c.io_uring;
   o.background_pull = false;
   o.prefetch = false;
   o.memory = memory;
-  Region r = attach(uri, o);
-  WorkloadConfig w;
-  w.pattern = AccessPattern::kRandom;
-  w.threads = c.threads;
-  w.cpu = pl.fault_cpu;
-  w.seed = c.seed;
-  const WorkloadResult res = run_workload(r.data(), std::min<uint64_t>(size, r.size()), r.page_size(), w);
-  if (res.wrong_pages != 0) throw std::runtime_error("4 KiB faults read wrong data");
-  std::vector<uint64_t> lat = res.latencies_ns;
-  return {summarize_samples(lat), r.stats()};
+  o.huge_pages = huge;
+  return o;
 }
 
-// One thread touches each 2 MiB page once, at a random 4 KiB inside it, in
-// random order; every page is then checked whole.
-FaultRun huge_faults(const std::string& uri, const BenchConfig& c, const Placement& pl, AttachOptions::Memory memory,
-                     uint64_t size) {
-  pin_this_thread(pl.fault_cpu);
-  AttachOptions o;
-  o.handler_threads = 1;
-  o.handler_cpu = pl.handler_cpu;
-  o.io_uring = c.io_uring;
-  o.background_pull = false;
-  o.prefetch = false;
-  o.memory = memory;
-  o.huge_pages = true;
-  Region r = attach(uri, o);
-  const size_t pages = std::min<uint64_t>(size, r.size()) / kHuge;
+// Random 4 KiB first touches from c.threads threads on two regions attached
+// side by side, anonymous and shared: each thread touches page p of one and
+// then of the other (which goes first alternates), so both modes see the
+// same moments of a noisy machine. Latency as the touching threads saw it.
+struct SmallPair {
+  LatencySummary anon, shared;
+  Stats anon_stats, shared_stats;
+};
+SmallPair small_faults(const std::string& uri, const BenchConfig& c, const Placement& pl, uint64_t size) {
+  Region anon = attach(uri, demand_only(c, pl, AttachOptions::Memory::kAnonymous, false));
+  Region shared = attach(uri, demand_only(c, pl, AttachOptions::Memory::kShared, false));
+  const size_t pages = std::min<uint64_t>(size, anon.size()) / 4096;
   std::vector<size_t> order(pages);
   for (size_t i = 0; i < pages; ++i) order[i] = i;
-  std::mt19937_64 rng(c.seed);
-  std::shuffle(order.begin(), order.end(), rng);
-  std::vector<uint64_t> lat;
-  for (size_t p : order) {
-    const uint64_t off = uint64_t{p} * kHuge + (rng() % (kHuge / 4096)) * 4096;
-    const auto t0 = std::chrono::steady_clock::now();
-    (void)*reinterpret_cast<const volatile std::byte*>(r.data() + off);
-    lat.push_back(elapsed_ns(t0));
-    if (check_pattern(r.data() + uint64_t{p} * kHuge, uint64_t{p} * kHuge, kHuge, c.seed) != -1) {
-      throw std::runtime_error("2 MiB faults read wrong data");
-    }
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(c.seed));
+  const unsigned threads = std::max(1u, c.threads);
+  std::vector<std::vector<uint64_t>> lat_a(threads), lat_s(threads);
+  std::atomic<uint64_t> wrong{0};
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      pin_this_thread(pl.fault_cpu);
+      for (size_t i = t, k = 0; i < pages; i += threads, ++k) {
+        const uint64_t off = uint64_t{order[i]} * 4096;
+        for (int j = 0; j < 2; ++j) {
+          const bool is_anon = ((k + j) % 2) == 0;
+          const std::byte* base = is_anon ? anon.data() : shared.data();
+          const auto t0 = std::chrono::steady_clock::now();
+          (void)*reinterpret_cast<const volatile std::byte*>(base + off);
+          (is_anon ? lat_a : lat_s)[t].push_back(elapsed_ns(t0));
+          if (check_pattern(base + off, off, 4096, c.seed) != -1) ++wrong;
+        }
+      }
+    });
   }
-  pin_this_thread(-1);
-  return {summarize_samples(lat), r.stats()};
+  for (auto& th : ts) th.join();
+  if (wrong.load() != 0) throw std::runtime_error("4 KiB faults read wrong data");
+  auto merged = [](std::vector<std::vector<uint64_t>>& v) {
+    std::vector<uint64_t> out;
+    for (auto& x : v) out.insert(out.end(), x.begin(), x.end());
+    return summarize_samples(out);
+  };
+  return {merged(lat_a), merged(lat_s), anon.stats(), shared.stats()};
 }
 
-// The floor: one raw 2 MiB read at a time into a registered buffer, from
-// where the handler would run. The buffer is one reused 2 MiB (warm in the
-// caches), or with `spread` a fresh 2 MiB of a populated region each time:
-// where a fault's page lands, cold, but with no page to allocate.
-LatencySummary raw_huge_reads(const std::string& uri, const BenchConfig& c, const Placement& pl, uint64_t size,
-                              bool spread = false) {
-  pin_this_thread(pl.handler_cpu);
+// 2 MiB pages, one thread, in random order; for each page, in turn (the
+// order rotates from page to page): a raw 2 MiB transport read with no
+// userfaultfd into one reused buffer (warm in the caches), the same read
+// into that page's own place in a populated buffer (where a fault's page
+// lands: cold, but with no page to allocate), a first touch of the page at
+// a random 4 KiB in an anonymous hugetlb region, and the same in a
+// hugetlbfs shared region. Raw reads run where the handler runs, touches
+// where the faulting threads run. Every page is checked whole.
+struct HugeRound {
+  LatencySummary raw, cold, anon, shared;
+};
+HugeRound huge_round(const std::string& uri, const BenchConfig& c, const Placement& pl, uint64_t size) {
+  Region anon = attach(uri, demand_only(c, pl, AttachOptions::Memory::kAnonymous, true));
+  Region shared = attach(uri, demand_only(c, pl, AttachOptions::Memory::kShared, true));
   TransportOptions t;
   t.io_uring = c.io_uring;
   auto transport = connect_transport(uri, t);
   auto channel = transport->open_channel();
-  const uint64_t pages = std::min<uint64_t>(size, transport->region().length) / kHuge;
-  Mapping buf = Mapping::anonymous(spread ? pages * kHuge : kHuge);
-  if (::madvise(buf.data(), buf.size(), MADV_POPULATE_WRITE) != 0) throw_errno("madvise(MADV_POPULATE_WRITE)");
-  channel->register_buffer(buf.data(), buf.size());
-  std::mt19937_64 rng(c.seed + 1);
-  std::vector<uint64_t> lat;
+  const uint64_t pages = std::min<uint64_t>(size, anon.size()) / kHuge;
+  Mapping warm = Mapping::anonymous(kHuge);
+  Mapping cold = Mapping::anonymous(pages * kHuge);
+  for (Mapping* m : {&warm, &cold}) {
+    if (::madvise(m->data(), m->size(), MADV_POPULATE_WRITE) != 0) throw_errno("madvise(MADV_POPULATE_WRITE)");
+    channel->register_buffer(m->data(), m->size());
+  }
+  std::vector<uint64_t> order(pages);
+  for (uint64_t i = 0; i < pages; ++i) order[i] = i;
+  std::mt19937_64 rng(c.seed);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<uint64_t> lat[4];
   WaitResult res;
-  for (uint64_t i = 0; i < pages; ++i) {
-    const uint64_t off = (rng() % pages) * kHuge;
-    std::byte* dst = buf.data() + (spread ? i * kHuge : 0);
-    const ReadOp op{off, kHuge, dst, i};
+  auto raw_read = [&](uint64_t off, std::byte* dst) {
+    pin_this_thread(pl.handler_cpu);
+    const ReadOp op{off, kHuge, dst, 0};
     const auto t0 = std::chrono::steady_clock::now();
     channel->post({&op, 1});
     res.clear();
     while (res.completions.empty() && res.channel_error == Errc::kOk) channel->wait(res, -1);
-    lat.push_back(elapsed_ns(t0));
+    const uint64_t ns = elapsed_ns(t0);
     if (res.completions.empty() || res.completions[0].status != Errc::kOk) {
       throw std::runtime_error("raw 2 MiB read failed: " + res.channel_error_text);
     }
     if (check_pattern(dst, off, kHuge, c.seed) != -1) throw std::runtime_error("raw 2 MiB read: wrong data");
+    return ns;
+  };
+  auto fault = [&](const Region& r, uint64_t off) {
+    pin_this_thread(pl.fault_cpu);
+    const uint64_t at = off + (rng() % (kHuge / 4096)) * 4096;
+    const auto t0 = std::chrono::steady_clock::now();
+    (void)*reinterpret_cast<const volatile std::byte*>(r.data() + at);
+    const uint64_t ns = elapsed_ns(t0);
+    if (check_pattern(r.data() + off, off, kHuge, c.seed) != -1) {
+      throw std::runtime_error("2 MiB faults read wrong data");
+    }
+    return ns;
+  };
+  for (uint64_t i = 0; i < pages; ++i) {
+    const uint64_t off = order[i] * kHuge;
+    for (uint64_t j = 0; j < 4; ++j) {
+      switch ((i + j) % 4) {
+        case 0: lat[0].push_back(raw_read(off, warm.data())); break;
+        case 1: lat[1].push_back(raw_read(off, cold.data() + order[i] * kHuge)); break;
+        case 2: lat[2].push_back(fault(anon, off)); break;
+        default: lat[3].push_back(fault(shared, off)); break;
+      }
+    }
   }
   pin_this_thread(-1);
-  return summarize_samples(lat);
+  return {summarize_samples(lat[0]), summarize_samples(lat[1]), summarize_samples(lat[2]),
+          summarize_samples(lat[3])};
 }
 
 }  // namespace
@@ -160,23 +197,22 @@ int run_backings_bench(const BenchConfig& c) {
   };
   std::printf("pagewire bench --suite backings: %s\n\n", uri.c_str());
 
-  // 1. Random 4 KiB faults, shared against anonymous, interleaved, under
+  // 1. Random 4 KiB faults, shared against anonymous, touch by touch, under
   //    each thread placement (wake-ups across CPUs cost more than copies
   //    here, so modes are only compared within one placement).
-  std::printf("1. random 4 KiB faults over %s, %u threads, %d interleaved runs of each; p50 as the touching threads "
-              "saw it:\n",
+  std::printf("1. random 4 KiB faults over %s, %u threads, each page touched in both backings in turn, %d runs; p50 "
+              "as the touching threads saw it:\n",
               format_bytes(small_size).c_str(), c.threads, kRounds);
-  FaultRun anon, shared;
+  SmallPair pair;
   std::vector<double> ratios;
   report["small_faults"] = nlohmann::json::array();
   for (const Placement& pl : placements(c.placement)) {
     if (source) pin_process(source->pid(), pl.server_cpu);
     std::vector<uint64_t> anon_p50, shared_p50;
     for (int round = 0; round < kRounds; ++round) {
-      anon = small_faults(uri, c, pl, AttachOptions::Memory::kAnonymous, small_size);
-      shared = small_faults(uri, c, pl, AttachOptions::Memory::kShared, small_size);
-      anon_p50.push_back(anon.touch.p50_ns);
-      shared_p50.push_back(shared.touch.p50_ns);
+      pair = small_faults(uri, c, pl, small_size);
+      anon_p50.push_back(pair.anon.p50_ns);
+      shared_p50.push_back(pair.shared.p50_ns);
     }
     const double ratio = static_cast<double>(median(shared_p50)) / static_cast<double>(median(anon_p50));
     ratios.push_back(ratio);
@@ -188,22 +224,25 @@ int run_backings_bench(const BenchConfig& c) {
                                       {"shared_p50_ns", median(shared_p50)}, {"ratio", ratio}});
   }
   if (source) pin_process(source->pid(), -1);
+  const Stats& anon_stats = pair.anon_stats;
+  const Stats& shared_stats = pair.shared_stats;
   auto copied_per_fault = [](const Stats& s) {
     return s.faults == 0 ? 0.0 : static_cast<double>(s.bytes_copied) / static_cast<double>(s.faults);
   };
   std::printf("   bytes copied out of staging per fault: anonymous %.0f, shared %.0f (%llu pages mapped in place)\n",
-              copied_per_fault(anon.stats), copied_per_fault(shared.stats),
-              static_cast<unsigned long long>(shared.stats.pages_continued));
+              copied_per_fault(anon_stats), copied_per_fault(shared_stats),
+              static_cast<unsigned long long>(shared_stats.pages_continued));
   for (size_t i = 0; i < ratios.size(); ++i) {
     check(ratios[i] <= 1.0, "shared-memory fault p50 no worse than anonymous + UFFDIO_COPY (" +
                                 placements(c.placement)[i].name + ")");
   }
-  check(shared.stats.bytes_copied == 0 && anon.stats.bytes_copied > 0, "shared memory copies nothing out of staging");
+  check(shared_stats.bytes_copied == 0 && anon_stats.bytes_copied > 0, "shared memory copies nothing out of staging");
 
   // 2. 2 MiB faults against the raw 2 MiB read.
   const HugePageCount huge = huge_pages_2m();
-  const uint64_t need = huge_size / kHuge;
-  std::printf("\n2. 2 MiB faults over %s, one thread, a random 4 KiB of each page touched first:\n",
+  const uint64_t need = 2 * huge_size / kHuge;  // both regions attached at once
+  std::printf("\n2. 2 MiB faults over %s, one thread, a random 4 KiB of each page touched first, each page in turn "
+              "read raw and faulted in both backings:\n",
               format_bytes(huge_size).c_str());
   if (huge.free < need) {
     std::printf("   SKIPPED: needs %llu free 2 MiB huge pages, %llu are (reserve them: sysctl vm.nr_hugepages=%llu)\n",
@@ -216,10 +255,11 @@ int run_backings_bench(const BenchConfig& c) {
       if (source) pin_process(source->pid(), pl.server_cpu);
       std::vector<uint64_t> raw_p50, cold_p50, anon_h, shared_h;
       for (int round = 0; round < kRounds; ++round) {
-        raw_p50.push_back(raw_huge_reads(uri, c, pl, huge_size).p50_ns);
-        cold_p50.push_back(raw_huge_reads(uri, c, pl, huge_size, true).p50_ns);
-        anon_h.push_back(huge_faults(uri, c, pl, AttachOptions::Memory::kAnonymous, huge_size).touch.p50_ns);
-        shared_h.push_back(huge_faults(uri, c, pl, AttachOptions::Memory::kShared, huge_size).touch.p50_ns);
+        const HugeRound r = huge_round(uri, c, pl, huge_size);
+        raw_p50.push_back(r.raw.p50_ns);
+        cold_p50.push_back(r.cold.p50_ns);
+        anon_h.push_back(r.anon.p50_ns);
+        shared_h.push_back(r.shared.p50_ns);
       }
       const double raw = static_cast<double>(median(raw_p50));
       const double ra = static_cast<double>(median(anon_h)) / raw;
@@ -230,7 +270,7 @@ int run_backings_bench(const BenchConfig& c) {
       for (int i = 0; i < kRounds; ++i) std::printf(" %.0f/%.0f/%.0f", us(raw_p50[i]), us(anon_h[i]), us(shared_h[i]));
       std::printf(")\n");
       const double cold = static_cast<double>(median(cold_p50));
-      std::printf("   %-6s raw read into cold memory (a new 2 MiB each time) %5.0f us: shared fault / that %.2f\n", "",
+      std::printf("   %-6s raw read into cold memory (the page's own place) %5.0f us: shared fault / that %.2f\n", "",
                   cold / 1e3, static_cast<double>(median(shared_h)) / cold);
       check(ra <= 1.3, "anonymous 2 MiB fault p50 <= 1.3x the raw 2 MiB read (" + pl.name + ")");
       check(rs <= 1.3, "shared 2 MiB fault p50 <= 1.3x the raw 2 MiB read (" + pl.name + ")");
