@@ -308,8 +308,8 @@ int run_postcopy_bench(const BenchConfig& c) {
               kRounds, p99_ratio, list(p99_ratios).c_str(), a.p50_ns / 1e3, a.p99_ns / 1e3,
               static_cast<unsigned long long>(a.count), b.p50_ns / 1e3, b.p99_ns / 1e3,
               static_cast<unsigned long long>(b.count));
-  std::printf("   with the puller at nice 19: p99 ratio %.2f (median; runs:%s), the pull took %.2f s against %.2f s "
-              "(medians): the handlers wait less behind the puller and the pull waits behind everything else\n",
+  std::printf("   with the puller at nice 19 (it yields the CPU to the handlers, and to everything else): p99 ratio "
+              "%.2f (median; runs:%s); the pull took %.2f s, against %.2f s at nice 0 (medians)\n",
               median(low_ratios), list(low_ratios).c_str(), median(low_pull_s), median(pull_s));
   check(p99_ratio <= 2.0, "p99 while pulling <= 2x p99 without");
   check(wrong == 0, "every byte verified");
