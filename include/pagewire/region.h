@@ -58,9 +58,9 @@ struct AttachOptions {
   // the source serves the pull's connection at low priority instead.
   // When the CPUs are saturated, a woken handler can wait behind the
   // puller's syscalls (a kernel without in-kernel preemption runs each to
-  // its end); puller_nice = 19 takes most of that wait out of the demand
-  // faults' tail, and the pull then waits behind everything else and takes
-  // longer (`bench --suite postcopy` shows both, section 3).
+  // its end); puller_nice = 19 usually takes much of that wait out of the
+  // demand faults' tail, and the pull then waits behind everything else
+  // and takes longer (`bench --suite postcopy` shows both, section 3).
   int handler_nice = 0;
   int puller_nice = 0;
 
