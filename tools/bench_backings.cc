@@ -37,7 +37,7 @@ namespace pagewire::cli {
 namespace {
 
 constexpr uint32_t kHuge = 2u << 20;
-constexpr int kRounds = 5;  // interleaved runs of each mode
+constexpr int kRounds = 5;  // runs, each measuring all modes side by side; medians reported
 
 double us(uint64_t ns) { return static_cast<double>(ns) / 1000.0; }
 
@@ -103,9 +103,10 @@ SmallPair small_faults(const std::string& uri, const BenchConfig& c, const Place
   return {merged(lat_a), merged(lat_s), anon.stats(), shared.stats()};
 }
 
-// 2 MiB pages, one thread, in random order; for each page, in turn (the
-// order rotates from page to page): a raw 2 MiB transport read with no
-// userfaultfd into one reused buffer (warm in the caches), the same read
+// 2 MiB pages, one thread, in random order; for each page, in turn (in an
+// order drawn afresh for every page): a raw 2 MiB transport read with no
+// userfaultfd into one reused buffer (warm in the caches as far as the
+// other modes' 2 MiB in between leave it), the same read
 // into that page's own place in a populated buffer (where a fault's page
 // lands: cold, but with no page to allocate), a first touch of the page at
 // a random 4 KiB in an anonymous hugetlb region, and the same in a
@@ -159,10 +160,12 @@ HugeRound huge_round(const std::string& uri, const BenchConfig& c, const Placeme
     }
     return ns;
   };
+  int modes[4] = {0, 1, 2, 3};
   for (uint64_t i = 0; i < pages; ++i) {
     const uint64_t off = order[i] * kHuge;
-    for (uint64_t j = 0; j < 4; ++j) {
-      switch ((i + j) % 4) {
+    std::shuffle(std::begin(modes), std::end(modes), rng);
+    for (int mode : modes) {
+      switch (mode) {
         case 0: lat[0].push_back(raw_read(off, warm.data())); break;
         case 1: lat[1].push_back(raw_read(off, cold.data() + order[i] * kHuge)); break;
         case 2: lat[2].push_back(fault(anon, off)); break;
