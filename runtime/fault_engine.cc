@@ -96,17 +96,23 @@ struct FaultEngine::Worker {
     size_t first = 0;  // first page of the run read
     uint32_t pages = 0;
     // Which pages of the run this read owns (claimed). A pull run may span
-    // pages that arrived another way; those are read but not installed.
+    // pages that arrived another way; those are not installed (nor, in
+    // shared memory, read).
     uint64_t owned = 0;
     ReadKind kind = ReadKind::kDemand;
     uint64_t start_ns = 0;
     bool busy = false;
-    uint8_t parts = 1;  // reads still to complete (a split 2 MiB page has two)
+    // Reads still to complete: a split 2 MiB page has two, and a shared-
+    // memory pull run one per stretch of pages it owns.
+    uint8_t parts = 1;
     Errc status = Errc::kOk;
   };
 
   unsigned index = 0;
   uint32_t slot_pages = 1;
+  // Shared memory: how many separate reads one pull run may go out as
+  // (all of a worker's reads must fit in what its channel keeps in flight).
+  uint32_t max_parts = 1;
   // The staging memory outlives the channel, which drains the reads still
   // landing in it when it is destroyed.
   std::unique_ptr<StagingPool> staging;
@@ -203,6 +209,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   if (options_.background_pull) {
     const uint32_t runs = std::clamp<uint32_t>(options_.pull_runs_in_flight, 1, caps.max_outstanding_reads);
     puller_ = make_worker(n, runs, std::max(1u, options_.pull_run_pages / small_per_page), ChannelUse::kBulk);
+    puller_->max_parts = std::clamp<uint32_t>(caps.max_outstanding_reads / runs, 1, 32);
   }
   for (auto& h : handlers_) {
     Worker* raw = h.get();
@@ -382,9 +389,29 @@ void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind k
   const uint64_t len = std::min<uint64_t>(uint64_t{pages} * desc_.page_size, desc_.length - offset);
   std::byte* dst = landing(w, slot, first);
   const bool split = pages == 1 && first_part > 0 && first_part < len;
-  w.slots[slot] = {first, pages, owned != 0 ? owned : all_pages(pages), kind, start_ns, true,
-                   static_cast<uint8_t>(split ? 2 : 1), Errc::kOk};
+  const uint64_t mask = owned != 0 ? owned : all_pages(pages);
+  w.slots[slot] = {first, pages, mask, kind, start_ns, true, static_cast<uint8_t>(split ? 2 : 1), Errc::kOk};
   ++w.in_flight;
+  if (backing_.shared && mask != all_pages(pages)) {
+    // Reads land in the final pages: read only the stretches this run owns,
+    // never over a page that arrived another way.
+    uint8_t parts = 0;
+    for (uint32_t i = 0; i < pages;) {
+      if (((mask >> i) & 1) == 0) {
+        ++i;
+        continue;
+      }
+      uint32_t j = i;
+      while (j < pages && ((mask >> j) & 1) != 0) ++j;
+      const uint64_t at = uint64_t{i} * desc_.page_size;
+      const uint64_t bytes = std::min<uint64_t>(uint64_t{j - i} * desc_.page_size, len - at);
+      w.batch.push_back({offset + at, static_cast<uint32_t>(bytes), dst + at, slot});
+      ++parts;
+      i = j;
+    }
+    w.slots[slot].parts = parts;
+    return;
+  }
   if (split) {
     // The part from the faulting 4 KiB to the end first, then the head.
     w.batch.push_back({offset + first_part, static_cast<uint32_t>(len - first_part), dst + first_part, slot});
@@ -608,19 +635,22 @@ void FaultEngine::run_puller(Worker& w) {
           continue;
         }
         // A span from this missing page: claim what is missing in the next
-        // slot_pages pages and read them in one go, gaps (pages that came
+        // slot_pages pages and take them as one run, gaps (pages that came
         // by demand meanwhile) included, rather than breaking the run at
-        // every page a fault took. Zero pages end the span.
+        // every page a fault took. Zero pages end the span. Anonymous
+        // memory reads the whole span into staging in one go; shared memory
+        // reads each owned stretch in place (queue_read), at most
+        // max_parts of them.
         uint64_t owned_mask = 0;
         uint32_t span = 0;
-        // Shared memory: reads land in the final pages, so a run must not
-        // cover a page that arrived another way; it ends there.
+        uint32_t stretches = 0;
         for (uint32_t i = 0; i < w.slot_pages && cursor + i < total && !zero(cursor + i); ++i) {
+          const bool starts_stretch = i == 0 || ((owned_mask >> (i - 1)) & 1) == 0;
+          if (backing_.shared && starts_stretch && stretches == w.max_parts) break;
           if (pages_.get(cursor + i) == PageState::kMissing && pages_.claim(cursor + i)) {
             owned_mask |= uint64_t{1} << i;
             span = i + 1;
-          } else if (backing_.shared) {
-            break;
+            if (starts_stretch) ++stretches;
           }
         }
         if (owned_mask != 0) queue_read(w, cursor, span, ReadKind::kPull, 0, owned_mask);
