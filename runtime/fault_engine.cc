@@ -573,7 +573,10 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   // Counted before the copy: the copy wakes the faulting threads, and what
   // they read in stats() afterwards must include their page.
   Metrics::bump(s.kind == ReadKind::kPull ? w.metrics.pages_pulled : w.metrics.pages_fetched, installed);
-  Metrics::bump(w.metrics.bytes_fetched, len);
+  // What crossed the wire: the whole span, except that a shared-memory run
+  // reads only the stretches it owns (its last page is always one of them).
+  const uint64_t skipped = backing_.shared ? uint64_t{s.pages - installed} * desc_.page_size : 0;
+  Metrics::bump(w.metrics.bytes_fetched, len - skipped);
   if (s.kind == ReadKind::kPull) Metrics::bump(w.metrics.pull_runs);
   uint64_t retries = 0;
   uint64_t existed = 0;

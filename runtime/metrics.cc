@@ -123,8 +123,8 @@ std::string us(uint64_t ns) {
 std::string format_stats(const Stats& s) {
   std::string out;
   out += "faults " + std::to_string(s.faults) + ", pages fetched " + std::to_string(s.pages_fetched) +
-         " (" + std::to_string(s.bytes_fetched >> 20) + " MiB), present " + std::to_string(s.pages_present) +
-         "/" + std::to_string(s.pages_total) + "\n";
+         " (demand and prefetch), " + std::to_string(s.bytes_fetched >> 20) + " MiB read in all, present " +
+         std::to_string(s.pages_present) + "/" + std::to_string(s.pages_total) + "\n";
   out += "duplicate faults absorbed " + std::to_string(s.duplicate_faults) + ", copy retries " +
          std::to_string(s.copy_retries) + ", copy EEXIST " + std::to_string(s.copy_eexist) +
          ", transport errors " + std::to_string(s.transport_errors) + ", reconnects " +
