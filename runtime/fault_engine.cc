@@ -33,6 +33,22 @@ uint64_t now_ns() {
 constexpr uint32_t kMaxRunPages = 64;
 uint64_t all_pages(uint32_t pages) { return pages >= 64 ? ~uint64_t{0} : (uint64_t{1} << pages) - 1; }
 
+// Calls f(first, count) for each stretch of set bits among the low `pages`
+// bits of `mask`, in order, for as long as f returns true.
+template <typename F>
+void for_each_stretch(uint64_t mask, uint32_t pages, F f) {
+  for (uint32_t i = 0; i < pages;) {
+    if (((mask >> i) & 1) == 0) {
+      ++i;
+      continue;
+    }
+    uint32_t j = i;
+    while (j < pages && ((mask >> j) & 1) != 0) ++j;
+    if (!f(i, j - i)) return;
+    i = j;
+  }
+}
+
 // The source's descriptor in this side's pages: a 2 MiB page is known zero
 // when every 4 KiB source page in it is.
 RegionDescriptor local_descriptor(const RegionDescriptor& remote, uint32_t page_size) {
@@ -390,35 +406,28 @@ void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind k
   std::byte* dst = landing(w, slot, first);
   const bool split = pages == 1 && first_part > 0 && first_part < len;
   const uint64_t mask = owned != 0 ? owned : all_pages(pages);
-  w.slots[slot] = {first, pages, mask, kind, start_ns, true, static_cast<uint8_t>(split ? 2 : 1), Errc::kOk};
-  ++w.in_flight;
-  if (backing_.shared && mask != all_pages(pages)) {
-    // Reads land in the final pages: read only the stretches this run owns,
-    // never over a page that arrived another way.
-    uint8_t parts = 0;
-    for (uint32_t i = 0; i < pages;) {
-      if (((mask >> i) & 1) == 0) {
-        ++i;
-        continue;
-      }
-      uint32_t j = i;
-      while (j < pages && ((mask >> j) & 1) != 0) ++j;
-      const uint64_t at = uint64_t{i} * desc_.page_size;
-      const uint64_t bytes = std::min<uint64_t>(uint64_t{j - i} * desc_.page_size, len - at);
-      w.batch.push_back({offset + at, static_cast<uint32_t>(bytes), dst + at, slot});
-      ++parts;
-      i = j;
-    }
-    w.slots[slot].parts = parts;
-    return;
-  }
+  uint8_t parts = 0;
+  auto read = [&](uint64_t at, uint64_t bytes) {
+    w.batch.push_back({offset + at, static_cast<uint32_t>(bytes), dst + at, slot});
+    ++parts;
+  };
   if (split) {
     // The part from the faulting 4 KiB to the end first, then the head.
-    w.batch.push_back({offset + first_part, static_cast<uint32_t>(len - first_part), dst + first_part, slot});
-    w.batch.push_back({offset, first_part, dst, slot});
-    return;
+    read(first_part, len - first_part);
+    read(0, first_part);
+  } else if (backing_.shared && mask != all_pages(pages)) {
+    // Reads land in the final pages: read only the stretches this run owns,
+    // never over a page that arrived another way.
+    for_each_stretch(mask, pages, [&](uint32_t i, uint32_t n) {
+      const uint64_t at = uint64_t{i} * desc_.page_size;
+      read(at, std::min<uint64_t>(uint64_t{n} * desc_.page_size, len - at));
+      return true;
+    });
+  } else {
+    read(0, len);
   }
-  w.batch.push_back({offset, static_cast<uint32_t>(len), dst, slot});
+  w.slots[slot] = {first, pages, mask, kind, start_ns, true, parts, Errc::kOk};
+  ++w.in_flight;
 }
 
 int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count, uint64_t* retries,
@@ -581,31 +590,24 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   uint64_t retries = 0;
   uint64_t existed = 0;
   int rc = 0;
-  // One UFFDIO_COPY per stretch of owned pages (the whole run, normally).
-  for (uint32_t i = 0; i < s.pages && rc == 0;) {
-    if (!owned(i)) {
-      ++i;
-      continue;
-    }
-    uint32_t j = i;
-    while (j < s.pages && owned(j)) ++j;
-    const uint64_t at = uint64_t{i} * desc_.page_size;
-    rc = install(w, src + at, s.first + i, j - i, &retries, &existed);
+  // One install per stretch of owned pages (the whole run, normally).
+  for_each_stretch(s.owned, s.pages, [&](uint32_t i, uint32_t n) {
+    rc = install(w, src + uint64_t{i} * desc_.page_size, s.first + i, n, &retries, &existed);
     if (rc == 0) {
-      publish(s.first + i, j - i);
-    } else {
-      Metrics::bump(w.metrics.install_failures, j - i);
-      for (uint32_t k = i; k < j; ++k) {
-        refuse_page(w, s.first + k, Errc::kIo,
-                    backing_.shared && rc == EFAULT
-                        ? std::string("UFFDIO_CONTINUE: the page is no longer in the memfd (a hole was punched "
-                                      "into it while attached; over RDMA the memory region still pins the old "
-                                      "page, so it cannot be fetched again)")
-                        : std::string(backing_.shared ? "UFFDIO_CONTINUE: " : "UFFDIO_COPY: ") + std::strerror(rc));
-      }
+      publish(s.first + i, n);
+      return true;
     }
-    i = j;
-  }
+    Metrics::bump(w.metrics.install_failures, n);
+    for (uint32_t k = i; k < i + n; ++k) {
+      refuse_page(w, s.first + k, Errc::kIo,
+                  backing_.shared && rc == EFAULT
+                      ? std::string("UFFDIO_CONTINUE: the page is no longer in the memfd (a hole was punched "
+                                    "into it while attached; over RDMA the memory region still pins the old "
+                                    "page, so it cannot be fetched again)")
+                      : std::string(backing_.shared ? "UFFDIO_CONTINUE: " : "UFFDIO_COPY: ") + std::strerror(rc));
+    }
+    return false;
+  });
   w.staging->release(slot);
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
   if (existed > 0) Metrics::bump(w.metrics.copy_eexist, existed);
