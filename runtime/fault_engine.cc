@@ -34,7 +34,7 @@ constexpr uint32_t kMaxRunPages = 64;
 uint64_t all_pages(uint32_t pages) { return pages >= 64 ? ~uint64_t{0} : (uint64_t{1} << pages) - 1; }
 
 // Calls f(first, count) for each stretch of set bits among the low `pages`
-// bits of `mask`, in order, for as long as f returns true.
+// bits of `mask`, in order.
 template <typename F>
 void for_each_stretch(uint64_t mask, uint32_t pages, F f) {
   for (uint32_t i = 0; i < pages;) {
@@ -44,7 +44,7 @@ void for_each_stretch(uint64_t mask, uint32_t pages, F f) {
     }
     uint32_t j = i;
     while (j < pages && ((mask >> j) & 1) != 0) ++j;
-    if (!f(i, j - i)) return;
+    f(i, j - i);
     i = j;
   }
 }
@@ -421,7 +421,6 @@ void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind k
     for_each_stretch(mask, pages, [&](uint32_t i, uint32_t n) {
       const uint64_t at = uint64_t{i} * desc_.page_size;
       read(at, std::min<uint64_t>(uint64_t{n} * desc_.page_size, len - at));
-      return true;
     });
   } else {
     read(0, len);
@@ -589,14 +588,17 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   if (s.kind == ReadKind::kPull) Metrics::bump(w.metrics.pull_runs);
   uint64_t retries = 0;
   uint64_t existed = 0;
-  int rc = 0;
-  // One install per stretch of owned pages (the whole run, normally).
+  // One install per stretch of owned pages (the whole run, normally). A
+  // stretch that fails is refused and the others still go in: a page left
+  // in flight would park its threads for good.
+  bool all_installed = true;
   for_each_stretch(s.owned, s.pages, [&](uint32_t i, uint32_t n) {
-    rc = install(w, src + uint64_t{i} * desc_.page_size, s.first + i, n, &retries, &existed);
+    const int rc = install(w, src + uint64_t{i} * desc_.page_size, s.first + i, n, &retries, &existed);
     if (rc == 0) {
       publish(s.first + i, n);
-      return true;
+      return;
     }
+    all_installed = false;
     Metrics::bump(w.metrics.install_failures, n);
     for (uint32_t k = i; k < i + n; ++k) {
       refuse_page(w, s.first + k, Errc::kIo,
@@ -606,12 +608,11 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
                                     "page, so it cannot be fetched again)")
                       : std::string(backing_.shared ? "UFFDIO_CONTINUE: " : "UFFDIO_COPY: ") + std::strerror(rc));
     }
-    return false;
   });
   w.staging->release(slot);
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
   if (existed > 0) Metrics::bump(w.metrics.copy_eexist, existed);
-  if (s.kind == ReadKind::kDemand && rc == 0) w.metrics.fault_latency.record(now_ns() - s.start_ns);
+  if (s.kind == ReadKind::kDemand && all_installed) w.metrics.fault_latency.record(now_ns() - s.start_ns);
 }
 
 void FaultEngine::run_puller(Worker& w) {
