@@ -95,8 +95,7 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
                                           "F_SEAL_FUTURE_WRITE): pagewire writes the source's pages into it");
     }
     b.huge = hugetlbfs;
-    b.page_size = b.huge ? kHugePage : kSmallPage;
-    const uint64_t need = (length + b.page_size - 1) / b.page_size * b.page_size;
+    const uint64_t need = b.rounded(length);
     if (static_cast<uint64_t>(st.st_size) < need) {
       throw Error(Errc::kInvalidArgument, "the memfd given holds " + std::to_string(st.st_size) +
                                               " bytes; the region needs " + std::to_string(need));
@@ -105,8 +104,7 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
     if (fd < 0) throw_errno("dup of the memfd given");
     b.memfd = UniqueFd(fd);
   }
-  b.page_size = b.huge ? kHugePage : kSmallPage;
-  const size_t size = (length + b.page_size - 1) / b.page_size * b.page_size;
+  const size_t size = b.rounded(length);
   if (!b.shared) {
     if (!b.huge) {
       b.view = Mapping::anonymous(size);

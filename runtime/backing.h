@@ -19,9 +19,12 @@ struct Backing {
   Mapping view;     // what the application touches; registered with the uffd
   Mapping alias;    // shared only: the same pages, for reads to land in
   UniqueFd memfd;   // shared only
-  uint32_t page_size = kSmallPage;
   bool shared = false;
   bool huge = false;
+
+  uint32_t page_size() const { return huge ? kHugePage : kSmallPage; }
+  // `length` rounded up to whole pages.
+  uint64_t rounded(uint64_t length) const { return (length + page_size() - 1) / page_size() * page_size(); }
 
   // Maps `length` bytes (rounded up to the page size) as the options ask.
   // Throws pagewire::Error: kNoMemory, with how to reserve them, when 2 MiB

@@ -147,7 +147,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
     : options_(options),
       transport_(std::move(transport)),
       backing_(Backing::create(transport_->region().length, options)),
-      desc_(local_descriptor(transport_->region(), backing_.page_size)),
+      desc_(local_descriptor(transport_->region(), backing_.page_size())),
       uffd_(Userfaultfd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID | minor_features(backing_) |
                               (backing_.huge ? UFFD_FEATURE_EXACT_ADDRESS : 0))),
       pages_(backing_.view.size() / desc_.page_size),
