@@ -32,20 +32,9 @@ using testing::reserve_huge_pages;
 constexpr size_t kPage = 4096;
 constexpr size_t kHuge = 2 << 20;
 
-struct Mode {
-  const char* name;
-  AttachOptions::Memory memory;
-  bool huge;
-  bool pull;
-};
+using Mode = testing::BackingMode;
 
-AttachOptions options_for(const Mode& m) {
-  AttachOptions o = testing::on_demand(2);
-  o.memory = m.memory;
-  o.huge_pages = m.huge;
-  o.background_pull = m.pull;
-  return o;
-}
+AttachOptions options_for(const Mode& m) { return m.apply(testing::on_demand(2)); }
 
 class Backings : public ::testing::TestWithParam<Mode> {
  protected:

@@ -217,16 +217,9 @@ TEST_F(Rdma, ZeroPagesNeverCrossTheFabric) {
 // Memory backings over the fabric: shared memory, where the RDMA READ lands
 // in the final page (the alias is the memory region) and UFFDIO_CONTINUE
 // maps it; and 2 MiB hugetlb pages, anonymous and shared.
-struct RdmaMode {
-  const char* name;
-  AttachOptions::Memory memory;
-  bool huge;
-  bool pull;
-};
+class RdmaBackings : public Rdma, public ::testing::WithParamInterface<testing::BackingMode> {};
 
-class RdmaBackings : public Rdma, public ::testing::WithParamInterface<RdmaMode> {};
-
-const RdmaMode kRdmaModes[] = {
+const testing::BackingMode kRdmaModes[] = {
     {"shared", AttachOptions::Memory::kShared, false, false},
     {"shared_pull", AttachOptions::Memory::kShared, false, true},
     {"huge", AttachOptions::Memory::kAnonymous, true, false},
@@ -241,11 +234,7 @@ TEST_P(RdmaBackings, RandomMultiThreadedContentsAreExact) {
     if (const std::string why = testing::reserve_huge_pages(kLen / (2 << 20) + 2); !why.empty()) GTEST_SKIP() << why;
   }
   PatternServer src("mem", kLen, kSeed, rdma_server());
-  AttachOptions o = handlers(2);
-  o.memory = GetParam().memory;
-  o.huge_pages = GetParam().huge;
-  o.background_pull = GetParam().pull;
-  Region r = attach(uri("rdma", src.server().port(), "mem"), o);
+  Region r = attach(uri("rdma", src.server().port(), "mem"), GetParam().apply(handlers(2)));
   EXPECT_EQ(r.transport(), "rdma");
   std::vector<size_t> order(r.size() / r.page_size());
   std::iota(order.begin(), order.end(), 0);

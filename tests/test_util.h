@@ -28,6 +28,21 @@ inline AttachOptions on_demand(unsigned handlers = 0) {
   return o;
 }
 
+// A memory backing a parameterised test runs on, with the pull on or off.
+struct BackingMode {
+  const char* name;
+  AttachOptions::Memory memory;
+  bool huge;
+  bool pull;
+  // `o` with this backing and pull setting.
+  AttachOptions apply(AttachOptions o) const {
+    o.memory = memory;
+    o.huge_pages = huge;
+    o.background_pull = pull;
+    return o;
+  }
+};
+
 // Runs fn on this thread; returns the signal (SIGBUS, SIGSEGV) that cut it
 // short, or 0 when it ran to the end.
 int run_catching_signals(const std::function<void()>& fn);
