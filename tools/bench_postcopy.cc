@@ -4,13 +4,17 @@
 //   1. total postcopy time for the region while 2 threads touch random
 //      pages, against streaming the region over the same transport with no
 //      userfaultfd (same run size and reads in flight), into reused buffers
-//      and into fresh memory; with how busy the CPUs were in each;
+//      and into fresh memory; with how busy the CPUs were in each, and what
+//      populating that much new memory costs alone;
 //   2. a sequential scan with prefetch against the same scan without;
 //   3. demand-fault p50/p99 while the pull runs against the same with no pull
 //      (and with the puller at nice 19: what the tail gains, the pull loses);
 //   4. a region with half its pages zero: bytes on the wire.
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -114,6 +118,16 @@ StreamFloor stream_floor(const std::string& uri, const BenchConfig& c, uint32_t 
     }
   }
   return {now_seconds() - start, busy.busy()};
+}
+
+// Seconds to populate `bytes` of new anonymous 4 KiB pages with no data:
+// what the memory alone costs a copy of the region on this machine.
+double populate_seconds(uint64_t bytes) {
+  Mapping m = Mapping::anonymous(bytes);
+  if (::madvise(m.data(), m.size(), MADV_NOHUGEPAGE) != 0) throw_errno("madvise(MADV_NOHUGEPAGE)");
+  const double start = now_seconds();
+  if (::madvise(m.data(), m.size(), MADV_POPULATE_WRITE) != 0) throw_errno("madvise(MADV_POPULATE_WRITE)");
+  return now_seconds() - start;
 }
 
 struct PostcopyRun {
@@ -230,6 +244,12 @@ int run_postcopy_bench(const BenchConfig& c) {
   const PostcopyRun alone = postcopy(uri, quiet, true, true);
   // The same into shared memory, where reads land in the final pages.
   const PostcopyRun in_place = postcopy(uri, cc, true, true, AttachOptions::Memory::kShared);
+  // New memory alone: after a few idle seconds (a guest that reports free
+  // pages to its hypervisor has then handed them back), and at once again
+  // into the pages just freed.
+  std::this_thread::sleep_for(std::chrono::seconds(4));
+  const double populate_idle = populate_seconds(c.size);
+  const double populate_again = populate_seconds(c.size);
   const double ratio = median(ratios);
   auto mbps = [&](double s) { return static_cast<double>(c.size) / 1e6 / s; };
   std::printf("1. postcopy of %s while %u threads touch random pages, against the raw stream, %d interleaved runs: "
@@ -244,6 +264,10 @@ int run_postcopy_bench(const BenchConfig& c) {
   std::printf("   into shared memory (read in place, UFFDIO_CONTINUE; memory allocated at attach, included): %.2f s "
               "(CPUs %.0f%% busy): ratio %.2f to the raw stream\n",
               in_place.seconds, in_place.busy * 100, in_place.seconds / stream.seconds);
+  std::printf("   new memory alone, no data: populating %s of 4 KiB pages took %.2f s after 4 idle seconds, "
+              "%.2f s at once again into the pages just freed (postcopy and the fresh stream pay for new memory, the "
+              "raw stream does not)\n",
+              format_bytes(c.size).c_str(), populate_idle, populate_again);
   std::printf("   demand faults %llu, pulled %llu pages in %llu runs, wrong pages %llu\n",
               static_cast<unsigned long long>(pc.stats.faults), static_cast<unsigned long long>(pc.stats.pages_pulled),
               static_cast<unsigned long long>(pc.stats.pull_runs), static_cast<unsigned long long>(pc.wrong));
@@ -254,6 +278,7 @@ int run_postcopy_bench(const BenchConfig& c) {
                         {"fresh_stream_seconds", fresh.seconds},
                         {"fresh_stream_busy", fresh.busy}, {"fresh_ratio", pc.seconds / fresh.seconds},
                         {"pull_alone_seconds", alone.seconds}, {"pull_alone_busy", alone.busy},
+                        {"populate_idle_seconds", populate_idle}, {"populate_again_seconds", populate_again},
                         {"shared_memory_seconds", in_place.seconds}, {"shared_memory_busy", in_place.busy},
                         {"demand_faults", pc.stats.faults}, {"pages_pulled", pc.stats.pages_pulled},
                         {"wrong_pages", pc.wrong}};
