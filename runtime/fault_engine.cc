@@ -622,14 +622,16 @@ void FaultEngine::run_puller(Worker& w) {
   const size_t total = pages_.size();
   size_t cursor = 0;
   try {
-    // A refused page never arrives, so a failed region never completes.
-    while (!complete_.load() && !failed_.load()) {
+    // A refused page never arrives, so a failed region never completes:
+    // the pull then claims nothing more, but still installs (or refuses)
+    // every run it has in flight, whose pages nobody else would.
+    while (!complete_.load() && (!failed_.load() || w.in_flight > 0)) {
       w.batch.clear();
       // Demand faults go ahead of the pull on their own connections, which
       // the source serves first. Holding the pull to one run while demand
       // reads were in flight was measured: it slowed the pull (so the
       // threads faulted more) and left demand p99 no better.
-      while (!w.staging->empty() && cursor < total) {
+      while (!failed_.load() && !w.staging->empty() && cursor < total) {
         const PageState state = pages_.get(cursor);
         if (state != PageState::kMissing) {
           ++cursor;
@@ -677,8 +679,9 @@ void FaultEngine::run_puller(Worker& w) {
       }
       for (const ReadCompletion& c : w.result.completions) complete(w, c);
       if (w.result.channel_error != Errc::kOk) {
+        // A dead channel has failed every read it held (refused above).
         record_failure(w.result.channel_error_text);
-        return;  // the handlers refuse what can no longer be fetched
+        return;
       }
     }
   } catch (const std::exception& e) {

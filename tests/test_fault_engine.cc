@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <future>
 #include <numeric>
 #include <random>
 #include <thread>
@@ -98,6 +100,39 @@ TEST(FaultEngine, FailedReadIsRefusedNeverZeroFilled) {
   // The refused page stays refused: a second touch faults again.
   const int again = run_catching_signals([&] { touch(r.data() + 10 * kPage); });
   EXPECT_TRUE(again == SIGBUS || again == SIGSEGV);
+}
+
+TEST(FaultEngine, PullRunsInFlightWhenTheRegionFailsStillArrive) {
+  // The pull has four runs out to a slow source when a demand read fails
+  // and the region is marked failed. Those runs' pages are the pull's
+  // alone: it must still install them, or a thread touching one would be
+  // parked for good. Every other page is still served on demand.
+  Source src(4 << 20);
+  const size_t bad = 1000;
+  FaultInjection inject;
+  inject.fail_demand_offset = bad * kPage;
+  inject.bulk_reply_ms = 100;
+  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage, inject);
+  AttachOptions o = testing::on_demand(1);
+  o.background_pull = true;
+  o.pull_run_pages = 64;
+  o.pull_runs_in_flight = 4;
+  Region r = attach(std::move(transport), o);
+  const int sig = run_catching_signals([&] { touch(r.data() + bad * kPage); });
+  EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
+  ASSERT_TRUE(r.failed());
+  EXPECT_LT(r.stats().pull_runs, 4u);  // the runs were still out when it failed
+  auto all = std::async(std::launch::async, [&] {
+    size_t wrong = 0;
+    for (size_t p = 0; p < r.size() / kPage; ++p) {
+      if (p != bad) wrong += check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1;
+    }
+    return wrong;
+  });
+  ASSERT_EQ(all.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "a page the pull had out hangs";
+  EXPECT_EQ(all.get(), 0u);
+  EXPECT_EQ(r.stats().pages_refused, 1u);
+  EXPECT_FALSE(r.progress().complete);
 }
 
 TEST(FaultEngine, UnalignedLengthZeroesOnlyPastTheEnd) {

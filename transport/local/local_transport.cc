@@ -2,7 +2,9 @@
 
 #include <poll.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -10,7 +12,7 @@ namespace pagewire {
 
 class LocalChannel final : public Channel {
  public:
-  explicit LocalChannel(LocalTransport* t) : t_(t) {}
+  LocalChannel(LocalTransport* t, ChannelUse use) : t_(t), use_(use) {}
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
   void watch(int fd, uint64_t token) override {
@@ -25,40 +27,68 @@ class LocalChannel final : public Channel {
   void post(std::span<const ReadOp> ops) override {
     for (const ReadOp& op : ops) {
       if (!read_in_bounds(t_->desc_.length, op.remote_offset, op.length)) {
-        ready_.push_back({op.cookie, Errc::kOutOfBounds});
+        ready_.push_back({{op.cookie, Errc::kOutOfBounds}, Clock::now()});
         continue;
       }
       const int64_t n = t_->reads_.fetch_add(1);
-      if (t_->faults_.fail_after_reads >= 0 && n >= t_->faults_.fail_after_reads) {
-        ready_.push_back({op.cookie, t_->faults_.status});
-        continue;
+      const FaultInjection& f = t_->faults_;
+      Errc status = Errc::kOk;
+      if ((f.fail_after_reads >= 0 && n >= f.fail_after_reads) ||
+          (use_ == ChannelUse::kDemand && op.remote_offset == f.fail_demand_offset)) {
+        status = f.status;
+      } else {
+        std::memcpy(op.dst, t_->base_ + op.remote_offset, op.length);
       }
-      std::memcpy(op.dst, t_->base_ + op.remote_offset, op.length);
-      ready_.push_back({op.cookie, Errc::kOk});
+      Clock::time_point due = Clock::now();
+      if (use_ == ChannelUse::kBulk && f.bulk_reply_ms > 0) {
+        due = std::max(due, last_due_) + std::chrono::milliseconds(f.bulk_reply_ms);
+        last_due_ = due;
+      }
+      ready_.push_back({{op.cookie, status}, due});
     }
   }
   uint32_t outstanding() const override { return static_cast<uint32_t>(ready_.size()); }
   void wait(WaitResult& out, int timeout_ms) override {
+    take_due(out);
+    if (!out.completions.empty()) timeout_ms = 0;
     if (!ready_.empty()) {
-      out.completions.insert(out.completions.end(), ready_.begin(), ready_.end());
-      ready_.clear();
-      timeout_ms = 0;
+      // Wake for the next answer due, at the latest.
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(ready_.front().due - Clock::now()).count();
+      const int next = static_cast<int>(std::max<int64_t>(left, 0));
+      timeout_ms = timeout_ms < 0 ? next : std::min(timeout_ms, next);
     }
     int rc = ::poll(fds_.data(), fds_.size(), timeout_ms);
-    if (rc <= 0) return;
-    for (size_t i = 0; i < fds_.size(); ++i) {
-      if (fds_[i].revents != 0) out.woken_tokens.push_back(tokens_[i]);
+    if (rc > 0) {
+      for (size_t i = 0; i < fds_.size(); ++i) {
+        if (fds_[i].revents != 0) out.woken_tokens.push_back(tokens_[i]);
+      }
     }
+    take_due(out);
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+  struct Answer {
+    ReadCompletion completion;
+    Clock::time_point due;  // in order: each is due no earlier than the one before
+  };
+
   // poll() skips negative descriptors; a paused fd is stored as -(fd + 1).
   static int real_fd(int fd) { return fd < 0 ? -fd - 1 : fd; }
 
+  void take_due(WaitResult& out) {
+    const auto now = Clock::now();
+    size_t n = 0;
+    while (n < ready_.size() && ready_[n].due <= now) out.completions.push_back(ready_[n++].completion);
+    ready_.erase(ready_.begin(), ready_.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+
   LocalTransport* t_;
+  ChannelUse use_;
   std::vector<pollfd> fds_;
   std::vector<uint64_t> tokens_;
-  std::vector<ReadCompletion> ready_;
+  std::vector<Answer> ready_;
+  Clock::time_point last_due_{};
 };
 
 LocalTransport::LocalTransport(const std::byte* base, uint64_t length, uint32_t page_size, FaultInjection faults)
@@ -68,6 +98,8 @@ LocalTransport::LocalTransport(const std::byte* base, uint64_t length, uint32_t 
   desc_.page_size = page_size;
 }
 
-std::unique_ptr<Channel> LocalTransport::open_channel(ChannelUse) { return std::make_unique<LocalChannel>(this); }
+std::unique_ptr<Channel> LocalTransport::open_channel(ChannelUse use) {
+  return std::make_unique<LocalChannel>(this, use);
+}
 
 }  // namespace pagewire

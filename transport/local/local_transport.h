@@ -16,6 +16,11 @@ struct FaultInjection {
   // `status` instead of data; -1 never.
   int64_t fail_after_reads = -1;
   Errc status = Errc::kIo;
+  // Reads at this offset on demand channels complete with `status`.
+  uint64_t fail_demand_offset = UINT64_MAX;
+  // Bulk channels answer one read every this many milliseconds, in order,
+  // like a slow source (0: at once).
+  uint32_t bulk_reply_ms = 0;
 };
 
 class LocalTransport final : public Transport {
