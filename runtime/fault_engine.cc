@@ -249,16 +249,13 @@ FaultEngine::~FaultEngine() {
   for (auto& h : handlers_) {
     if (h->thread.joinable()) h->thread.join();
   }
-  // Threads may still be parked on pages that never arrived. Closing the
-  // uffd would let them in to zero-filled memory, so the region is made
-  // inaccessible first and they are woken into SIGSEGV instead.
+  // Threads may still be parked on pages that never arrived (or that were
+  // discarded after they arrived, though the table calls them present).
+  // Closing the uffd would let them in to zero-filled memory, so the region
+  // is made inaccessible first and they are woken into SIGSEGV instead.
   if (!complete_.load()) {
-    size_t missing = 0;
-    for (size_t p = 0; p < pages_.size(); ++p) missing += pages_.get(p) != PageState::kPresent;
-    if (missing > 0) {
-      ::mprotect(backing_.view.data(), backing_.view.size(), PROT_NONE);
-      uffd_.wake(backing_.view.data(), backing_.view.size());
-    }
+    ::mprotect(backing_.view.data(), backing_.view.size(), PROT_NONE);
+    uffd_.wake(backing_.view.data(), backing_.view.size());
   }
   puller_.reset();
   handlers_.clear();  // channels drain their in-flight reads before staging memory goes
