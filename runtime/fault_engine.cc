@@ -1,5 +1,6 @@
 #include "runtime/fault_engine.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/eventfd.h>
@@ -155,6 +156,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
       stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
       started_(std::chrono::steady_clock::now()) {
   if (!stop_fd_) throw_errno("eventfd");
+  if (!backing_.shared && !backing_.huge) pagemap_ = UniqueFd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
   if (transport_->region().page_size != kSmallPage) {
     throw Error(Errc::kInvalidArgument, "source page size " + std::to_string(transport_->region().page_size) +
                                             " is not supported (4096 only)");
@@ -315,14 +317,27 @@ void FaultEngine::mark_present(size_t pages) {
   // Every page is counted. Before the region becomes plain memory (where a
   // missing page would read as zeros), check that each is still there: a
   // page the application discarded after it arrived is fetched again first.
+  // One check at a time, and only while the count still stands.
+  std::lock_guard check(check_mu_);
+  if (complete_.load() || present_.load() != pages_.size()) return;
   const std::vector<bool> held = held_pages();
   if (!held.empty()) {
     size_t gone = 0;
     for (size_t p = 0; p < pages_.size(); ++p) {
-      if (!held[p] && pages_.transition(p, PageState::kPresent, PageState::kMissing)) ++gone;
+      if (held[p] || !pages_.transition(p, PageState::kPresent, PageState::kInFlight)) continue;
+      // Owned now, so nothing maps or fetches it meanwhile: look again, as
+      // the snapshot may predate a fetch that brought it back (and the
+      // application's writes since, which a fetch must never overwrite).
+      if (holds(p)) {
+        pages_.set(p, PageState::kPresent);
+      } else {
+        pages_.set(p, PageState::kMissing);
+        present_.fetch_sub(1);
+        ++gone;
+      }
+      uffd_.wake(backing_.view.data() + p * desc_.page_size, desc_.page_size);  // a fault meanwhile looks again
     }
     if (gone > 0) {
-      present_.fetch_sub(gone);
       spdlog::info("region '{}': {} pages were discarded after they arrived; fetching them again", desc_.name, gone);
       return;
     }
@@ -727,9 +742,37 @@ bool FaultEngine::take_fault(size_t page) {
   }
 }
 
+namespace {
+
+// /proc/self/pagemap: one 64-bit entry per 4 KiB of virtual memory; bit 63
+// says present, bit 62 swapped out.
+constexpr uint64_t kPagemapPresent = uint64_t{1} << 63;
+constexpr uint64_t kPagemapSwapped = uint64_t{1} << 62;
+
+// The pagemap entries of `count` 4 KiB pages from `addr` (false when they
+// cannot be read).
+bool read_pagemap(int fd, const std::byte* addr, uint64_t* entries, size_t count) {
+  const size_t bytes = count * sizeof(uint64_t);
+  const auto at = static_cast<off_t>(reinterpret_cast<uintptr_t>(addr) / kSmallPage * sizeof(uint64_t));
+  auto* out = reinterpret_cast<char*>(entries);
+  for (size_t done = 0; done < bytes;) {
+    const ssize_t n = ::pread(fd, out + done, bytes - done, at + static_cast<off_t>(done));
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+}  // namespace
+
 bool FaultEngine::resident(size_t page) const {
+  std::byte* addr = backing_.view.data() + page * desc_.page_size;
+  uint64_t entry = 0;
+  if (pagemap_ && read_pagemap(pagemap_.get(), addr, &entry, 1)) {
+    return (entry & (kPagemapPresent | kPagemapSwapped)) != 0;
+  }
   unsigned char r = 0;
-  return ::mincore(backing_.view.data() + page * desc_.page_size, kSmallPage, &r) != 0 || (r & 1) != 0;
+  return ::mincore(addr, kSmallPage, &r) != 0 || (r & 1) != 0;
 }
 
 bool FaultEngine::memfd_holds(size_t page) const {
@@ -738,6 +781,8 @@ bool FaultEngine::memfd_holds(size_t page) const {
   unsigned char r = 1;
   return ::mincore(backing_.alias.data() + off, kSmallPage, &r) != 0 || (r & 1) != 0;
 }
+
+bool FaultEngine::holds(size_t page) const { return backing_.shared ? memfd_holds(page) : resident(page); }
 
 std::vector<bool> FaultEngine::held_pages() const {
   const size_t pages = pages_.size();
@@ -757,9 +802,22 @@ std::vector<bool> FaultEngine::held_pages() const {
     }
     return held;
   }
-  // Anonymous memory: the region's page tables. hugetlbfs: the alias's (the
-  // region's may be unmapped while the memfd keeps the page). One byte per
-  // 4 KiB either way.
+  if (pagemap_) {
+    // Anonymous 4 KiB pages: mapped or swapped out (mincore would call a
+    // swapped page absent, and the region would never complete). Read in
+    // chunks of 512 KiB of entries.
+    std::vector<uint64_t> e(std::min<size_t>(pages, 65536));
+    size_t p = 0;
+    for (; p < pages; p += e.size()) {
+      const size_t n = std::min(e.size(), pages - p);
+      if (!read_pagemap(pagemap_.get(), backing_.view.data() + p * kSmallPage, e.data(), n)) break;
+      for (size_t i = 0; i < n; ++i) held[p + i] = (e[i] & (kPagemapPresent | kPagemapSwapped)) != 0;
+    }
+    if (p >= pages) return held;
+  }
+  // Anonymous memory without pagemap: the region's page tables. hugetlbfs
+  // (never swapped): the alias's for shared memory (the region's may be
+  // unmapped while the memfd keeps the page). One byte per 4 KiB either way.
   const Mapping& m = backing_.shared ? backing_.alias : backing_.view;
   std::vector<unsigned char> r(m.size() / kSmallPage);
   if (::mincore(m.data(), m.size(), r.data()) != 0) return {};

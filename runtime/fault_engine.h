@@ -72,14 +72,16 @@ class FaultEngine {
   std::byte* landing(Worker& w, uint32_t slot, size_t first) const;
   // Installs [page, page+count) from where their read landed; 0 or errno.
   int install(Worker& w, std::byte* src, size_t page, uint32_t count, uint64_t* retries, uint64_t* existed);
-  // Whether the page's first 4 KiB is resident (mapped, or in the page
-  // cache for shared memory): mincore fills a byte per 4 KiB.
+  // Anonymous memory: whether the page's first 4 KiB is mapped or swapped
+  // out (pagemap; mincore, which calls a swapped page absent, without it).
   bool resident(size_t page) const;
   // Shared memory: whether the memfd still holds the page (rather than a
   // hole punched into it with MADV_REMOVE or fallocate).
   bool memfd_holds(size_t page) const;
-  // Per page: still there (anonymous: mapped; shared: held by the memfd).
-  // Empty when it cannot be told.
+  // Whether the page is still there: resident() or memfd_holds().
+  bool holds(size_t page) const;
+  // Per page: holds(), for the whole region at once. Empty when it cannot
+  // be told.
   std::vector<bool> held_pages() const;
   // Claims a run of missing pages from `first` (at most `max` pages).
   uint32_t claim_run(size_t first, uint32_t max);
@@ -117,6 +119,8 @@ class FaultEngine {
   std::atomic<uint64_t> present_{0};
   std::atomic<bool> complete_{false};
   std::atomic<bool> failed_{false};
+  UniqueFd pagemap_;       // /proc/self/pagemap, for anonymous 4 KiB pages
+  std::mutex check_mu_;    // one completion check at a time
   mutable std::mutex state_mu_;
   mutable std::condition_variable state_cv_;
   std::string error_;

@@ -1,14 +1,17 @@
 // The fault engine over the in-process transport: contents, one fetch per
 // page, and refusal of pages whose reads fail.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/sysinfo.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <future>
 #include <numeric>
 #include <random>
@@ -205,6 +208,35 @@ struct DiscardStorm {
   std::atomic<int> zeroed{0};
   Stats stats;
 };
+
+TEST(FaultEngine, SwappedOutPagesStillCountAtCompletion) {
+  // Before the region turns into plain memory, every page must still be
+  // there. A page swapped out is: it must not be taken for a discarded one
+  // and fetched again (the refetch finds it there, and the region would
+  // never complete).
+  struct sysinfo si {};
+  ASSERT_EQ(::sysinfo(&si), 0);
+  if (si.totalswap == 0) GTEST_SKIP() << "no swap space to page out to (swapon)";
+  Source src(1 << 20);
+  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
+  LocalTransport* raw = transport.get();
+  Region r = attach(std::move(transport), testing::on_demand(1));
+  const size_t pages = r.size() / kPage;
+  ASSERT_EQ(check_pattern(r.data(), 0, (pages - 1) * kPage, kSeed), -1);
+  ASSERT_EQ(::madvise(r.data(), (pages - 1) * kPage, MADV_PAGEOUT), 0);
+  // Swapped out: pagemap's bit 62 (mincore still calls a page resident
+  // while it sits in the swap cache).
+  UniqueFd pagemap(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(pagemap) << std::strerror(errno);
+  uint64_t entry = 0;
+  const auto at = static_cast<off_t>(reinterpret_cast<uintptr_t>(r.data()) / kPage * sizeof entry);
+  ASSERT_EQ(::pread(pagemap.get(), &entry, sizeof entry, at), static_cast<ssize_t>(sizeof entry));
+  if ((entry & (uint64_t{1} << 62)) == 0) GTEST_SKIP() << "the kernel paged nothing out";
+  touch(r.data() + (pages - 1) * kPage);  // the last page: the completion check runs
+  ASSERT_TRUE(r.wait_complete(std::chrono::seconds(30))) << r.error();
+  EXPECT_EQ(raw->reads(), pages);  // nothing fetched twice
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+}
 
 TEST(FaultEngine, DiscardRightAfterInstallIsFetchedAgainFromEveryThread) {
   // A thread woken by an install that discards its page at once and touches
