@@ -154,7 +154,9 @@ TEST(Postcopy, SequentialScanIsPrefetched) {
   EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
   const Stats s = r.stats();
   const uint64_t pages = r.size() / kPage;
-  EXPECT_LT(s.faults, pages / 8) << "prefetch should absorb most faults";
+  // Faults on pages already in flight (prefetched, not yet arrived) depend
+  // on timing; the pages that had to be read on demand do not.
+  EXPECT_LT(s.faults - s.duplicate_faults, pages / 8) << "prefetch should absorb most faults";
   EXPECT_GT(s.prefetch_issued, pages / 2);
   EXPECT_GT(s.prefetch_used, 0u);
   EXPECT_EQ(s.pages_fetched, pages);
@@ -170,7 +172,7 @@ TEST(Postcopy, StridedScanIsPrefetched) {
   }
   EXPECT_EQ(bad, 0u);
   const Stats s = r.stats();
-  EXPECT_LT(s.faults, pages / 2);
+  EXPECT_LT(s.faults - s.duplicate_faults, pages / 2);  // read on demand (see the sequential test)
   EXPECT_GT(s.prefetch_issued, 0u);
 }
 
