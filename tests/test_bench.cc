@@ -48,6 +48,27 @@ bool finished(const CliRun& r) { return r.status == 0 || r.status == 1; }
 
 bool has(const std::string& out, const std::string& what) { return out.find(what) != std::string::npos; }
 
+TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
+  struct Case {
+    const char* args;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"serve --port 0 --rdma off --pattern a=-1", "'-1' is not a size"},
+      {"serve --port 0 --rdma off --pattern a=1MMB", "unknown size unit 'MMB'"},
+      {"serve --port 0 --rdma off --pattern a=1M:12xyz", "'12xyz' is not a seed"},
+      {"serve --port 0 --rdma off --pattern a/b=1M", "region name has a '/'"},
+      {"attach --verify abc tcp://127.0.0.1:1/x", "'abc' is not a seed"},
+      {"bench --size -5G", "'-5G' is not a size"},
+  };
+  for (const Case& c : cases) {
+    const CliRun r = run_cli(c.args);
+    EXPECT_NE(r.status, 0) << c.args << "\n" << r.out;
+    EXPECT_LT(r.status, 128) << c.args << ": killed by a signal\n" << r.out;
+    EXPECT_TRUE(has(r.out, c.says)) << c.args << " should say \"" << c.says << "\"; it said:\n" << r.out;
+  }
+}
+
 TEST(Bench, BackingsSuiteRunsBothPartsAndSharedMemoryCopiesNothing) {
   // 8 MiB: 4 huge pages for each of the two regions attached side by side.
   const std::string why = reserve_huge_pages(8);

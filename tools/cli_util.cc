@@ -15,25 +15,46 @@
 namespace pagewire::cli {
 
 uint64_t parse_size(const std::string& text) {
+  const char* example = " is not a size (e.g. 4096, 64K, 256M, 1G)";
+  // Digits first: stoull alone would take "-1" and wrap it.
+  if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0]))) throw std::invalid_argument("'" + text + "'" + example);
   size_t pos = 0;
   unsigned long long v = 0;
   try {
-    v = std::stoull(text, &pos);
+    v = std::stoull(text, &pos, 10);
   } catch (const std::exception&) {
-    throw std::invalid_argument("'" + text + "' is not a size (e.g. 4096, 64K, 256M, 1G)");
+    throw std::invalid_argument("'" + text + "'" + example);
   }
   std::string unit = text.substr(pos);
   for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  if (unit.size() > 1 && (unit.ends_with("IB") || unit.ends_with("B"))) unit = unit.substr(0, 1);
+  // K, M, G or T, alone or followed by B or iB (KiB, KB); or nothing.
+  if (unit.size() == 3 && unit.ends_with("IB")) unit = unit.substr(0, 1);
+  else if (unit.size() == 2 && unit.ends_with("B")) unit = unit.substr(0, 1);
   uint64_t mult = 1;
-  if (unit.empty()) mult = 1;
+  if (unit.empty() || unit == "B") mult = 1;
   else if (unit == "K") mult = 1ull << 10;
   else if (unit == "M") mult = 1ull << 20;
   else if (unit == "G") mult = 1ull << 30;
   else if (unit == "T") mult = 1ull << 40;
-  else throw std::invalid_argument("'" + text + "': unknown size unit '" + text.substr(pos) + "'");
+  else throw std::invalid_argument("'" + text + "': unknown size unit '" + text.substr(pos) + "' (K, M, G or T)");
   if (v > (~0ull) / mult) throw std::invalid_argument("'" + text + "' is too large");
   return v * mult;
+}
+
+uint64_t parse_seed(const std::string& text) {
+  // Decimal, or hex with 0x; the whole text, and no sign.
+  const bool digits_first = !text.empty() && std::isdigit(static_cast<unsigned char>(text[0]));
+  size_t pos = 0;
+  uint64_t v = 0;
+  try {
+    if (digits_first) v = std::stoull(text, &pos, 0);
+  } catch (const std::exception&) {
+    pos = 0;
+  }
+  if (!digits_first || pos != text.size()) {
+    throw std::invalid_argument("'" + text + "' is not a seed (a number, decimal or 0x hex)");
+  }
+  return v;
 }
 
 std::string format_bytes(uint64_t b) {
@@ -54,9 +75,9 @@ PatternSpec parse_pattern_spec(const std::string& text, uint64_t default_seed) {
   const size_t colon = rest.find(':');
   if (colon != std::string::npos) {
     try {
-      s.seed = std::stoull(rest.substr(colon + 1), nullptr, 0);
-    } catch (const std::exception&) {
-      throw std::invalid_argument("bad seed in '" + text + "'");
+      s.seed = parse_seed(rest.substr(colon + 1));
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("--pattern '" + text + "': " + e.what());
     }
     rest = rest.substr(0, colon);
   }

@@ -12,6 +12,9 @@ namespace pagewire::cli {
 
 // "4096", "64K", "256M", "1G", "2GiB" -> bytes; throws std::invalid_argument.
 uint64_t parse_size(const std::string& text);
+// A pattern seed: decimal or 0x hex, the whole text; throws
+// std::invalid_argument saying what is wrong.
+uint64_t parse_seed(const std::string& text);
 std::string format_bytes(uint64_t bytes);
 
 // A pattern export given as NAME=SIZE[:SEED].

@@ -240,7 +240,7 @@ int main(int argc, char** argv) {
       w.stride_pages = stride;
       w.threads = threads;
       w.verify = !verify_seed.empty();
-      if (w.verify) w.seed = std::stoull(verify_seed, nullptr, 0);
+      if (w.verify) w.seed = parse_seed(verify_seed);
       w.progress_label = "faulting";
       pagewire::AttachOptions o;
       o.handler_threads = handlers;
