@@ -14,6 +14,17 @@ namespace {
 
 }  // namespace
 
+std::string region_name_problem(std::string_view name) {
+  if (name.empty()) return "empty region name";
+  if (name.size() > 255) return "region name longer than 255 bytes";
+  for (char c : name) {
+    if (c == '/' || static_cast<unsigned char>(c) < 0x21 || c == 0x7f) {
+      return "region name has a '/' or a control or space character";
+    }
+  }
+  return {};
+}
+
 RegionUri parse_region_uri(std::string_view uri) {
   RegionUri out;
   const size_t sep = uri.find("://");
@@ -27,11 +38,7 @@ RegionUri parse_region_uri(std::string_view uri) {
   if (slash == std::string_view::npos) bad(uri, "no region name");
   std::string_view authority = rest.substr(0, slash);
   std::string_view name = rest.substr(slash + 1);
-  if (name.empty()) bad(uri, "empty region name");
-  if (name.size() > 255) bad(uri, "region name longer than 255 bytes");
-  for (char c : name) {
-    if (c == '/' || static_cast<unsigned char>(c) < 0x21 || c == 0x7f) bad(uri, "region name has a '/' or a control or space character");
-  }
+  if (const std::string problem = region_name_problem(name); !problem.empty()) bad(uri, problem);
   out.name = std::string(name);
   std::string_view port_text;
   if (!authority.empty() && authority.front() == '[') {

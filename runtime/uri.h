@@ -19,4 +19,8 @@ struct RegionUri {
 // Throws pagewire::Error(kBadUri) saying what is wrong.
 RegionUri parse_region_uri(std::string_view uri);
 
+// What keeps `name` from being a region name that a URI can carry (1..255
+// bytes, no '/', space or control character); empty when nothing does.
+std::string region_name_problem(std::string_view name);
+
 }  // namespace pagewire

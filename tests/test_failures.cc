@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/socket.h>
 
@@ -179,6 +180,88 @@ TEST(Failures, ReadOutsideTheRegionIsRefusedByTheChannel) {
   }
   EXPECT_EQ(check_pattern(buf.data(), (1 << 20) - kPage, kPage, kSeed), -1);
   EXPECT_EQ(src.server().stats().reads_refused, 0u);  // never sent
+}
+
+TEST(Failures, ConnectTriesEveryAddressTheHostResolvesTo) {
+  // "localhost" may resolve to ::1 first and 127.0.0.1 after, and a
+  // server on 0.0.0.0 listens on the second only.
+  PatternServer src("both", 1 << 20);
+  tcp::Endpoint ep = tcp::resolve("127.0.0.1", src.server().port());
+  tcp::Address v6{};
+  auto* a6 = reinterpret_cast<sockaddr_in6*>(&v6.addr);
+  a6->sin6_family = AF_INET6;
+  a6->sin6_port = htons(src.server().port());
+  a6->sin6_addr = in6addr_loopback;
+  v6.addr_len = sizeof(sockaddr_in6);
+  ep.addresses.insert(ep.addresses.begin(), v6);
+  std::string why;
+  UniqueFd fd = tcp::connect_to(ep, 2000, &why);
+  ASSERT_TRUE(fd) << why;
+  const RegionDescriptor d = tcp::handshake(fd.get(), "both", 2000, ep.text);
+  EXPECT_EQ(d.length, 1u << 20);
+  // With no address answering, the error names what each said.
+  ep.addresses.erase(ep.addresses.begin() + 1);
+  EXPECT_FALSE(tcp::connect_to(ep, 2000, &why));
+  EXPECT_NE(why.find("connect to"), std::string::npos) << why;
+}
+
+TEST(Failures, AnotherProtocolVersionIsToldSo) {
+  PatternServer src("old", 1 << 20);
+  UniqueFd fd = raw_connect(src.server().port());
+  ASSERT_TRUE(fd);
+  const std::string name = "old";
+  wire::Hello h{wire::kHelloMagic, static_cast<uint16_t>(wire::kVersion + 1), static_cast<uint8_t>(name.size()), 0};
+  ASSERT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
+  ASSERT_TRUE(tcp::send_all(fd.get(), name.data(), name.size()));
+  wire::HelloReply reply{};
+  ASSERT_TRUE(tcp::recv_all(fd.get(), &reply, sizeof reply));
+  EXPECT_EQ(static_cast<Errc>(reply.status), Errc::kProtocol);
+  EXPECT_EQ(reply.server_version, wire::kVersion);
+  EXPECT_TRUE(closed_by_peer(fd.get()));
+}
+
+TEST(Failures, ServerWatchesItsConnectionsForDeadPeers) {
+  // A destination whose host dies sends no FIN: the server's side must
+  // find out by itself (keepalive, and a limit on unacknowledged sends)
+  // rather than hold a thread and a connection slot for good.
+  PatternServer src("live", 1 << 20);
+  wire::HelloReply reply{};
+  UniqueFd attached = raw_attach(src.server().port(), "live", &reply);
+  sockaddr_in mine{};
+  socklen_t len = sizeof mine;
+  ASSERT_EQ(::getsockname(attached.get(), reinterpret_cast<sockaddr*>(&mine), &len), 0);
+  // The server runs in this process: find its end of the connection.
+  int found = 0;
+  for (int s = 0; s < 1024; ++s) {
+    sockaddr_in peer{};
+    len = sizeof peer;
+    if (s == attached.get() || ::getpeername(s, reinterpret_cast<sockaddr*>(&peer), &len) != 0) continue;
+    if (peer.sin_family != AF_INET || peer.sin_port != mine.sin_port) continue;
+    int keepalive = 0;
+    unsigned user_timeout = 0;
+    len = sizeof keepalive;
+    ASSERT_EQ(::getsockopt(s, SOL_SOCKET, SO_KEEPALIVE, &keepalive, &len), 0);
+    len = sizeof user_timeout;
+    ASSERT_EQ(::getsockopt(s, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, &len), 0);
+    EXPECT_EQ(keepalive, 1);
+    EXPECT_GT(user_timeout, 0u);
+    ++found;
+  }
+  EXPECT_EQ(found, 1);
+}
+
+TEST(Failures, ExportedNamesMustBeNameableByAUri) {
+  MemoryServer server(ServerOptions{"127.0.0.1", 0, 256, RdmaServing::kOff});
+  std::vector<std::byte> mem(4096);
+  for (const std::string& bad : {std::string("a/b"), std::string("a b"), std::string(), std::string(256, 'x')}) {
+    try {
+      server.export_memory(bad, mem.data(), mem.size());
+      ADD_FAILURE() << "'" << bad << "' was exported";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+    }
+  }
+  server.export_memory(std::string(255, 'x'), mem.data(), mem.size());
 }
 
 TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {

@@ -7,6 +7,7 @@
 #include "pagewire/error.h"
 #include "pagewire/server.h"
 #include "runtime/unique_fd.h"
+#include "runtime/uri.h"
 #include "spdlog/spdlog.h"
 #include "transport/rdma/rdma_server.h"
 #include "transport/tcp/tcp_server.h"
@@ -14,7 +15,10 @@
 namespace pagewire {
 namespace {
 
-void check_page_size(uint32_t page_size) {
+void check_export(const std::string& name, uint32_t page_size) {
+  if (const std::string problem = region_name_problem(name); !problem.empty()) {
+    throw Error(Errc::kInvalidArgument, "cannot export '" + name + "': " + problem + " (no URI could name it)");
+  }
   if (page_size < 4096 || (page_size & (page_size - 1)) != 0) {
     throw Error(Errc::kInvalidArgument, "page size must be a power of two of at least 4096");
   }
@@ -22,7 +26,8 @@ void check_page_size(uint32_t page_size) {
 
 }  // namespace
 
-MemoryServer::MemoryServer(const ServerOptions& options) : tcp_(std::make_unique<TcpServer>(options)) {
+MemoryServer::MemoryServer(const ServerOptions& options)
+    : tcp_(std::make_unique<TcpServer>(options)), rdma_mode_(options.rdma) {
   if (options.rdma == RdmaServing::kOff) return;
   if (options.rdma == RdmaServing::kAuto && !rdma::have_device()) {
     spdlog::info("server: no RDMA device; serving TCP only");
@@ -41,7 +46,7 @@ MemoryServer::~MemoryServer() { stop(); }
 bool MemoryServer::serves_rdma() const { return rdma_ != nullptr; }
 
 void MemoryServer::export_file(const std::string& name, const std::string& path, uint32_t page_size) {
-  check_page_size(page_size);
+  check_export(name, page_size);
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) throw_errno("open " + path);
   struct stat st {};
@@ -57,12 +62,11 @@ void MemoryServer::export_file(const std::string& name, const std::string& path,
   region->length = length;
   region->page_size = page_size;
   region->zero_map = compute_zero_map(region->base, region->length, page_size);
-  const ExportedRegion& r = tcp_->add(std::move(region));
-  if (rdma_) rdma_->add(r);
+  add(std::move(region));
 }
 
 void MemoryServer::export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size) {
-  check_page_size(page_size);
+  check_export(name, page_size);
   if (base == nullptr || length == 0) throw Error(Errc::kInvalidArgument, "export of empty memory");
   auto region = std::make_unique<ExportedRegion>();
   region->name = name;
@@ -70,8 +74,22 @@ void MemoryServer::export_memory(const std::string& name, const void* base, size
   region->length = length;
   region->page_size = page_size;
   region->zero_map = compute_zero_map(region->base, region->length, page_size);
+  add(std::move(region));
+}
+
+void MemoryServer::add(std::unique_ptr<ExportedRegion> region) {
   const ExportedRegion& r = tcp_->add(std::move(region));
-  if (rdma_) rdma_->add(r);
+  if (!rdma_) return;
+  try {
+    rdma_->add(r);
+  } catch (const std::exception& e) {
+    // Registering it with the device failed (a memlock limit, say).
+    if (rdma_mode_ == RdmaServing::kOn) {
+      tcp_->withdraw(r.name);
+      throw;
+    }
+    spdlog::warn("server: '{}' is served over TCP only: {}", r.name, e.what());
+  }
 }
 
 void MemoryServer::mark_changed(const std::string& name, uint64_t offset, uint64_t length) {

@@ -38,7 +38,7 @@ struct HelloReply {
   uint32_t page_size;
   uint64_t length;
   uint32_t zero_map_bytes;  // bitmap of all-zero pages that follows, bit = page
-  uint32_t reserved;
+  uint32_t server_version;  // with status kProtocol: the version the server speaks
 };
 
 struct ReadRequest {

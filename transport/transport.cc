@@ -40,10 +40,11 @@ std::unique_ptr<Transport> connect_transport(std::string_view uri, const Transpo
         auto transport = std::make_unique<rdma::RdmaTransport>(u.host, u.port, u.name, t);
         spdlog::info("transport: rdma for {} (auto: a device exists and the peer speaks RDMA)", uri);
         return transport;
-      } catch (const Error& e) {
-        // A missing region is missing over TCP too; anything else may be
-        // a peer without RDMA.
-        if (e.code() == Errc::kNotFound) throw;
+      } catch (const std::exception& e) {
+        // A peer without RDMA, a device that cannot take one more queue
+        // pair or registration (setup errors come as std::system_error
+        // too), or a region the source could export over TCP only: TCP
+        // then answers, or says what is wrong in its own words.
         spdlog::info("transport: tcp for {} (auto: RDMA failed: {})", uri, e.what());
       }
     }

@@ -50,6 +50,12 @@ class MemoryServer {
   MemoryServer& operator=(const MemoryServer&) = delete;
   ~MemoryServer();
 
+  // Region names are what a URI can carry: 1..255 bytes, no '/', space or
+  // control character (Error kInvalidArgument otherwise; rdma:// names are
+  // at most 48 bytes). Under RdmaServing::kAuto a region that the RDMA
+  // device will not register (a memlock limit, say) is served over TCP
+  // only, and auto:// destinations fall back to TCP for it.
+  //
   // Exports a file, mapped read-only. The file must not shrink while served.
   void export_file(const std::string& name, const std::string& path, uint32_t page_size = 4096);
   // Exports memory the caller owns and keeps alive (and mapped) until stop().
@@ -72,8 +78,13 @@ class MemoryServer {
   void stop();
 
  private:
+  // Exports over TCP, and over RDMA where served (kAuto: TCP only when the
+  // device will not take the region).
+  void add(std::unique_ptr<ExportedRegion> region);
+
   std::unique_ptr<TcpServer> tcp_;  // owns the exported regions
   std::unique_ptr<rdma::RdmaServer> rdma_;  // null when not serving RDMA; stopped first
+  RdmaServing rdma_mode_;
 };
 
 }  // namespace pagewire

@@ -67,7 +67,12 @@ void RdmaServer::add(const ExportedRegion& region) {
   std::lock_guard lock(mu_);
   Registered& r = regions_[region.name];
   r.region = &region;
-  register_everywhere(r);
+  try {
+    register_everywhere(r);
+  } catch (...) {
+    regions_.erase(region.name);  // no half-registered entry for peers to find
+    throw;
+  }
 }
 
 void RdmaServer::drop_connections() {

@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <vector>
 
 namespace pagewire::tcp {
 
@@ -24,8 +25,13 @@ Endpoint resolve(const std::string& host, uint16_t port) {
     throw Error(Errc::kConnectFailed, "cannot resolve host '" + host + "': " + ::gai_strerror(rc));
   }
   Endpoint ep;
-  std::memcpy(&ep.addr, res->ai_addr, res->ai_addrlen);
-  ep.addr_len = res->ai_addrlen;
+  for (const addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    Address& x = ep.addresses.emplace_back();
+    std::memcpy(&x.addr, a->ai_addr, a->ai_addrlen);
+    x.addr_len = a->ai_addrlen;
+  }
+  ep.addr = ep.addresses.front().addr;
+  ep.addr_len = ep.addresses.front().addr_len;
   ep.text = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + port_text;
   ::freeaddrinfo(res);
   return ep;
@@ -39,37 +45,73 @@ void set_io_timeout(int fd, unsigned timeout_ms) {
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
-UniqueFd connect_to(const Endpoint& ep, unsigned timeout_ms, std::string* why) {
-  UniqueFd fd(::socket(ep.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+namespace {
+
+// One address; the error, with no "connect to HOST:PORT: " before it, in *why.
+UniqueFd connect_one(const Address& a, unsigned timeout_ms, std::string* why) {
+  UniqueFd fd(::socket(a.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd) {
     *why = std::string("socket: ") + std::strerror(errno);
     return {};
   }
-  int rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&ep.addr), ep.addr_len);
+  int rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&a.addr), a.addr_len);
   if (rc != 0 && errno != EINPROGRESS) {
-    *why = "connect to " + ep.text + ": " + std::strerror(errno);
+    *why = std::strerror(errno);
     return {};
   }
   if (rc != 0) {
     pollfd p{fd.get(), POLLOUT, 0};
     rc = ::poll(&p, 1, static_cast<int>(timeout_ms));
     if (rc == 0) {
-      *why = "connect to " + ep.text + ": no answer within " + std::to_string(timeout_ms) + " ms";
+      *why = "no answer within " + std::to_string(timeout_ms) + " ms";
       return {};
     }
     int err = 0;
     socklen_t len = sizeof err;
     ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
     if (rc < 0 || err != 0) {
-      *why = "connect to " + ep.text + ": " + std::strerror(rc < 0 ? errno : err);
+      *why = std::strerror(rc < 0 ? errno : err);
       return {};
     }
+  }
+  return fd;
+}
+
+}  // namespace
+
+UniqueFd connect_to(const Endpoint& ep, unsigned timeout_ms, std::string* why) {
+  std::vector<Address> addresses = ep.addresses;
+  if (addresses.empty()) addresses.push_back({ep.addr, ep.addr_len});
+  UniqueFd fd;
+  std::string whys;
+  for (const Address& a : addresses) {
+    std::string one;
+    fd = connect_one(a, timeout_ms, &one);
+    if (fd) break;
+    if (whys.find(one) == std::string::npos) whys += (whys.empty() ? "" : "; ") + one;
+  }
+  if (!fd) {
+    *why = "connect to " + ep.text + ": " + whys;
+    return {};
   }
   // Back to blocking: the handshake is plain syscalls, the data path io_uring.
   ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) & ~O_NONBLOCK);
   int one = 1;
   ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   return fd;
+}
+
+void watch_liveness(int fd) {
+  int on = 1;
+  int idle_s = 30;
+  int interval_s = 5;
+  int probes = 6;
+  unsigned user_timeout_ms = 60000;
+  ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof idle_s);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof interval_s);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof user_timeout_ms);
 }
 
 bool send_all(int fd, const void* buf, size_t n) {
@@ -108,7 +150,8 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   }
   wire::HelloReply reply{};
   if (!recv_all(fd, &reply, sizeof reply)) {
-    throw Error(Errc::kProtocol, "no hello reply from " + peer + " (is it a pagewire server?)");
+    throw Error(Errc::kProtocol, "no hello reply from " + peer +
+                                     " (is it a pagewire server? one with all its connections in use hangs up at once)");
   }
   if (reply.magic != wire::kHelloMagic) {
     throw Error(Errc::kProtocol, peer + " does not speak the pagewire protocol");
@@ -116,6 +159,11 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   const auto status = static_cast<Errc>(reply.status);
   if (status == Errc::kNotFound) {
     throw Error(Errc::kNotFound, "server " + peer + " exports no region named '" + name + "'");
+  }
+  if (status == Errc::kProtocol) {
+    throw Error(Errc::kProtocol, "server " + peer + " speaks pagewire protocol version " +
+                                     std::to_string(reply.server_version) + ", this side " +
+                                     std::to_string(wire::kVersion));
   }
   if (status != Errc::kOk) {
     throw Error(status, "server " + peer + " refused region '" + name + "': " + std::string(to_string(status)));

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "pagewire/error.h"
 #include "runtime/unique_fd.h"
@@ -15,18 +16,32 @@
 
 namespace pagewire::tcp {
 
-struct Endpoint {
+struct Address {
   sockaddr_storage addr{};
   socklen_t addr_len = 0;
+};
+
+struct Endpoint {
+  sockaddr_storage addr{};  // the first address resolved (what a server binds)
+  socklen_t addr_len = 0;
+  // Every address resolved, in getaddrinfo's order: "localhost" may be ::1
+  // first and 127.0.0.1 after, and a server may listen on only one.
+  std::vector<Address> addresses;
   std::string text;  // HOST:PORT, for messages
 };
 
 // Resolves host and port; throws Error(kConnectFailed) when it cannot.
 Endpoint resolve(const std::string& host, uint16_t port);
 
-// Connects within timeout_ms and sets TCP_NODELAY. On failure returns an
-// empty fd and fills *why.
+// Connects to the first of the endpoint's addresses that answers, each
+// within timeout_ms, and sets TCP_NODELAY. On failure returns an empty fd
+// and fills *why.
 UniqueFd connect_to(const Endpoint& ep, unsigned timeout_ms, std::string* why);
+
+// A server's side of a connection: a peer whose host dies or drops off the
+// network (no FIN ever comes) is noticed by TCP keepalive within about a
+// minute, and one that stops acknowledging what is sent within as long.
+void watch_liveness(int fd);
 
 // Sends/receives exactly n bytes on a blocking socket. False on EOF/error.
 bool send_all(int fd, const void* buf, size_t n);

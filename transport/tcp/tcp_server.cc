@@ -108,6 +108,11 @@ const ExportedRegion& TcpServer::add(std::unique_ptr<ExportedRegion> region) {
   return r;
 }
 
+void TcpServer::withdraw(const std::string& name) {
+  std::lock_guard lock(mu_);
+  by_name_.erase(name);
+}
+
 ExportedRegion* TcpServer::find_mutable(const std::string& name) {
   std::lock_guard lock(mu_);
   auto it = by_name_.find(name);
@@ -201,9 +206,17 @@ void TcpServer::accept_loop() {
     ++active_;
     Connection& c = connections_.emplace_back();
     c.fd = fd.get();
-    c.thread = std::thread([this, &c, f = std::move(fd), p = std::move(peer)]() mutable {
-      serve(&c, std::move(f), std::move(p));
-    });
+    try {
+      c.thread = std::thread([this, &c, f = std::move(fd), p = std::move(peer)]() mutable {
+        serve(&c, std::move(f), std::move(p));
+      });
+    } catch (const std::system_error& e) {
+      // No thread (a pids limit, say): refuse this one and go on serving.
+      spdlog::warn("server: refusing a connection: no thread to serve it: {}", e.what());
+      c.fd = -1;
+      c.done.store(true);
+      --active_;
+    }
   }
 }
 
@@ -220,6 +233,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   };
   int one = 1;
   ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  tcp::watch_liveness(fd.get());  // a destination that vanishes does not hold its thread for good
 
   // Handshake: a client that says nothing for a while is dropped.
   tcp::set_io_timeout(fd.get(), kHandshakeTimeoutMs);
@@ -228,14 +242,22 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     spdlog::warn("server: {} sent no hello; dropping it", peer);
     return finish(true);
   }
-  if (hello.magic != wire::kHelloMagic || hello.version != wire::kVersion || hello.name_length == 0 ||
-      hello.name_length > wire::kMaxNameLength) {
+  if (hello.magic != wire::kHelloMagic || hello.name_length == 0 || hello.name_length > wire::kMaxNameLength) {
     spdlog::warn("server: {} sent a malformed hello (magic 0x{:08x}); dropping it", peer, hello.magic);
     return finish(true);
   }
   std::string name(hello.name_length, '\0');
   if (!tcp::recv_all(fd.get(), name.data(), name.size())) {
     spdlog::warn("server: {} sent a truncated hello; dropping it", peer);
+    return finish(true);
+  }
+  if (hello.version != wire::kVersion) {
+    // Say so, rather than leave the destination guessing at a closed socket.
+    spdlog::warn("server: {} speaks protocol version {}, this server {}; refusing it", peer, hello.version,
+                 wire::kVersion);
+    wire::HelloReply no{wire::kHelloMagic, static_cast<uint32_t>(Errc::kProtocol), 0, 0, 0, 0, wire::kVersion};
+    tcp::send_all(fd.get(), &no, sizeof no);
+    close_gracefully(fd.get());
     return finish(true);
   }
   const ExportedRegion* region = find(name);

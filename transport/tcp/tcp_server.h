@@ -40,6 +40,9 @@ class TcpServer {
   ~TcpServer();
 
   const ExportedRegion& add(std::unique_ptr<ExportedRegion> region);
+  // Takes a region just added out of reach again: no new destination finds
+  // it (the memory stays until the server goes).
+  void withdraw(const std::string& name);
   ExportedRegion* find_mutable(const std::string& name);
   uint16_t port() const { return port_; }
   ServerStats stats() const;
