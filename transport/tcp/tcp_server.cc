@@ -173,7 +173,9 @@ void TcpServer::reap_finished() {
       it = next;
     }
   }
-  for (auto& c : finished) c.thread.join();
+  for (auto& c : finished) {
+    if (c.thread.joinable()) c.thread.join();
+  }
 }
 
 void TcpServer::accept_loop() {
