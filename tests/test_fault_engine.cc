@@ -114,7 +114,7 @@ TEST(FaultEngine, PullRunsInFlightWhenTheRegionFailsStillArrive) {
   const size_t bad = 1000;
   FaultInjection inject;
   inject.fail_demand_offset = bad * kPage;
-  inject.bulk_reply_ms = 100;
+  inject.bulk_reply_ms = 250;  // the four runs answer over a second
   auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage, inject);
   AttachOptions o = testing::on_demand(1);
   o.background_pull = true;
