@@ -118,6 +118,17 @@ TEST_F(Rdma, UnknownRegionIsRejected) {
   EXPECT_EQ(testing::attach_error(uri("rdma", src.server().port(), "unknown"), &what, 1000), Errc::kNotFound) << what;
 }
 
+TEST_F(Rdma, ConnectionsBeyondTheLimitAreRefusedAsBusy) {
+  ServerOptions o = rdma_server();
+  o.max_connections = 1;
+  PatternServer src("one", 1 << 20, kSeed, o);
+  Region first = attach(uri("rdma", src.server().port(), "one"), handlers(1));  // one connection
+  EXPECT_EQ(check_pattern(first.data(), 0, 4096, kSeed), -1);
+  std::string what;
+  EXPECT_EQ(testing::attach_error(uri("rdma", src.server().port(), "one"), &what, 1000), Errc::kBusy) << what;
+  EXPECT_NE(what.find("all its connections in use"), std::string::npos) << what;
+}
+
 TEST_F(Rdma, NothingListening) {
   uint16_t port;
   {

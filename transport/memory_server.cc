@@ -34,7 +34,7 @@ MemoryServer::MemoryServer(const ServerOptions& options)
     return;
   }
   try {
-    rdma_ = std::make_unique<rdma::RdmaServer>(options.bind_address, tcp_->port());
+    rdma_ = std::make_unique<rdma::RdmaServer>(options.bind_address, tcp_->port(), options.max_connections);
   } catch (const std::exception& e) {
     if (options.rdma == RdmaServing::kOn) throw;
     spdlog::warn("server: not serving RDMA: {}", e.what());

@@ -22,6 +22,7 @@ std::string_view to_string(Errc code) {
     case Errc::kInvalidArgument: return "invalid argument";
     case Errc::kCancelled: return "cancelled";
     case Errc::kNoMemory: return "no memory";
+    case Errc::kBusy: return "the server has all its connections in use";
   }
   return "unknown error";
 }

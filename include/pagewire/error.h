@@ -24,6 +24,7 @@ enum class Errc : uint32_t {
   kInvalidArgument = 10,
   kCancelled = 11,      // the region is being torn down
   kNoMemory = 12,       // memory the region needs (2 MiB huge pages) is not reserved
+  kBusy = 13,           // the server has all its connections in use
 };
 
 std::string_view to_string(Errc code);

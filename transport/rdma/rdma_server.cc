@@ -13,7 +13,8 @@
 
 namespace pagewire::rdma {
 
-RdmaServer::RdmaServer(const std::string& bind_address, uint16_t port) {
+RdmaServer::RdmaServer(const std::string& bind_address, uint16_t port, unsigned max_connections)
+    : max_connections_(max_connections) {
   if (!have_device()) throw Error(Errc::kConnectFailed, "no RDMA device");
   events_ = make_event_channel();
   rdma_cm_id* raw = nullptr;
@@ -116,6 +117,10 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   if (!well_formed) {
     spdlog::warn("server: RDMA connect request without a pagewire hello; rejected");
     return refuse(Errc::kProtocol);
+  }
+  if (active_.load() >= max_connections_) {
+    spdlog::warn("server: refusing an RDMA peer: {} connections open already", max_connections_);
+    return refuse(Errc::kBusy);
   }
   const std::string name(hello.name, hello.name_length);
   const ExportedRegion* region = nullptr;

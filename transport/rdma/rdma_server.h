@@ -27,7 +27,9 @@ class RdmaServer {
  public:
   // Listens on bind_address:port in the RDMA port space; throws when no
   // RDMA device can listen there.
-  RdmaServer(const std::string& bind_address, uint16_t port);
+  // At most `max_connections` destinations at once; more are rejected
+  // with Errc::kBusy.
+  RdmaServer(const std::string& bind_address, uint16_t port, unsigned max_connections);
   RdmaServer(const RdmaServer&) = delete;
   RdmaServer& operator=(const RdmaServer&) = delete;
   ~RdmaServer();
@@ -70,6 +72,7 @@ class RdmaServer {
   std::map<rdma_cm_id*, Peer> peers_;  // event thread only
   std::atomic<uint64_t> accepted_{0};
   std::atomic<uint64_t> active_{0};
+  unsigned max_connections_;
   bool stopped_ = false;
   std::thread thread_;  // last: starts once the rest exists
 };
