@@ -4,7 +4,8 @@
 // prints "MISS every byte verified"); here a suite must finish and report
 // what does not depend on timing. Timed bars are not judged in tests: exit
 // status 1 (a bar missed on this machine) is accepted, an error or a
-// signal is not. These tests hold ctest's huge_pages lock.
+// signal is not. The Bench tests hold ctest's huge_pages lock. Beside them,
+// the command line's refusals of bad input.
 #include <sys/wait.h>
 
 #include <cstdio>

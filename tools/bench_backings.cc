@@ -227,19 +227,18 @@ int run_backings_bench(const BenchConfig& c) {
                                       {"shared_p50_ns", median(shared_p50)}, {"ratio", ratio}});
   }
   if (source) pin_process(source->pid(), -1);
-  const Stats& anon_stats = pair.anon_stats;
-  const Stats& shared_stats = pair.shared_stats;
   auto copied_per_fault = [](const Stats& s) {
     return s.faults == 0 ? 0.0 : static_cast<double>(s.bytes_copied) / static_cast<double>(s.faults);
   };
   std::printf("   bytes copied out of staging per fault: anonymous %.0f, shared %.0f (%llu pages mapped in place)\n",
-              copied_per_fault(anon_stats), copied_per_fault(shared_stats),
-              static_cast<unsigned long long>(shared_stats.pages_continued));
+              copied_per_fault(pair.anon_stats), copied_per_fault(pair.shared_stats),
+              static_cast<unsigned long long>(pair.shared_stats.pages_continued));
   for (size_t i = 0; i < ratios.size(); ++i) {
     check(ratios[i] <= 1.0, "shared-memory fault p50 no worse than anonymous + UFFDIO_COPY (" +
                                 placements(c.placement)[i].name + ")");
   }
-  check(shared_stats.bytes_copied == 0 && anon_stats.bytes_copied > 0, "shared memory copies nothing out of staging");
+  check(pair.shared_stats.bytes_copied == 0 && pair.anon_stats.bytes_copied > 0,
+        "shared memory copies nothing out of staging");
 
   // 2. 2 MiB faults against the raw 2 MiB read.
   const HugePageCount huge = huge_pages_2m();
