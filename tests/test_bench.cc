@@ -57,6 +57,7 @@ TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
   const Case cases[] = {
       {"serve --port 0 --rdma off --pattern a=-1", "'-1' is not a size"},
       {"serve --port 0 --rdma off --pattern a=1MMB", "unknown size unit 'MMB'"},
+      {"serve --port 0 --rdma off --pattern a=1BB", "unknown size unit 'BB'"},
       {"serve --port 0 --rdma off --pattern a=1M:12xyz", "'12xyz' is not a seed"},
       {"serve --port 0 --rdma off --pattern a/b=1M", "region name has a '/'"},
       {"attach --verify abc tcp://127.0.0.1:1/x", "'abc' is not a seed"},

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <stdexcept>
+#include <string_view>
 
 namespace pagewire::cli {
 
@@ -28,8 +29,8 @@ uint64_t parse_size(const std::string& text) {
   std::string unit = text.substr(pos);
   for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   // K, M, G or T, alone or followed by B or iB (KiB, KB); or nothing.
-  if (unit.size() == 3 && unit.ends_with("IB")) unit = unit.substr(0, 1);
-  else if (unit.size() == 2 && unit.ends_with("B")) unit = unit.substr(0, 1);
+  const bool prefixed = !unit.empty() && std::string_view("KMGT").find(unit[0]) != std::string_view::npos;
+  if (prefixed && (unit.substr(1) == "IB" || unit.substr(1) == "B")) unit = unit.substr(0, 1);
   uint64_t mult = 1;
   if (unit.empty() || unit == "B") mult = 1;
   else if (unit == "K") mult = 1ull << 10;
