@@ -182,6 +182,28 @@ TEST(Failures, ReadOutsideTheRegionIsRefusedByTheChannel) {
   EXPECT_EQ(src.server().stats().reads_refused, 0u);  // never sent
 }
 
+TEST(Failures, ConnectionsBeyondTheLimitAreToldTheServerIsBusy) {
+  ServerOptions o;
+  o.port = 0;
+  o.rdma = RdmaServing::kOff;
+  o.max_connections = 1;
+  PatternServer src("one", 1 << 20, kSeed, o);
+  wire::HelloReply reply{};
+  UniqueFd held = raw_attach(src.server().port(), "one", &reply);  // the one connection
+  ASSERT_EQ(reply.status, 0u);
+  std::string what;
+  EXPECT_EQ(testing::attach_error(src.uri(), &what, 1000), Errc::kBusy) << what;
+  EXPECT_NE(what.find("all its connections in use"), std::string::npos) << what;
+  // Once the connection is given back, the next one gets in.
+  held.reset();
+  for (int i = 0; i < 100 && src.server().stats().connections_active != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  held = raw_attach(src.server().port(), "one", &reply);
+  EXPECT_EQ(reply.status, 0u);
+  EXPECT_EQ(reply.length, 1u << 20);
+}
+
 TEST(Failures, ConnectTriesEveryAddressTheHostResolvesTo) {
   // "localhost" may resolve to ::1 first and 127.0.0.1 after, and a
   // server on 0.0.0.0 listens on the second only.

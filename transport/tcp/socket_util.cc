@@ -145,13 +145,18 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   }
   set_io_timeout(fd, timeout_ms);
   wire::Hello hello{wire::kHelloMagic, wire::kVersion, static_cast<uint8_t>(name.size()), flags};
-  if (!send_all(fd, &hello, sizeof hello) || !send_all(fd, name.data(), name.size())) {
-    throw Error(Errc::kConnectFailed, "sending hello to " + peer + ": " + std::strerror(errno));
-  }
+  const bool sent = send_all(fd, &hello, sizeof hello) && send_all(fd, name.data(), name.size());
+  const int send_errno = errno;
   wire::HelloReply reply{};
-  if (!recv_all(fd, &reply, sizeof reply)) {
+  const bool replied = recv_all(fd, &reply, sizeof reply);
+  if (!sent && (!replied || reply.magic != wire::kHelloMagic || reply.status == 0)) {
+    // A server that refused at once (all connections in use) may have
+    // closed before the hello arrived; its reply, if any, says why.
+    throw Error(Errc::kConnectFailed, "sending hello to " + peer + ": " + std::strerror(send_errno));
+  }
+  if (!replied) {
     throw Error(Errc::kProtocol, "no hello reply from " + peer +
-                                     " (is it a pagewire server? one with all its connections in use hangs up at once)");
+                                     " (is it a pagewire server, and does it have a connection free?)");
   }
   if (reply.magic != wire::kHelloMagic) {
     throw Error(Errc::kProtocol, peer + " does not speak the pagewire protocol");

@@ -70,6 +70,20 @@ void close_gracefully(int fd) {
   }
 }
 
+// Tells a destination the server is full, without stalling the accept
+// thread: the reply fits any socket buffer, and the hello is read only if it
+// is there already. Reading it first means the close is a FIN, so the reply
+// is not lost to a reset; if the hello comes later, the destination may see
+// a reset instead, and its error names a full server as one cause.
+void refuse_busy(int fd) {
+  wire::HelloReply busy{wire::kHelloMagic, static_cast<uint32_t>(Errc::kBusy), 0, 0, 0, 0, wire::kVersion};
+  (void)::send(fd, &busy, sizeof busy, MSG_DONTWAIT | MSG_NOSIGNAL);
+  ::shutdown(fd, SHUT_WR);
+  char sink[512];
+  for (int i = 0; i < 4 && ::recv(fd, sink, sizeof sink, MSG_DONTWAIT) > 0; ++i) {
+  }
+}
+
 }  // namespace
 
 TcpServer::TcpServer(const ServerOptions& options) : options_(options) {
@@ -203,6 +217,7 @@ void TcpServer::accept_loop() {
     std::lock_guard lock(mu_);
     if (active_.load() >= options_.max_connections) {
       spdlog::warn("server: refusing {}: {} connections open already", peer, options_.max_connections);
+      refuse_busy(fd.get());
       continue;
     }
     ++active_;
