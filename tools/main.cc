@@ -67,8 +67,10 @@ int cmd_attach(const std::string& uri, const WorkloadConfig& w, const AttachOpti
   }
   if (w.verify) {
     if (res.wrong_pages != 0) {
-      std::printf("VERIFY FAILED: %llu pages differ from the pattern (first at offset %lld)\n",
-                  static_cast<unsigned long long>(res.wrong_pages), static_cast<long long>(res.first_wrong_offset));
+      std::printf("VERIFY FAILED: %llu pages differ from the pattern of seed 0x%llx (first found at offset %lld)%s\n",
+                  static_cast<unsigned long long>(res.wrong_pages), static_cast<unsigned long long>(w.seed),
+                  static_cast<long long>(res.first_wrong_offset),
+                  res.wrong_pages == res.pages ? "; every page differs: was it served with this seed?" : "");
       return 1;
     }
     std::printf("verified: every byte of %s matches the source pattern\n", format_bytes(r.size()).c_str());
@@ -144,7 +146,7 @@ int main(int argc, char** argv) {
   serve->add_option("--bind", bind, "address to listen on")->capture_default_str();
   serve->add_option("--port", port, "TCP port (0 picks a free one)")->capture_default_str();
   serve->add_option("--file", files, "export a file read-only: NAME=PATH (repeatable)");
-  serve->add_option("--pattern", patterns, "export patterned memory: NAME=SIZE[:SEED] (repeatable)");
+  serve->add_option("--pattern", patterns, "export patterned memory: NAME=SIZE[:SEED], seed 0x5eed unless given (repeatable)");
   serve->add_option("--ready-fd", ready_fd, "write the port to this descriptor once listening");
   std::string rdma_mode = "auto";
   serve->add_option("--rdma", rdma_mode, "serve RDMA destinations too: auto (when a device exists), on, off")
@@ -164,7 +166,7 @@ int main(int argc, char** argv) {
   att->add_option("--stride", stride, "pages between touches for strided access")->capture_default_str();
   att->add_option("--threads", threads, "touching threads")->capture_default_str();
   att->add_option("--handlers", handlers, "fault handler threads (0: one per CPU, at most 4)")->capture_default_str();
-  att->add_option("--verify", verify_seed, "check every byte against the pattern with this seed (serve --pattern)");
+  att->add_option("--verify", verify_seed, "check every byte against the pattern of this seed (serve --pattern: 0x5eed unless given)");
   att->add_option("--json", json, "write the stats as JSON to this file");
   bool pull = false;
   bool no_prefetch = false;
@@ -229,7 +231,7 @@ int main(int argc, char** argv) {
   try {
     if (serve->parsed()) {
       std::vector<PatternSpec> specs;
-      for (const auto& p : patterns) specs.push_back(parse_pattern_spec(p, 0x5eed));
+      for (const auto& p : patterns) specs.push_back(parse_pattern_spec(p, kDefaultSeed));
       if (specs.empty() && files.empty()) throw std::invalid_argument("nothing to serve: give --file or --pattern");
       if (ready_fd < 0) spdlog::set_level(std::min(spdlog::get_level(), spdlog::level::info));
       return serve_forever(bind, port, rdma_mode, files, specs, ready_fd, ready_fd >= 0);
