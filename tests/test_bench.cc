@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <functional>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -17,6 +18,8 @@
 namespace pagewire {
 namespace {
 
+using testing::ChildServer;
+using testing::kSeed;
 using testing::reserve_huge_pages;
 
 struct CliRun {
@@ -24,7 +27,9 @@ struct CliRun {
   std::string out;  // stdout and stderr together
 };
 
-CliRun run_cli(const std::string& args) {
+// Runs the command line; on_line, if given, sees each line as it comes
+// (log lines come at once; printed ones when the command exits).
+CliRun run_cli(const std::string& args, const std::function<void(const std::string&)>& on_line = {}) {
   const std::string cmd = std::string(PAGEWIRE_CLI) + " " + args + " 2>&1";
   CliRun r;
   FILE* p = ::popen(cmd.c_str(), "r");
@@ -33,8 +38,10 @@ CliRun run_cli(const std::string& args) {
     return r;
   }
   char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  while (std::fgets(buf, sizeof buf, p) != nullptr) {
+    r.out += buf;
+    if (on_line) on_line(buf);
+  }
   const int st = ::pclose(p);
   if (st == -1) {
     r.out += "\npclose failed";
@@ -69,6 +76,29 @@ TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
     EXPECT_LT(r.status, 128) << c.args << ": killed by a signal\n" << r.out;
     EXPECT_TRUE(has(r.out, c.says)) << c.args << " should say \"" << c.says << "\"; it said:\n" << r.out;
   }
+}
+
+TEST(Cli, AttachToASourceThatDiesSaysSoAndServedNoWrongPage) {
+  ChildServer source({"--pattern", "victim=256M:" + std::to_string(kSeed)});
+  const std::string uri = "tcp://127.0.0.1:" + std::to_string(source.port()) + "/victim";
+  bool killed = false;
+  const std::string args = "--log-level info attach --verify " + std::to_string(kSeed) + " " + uri;
+  const CliRun r = run_cli(args, [&](const std::string& line) {
+    // The engine is up: the source dies while pages are still coming.
+    if (!killed && has(line, "attach: 'victim'")) {
+      source.kill_now();
+      killed = true;
+    }
+  });
+  ASSERT_TRUE(killed) << r.out;
+  // An exit with the reason, not a death by SIGBUS in a touching thread.
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_TRUE(has(r.out, "FAILED: page ")) << r.out;
+  EXPECT_TRUE(has(r.out, "could not be fetched")) << r.out;
+  EXPECT_TRUE(has(r.out, "touching threads stopped at a page that could not be fetched")) << r.out;
+  // Every page the threads did read was the source's.
+  EXPECT_TRUE(has(r.out, "pages touched before, every one verified")) << r.out;
+  EXPECT_FALSE(has(r.out, "VERIFY FAILED")) << r.out;
 }
 
 TEST(Bench, BackingsSuiteRunsBothPartsAndSharedMemoryCopiesNothing) {

@@ -13,6 +13,7 @@
 
 #include "pagewire/pagewire.h"
 #include "runtime/unique_fd.h"
+#include "tools/signals.h"
 
 namespace pagewire::testing {
 
@@ -43,9 +44,7 @@ struct BackingMode {
   }
 };
 
-// Runs fn on this thread; returns the signal (SIGBUS, SIGSEGV) that cut it
-// short, or 0 when it ran to the end.
-int run_catching_signals(const std::function<void()>& fn);
+using cli::run_catching_signals;
 
 // Reads one byte of each page through a volatile pointer: a real first touch.
 inline uint8_t touch(const std::byte* p) { return static_cast<uint8_t>(*reinterpret_cast<const volatile std::byte*>(p)); }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
 #include <random>
@@ -50,11 +51,20 @@ WorkloadConfig touch_config(const BenchConfig& c, const Placement& pl, const std
   return w;
 }
 
+// A bench run whose touches were cut short by a refused page measured
+// nothing: stop with the region's reason.
+void require_every_touch(const WorkloadResult& res, const Region& r, const char* what) {
+  if (res.stopped_by_signal == 0) return;
+  throw std::runtime_error(std::string(what) + ": a touching thread was stopped by " +
+                           strsignal(res.stopped_by_signal) + ": " + (r.failed() ? r.error() : "no reason given"));
+}
+
 // Floor (a): a userfaultfd fault served from memory in this process by the
 // same engine and threads, with no network.
 LatencySummary floor_local_fault(const BenchConfig& c, const Placement& pl, const Mapping& source) {
   Region r = attach(std::make_unique<LocalTransport>(source.data(), source.size(), 4096), demand_options(c, pl));
   WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), touch_config(c, pl, "floor a"));
+  require_every_touch(res, r, "floor a");
   if (res.wrong_pages != 0) throw std::runtime_error("floor a read wrong data");
   return summarize_samples(res.latencies_ns);
 }
@@ -154,6 +164,7 @@ int run_bench(const BenchConfig& c) {
 
     Region r = attach(uri, demand_options(cc, pl));
     WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), touch_config(cc, pl, "faults"));
+    require_every_touch(res, r, "faults");
     if (!c.plot_path.empty()) cdfs.push_back({"fault, " + pl.name, cdf_points(res.latencies_ns)});
     const LatencySummary f = summarize_samples(res.latencies_ns);
     const Stats s = r.stats();
@@ -236,6 +247,7 @@ int run_scaling_bench(const BenchConfig& c) {
       w.threads = t;
       w.seed = c.seed;
       const WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
+      require_every_touch(res, r, "throughput");
       const double rate = static_cast<double>(res.pages) / res.seconds;
       ok = ok && res.wrong_pages == 0;
       std::printf("%12.0f", rate);

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -61,21 +62,27 @@ int cmd_attach(const std::string& uri, const WorkloadConfig& w, const AttachOpti
   if (!json.empty()) {
     std::ofstream(json) << stats_to_json(s) << "\n";
   }
-  if (r.failed()) {
-    std::printf("FAILED: %s\n", r.error().c_str());
-    return 1;
+  int status = 0;
+  if (w.verify && res.wrong_pages != 0) {
+    std::printf("VERIFY FAILED: %llu pages differ from the pattern of seed 0x%llx (first found at offset %lld)%s\n",
+                static_cast<unsigned long long>(res.wrong_pages), static_cast<unsigned long long>(w.seed),
+                static_cast<long long>(res.first_wrong_offset),
+                res.wrong_pages == res.pages ? "; every page differs: was it served with this seed?" : "");
+    status = 1;
   }
-  if (w.verify) {
-    if (res.wrong_pages != 0) {
-      std::printf("VERIFY FAILED: %llu pages differ from the pattern of seed 0x%llx (first found at offset %lld)%s\n",
-                  static_cast<unsigned long long>(res.wrong_pages), static_cast<unsigned long long>(w.seed),
-                  static_cast<long long>(res.first_wrong_offset),
-                  res.wrong_pages == res.pages ? "; every page differs: was it served with this seed?" : "");
-      return 1;
+  if (r.failed() || res.stopped_by_signal != 0) {
+    std::printf("FAILED: %s\n", r.failed() ? r.error().c_str() : "a touching thread was stopped by a signal");
+    if (res.stopped_by_signal != 0) {
+      std::printf("touching threads stopped at a page that could not be fetched (%s); %llu pages touched before%s\n",
+                  strsignal(res.stopped_by_signal), static_cast<unsigned long long>(res.pages),
+                  w.verify && res.wrong_pages == 0 ? ", every one verified" : "");
     }
+    status = 1;
+  }
+  if (status == 0 && w.verify) {
     std::printf("verified: every byte of %s matches the source pattern\n", format_bytes(r.size()).c_str());
   }
-  return 0;
+  return status;
 }
 
 int cmd_demo(uint64_t size, unsigned threads, unsigned handlers) {

@@ -11,6 +11,7 @@
 
 #include "tools/cli_util.h"
 #include "tools/pattern.h"
+#include "tools/signals.h"
 
 namespace pagewire::cli {
 
@@ -76,31 +77,40 @@ WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_si
   std::atomic<uint64_t> wrong{0};
   std::atomic<int64_t> first_wrong{-1};
   std::atomic<unsigned> running{threads};
+  std::atomic<int> stopped_by{0};
+  // One thread's touches. It holds nothing with a destructor where it
+  // touches, so a refused page's signal can cut it short anywhere.
+  auto touch_plan = [&](unsigned t) {
+    auto& mine = lat[t];
+    for (size_t p : plans[t]) {
+      const uint64_t off = uint64_t{p} * page_size;
+      const auto* addr = reinterpret_cast<const volatile std::byte*>(base + off);
+      const auto t0 = std::chrono::steady_clock::now();
+      (void)*addr;  // the first touch: a fault on a missing page
+      const auto t1 = std::chrono::steady_clock::now();
+      mine.push_back(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
+      if (c.verify) {
+        const size_t len = std::min<size_t>(page_size, size - off);
+        const int64_t bad = check_pattern(base + off, off, len, c.seed);
+        if (bad >= 0) {
+          ++wrong;
+          int64_t expected = -1;
+          first_wrong.compare_exchange_strong(expected, bad);
+        }
+      }
+      done.fetch_add(1, std::memory_order_relaxed);
+    }
+  };
   const double start = now_seconds();
   std::vector<std::thread> ts;
   for (unsigned t = 0; t < threads; ++t) {
     ts.emplace_back([&, t] {
       pin_this_thread(c.cpu);
-      auto& mine = lat[t];
-      mine.reserve(plans[t].size());
-      for (size_t p : plans[t]) {
-        const uint64_t off = uint64_t{p} * page_size;
-        const auto* addr = reinterpret_cast<const volatile std::byte*>(base + off);
-        const auto t0 = std::chrono::steady_clock::now();
-        (void)*addr;  // the first touch: a fault on a missing page
-        const auto t1 = std::chrono::steady_clock::now();
-        mine.push_back(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
-        if (c.verify) {
-          const size_t len = std::min<size_t>(page_size, size - off);
-          const int64_t bad = check_pattern(base + off, off, len, c.seed);
-          if (bad >= 0) {
-            ++wrong;
-            int64_t expected = -1;
-            first_wrong.compare_exchange_strong(expected, bad);
-          }
-        }
-        done.fetch_add(1, std::memory_order_relaxed);
-      }
+      lat[t].reserve(plans[t].size());
+      // A page pagewire could not fetch (the source died, say) stops this
+      // thread with SIGBUS or SIGSEGV; the others go on while they can.
+      const int sig = run_catching_signals([&] { touch_plan(t); });
+      if (sig != 0) stopped_by.store(sig);
       --running;
     });
   }
@@ -117,6 +127,7 @@ WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_si
   for (auto& v : lat) result.latencies_ns.insert(result.latencies_ns.end(), v.begin(), v.end());
   result.pages = done.load();
   result.wrong_pages = wrong.load();
+  result.stopped_by_signal = stopped_by.load();
   result.first_wrong_offset = first_wrong.load();
   return result;
 }

@@ -30,6 +30,7 @@ struct WorkloadResult {
   uint64_t pages = 0;
   uint64_t wrong_pages = 0;
   int64_t first_wrong_offset = -1;
+  int stopped_by_signal = 0;  // a touching thread was stopped (a page refused)
   double seconds = 0;
 };
 
