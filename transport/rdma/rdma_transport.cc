@@ -218,7 +218,8 @@ std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {
   d.key = c.reply.rkey;
   d.remote_addr = c.reply.remote_addr;
   if (!mrs_) mrs_ = std::make_shared<MrCache>(pd_.get());
-  return std::make_unique<RdmaChannel>(std::move(c), mrs_, d, options_);
+  // Channels go before their transport, so the connector may hold it.
+  return std::make_unique<RdmaChannel>(std::move(c), [this] { return connect_one(); }, mrs_, d, options_);
 }
 
 std::shared_ptr<ibv_mr> MrCache::get(std::byte* base, size_t length) {
@@ -238,17 +239,30 @@ std::shared_ptr<ibv_mr> MrCache::get(std::byte* base, size_t length) {
   return owned;
 }
 
-RdmaChannel::RdmaChannel(Connection conn, std::shared_ptr<MrCache> mrs, RegionDescriptor desc,
+RdmaChannel::RdmaChannel(Connection conn, Connector connect, std::shared_ptr<MrCache> mrs, RegionDescriptor desc,
                          TransportOptions options)
-    : cache_(std::move(mrs)), desc_(std::move(desc)), options_(options), conn_(std::move(conn)), fifo_(conn_.depth) {
+    : connect_(std::move(connect)),
+      cache_(std::move(mrs)),
+      desc_(std::move(desc)),
+      options_(options),
+      conn_(std::move(conn)),
+      fifo_(conn_.depth) {
   wrs_.resize(conn_.depth);
   sges_.resize(conn_.depth);
   local_.reserve(conn_.depth);
 }
 
-RdmaChannel::~RdmaChannel() {
+RdmaChannel::~RdmaChannel() { teardown(); }
+
+void RdmaChannel::teardown() {
   if (conn_.id) rdma_disconnect(conn_.id.get());
-  if (unacked_cq_events_ > 0) ibv_ack_cq_events(conn_.cq.get(), unacked_cq_events_);
+  if (unacked_cq_events_ > 0 && conn_.cq) ibv_ack_cq_events(conn_.cq.get(), unacked_cq_events_);
+  unacked_cq_events_ = 0;
+  // The QP first: once it is destroyed no read of it writes our memory.
+  conn_.id.reset();
+  conn_.cq.reset();
+  conn_.comp.reset();
+  conn_.events.reset();
 }
 
 LocalBuffer RdmaChannel::register_buffer(std::byte* base, size_t length) {
@@ -278,76 +292,138 @@ void RdmaChannel::post(std::span<const ReadOp> ops) {
       local_.push_back({op.cookie, dead_ != Errc::kOk ? dead_ : Errc::kInvalidArgument});
       continue;
     }
-    sges_[n] = {reinterpret_cast<uint64_t>(op.dst), op.length, lkey};
-    ibv_send_wr& wr = wrs_[n];
-    wr = {};
-    wr.wr_id = op.cookie;
-    wr.sg_list = &sges_[n];
-    wr.num_sge = 1;
-    wr.opcode = IBV_WR_RDMA_READ;
-    wr.wr.rdma.remote_addr = desc_.remote_addr + op.remote_offset;
-    wr.wr.rdma.rkey = desc_.key;
-    if (n > 0) wrs_[n - 1].next = &wr;
+    fifo_[(fifo_head_ + posted_ + n) % cap] = {op, lkey, false};
     ++n;
   }
   if (n == 0) return;
-  if (posted_ == 0) last_progress_ = std::chrono::steady_clock::now();
+  if (posted_ == 0) last_progress_ = last_completion_ = std::chrono::steady_clock::now();
   for (size_t i = 0; i < n; ++i) {
     // Signal the batch's last read, and one in every kSignalEvery.
     const bool signalled = i + 1 == n || ++unsignalled_ >= kSignalEvery;
-    if (signalled) {
-      wrs_[i].send_flags = IBV_SEND_SIGNALED;
-      unsignalled_ = 0;
-    }
-    fifo_[(fifo_head_ + posted_ + i) % cap] = {wrs_[i].wr_id, signalled};
+    if (signalled) unsignalled_ = 0;
+    fifo_[(fifo_head_ + posted_ + i) % cap].signalled = signalled;
+  }
+  size_t accepted = 0;
+  const int rc = post_fifo(fifo_head_ + posted_, n, &accepted);
+  posted_ += n;
+  if (rc != 0) {
+    // Only a prefix went out, and it may end unsignalled, so its completion
+    // would never come: the queue pair is not to be trusted any more. A new
+    // one takes every read.
+    WaitResult failed;
+    recover(Errc::kIo, std::string("ibv_post_send: ") + std::strerror(rc), failed);
+    local_.insert(local_.end(), failed.completions.begin(), failed.completions.end());
+  }
+}
+
+int RdmaChannel::post_fifo(uint64_t from, size_t n, size_t* accepted) {
+  *accepted = 0;
+  if (n == 0) return 0;
+  const size_t cap = fifo_.size();
+  for (size_t i = 0; i < n; ++i) {
+    const Posted& p = fifo_[(from + i) % cap];
+    sges_[i] = {reinterpret_cast<uint64_t>(p.op.dst), p.op.length, p.lkey};
+    ibv_send_wr& wr = wrs_[i];
+    wr = {};
+    wr.wr_id = p.op.cookie;
+    wr.sg_list = &sges_[i];
+    wr.num_sge = 1;
+    wr.opcode = IBV_WR_RDMA_READ;
+    wr.send_flags = p.signalled ? IBV_SEND_SIGNALED : 0;
+    wr.wr.rdma.remote_addr = desc_.remote_addr + p.op.remote_offset;
+    wr.wr.rdma.rkey = desc_.key;
+    if (i > 0) wrs_[i - 1].next = &wr;
   }
   ibv_send_wr* bad = nullptr;
   const int rc = ibv_post_send(conn_.id->qp, &wrs_[0], &bad);  // one doorbell for the batch
-  if (rc != 0) {
-    // Nothing from `bad` on was posted; what came before was.
-    size_t accepted = 0;
-    for (ibv_send_wr* w = &wrs_[0]; w != bad && w != nullptr; w = w->next) ++accepted;
-    spdlog::error("rdma: ibv_post_send: {}", std::strerror(rc));
-    for (size_t i = accepted; i < n; ++i) local_.push_back({wrs_[i].wr_id, Errc::kIo});
-    // The accepted prefix may end unsignalled, so its completion would
-    // never come: the queue pair is not to be trusted any more.
-    posted_ += accepted;
-    WaitResult failed;
-    fail(Errc::kIo, std::string("ibv_post_send: ") + std::strerror(rc), failed);
-    local_.insert(local_.end(), failed.completions.begin(), failed.completions.end());
-    return;
+  if (rc == 0) {
+    *accepted = n;
+  } else {
+    for (ibv_send_wr* w = &wrs_[0]; w != bad && w != nullptr; w = w->next) ++*accepted;
   }
-  posted_ += n;
+  return rc;
 }
 
 int RdmaChannel::drain_cq(WaitResult& out) {
   ibv_wc wc[32];
   int total = 0;
-  for (;;) {
+  while (dead_ == Errc::kOk) {
     const int n = ibv_poll_cq(conn_.cq.get(), 32, wc);
     if (n < 0) {
-      fail(Errc::kIo, "ibv_poll_cq failed", out);
+      recover(Errc::kIo, "ibv_poll_cq failed", out);
       return total;
     }
     for (int i = 0; i < n; ++i) {
-      if (dead_ != Errc::kOk) continue;  // flushes after a failure
       if (wc[i].status != IBV_WC_SUCCESS) {
-        fail(Errc::kIo, std::string("RDMA READ completed with ") + wc_status(wc[i].status), out);
-        continue;
+        // The rest of wc[] is of the queue pair recover() destroys.
+        recover(Errc::kIo, std::string("RDMA READ completed with ") + wc_status(wc[i].status), out);
+        return total;
       }
       // In-order completion: everything up to this signalled read is done.
       while (posted_ > 0) {
-        const Posted p = fifo_[fifo_head_ % fifo_.size()];
+        const Posted& p = fifo_[fifo_head_ % fifo_.size()];
         ++fifo_head_;
         --posted_;
-        out.completions.push_back({p.cookie, Errc::kOk});
+        out.completions.push_back({p.op.cookie, Errc::kOk});
         ++total;
         if (p.signalled) break;
       }
-      last_progress_ = std::chrono::steady_clock::now();
+      last_progress_ = last_completion_ = std::chrono::steady_clock::now();
     }
     if (n < 32) return total;
   }
+  return total;
+}
+
+void RdmaChannel::recover(Errc why, const std::string& text, WaitResult& out) {
+  if (dead_ != Errc::kOk) return;
+  spdlog::warn("rdma: {} ({} reads outstanding); reconnecting", text, posted_);
+  teardown();
+  const auto now = std::chrono::steady_clock::now();
+  const auto deadline = now + std::chrono::milliseconds(options_.reconnect_timeout_ms);
+  std::string last_why = text;
+  // A source that takes connections but never completes a read would have
+  // us reconnect forever: past one request timeout plus one reconnect
+  // timeout with reads out and none completed, it is dead.
+  const bool stalled = posted_ > 0 && now - last_completion_ > std::chrono::milliseconds(options_.request_timeout_ms +
+                                                                                       options_.reconnect_timeout_ms);
+  if (stalled) last_why = "no read completed since the last reconnect";
+  while (!stalled && std::chrono::steady_clock::now() < deadline) {
+    try {
+      Connection c = connect_();
+      if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size) {
+        last_why = "region '" + desc_.name + "' changed shape";
+        conn_ = std::move(c);
+        teardown();
+        break;  // never read a different region into these pages
+      }
+      conn_ = std::move(c);
+      desc_.key = conn_.reply.rkey;
+      desc_.remote_addr = conn_.reply.remote_addr;
+      if (conn_.depth < posted_) {
+        last_why = "the new queue pair is too small for the reads outstanding";
+        teardown();
+        break;
+      }
+      size_t accepted = 0;
+      if (const int rc = post_fifo(fifo_head_, posted_, &accepted); rc != 0) {
+        last_why = std::string("ibv_post_send on the new queue pair: ") + std::strerror(rc);
+        teardown();
+      } else {
+        ++reconnects_;
+        last_progress_ = std::chrono::steady_clock::now();
+        spdlog::info("rdma: reconnected; posted {} reads again", posted_);
+        return;
+      }
+    } catch (const Error& e) {
+      last_why = e.what();
+      if (e.code() == Errc::kNotFound) break;
+    } catch (const std::exception& e) {
+      last_why = e.what();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  fail(why, text + "; reconnect failed: " + last_why, out);
 }
 
 void RdmaChannel::fail(Errc why, const std::string& text, WaitResult& out) {
@@ -355,7 +431,10 @@ void RdmaChannel::fail(Errc why, const std::string& text, WaitResult& out) {
   dead_ = why;
   dead_text_ = text;
   spdlog::error("rdma: {} ({} reads outstanding); this connection is dead", text, posted_);
-  for (; posted_ > 0; --posted_, ++fifo_head_) out.completions.push_back({fifo_[fifo_head_ % fifo_.size()].cookie, why});
+  teardown();  // no read lands in memory given back as failed
+  for (; posted_ > 0; --posted_, ++fifo_head_) {
+    out.completions.push_back({fifo_[fifo_head_ % fifo_.size()].op.cookie, why});
+  }
 }
 
 void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
@@ -365,7 +444,7 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
     timeout_ms = 0;
   }
   if (drain_cq(out) > 0) timeout_ms = 0;
-  if (timeout_ms != 0 && posted_ > 0) {
+  if (timeout_ms != 0 && posted_ > 0 && dead_ == Errc::kOk) {
     // Arm, then look again: a completion between the two would be missed.
     ibv_req_notify_cq(conn_.cq.get(), 0);
     if (drain_cq(out) > 0) timeout_ms = 0;
@@ -377,11 +456,13 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
     const int left = static_cast<int>(std::max<int64_t>(options_.request_timeout_ms - waited.count(), 0));
     effective = effective < 0 ? left : std::min(effective, left);
   }
+  // A dead channel has no queue pair left: it waits on the watches alone.
+  const bool live = dead_ == Errc::kOk;
   std::vector<pollfd> fds;
   fds.reserve(watches_.size() + 2);
   for (const Watch& w : watches_) fds.push_back({w.paused ? -1 : w.fd, POLLIN, 0});
-  fds.push_back({conn_.comp->fd, POLLIN, 0});
-  fds.push_back({conn_.events->fd, POLLIN, 0});
+  fds.push_back({live ? conn_.comp->fd : -1, POLLIN, 0});
+  fds.push_back({live ? conn_.events->fd : -1, POLLIN, 0});
   const int rc = ::poll(fds.data(), fds.size(), effective);
   if (rc > 0) {
     for (size_t i = 0; i < watches_.size(); ++i) {
@@ -395,23 +476,25 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
         ibv_ack_cq_events(conn_.cq.get(), unacked_cq_events_);
         unacked_cq_events_ = 0;
       }
-      drain_cq(out);
+      drain_cq(out);  // may find the queue pair broken and replace it
     }
-    if (fds.back().revents != 0) {
+    // The cm events of the connection polled, if recovery has not replaced it.
+    if (fds.back().revents != 0 && dead_ == Errc::kOk && conn_.events && conn_.events->fd == fds.back().fd) {
       rdma_cm_event* ev = nullptr;
-      while (rdma_get_cm_event(conn_.events.get(), &ev) == 0) {
+      while (dead_ == Errc::kOk && rdma_get_cm_event(conn_.events.get(), &ev) == 0) {
         const rdma_cm_event_type type = ev->event;
         rdma_ack_cm_event(ev);
         if (type == RDMA_CM_EVENT_DISCONNECTED || type == RDMA_CM_EVENT_DEVICE_REMOVAL) {
           drain_cq(out);  // what completed before the peer left still counts
-          fail(Errc::kClosed, std::string("the source ") + rdma_event_str(type), out);
+          recover(Errc::kClosed, std::string("the source ") + rdma_event_str(type), out);
+          break;
         }
       }
     }
   }
   if (posted_ > 0 && dead_ == Errc::kOk &&
       std::chrono::steady_clock::now() - last_progress_ >= std::chrono::milliseconds(options_.request_timeout_ms)) {
-    fail(Errc::kTimeout, "no RDMA completion within " + std::to_string(options_.request_timeout_ms) + " ms", out);
+    recover(Errc::kTimeout, "no RDMA completion within " + std::to_string(options_.request_timeout_ms) + " ms", out);
   }
   if (dead_ != Errc::kOk) {
     out.channel_error = dead_;

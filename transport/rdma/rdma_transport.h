@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -76,7 +77,11 @@ class RdmaTransport final : public Transport {
 
 class RdmaChannel final : public Channel {
  public:
-  RdmaChannel(Connection conn, std::shared_ptr<MrCache> mrs, RegionDescriptor desc, TransportOptions options);
+  // `connect` makes a new connection to the same source, for the channel to
+  // go on with when its queue pair breaks.
+  using Connector = std::function<Connection()>;
+  RdmaChannel(Connection conn, Connector connect, std::shared_ptr<MrCache> mrs, RegionDescriptor desc,
+              TransportOptions options);
   ~RdmaChannel() override;
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override;
@@ -89,6 +94,7 @@ class RdmaChannel final : public Channel {
   void post(std::span<const ReadOp> ops) override;
   uint32_t outstanding() const override { return static_cast<uint32_t>(posted_ + local_.size()); }
   void wait(WaitResult& out, int timeout_ms) override;
+  uint64_t reconnects() const override { return reconnects_; }
 
   // Every this many unsignalled reads, one is signalled anyway so the send
   // queue is retired before it fills.
@@ -100,15 +106,27 @@ class RdmaChannel final : public Channel {
     uint64_t token;
     bool paused;
   };
+  // A posted read, kept whole so that it can be posted again on a new
+  // queue pair.
   struct Posted {
-    uint64_t cookie;
+    ReadOp op;
+    uint32_t lkey;
     bool signalled;
   };
 
   uint32_t lkey_for(const std::byte* p) const;
   int drain_cq(WaitResult& out);
+  // Posts fifo entries [from, from + n) as one chain; 0 or the errno of
+  // ibv_post_send, with *accepted the reads that went out.
+  int post_fifo(uint64_t from, size_t n, size_t* accepted);
+  // The queue pair broke: destroy it (no read lands after that), connect
+  // again within reconnect_timeout_ms and post every outstanding read anew;
+  // failing that, the channel is dead and they fail with `why`.
+  void recover(Errc why, const std::string& text, WaitResult& out);
+  void teardown();
   void fail(Errc why, const std::string& text, WaitResult& out);
 
+  Connector connect_;
   std::shared_ptr<MrCache> cache_;
   RegionDescriptor desc_;
   TransportOptions options_;
@@ -127,6 +145,10 @@ class RdmaChannel final : public Channel {
   Errc dead_ = Errc::kOk;
   std::string dead_text_;
   std::chrono::steady_clock::time_point last_progress_{};
+  // Moved by a completion, or by reads going out to an idle channel; never
+  // by a reconnect.
+  std::chrono::steady_clock::time_point last_completion_{};
+  uint64_t reconnects_ = 0;
 };
 
 }  // namespace pagewire::rdma
