@@ -286,6 +286,12 @@ TEST(Failures, ExportedNamesMustBeNameableByAUri) {
   server.export_memory(std::string(255, 'x'), mem.data(), mem.size());
 }
 
+TEST(Failures, SourceRestartedOnItsPortLosesNothing) {
+  testing::check_source_restart({"--rdma", "off", "--pattern", "again=64M:" + std::to_string(kSeed)}, "127.0.0.1",
+                                [](uint16_t port) { return "tcp://127.0.0.1:" + std::to_string(port) + "/again"; },
+                                testing::on_demand(2));
+}
+
 TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {
   testing::expect_source_killed_mid_run_is_refused(testing::on_demand(2));
 }

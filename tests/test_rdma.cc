@@ -166,6 +166,12 @@ TEST_F(Rdma, SourceKilledMidRunNoHangNoZeroPage) {
   EXPECT_GE(r.stats().pages_refused, 1u);  // what the signalled threads touched
 }
 
+TEST_F(Rdma, SourceRestartedOnItsPortLosesNothing) {
+  // The new source has new addresses and rkeys; the channels take them.
+  testing::check_source_restart({"--rdma", "on", "--pattern", "again=64M:" + std::to_string(kSeed)}, "0.0.0.0",
+                                [&](uint16_t port) { return uri("rdma", port, "again"); }, handlers(2));
+}
+
 TEST_F(Rdma, DroppedConnectionsReconnectAndLoseNothing) {
   PatternServer src("drop", 32 << 20, kSeed, rdma_server());
   Region r = attach(uri("rdma", src.server().port(), "drop"), handlers(2));

@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
-#include <setjmp.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/eventfd.h>
@@ -161,10 +160,11 @@ PatternServer::PatternServer(const std::string& name, size_t length, uint64_t se
 
 std::string PatternServer::uri() const { return "tcp://127.0.0.1:" + std::to_string(server_->port()) + "/" + name_; }
 
-ChildServer::ChildServer(const std::vector<std::string>& args, const std::string& bind) {
+ChildServer::ChildServer(const std::vector<std::string>& args, const std::string& bind, uint16_t port) {
   int fds[2];
   if (::pipe(fds) != 0) throw std::runtime_error("pipe");
-  std::vector<std::string> argv_s = {PAGEWIRE_CLI, "serve", "--bind", bind, "--port", "0", "--ready-fd", "3"};
+  std::vector<std::string> argv_s = {PAGEWIRE_CLI, "serve", "--bind", bind};
+  argv_s.insert(argv_s.end(), {"--port", std::to_string(port), "--ready-fd", "3"});
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& s : argv_s) argv.push_back(s.data());
@@ -189,6 +189,31 @@ ChildServer::ChildServer(const std::vector<std::string>& args, const std::string
 }
 
 ChildServer::~ChildServer() { kill_now(); }
+
+void check_source_restart(const std::vector<std::string>& serve_args, const std::string& bind,
+                          const std::function<std::string(uint16_t)>& uri_of, AttachOptions o) {
+  auto source = std::make_unique<ChildServer>(serve_args, bind);
+  const uint16_t port = source->port();
+  o.reconnect_timeout_ms = 20000;  // the new source takes a while to start
+  Region r = attach(uri_of(port), o);
+  auto w = std::async(std::launch::async, [&] { return walk_until_stopped(r, 2); });
+  for (int i = 0; i < 2000 && r.stats().pages_fetched < 500; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  source.reset();  // killed with reads in flight
+  source = std::make_unique<ChildServer>(serve_args, bind, port);
+  ASSERT_EQ(w.wait_for(std::chrono::seconds(300)), std::future_status::ready) << "a faulting thread hangs";
+  const Walk res = w.get();
+  EXPECT_EQ(res.wrong, 0u);
+  for (int sig : res.signals) EXPECT_EQ(sig, 0) << "a thread was refused a page";
+  EXPECT_FALSE(r.failed()) << r.error();
+  EXPECT_EQ(r.stats().pages_refused, 0u);
+  EXPECT_GE(r.stats().reconnects, 1u);
+  // Every page arrives, byte for byte, from the source or its successor.
+  int64_t bad = -2;
+  EXPECT_EQ(run_catching_signals([&] { bad = check_pattern(r.data(), 0, r.size(), kSeed); }), 0);
+  EXPECT_EQ(bad, -1);
+}
 
 void ChildServer::kill_now() {
   if (pid_ <= 0) return;

@@ -105,7 +105,9 @@ class PatternServer {
 // `pagewire serve` run as a separate process, so it can be killed.
 class ChildServer {
  public:
-  explicit ChildServer(const std::vector<std::string>& args, const std::string& bind = "127.0.0.1");
+  // port 0 picks a free one; another takes the port a killed source had.
+  explicit ChildServer(const std::vector<std::string>& args, const std::string& bind = "127.0.0.1",
+                       uint16_t port = 0);
   ~ChildServer();
   uint16_t port() const { return port_; }
   void kill_now();  // SIGKILL, and reap
@@ -114,6 +116,12 @@ class ChildServer {
   pid_t pid_ = -1;
   uint16_t port_ = 0;
 };
+
+// A `pagewire serve` child (serve_args) is killed once a few hundred pages
+// have arrived and started again on its port while two threads fault;
+// expects every page to arrive byte for byte, none refused.
+void check_source_restart(const std::vector<std::string>& serve_args, const std::string& bind,
+                          const std::function<std::string(uint16_t)>& uri_of, AttachOptions o);
 
 // A listener that accepts, answers the hello for one region, and then
 // never answers a read: a peer that went silent.
