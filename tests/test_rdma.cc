@@ -190,16 +190,7 @@ TEST_F(Rdma, DroppedConnectionsReconnectAndLoseNothing) {
   ASSERT_EQ(w.wait_for(std::chrono::seconds(300)), std::future_status::ready) << "a faulting thread hangs";
   done.store(true);
   dropper.join();
-  const testing::Walk res = w.get();
-  EXPECT_EQ(res.wrong, 0u);
-  for (int sig : res.signals) EXPECT_EQ(sig, 0) << "a thread was refused a page";
-  EXPECT_FALSE(r.failed()) << r.error();
-  EXPECT_EQ(r.stats().pages_refused, 0u);
-  EXPECT_GE(r.stats().reconnects, 1u);
-  // Every page arrives, byte for byte.
-  int64_t bad = -2;
-  EXPECT_EQ(testing::run_catching_signals([&] { bad = check_pattern(r.data(), 0, r.size(), kSeed); }), 0);
-  EXPECT_EQ(bad, -1);
+  testing::expect_reconnected_losing_nothing(r, w.get());
 }
 
 }  // namespace

@@ -117,6 +117,10 @@ class ChildServer {
   uint16_t port_ = 0;
 };
 
+// After connections were cut while `walk` ran: no wrong page, no refused
+// one, at least one reconnect, and every byte of r right.
+void expect_reconnected_losing_nothing(const Region& r, const Walk& walk);
+
 // A `pagewire serve` child (serve_args) is killed once a few hundred pages
 // have arrived and started again on its port while two threads fault;
 // expects every page to arrive byte for byte, none refused.
