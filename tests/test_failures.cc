@@ -52,6 +52,9 @@ UniqueFd raw_attach(uint16_t port, const std::string& name, wire::HelloReply* re
   EXPECT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
   EXPECT_TRUE(tcp::send_all(fd.get(), name.data(), name.size()));
   EXPECT_TRUE(tcp::recv_all(fd.get(), reply, sizeof *reply));
+  if (reply->status != 0) return fd;
+  uint64_t identity = 0;
+  EXPECT_TRUE(tcp::recv_all(fd.get(), &identity, sizeof identity));
   std::vector<char> zero_map(reply->zero_map_bytes);
   EXPECT_TRUE(tcp::recv_all(fd.get(), zero_map.data(), zero_map.size()));
   return fd;
@@ -286,10 +289,21 @@ TEST(Failures, ExportedNamesMustBeNameableByAUri) {
   server.export_memory(std::string(255, 'x'), mem.data(), mem.size());
 }
 
+std::vector<std::string> serve_pattern(uint64_t seed) {
+  return {"--rdma", "off", "--pattern", "again=64M:" + std::to_string(seed)};
+}
+
+std::string tcp_uri(uint16_t port) { return "tcp://127.0.0.1:" + std::to_string(port) + "/again"; }
+
 TEST(Failures, SourceRestartedOnItsPortLosesNothing) {
-  testing::check_source_restart({"--rdma", "off", "--pattern", "again=64M:" + std::to_string(kSeed)}, "127.0.0.1",
-                                [](uint16_t port) { return "tcp://127.0.0.1:" + std::to_string(port) + "/again"; },
-                                testing::on_demand(2));
+  testing::restart_source(serve_pattern(kSeed), serve_pattern(kSeed), "127.0.0.1", tcp_uri, testing::on_demand(2),
+                          testing::expect_reconnected_losing_nothing);
+}
+
+TEST(Failures, SourceRestartedWithOtherBytesIsNotReadFrom) {
+  // Same name, same size, other contents: a different region.
+  testing::restart_source(serve_pattern(kSeed), serve_pattern(kSeed + 1), "127.0.0.1", tcp_uri,
+                          testing::on_demand(2), testing::expect_refused_as_another_region);
 }
 
 TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {

@@ -166,10 +166,21 @@ TEST_F(Rdma, SourceKilledMidRunNoHangNoZeroPage) {
   EXPECT_GE(r.stats().pages_refused, 1u);  // what the signalled threads touched
 }
 
+std::vector<std::string> serve_pattern(uint64_t seed) {
+  return {"--rdma", "on", "--pattern", "again=64M:" + std::to_string(seed)};
+}
+
 TEST_F(Rdma, SourceRestartedOnItsPortLosesNothing) {
   // The new source has new addresses and rkeys; the channels take them.
-  testing::check_source_restart({"--rdma", "on", "--pattern", "again=64M:" + std::to_string(kSeed)}, "0.0.0.0",
-                                [&](uint16_t port) { return uri("rdma", port, "again"); }, handlers(2));
+  testing::restart_source(serve_pattern(kSeed), serve_pattern(kSeed), "0.0.0.0",
+                          [&](uint16_t port) { return uri("rdma", port, "again"); }, handlers(2),
+                          testing::expect_reconnected_losing_nothing);
+}
+
+TEST_F(Rdma, SourceRestartedWithOtherBytesIsNotReadFrom) {
+  testing::restart_source(serve_pattern(kSeed), serve_pattern(kSeed + 1), "0.0.0.0",
+                          [&](uint16_t port) { return uri("rdma", port, "again"); }, handlers(2),
+                          testing::expect_refused_as_another_region);
 }
 
 TEST_F(Rdma, DroppedConnectionsReconnectAndLoseNothing) {

@@ -2,6 +2,8 @@
 // the whole fault path, checked byte for byte.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -14,6 +16,7 @@
 
 #include "tests/test_util.h"
 #include "tools/pattern.h"
+#include "transport/tcp/socket_util.h"
 
 namespace pagewire {
 namespace {
@@ -106,6 +109,35 @@ TEST(TcpEndToEnd, SparseFourGiBRegionTouchedAtOnePercent) {
   EXPECT_EQ(verify_pages(r, chosen, 2), 0u);
   EXPECT_EQ(r.stats().pages_fetched, chosen.size());
   EXPECT_EQ(r.stats().pages_total, pages);
+}
+
+TEST(TcpEndToEnd, AFileIsTheSameRegionFromAnyServerUntilItChanges) {
+  char path[] = "/tmp/pagewire-file-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  std::vector<std::byte> content(2 * kPage);
+  fill_pattern(content.data(), 0, content.size(), kSeed);
+  ASSERT_EQ(::write(fd, content.data(), content.size()), static_cast<ssize_t>(content.size()));
+  // The identity a destination is told, by a server exporting the file now.
+  auto identity = [&] {
+    MemoryServer server(testing::loopback_tcp());
+    server.export_file("file", path);
+    tcp::Endpoint ep = tcp::resolve("127.0.0.1", server.port());
+    std::string why;
+    UniqueFd c = tcp::connect_to(ep, 2000, &why);
+    EXPECT_TRUE(c) << why;
+    return tcp::handshake(c.get(), "file", 2000, ep.text).identity;
+  };
+  const uint64_t first = identity();
+  EXPECT_NE(first, 0u);
+  EXPECT_EQ(identity(), first);  // a restarted server: the same region
+  // New bytes, and a new modification time with them.
+  const timespec times[2] = {{0, UTIME_OMIT}, {1, 0}};
+  ASSERT_EQ(::pwrite(fd, "x", 1, 0), 1);
+  ASSERT_EQ(::futimens(fd, times), 0);
+  EXPECT_NE(identity(), first);
+  ::close(fd);
+  ::unlink(path);
 }
 
 TEST(TcpEndToEnd, FileBackedRegion) {

@@ -190,8 +190,9 @@ ChildServer::ChildServer(const std::vector<std::string>& args, const std::string
 
 ChildServer::~ChildServer() { kill_now(); }
 
-void check_source_restart(const std::vector<std::string>& serve_args, const std::string& bind,
-                          const std::function<std::string(uint16_t)>& uri_of, AttachOptions o) {
+void restart_source(const std::vector<std::string>& serve_args, const std::vector<std::string>& successor_args,
+                    const std::string& bind, const std::function<std::string(uint16_t)>& uri_of, AttachOptions o,
+                    const std::function<void(const Region&, const Walk&)>& check) {
   auto source = std::make_unique<ChildServer>(serve_args, bind);
   const uint16_t port = source->port();
   o.reconnect_timeout_ms = 20000;  // the new source takes a while to start
@@ -201,9 +202,17 @@ void check_source_restart(const std::vector<std::string>& serve_args, const std:
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   source.reset();  // killed with reads in flight
-  source = std::make_unique<ChildServer>(serve_args, bind, port);
+  source = std::make_unique<ChildServer>(successor_args, bind, port);
   ASSERT_EQ(w.wait_for(std::chrono::seconds(300)), std::future_status::ready) << "a faulting thread hangs";
-  expect_reconnected_losing_nothing(r, w.get());
+  check(r, w.get());
+}
+
+void expect_refused_as_another_region(const Region& r, const Walk& walk) {
+  EXPECT_EQ(walk.wrong, 0u);
+  EXPECT_TRUE(r.failed());
+  EXPECT_NE(r.error().find("other bytes"), std::string::npos) << r.error();
+  EXPECT_EQ(r.stats().reconnects, 0u);
+  for (int sig : walk.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
 }
 
 void expect_reconnected_losing_nothing(const Region& r, const Walk& walk) {
@@ -250,7 +259,9 @@ SilentServer::SilentServer(const std::string& name, uint64_t length) : name_(nam
       std::string n(hello.name_length, '\0');
       if (::recv(fd, n.data(), n.size(), MSG_WAITALL) != static_cast<ssize_t>(n.size())) continue;
       wire::HelloReply reply{wire::kHelloMagic, 0, 7, 4096, length_, 0, 0};
+      const uint64_t identity = 1;
       ::send(fd, &reply, sizeof reply, MSG_NOSIGNAL);
+      ::send(fd, &identity, sizeof identity, MSG_NOSIGNAL);
     }
   });
 }

@@ -121,11 +121,16 @@ class ChildServer {
 // one, at least one reconnect, and every byte of r right.
 void expect_reconnected_losing_nothing(const Region& r, const Walk& walk);
 
+// After the source was restarted with other bytes: nothing wrong was read,
+// the region failed and says why, and the threads were refused.
+void expect_refused_as_another_region(const Region& r, const Walk& walk);
+
 // A `pagewire serve` child (serve_args) is killed once a few hundred pages
-// have arrived and started again on its port while two threads fault;
-// expects every page to arrive byte for byte, none refused.
-void check_source_restart(const std::vector<std::string>& serve_args, const std::string& bind,
-                          const std::function<std::string(uint16_t)>& uri_of, AttachOptions o);
+// have arrived, and another (successor_args) is started on its port, while
+// two threads fault; check then sees the region and what the threads saw.
+void restart_source(const std::vector<std::string>& serve_args, const std::vector<std::string>& successor_args,
+                    const std::string& bind, const std::function<std::string(uint16_t)>& uri_of, AttachOptions o,
+                    const std::function<void(const Region&, const Walk&)>& check);
 
 // A listener that accepts, answers the hello for one region, and then
 // never answers a read: a peer that went silent.

@@ -15,6 +15,11 @@ inline uint64_t pattern_word(uint64_t seed, uint64_t index) {
   return z ^ (z >> 31);
 }
 
+// The export identity of a pattern region: the same for the same bytes.
+inline uint64_t pattern_identity(uint64_t seed, uint64_t size) {
+  return pattern_word(pattern_word(seed, size), ~uint64_t{0}) | 1;  // never 0 (0 asks for a random one)
+}
+
 // Fills [dst, dst+len) with the pattern of region bytes [offset, offset+len).
 void fill_pattern(std::byte* dst, uint64_t offset, size_t len, uint64_t seed);
 // First offset in [offset, offset+len) whose byte differs from the pattern,

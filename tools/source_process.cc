@@ -45,7 +45,10 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
   }
   MemoryServer server(o);
   for (size_t i = 0; i < patterns.size(); ++i) {
-    server.export_memory(patterns[i].name, memory[i].data(), patterns[i].size);
+    // The bytes follow from seed and size: a source restarted with the same
+    // pattern serves the same region, and one with another does not.
+    server.export_memory(patterns[i].name, memory[i].data(), patterns[i].size, 4096,
+                         pattern_identity(patterns[i].seed, patterns[i].size));
   }
   for (const auto& f : files) {
     const size_t eq = f.find('=');

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <random>
 
 #include "pagewire/error.h"
 #include "pagewire/server.h"
@@ -22,6 +23,14 @@ void check_export(const std::string& name, uint32_t page_size) {
   if (page_size < 4096 || (page_size & (page_size - 1)) != 0) {
     throw Error(Errc::kInvalidArgument, "page size must be a power of two of at least 4096");
   }
+}
+
+// One step of splitmix64: mixes v into h.
+uint64_t mix(uint64_t h, uint64_t v) {
+  uint64_t z = h + v + 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
 }
 
 }  // namespace
@@ -61,11 +70,15 @@ void MemoryServer::export_file(const std::string& name, const std::string& path,
   region->base = region->file_mapping.data();
   region->length = length;
   region->page_size = page_size;
+  region->identity = mix(mix(mix(mix(mix(0, st.st_dev), st.st_ino), static_cast<uint64_t>(st.st_size)),
+                             static_cast<uint64_t>(st.st_mtim.tv_sec)),
+                         static_cast<uint64_t>(st.st_mtim.tv_nsec));
   region->zero_map = compute_zero_map(region->base, region->length, page_size);
   add(std::move(region));
 }
 
-void MemoryServer::export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size) {
+void MemoryServer::export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size,
+                                 uint64_t identity) {
   check_export(name, page_size);
   if (base == nullptr || length == 0) throw Error(Errc::kInvalidArgument, "export of empty memory");
   auto region = std::make_unique<ExportedRegion>();
@@ -73,6 +86,8 @@ void MemoryServer::export_memory(const std::string& name, const void* base, size
   region->base = static_cast<const std::byte*>(base);
   region->length = length;
   region->page_size = page_size;
+  while (identity == 0) identity = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
+  region->identity = identity;
   region->zero_map = compute_zero_map(region->base, region->length, page_size);
   add(std::move(region));
 }

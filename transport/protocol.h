@@ -17,7 +17,7 @@ namespace pagewire::wire {
 inline constexpr uint32_t kHelloMagic = 0x50574831;  // "PWH1"
 inline constexpr uint32_t kReadMagic = 0x50575244;   // "PWRD"
 inline constexpr uint32_t kReplyMagic = 0x50575250;  // "PWRP"
-inline constexpr uint16_t kVersion = 2;
+inline constexpr uint16_t kVersion = 3;  // 3: the region identity follows an OK HelloReply
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 
@@ -40,6 +40,8 @@ struct HelloReply {
   uint32_t zero_map_bytes;  // bitmap of all-zero pages that follows, bit = page
   uint32_t server_version;  // with status kProtocol: the version the server speaks
 };
+// With status kOk, a HelloReply is followed by the region's identity (a
+// uint64_t; see MemoryServer::export_memory) and then its zero-page map.
 
 struct ReadRequest {
   uint32_t magic;

@@ -29,6 +29,9 @@ struct RegionDescriptor {
   uint32_t page_size = 4096;
   uint32_t key = 0;          // names the region on its server (the rkey on RDMA)
   uint64_t remote_addr = 0;  // base address for RDMA READ; 0 on TCP
+  // Which bytes these are: a reconnect to a source whose region has
+  // another identity (restarted with other contents) is refused.
+  uint64_t identity = 0;
   ZeroMap zero_map;          // pages known to be all zero; empty when unknown
 };
 

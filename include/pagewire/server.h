@@ -56,11 +56,20 @@ class MemoryServer {
   // device will not register (a memlock limit, say) is served over TCP
   // only, and auto:// destinations fall back to TCP for it.
   //
+  // Every export has an identity, which a destination checks when it
+  // reconnects, so that a source restarted with other bytes under the same
+  // name is refused rather than read into the region.
+  //
   // Exports a file, mapped read-only. The file must not shrink while served.
+  // Its identity is the file's (device, inode, size, mtime): a server
+  // restarted on the same unchanged file serves the same region.
   void export_file(const std::string& name, const std::string& path, uint32_t page_size = 4096);
   // Exports memory the caller owns and keeps alive (and mapped) until stop().
-  void export_memory(const std::string& name, const void* base, size_t length,
-                     uint32_t page_size = 4096);
+  // identity 0 draws a fresh one, so a restarted owner is another region;
+  // give the same nonzero value only for the same bytes (memory filled from
+  // the same image, say).
+  void export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size = 4096,
+                     uint64_t identity = 0);
 
   // The owner changed [offset, offset+length) of an exported region: its
   // zero-page map is recomputed there. Destinations that connect later get

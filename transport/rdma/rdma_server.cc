@@ -99,7 +99,7 @@ void RdmaServer::stop() {
 
 void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   rdma_cm_id* id = ev->id;
-  HelloReply reply{kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0, 0, 0, 0};
+  HelloReply reply{kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0, 0, 0, 0, 0};
   Hello hello{};
   const bool well_formed = ev->param.conn.private_data != nullptr &&
                            ev->param.conn.private_data_len >= sizeof hello &&
@@ -116,6 +116,11 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   };
   if (!well_formed) {
     spdlog::warn("server: RDMA connect request without a pagewire hello; rejected");
+    return refuse(Errc::kProtocol);
+  }
+  if (hello.version != kRdmaVersion) {
+    spdlog::warn("server: RDMA peer speaks protocol version {}, this server {}; rejected", hello.version,
+                 kRdmaVersion);
     return refuse(Errc::kProtocol);
   }
   if (active_.load() >= max_connections_) {
@@ -174,6 +179,7 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   reply.page_size = region->page_size;
   reply.length = region->length;
   reply.remote_addr = reinterpret_cast<uint64_t>(region->base);
+  reply.identity = region->identity;
   rdma_conn_param param{};
   param.private_data = &reply;
   param.private_data_len = sizeof reply;

@@ -74,6 +74,7 @@ RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::
   desc_.page_size = r.page_size;
   desc_.key = r.rkey;
   desc_.remote_addr = r.remote_addr;
+  desc_.identity = r.identity;
   if (r.length == 0 || r.page_size == 0 || (r.page_size & (r.page_size - 1)) != 0) {
     throw Error(Errc::kProtocol, endpoint_.text + " sent an invalid region descriptor");
   }
@@ -185,7 +186,7 @@ Connection RdmaTransport::connect_one() {
 
   Hello hello{};
   hello.magic = kHelloMagic;
-  hello.version = 1;
+  hello.version = kRdmaVersion;
   hello.name_length = static_cast<uint8_t>(name_.size());
   std::memcpy(hello.name, name_.data(), name_.size());
   rdma_conn_param param{};
@@ -211,8 +212,8 @@ Connection RdmaTransport::connect_one() {
 std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {
   Connection c = first_ ? std::move(*first_) : connect_one();
   first_.reset();
-  if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size) {
-    throw Error(Errc::kProtocol, "region '" + name_ + "' changed shape on " + endpoint_.text);
+  if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size || c.reply.identity != desc_.identity) {
+    throw Error(Errc::kProtocol, "region '" + name_ + "' changed on " + endpoint_.text + " while attaching");
   }
   RegionDescriptor d = desc_;
   d.key = c.reply.rkey;
@@ -391,8 +392,11 @@ void RdmaChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   while (!stalled && std::chrono::steady_clock::now() < deadline) {
     try {
       Connection c = connect_();
-      if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size) {
-        last_why = "region '" + desc_.name + "' changed shape";
+      if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size ||
+          c.reply.identity != desc_.identity) {
+        last_why = c.reply.identity != desc_.identity
+                       ? "the source now serves other bytes as '" + desc_.name + "' (it was restarted)"
+                       : "region '" + desc_.name + "' changed shape";
         conn_ = std::move(c);
         teardown();
         break;  // never read a different region into these pages

@@ -50,6 +50,9 @@ using CmId = std::unique_ptr<rdma_cm_id, CmIdDeleter>;
 inline constexpr uint32_t kHelloMagic = 0x50575248;  // "PWRH"
 inline constexpr size_t kMaxRdmaName = 48;
 
+// 2: the reply carries the region identity.
+inline constexpr uint16_t kRdmaVersion = 2;
+
 struct Hello {
   uint32_t magic;
   uint16_t version;
@@ -70,6 +73,7 @@ struct HelloReply {
   uint64_t zero_map_addr;
   uint32_t zero_map_rkey;
   uint32_t zero_map_bytes;
+  uint64_t identity;  // see MemoryServer::export_memory
 };
 static_assert(sizeof(HelloReply) <= 148);
 

@@ -180,6 +180,10 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   if (reply.zero_map_bytes != 0 && reply.zero_map_bytes != (pages + 63) / 64 * 8) {
     throw Error(Errc::kProtocol, "server " + peer + " sent a zero-page map of the wrong size");
   }
+  uint64_t identity = 0;
+  if (!recv_all(fd, &identity, sizeof identity)) {
+    throw Error(Errc::kProtocol, "server " + peer + " cut its hello reply short");
+  }
   ZeroMap zero_map(reply.zero_map_bytes / 8);
   if (!zero_map.empty() && !recv_all(fd, zero_map.data(), reply.zero_map_bytes)) {
     throw Error(Errc::kProtocol, "server " + peer + " cut the zero-page map short");
@@ -191,6 +195,7 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   d.length = reply.length;
   d.page_size = reply.page_size;
   d.key = reply.key;
+  d.identity = identity;
   return d;
 }
 

@@ -295,6 +295,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   }
   reply.zero_map_bytes = static_cast<uint32_t>(zero_map.size() * 8);
   if (!tcp::send_all(fd.get(), &reply, sizeof reply) ||
+      !tcp::send_all(fd.get(), &region->identity, sizeof region->identity) ||
       !tcp::send_all(fd.get(), zero_map.data(), reply.zero_map_bytes)) {
     return finish(false);
   }

@@ -25,6 +25,7 @@ struct ExportedRegion {
   uint64_t length = 0;
   uint32_t page_size = 4096;
   uint32_t key = 0;
+  uint64_t identity = 0;  // see MemoryServer::export_memory
   Mapping file_mapping;  // set for file-backed regions
   // Pages known to be zero. Updated in place under zero_map_mu when the
   // owner reports a change (the RDMA server has it registered for reads).

@@ -100,8 +100,8 @@ std::unique_ptr<Channel> TcpTransport::open_channel(ChannelUse use) {
     fd = connect_to(endpoint_, timeouts_.reconnect_timeout_ms, &why);
     if (!fd) throw Error(Errc::kConnectFailed, why);
     RegionDescriptor d = handshake(fd.get(), desc_.name, timeouts_.reconnect_timeout_ms, endpoint_.text, flags);
-    if (d.length != desc_.length || d.page_size != desc_.page_size) {
-      throw Error(Errc::kProtocol, "region '" + desc_.name + "' changed shape on " + endpoint_.text);
+    if (d.length != desc_.length || d.page_size != desc_.page_size || d.identity != desc_.identity) {
+      throw Error(Errc::kProtocol, "region '" + desc_.name + "' changed on " + endpoint_.text + " while attaching");
     }
   }
   return std::make_unique<TcpChannel>(std::move(fd), endpoint_, desc_, timeouts_, flags);
@@ -472,6 +472,10 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
         if (d.length != desc_.length || d.page_size != desc_.page_size) {
           last_why = "region '" + desc_.name + "' changed shape on " + endpoint_.text;
           break;  // never read a different region into these pages
+        }
+        if (d.identity != desc_.identity) {
+          last_why = endpoint_.text + " now serves other bytes as '" + desc_.name + "' (the source was restarted)";
+          break;
         }
         desc_.key = d.key;
         sock_ = std::move(fd);
