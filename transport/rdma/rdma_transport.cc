@@ -419,10 +419,9 @@ void RdmaChannel::recover(Errc why, const std::string& text, WaitResult& out) {
         spdlog::info("rdma: reconnected; posted {} reads again", posted_);
         return;
       }
-    } catch (const Error& e) {
-      last_why = e.what();
-      if (e.code() == Errc::kNotFound) break;
     } catch (const std::exception& e) {
+      // Not found is tried again too: a restarted source listens a moment
+      // before it exports its regions.
       last_why = e.what();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

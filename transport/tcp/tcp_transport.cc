@@ -489,8 +489,9 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
         arm_recv();
         return;
       } catch (const Error& e) {
+        // Not found is tried again too: a restarted source listens a moment
+        // before it exports its regions.
         last_why = e.what();
-        if (e.code() == Errc::kNotFound) break;
       }
     } else {
       last_why = why_not;
