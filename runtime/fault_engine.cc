@@ -228,6 +228,10 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
     const uint32_t runs = std::clamp<uint32_t>(options_.pull_runs_in_flight, 1, caps.max_outstanding_reads);
     puller_ = make_worker(n, runs, std::max(1u, options_.pull_run_pages / small_per_page), ChannelUse::kBulk);
     puller_->max_parts = std::clamp<uint32_t>(caps.max_outstanding_reads / runs, 1, 32);
+    // Shared memory reads land in the final pages, where a second read of
+    // the same page could land after the application has written to it:
+    // there a fault waits for its pull run.
+    if (!backing_.shared) pulling_ = std::make_unique<std::atomic<bool>[]>(pages_.size());
   }
   for (auto& h : handlers_) {
     Worker* raw = h.get();
@@ -510,7 +514,8 @@ void FaultEngine::read_faults(Worker& w) {
       Metrics::bump(w.metrics.faults);
       const uint64_t at = msg.arg.pagefault.address - reinterpret_cast<uint64_t>(backing_.view.data());
       const size_t page = at / desc_.page_size;
-      if (!take_fault(page)) {
+      const Take take = take_fault(page);
+      if (take == Take::kNothing) {
         Metrics::bump(w.metrics.duplicate_faults);
         continue;
       }
@@ -522,6 +527,12 @@ void FaultEngine::read_faults(Worker& w) {
       // A 2 MiB page is read from its faulting 4 KiB on (the kernel still
       // maps it whole, so the thread waits for all of it).
       const auto fault_part = static_cast<uint32_t>(at % desc_.page_size & ~uint64_t{kSmallPage - 1});
+      if (take == Take::kOvertake) {
+        // Out in a pull run, behind up to pull_runs_in_flight runs on the
+        // bulk connection: read it again on this one, ahead of them.
+        queue_read(w, page, 1, ReadKind::kOvertake, t0, 0, fault_part);
+        continue;
+      }
       queue_read(w, page, 1, ReadKind::kDemand, t0, 0, fault_part);
       // Prefetch must leave a slot for each fault still to handle in this batch.
       if (options_.prefetch) prefetch(w, msg.arg.pagefault.feat.ptid, page, static_cast<uint32_t>(n - i - 1));
@@ -577,6 +588,21 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   live.busy = false;
   --w.in_flight;
   const auto owned = [&](uint32_t i) { return ((s.owned >> i) & 1) != 0; };
+  if (s.kind == ReadKind::kOvertake) {
+    // It owns no page: if it failed, the pull run still installs or
+    // refuses the page (and wakes its threads).
+    if (s.status == Errc::kOk) {
+      finish_overtake(w, w.staging->at(slot), s.first);
+      w.metrics.fault_latency.record(now_ns() - s.start_ns);
+    }
+    w.staging->release(slot);
+    return;
+  }
+  if (pulling_ && s.kind == ReadKind::kPull) {
+    for (uint32_t i = 0; i < s.pages; ++i) {
+      if (owned(i)) pulling_[s.first + i].store(false, std::memory_order_relaxed);
+    }
+  }
   if (s.status != Errc::kOk) {
     w.staging->release(slot);
     for (uint32_t i = 0; i < s.pages; ++i) {
@@ -598,14 +624,17 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   const uint64_t skipped = backing_.shared ? uint64_t{s.pages - installed} * desc_.page_size : 0;
   Metrics::bump(w.metrics.bytes_fetched, len - skipped);
   if (s.kind == ReadKind::kPull) Metrics::bump(w.metrics.pull_runs);
-  uint64_t retries = 0;
-  uint64_t existed = 0;
   // One install per stretch of owned pages (the whole run, normally). A
   // stretch that fails is refused and the others still go in: a page left
   // in flight would park its threads for good.
   bool all_installed = true;
   for_each_stretch(s.owned, s.pages, [&](uint32_t i, uint32_t n) {
+    uint64_t retries = 0;
+    uint64_t existed = 0;
     const int rc = install(w, src + uint64_t{i} * desc_.page_size, s.first + i, n, &retries, &existed);
+    // Counted before publish() wakes the threads (and may complete the region).
+    if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
+    if (existed > 0) Metrics::bump(w.metrics.copy_eexist, existed);
     if (rc == 0) {
       publish(s.first + i, n);
       return;
@@ -622,9 +651,34 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
     }
   });
   w.staging->release(slot);
-  if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
-  if (existed > 0) Metrics::bump(w.metrics.copy_eexist, existed);
   if (s.kind == ReadKind::kDemand && all_installed) w.metrics.fault_latency.record(now_ns() - s.start_ns);
+}
+
+void FaultEngine::finish_overtake(Worker& w, std::byte* src, size_t page) {
+  const uint64_t offset = uint64_t{page} * desc_.page_size;
+  const uint64_t len = std::min<uint64_t>(desc_.page_size, desc_.length - offset);
+  if (len < desc_.page_size) std::memset(src + len, 0, desc_.page_size - len);
+  Metrics::bump(w.metrics.bytes_fetched, len);
+  std::byte* dst = backing_.view.data() + offset;
+  uint64_t retries = 0;
+  uint64_t existed = 0;
+  // The page table still says in flight: the pull run that owns the page
+  // publishes it, finding it here already (EEXIST) and leaving it as the
+  // application may have written it since.
+  const int rc = uffd_.copy(dst, src, desc_.page_size, desc_.page_size, &retries, &existed);
+  if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
+  if (rc != 0) {
+    // The run installs or refuses it, and wakes its threads.
+    spdlog::debug("region '{}': overtaking read of page {}: UFFDIO_COPY: {}", desc_.name, page, std::strerror(rc));
+    return;
+  }
+  if (existed == 0) {
+    Metrics::bump(w.metrics.bytes_copied, desc_.page_size);
+    Metrics::bump(w.metrics.faults_overtaken);
+  } else {
+    Metrics::bump(w.metrics.copy_eexist, existed);  // the pull run got there first
+  }
+  uffd_.wake(dst, desc_.page_size);
 }
 
 void FaultEngine::run_puller(Worker& w) {
@@ -668,6 +722,7 @@ void FaultEngine::run_puller(Worker& w) {
           const bool starts_stretch = i == 0 || ((owned_mask >> (i - 1)) & 1) == 0;
           if (backing_.shared && starts_stretch && stretches == w.max_parts) break;
           if (pages_.get(cursor + i) == PageState::kMissing && pages_.claim(cursor + i)) {
+            if (pulling_) pulling_[cursor + i].store(true, std::memory_order_relaxed);
             owned_mask |= uint64_t{1} << i;
             span = i + 1;
             if (starts_stretch) ++stretches;
@@ -701,13 +756,16 @@ void FaultEngine::run_puller(Worker& w) {
   }
 }
 
-bool FaultEngine::take_fault(size_t page) {
+FaultEngine::Take FaultEngine::take_fault(size_t page) {
   std::byte* addr = backing_.view.data() + page * desc_.page_size;
   for (;;) {
-    if (pages_.claim(page)) return true;
+    if (pages_.claim(page)) return Take::kFetch;
     switch (pages_.get(page)) {
       case PageState::kInFlight:
-        return false;  // its owner wakes this thread too, once it is installed
+        // The first fault on a page out in a pull run overtakes it; any
+        // other is woken by whichever read installs the page.
+        if (pulling_ && pulling_[page].exchange(false, std::memory_order_acq_rel)) return Take::kOvertake;
+        return Take::kNothing;
       case PageState::kPresent:
         if (backing_.shared) {
           // Own the page while looking at it: no other handler may map it
@@ -722,20 +780,20 @@ bool FaultEngine::take_fault(size_t page) {
             uffd_.map_in_place(addr, desc_.page_size, desc_.page_size, &retries, &existed);
             pages_.set(page, PageState::kPresent);
             uffd_.wake(addr, desc_.page_size);
-            return false;
+            return Take::kNothing;
           }
           present_.fetch_sub(1);  // punched out of the memfd: fetch it again
-          return true;
+          return Take::kFetch;
         }
-        if (discarded(page)) return true;
+        if (discarded(page)) return Take::kFetch;
         if (pages_.get(page) == PageState::kPresent) {
           uffd_.wake(addr, desc_.page_size);  // the install raced with the fault
-          return false;
+          return Take::kNothing;
         }
         break;  // reset to missing meanwhile (the completion sweep): look again
       case PageState::kRefused:
         uffd_.refuse(addr, desc_.page_size);  // poisoned or protected already; wakes it into the signal
-        return false;
+        return Take::kNothing;
       case PageState::kMissing:
         break;  // claimed and given back, or reset by the sweep: look again
     }

@@ -54,7 +54,11 @@ class FaultEngine {
   // A thread with its own channel and staging slots: a fault handler or
   // the puller. Each slot holds one read: a run of pages.
   struct Worker;
-  enum class ReadKind : uint8_t { kDemand, kPrefetch, kPull };
+  // kOvertake: a fault's own read of one page that a pull run already has
+  // out, which it installs if it gets there first (it owns no page).
+  enum class ReadKind : uint8_t { kDemand, kPrefetch, kPull, kOvertake };
+  // What a handler does about a fault it read.
+  enum class Take : uint8_t { kFetch, kOvertake, kNothing };
 
   void run_handler(Worker& w);
   void run_puller(Worker& w);
@@ -93,10 +97,15 @@ class FaultEngine {
   // threads parked on them (installs never wake by themselves).
   void publish(size_t first, uint32_t count);
   void refuse_page(Worker& w, size_t page, Errc why, const std::string& text);
-  // Whether the handler that read a fault on `page` now owns the page and
-  // must fetch it; if not, the fault is a duplicate and has been dealt with
-  // (left to the page's owner, woken, or refused).
-  bool take_fault(size_t page);
+  // kFetch: the handler that read a fault on `page` now owns the page and
+  // must fetch it. kOvertake: the page is out in a pull run, which the fault
+  // must not wait behind; the handler reads it again on its own channel.
+  // kNothing: the fault is a duplicate and has been dealt with (left to the
+  // page's owner, woken, or refused).
+  Take take_fault(size_t page);
+  // Installs what an overtaking read brought, unless the pull got there
+  // first, and wakes the faulting threads.
+  void finish_overtake(Worker& w, std::byte* src, size_t page);
   // True when a page the table calls present was discarded by the
   // application; it is then claimed again (IN_FLIGHT) for the caller.
   bool discarded(size_t page);
@@ -113,6 +122,9 @@ class FaultEngine {
   Mapping zero_source_;    // anonymous 2 MiB pages: hugetlb has no UFFDIO_ZEROPAGE
   Userfaultfd uffd_;
   PageTable pages_;
+  // Anonymous memory with a pull: per page, whether a pull run has it out
+  // and no fault has overtaken it yet (the first fault on it clears this).
+  std::unique_ptr<std::atomic<bool>[]> pulling_;
   PrefetchTable streams_;
   UniqueFd stop_fd_;
   std::chrono::steady_clock::time_point started_;

@@ -89,6 +89,7 @@ Stats merge_metrics(std::span<const Metrics* const> parts) {
     s.prefetch_issued += get(m->prefetch_issued);
     s.prefetch_used += get(m->prefetch_used);
     s.prefetch_wasted += get(m->prefetch_wasted);
+    s.faults_overtaken += get(m->faults_overtaken);
     m->fault_latency.merge_into(counts, max_ns, sum_ns);
   }
   s.fault_latency = LatencyHistogram::summarize(counts, max_ns, sum_ns);
@@ -130,7 +131,8 @@ std::string format_stats(const Stats& s) {
          ", transport errors " + std::to_string(s.transport_errors) + ", reconnects " +
          std::to_string(s.reconnects) + ", pages refused " + std::to_string(s.pages_refused) + "\n";
   out += "zero pages " + std::to_string(s.pages_zero) + " (no transfer), pulled " + std::to_string(s.pages_pulled) +
-         " in " + std::to_string(s.pull_runs) + " runs, prefetch issued " + std::to_string(s.prefetch_issued) +
+         " in " + std::to_string(s.pull_runs) + " runs (" + std::to_string(s.faults_overtaken) +
+         " overtaken by faults), prefetch issued " + std::to_string(s.prefetch_issued) +
          " used " + std::to_string(s.prefetch_used) + " wasted " + std::to_string(s.prefetch_wasted) +
          (s.complete ? ", complete (plain memory now)" : "") + "\n";
   out += "installed by copy " + std::to_string(s.bytes_copied >> 20) + " MiB (UFFDIO_COPY from staging), in place " +
@@ -162,6 +164,7 @@ std::string stats_to_json(const Stats& s) {
                       {"pages_continued", s.pages_continued},
                       {"pages_pulled", s.pages_pulled},
                       {"pull_runs", s.pull_runs},
+                      {"faults_overtaken", s.faults_overtaken},
                       {"prefetch_issued", s.prefetch_issued},
                       {"prefetch_used", s.prefetch_used},
                       {"prefetch_wasted", s.prefetch_wasted},

@@ -52,6 +52,7 @@ struct alignas(64) Metrics {
   std::atomic<uint64_t> pages_continued{0};
   std::atomic<uint64_t> pages_pulled{0};
   std::atomic<uint64_t> pull_runs{0};
+  std::atomic<uint64_t> faults_overtaken{0};
   std::atomic<uint64_t> prefetch_issued{0};
   std::atomic<uint64_t> prefetch_used{0};
   std::atomic<uint64_t> prefetch_wasted{0};

@@ -138,6 +138,71 @@ TEST(FaultEngine, PullRunsInFlightWhenTheRegionFailsStillArrive) {
   EXPECT_FALSE(r.progress().complete);
 }
 
+// Attaches a 1 MiB source with the pull taking it as four 64-page runs from
+// a slow source (each answered 400 ms after the one before), and returns
+// once all four are out.
+Region attach_with_slow_pull(Source& src, FaultInjection inject = {}) {
+  inject.bulk_reply_ms = 400;
+  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage, inject);
+  LocalTransport* raw = transport.get();
+  AttachOptions o = testing::on_demand(1);
+  o.background_pull = true;
+  o.pull_run_pages = 64;
+  o.pull_runs_in_flight = 4;
+  Region r = attach(std::move(transport), o);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (raw->reads() < 4 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_GE(raw->reads(), 4u) << "the pull never sent its runs";
+  return r;
+}
+
+TEST(FaultEngine, AFaultOnAPageOutInAPullRunOvertakesIt) {
+  // The fault's page is in the last of four runs out to a slow source: the
+  // handler reads it again on its own connection rather than wait behind
+  // them. The run, landing later, must leave the page as the application
+  // has written it since.
+  Source src(1 << 20);
+  Region r = attach_with_slow_pull(src);
+  const size_t page = 200;  // in the fourth run
+  std::byte* p = r.data() + page * kPage;
+  EXPECT_EQ(check_pattern(p, page * kPage, kPage, kSeed), -1);
+  const Stats s = r.stats();
+  EXPECT_EQ(s.faults_overtaken, 1u);
+  EXPECT_LT(s.pages_pulled, 256u);  // its run was still out
+  p[7] = std::byte{0x5a};
+  ASSERT_TRUE(r.wait_complete(std::chrono::seconds(60))) << r.error();
+  EXPECT_EQ(p[7], std::byte{0x5a}) << "the pull run wrote over the application's write";
+  EXPECT_EQ(check_pattern(r.data(), 0, page * kPage + 7, kSeed), -1);
+  EXPECT_EQ(check_pattern(p + 8, page * kPage + 8, r.size() - page * kPage - 8, kSeed), -1);
+  const Stats done = r.stats();
+  EXPECT_GE(done.copy_eexist, 1u);  // the run found the page there
+  EXPECT_EQ(done.pages_pulled + done.pages_fetched, done.pages_total);
+  EXPECT_EQ(done.pages_refused, 0u);
+}
+
+TEST(FaultEngine, AnOvertakingReadThatFailsLeavesThePageToItsRun) {
+  // The fault's own read fails; the page is still the pull run's, which
+  // installs it and wakes the thread: no refusal, no hang.
+  const size_t page = 200;
+  FaultInjection inject;
+  inject.fail_demand_offset = page * kPage;
+  Source src(1 << 20);
+  Region r = attach_with_slow_pull(src, inject);
+  auto touched = std::async(std::launch::async, [&] {
+    return check_pattern(r.data() + page * kPage, page * kPage, kPage, kSeed);
+  });
+  ASSERT_EQ(touched.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "the fault was never woken";
+  EXPECT_EQ(touched.get(), -1);
+  ASSERT_TRUE(r.wait_complete(std::chrono::seconds(60))) << r.error();
+  EXPECT_FALSE(r.failed());
+  const Stats s = r.stats();
+  EXPECT_EQ(s.faults_overtaken, 0u);
+  EXPECT_EQ(s.pages_refused, 0u);
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+}
+
 TEST(FaultEngine, UnalignedLengthZeroesOnlyPastTheEnd) {
   const size_t len = 3 * kPage + 100;
   Source src(4 * kPage);

@@ -34,6 +34,9 @@ struct Stats {
   uint64_t pages_continued = 0;
   uint64_t pages_pulled = 0;       // fetched by the background pull
   uint64_t pull_runs = 0;          // its reads (one multi-page read and one UFFDIO_COPY each)
+  // Faults on a page out in a pull run that read it again on their own
+  // connection, ahead of the run, and installed it first (anonymous memory).
+  uint64_t faults_overtaken = 0;
   uint64_t prefetch_issued = 0;    // pages fetched ahead of a detected sequential or strided stream
   uint64_t prefetch_used = 0;      // of those, pages the stream then walked over
   uint64_t prefetch_wasted = 0;    // of those, pages past the point where the stream broke off
