@@ -7,8 +7,9 @@
 //      and into fresh memory; with how busy the CPUs were in each, and what
 //      populating that much new memory costs alone;
 //   2. a sequential scan with prefetch against the same scan without;
-//   3. demand-fault p50/p99 while the pull runs against the same with no pull
-//      (and with the puller at nice 19: what the tail gains, the pull loses);
+//   3. demand-fault p50/p99 while the pull runs against the same with no pull,
+//      as the handlers measure it and as the touching threads see it (and
+//      with the puller at nice 19: what the tail gains, the pull loses);
 //   4. a region with half its pages zero: bytes on the wire.
 #include <sys/mman.h>
 
@@ -40,7 +41,8 @@ namespace pagewire::cli {
 namespace {
 
 constexpr uint32_t kPage = 4096;
-constexpr int kRounds = 3;  // interleaved runs of the timed pairs; medians reported
+constexpr int kRounds = 3;
+constexpr uint64_t kFaultedTouchNs = 2000;  // interleaved runs of the timed pairs; medians reported
 
 std::string list(const std::vector<double>& v) {
   std::string out;
@@ -194,6 +196,16 @@ PostcopyRun postcopy(const std::string& uri, const BenchConfig& c, bool pull, bo
   return out;
 }
 
+// The touches that faulted (a touch of a present page takes well under
+// 2 us), as the touching threads timed them.
+LatencySummary faulted_touches(const PostcopyRun& r) {
+  std::vector<uint64_t> v;
+  for (uint64_t ns : r.touch_ns) {
+    if (ns >= kFaultedTouchNs) v.push_back(ns);
+  }
+  return summarize_samples(v);
+}
+
 double scan_seconds(const std::string& uri, const BenchConfig& c, bool prefetch, Stats* stats) {
   AttachOptions o = base_options(c);
   o.prefetch = prefetch;
@@ -306,6 +318,7 @@ int run_postcopy_bench(const BenchConfig& c) {
   //    same pull with the puller at nice 19 (AttachOptions::puller_nice),
   //    which trades the pull's time for the faults' tail on a busy CPU.
   std::vector<double> p99_ratios;
+  std::vector<double> app_ratios;
   std::vector<double> low_ratios;
   std::vector<double> pull_s;
   std::vector<double> low_pull_s;
@@ -325,6 +338,8 @@ int run_postcopy_bench(const BenchConfig& c) {
     wrong += no_pull.wrong + pulling.wrong + low.wrong;
     const auto p99 = [](const PostcopyRun& r) { return static_cast<double>(r.stats.fault_latency.p99_ns); };
     p99_ratios.push_back(p99(pulling) / p99(no_pull));
+    app_ratios.push_back(static_cast<double>(faulted_touches(pulling).p99_ns) /
+                         static_cast<double>(faulted_touches(no_pull).p99_ns));
     low_ratios.push_back(p99(low) / p99(no_pull));
     pull_s.push_back(pulling.seconds);
     low_pull_s.push_back(low.seconds);
@@ -338,15 +353,30 @@ int run_postcopy_bench(const BenchConfig& c) {
               kRounds, p99_ratio, list(p99_ratios).c_str(), a.p50_ns / 1e3, a.p99_ns / 1e3,
               static_cast<unsigned long long>(a.count), b.p50_ns / 1e3, b.p99_ns / 1e3,
               static_cast<unsigned long long>(b.count));
+  const LatencySummary app_a = faulted_touches(no_pull);
+  const LatencySummary app_b = faulted_touches(pulling);
+  std::printf("   seen by the touching threads (touches that faulted, waits on pages out in the pull included): p99 "
+              "ratio %.2f (median; runs:%s); last run: no pull p50 %.1fus p99 %.1fus (n=%llu); while pulling p50 "
+              "%.1fus p99 %.1fus (n=%llu); %llu faults overtook the pull\n",
+              median(app_ratios), list(app_ratios).c_str(), app_a.p50_ns / 1e3, app_a.p99_ns / 1e3,
+              static_cast<unsigned long long>(app_a.count), app_b.p50_ns / 1e3, app_b.p99_ns / 1e3,
+              static_cast<unsigned long long>(app_b.count),
+              static_cast<unsigned long long>(pulling.stats.faults_overtaken));
   std::printf("   with the puller at nice 19 (it yields the CPU to the handlers, and to everything else): p99 ratio "
               "%.2f (median; runs:%s); the pull took %.2f s, against %.2f s at nice 0 (medians)\n",
               median(low_ratios), list(low_ratios).c_str(), median(low_pull_s), median(pull_s));
-  check(p99_ratio <= 2.0, "p99 while pulling <= 2x p99 without");
+  check(p99_ratio <= 2.0 && median(app_ratios) <= 2.0,
+        "p99 while pulling <= 2x p99 without, as the handlers and as the touching threads measure it");
   check(wrong == 0, "every byte verified");
   report["demand_priority"] = {{"no_pull", latency_json(a)},
                                {"pulling", latency_json(b)},
                                {"p99_ratio", p99_ratio},
                                {"p99_ratios", p99_ratios},
+                               {"touch_no_pull", latency_json(app_a)},
+                               {"touch_pulling", latency_json(app_b)},
+                               {"touch_p99_ratio", median(app_ratios)},
+                               {"touch_p99_ratios", app_ratios},
+                               {"faults_overtaken", pulling.stats.faults_overtaken},
                                {"pull_seconds", median(pull_s)},
                                {"puller_nice19_p99_ratio", median(low_ratios)},
                                {"puller_nice19_p99_ratios", low_ratios},
@@ -355,7 +385,7 @@ int run_postcopy_bench(const BenchConfig& c) {
     // Only touches that faulted: with the pull on, most touches find the
     // page present and would hide the faults' own curve.
     auto faulted = [](std::vector<uint64_t> v) {
-      std::erase_if(v, [](uint64_t ns) { return ns < 2000; });
+      std::erase_if(v, [](uint64_t ns) { return ns < kFaultedTouchNs; });
       return v;
     };
     write_plot(c.plot_path, "pagewire postcopy: " + format_bytes(c.size) + " over " + uri,
