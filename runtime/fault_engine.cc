@@ -904,9 +904,21 @@ void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::strin
   record_failure("page " + std::to_string(page) + " could not be fetched: " + std::string(to_string(why)) +
                  (text.empty() ? "" : " (" + text + ")"));
   std::byte* addr = backing_.view.data() + page * desc_.page_size;
-  if (const int rc = uffd_.refuse(addr, desc_.page_size); rc != 0) {
-    spdlog::error("region '{}': refusing page {} failed: {}", desc_.name, page, std::strerror(rc));
+  const int rc = uffd_.refuse(addr, desc_.page_size);
+  if (rc == 0) return;
+  // Without UFFDIO_POISON every refused page is a PROT_NONE mapping of its
+  // own, and past vm.max_map_count mprotect fails (ENOMEM): its waiters
+  // would stay parked for good. The region has failed, so all of it is made
+  // inaccessible instead (whole mappings: no new one is needed) and every
+  // waiter is woken into SIGSEGV. Pages already here go with it.
+  spdlog::error("region '{}': refusing page {} failed: {}; making the whole region inaccessible instead (raise "
+                "vm.max_map_count, or run a kernel with UFFDIO_POISON)",
+                desc_.name, page, std::strerror(rc));
+  if (::mprotect(backing_.view.data(), backing_.view.size(), PROT_NONE) != 0) {
+    spdlog::error("region '{}': mprotect of the whole region failed too: {}", desc_.name, std::strerror(errno));
+    return;
   }
+  uffd_.wake(backing_.view.data(), backing_.view.size());
 }
 
 }  // namespace pagewire
