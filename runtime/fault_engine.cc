@@ -324,6 +324,9 @@ void FaultEngine::mark_present(size_t pages) {
   // One check at a time, and only while the count still stands.
   std::lock_guard check(check_mu_);
   if (complete_.load() || present_.load() != pages_.size()) return;
+  // From here a page taken back for a fetch (discarded, or punched out of
+  // the memfd) waits for this check's outcome: see fetch_again().
+  closing_.store(true);
   const std::vector<bool> held = held_pages();
   if (!held.empty()) {
     size_t gone = 0;
@@ -342,9 +345,18 @@ void FaultEngine::mark_present(size_t pages) {
       uffd_.wake(backing_.view.data() + p * desc_.page_size, desc_.page_size);  // a fault meanwhile looks again
     }
     if (gone > 0) {
+      closing_.store(false);
       spdlog::info("region '{}': {} pages were discarded after they arrived; fetching them again", desc_.name, gone);
       return;
     }
+  }
+  // A page taken back for a fetch since the count was read lowered it
+  // again, and its fetch completes the region when it arrives. Any taken
+  // back after this load finds closing_ set and leaves the page to plain
+  // memory. (Both sides are sequentially consistent: one sees the other.)
+  if (present_.load() != pages_.size()) {
+    closing_.store(false);
+    return;
   }
   // Every page is here: the region becomes plain memory.
   try {
@@ -356,6 +368,7 @@ void FaultEngine::mark_present(size_t pages) {
     std::lock_guard lock(state_mu_);
     complete_.store(true);
   }
+  closing_.store(false);
   state_cv_.notify_all();
   spdlog::info("region '{}': every page present after {:.2f} s; unregistered, plain memory now", desc_.name,
                std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
@@ -783,9 +796,9 @@ FaultEngine::Take FaultEngine::take_fault(size_t page) {
             return Take::kNothing;
           }
           present_.fetch_sub(1);  // punched out of the memfd: fetch it again
-          return Take::kFetch;
+          return fetch_again(page) ? Take::kFetch : Take::kNothing;
         }
-        if (discarded(page)) return Take::kFetch;
+        if (discarded(page)) return fetch_again(page) ? Take::kFetch : Take::kNothing;
         if (pages_.get(page) == PageState::kPresent) {
           uffd_.wake(addr, desc_.page_size);  // the install raced with the fault
           return Take::kNothing;
@@ -893,6 +906,20 @@ bool FaultEngine::discarded(size_t page) {
   if (!pages_.transition(page, PageState::kPresent, PageState::kInFlight)) return false;
   present_.fetch_sub(1);
   return true;
+}
+
+bool FaultEngine::fetch_again(size_t page) {
+  if (!closing_.load()) return true;
+  // A completion check may not have seen this page go: wait for it.
+  { const std::lock_guard check(check_mu_); }
+  if (!complete_.load()) return true;  // it saw, or stopped short: fetch
+  // The region is plain memory now (unregistering woke the fault): the
+  // page was discarded as the region completed, and reads as plain memory
+  // does. A read of it now could only fail to install, or, in shared
+  // memory, land over what the application wrote since.
+  pages_.set(page, PageState::kPresent);
+  present_.fetch_add(1);
+  return false;
 }
 
 void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::string& text) {

@@ -109,6 +109,11 @@ class FaultEngine {
   // True when a page the table calls present was discarded by the
   // application; it is then claimed again (IN_FLIGHT) for the caller.
   bool discarded(size_t page);
+  // For a page just taken back from present (discarded, or punched out of
+  // the memfd) to be fetched again: true, unless a completion check that
+  // could not see it go has made the region plain memory meanwhile; then
+  // the page is given back to plain memory and false returned.
+  bool fetch_again(size_t page);
   void record_failure(const std::string& text);
   void stop_worker_on_exception(Worker& w, const std::exception& e);
   bool zero(size_t page) const { return is_zero_page(desc_.zero_map, page); }
@@ -133,6 +138,7 @@ class FaultEngine {
   std::atomic<bool> failed_{false};
   UniqueFd pagemap_;       // /proc/self/pagemap, for anonymous 4 KiB pages
   std::mutex check_mu_;    // one completion check at a time
+  std::atomic<bool> closing_{false};  // a completion check is deciding
   mutable std::mutex state_mu_;
   mutable std::condition_variable state_cv_;
   std::string error_;
