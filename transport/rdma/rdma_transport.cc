@@ -345,20 +345,19 @@ int RdmaChannel::post_fifo(uint64_t from, size_t n, size_t* accepted) {
   return rc;
 }
 
-int RdmaChannel::drain_cq(WaitResult& out) {
+void RdmaChannel::drain_cq(WaitResult& out) {
   ibv_wc wc[32];
-  int total = 0;
   while (dead_ == Errc::kOk) {
     const int n = ibv_poll_cq(conn_.cq.get(), 32, wc);
     if (n < 0) {
       recover(Errc::kIo, "ibv_poll_cq failed", out);
-      return total;
+      return;
     }
     for (int i = 0; i < n; ++i) {
       if (wc[i].status != IBV_WC_SUCCESS) {
         // The rest of wc[] is of the queue pair recover() destroys.
         recover(Errc::kIo, std::string("RDMA READ completed with ") + wc_status(wc[i].status), out);
-        return total;
+        return;
       }
       // In-order completion: everything up to this signalled read is done.
       while (posted_ > 0) {
@@ -366,14 +365,12 @@ int RdmaChannel::drain_cq(WaitResult& out) {
         ++fifo_head_;
         --posted_;
         out.completions.push_back({p.op.cookie, Errc::kOk});
-        ++total;
         if (p.signalled) break;
       }
       last_progress_ = last_completion_ = std::chrono::steady_clock::now();
     }
-    if (n < 32) return total;
+    if (n < 32) return;
   }
-  return total;
 }
 
 void RdmaChannel::recover(Errc why, const std::string& text, WaitResult& out) {
@@ -441,17 +438,19 @@ void RdmaChannel::fail(Errc why, const std::string& text, WaitResult& out) {
 }
 
 void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
-  if (!local_.empty()) {
-    out.completions.insert(out.completions.end(), local_.begin(), local_.end());
-    local_.clear();
-    timeout_ms = 0;
-  }
-  if (drain_cq(out) > 0) timeout_ms = 0;
-  if (timeout_ms != 0 && posted_ > 0 && dead_ == Errc::kOk) {
+  // Whatever completes here is reported at once, failed reads included: a
+  // reconnect that fails in drain_cq fails every read outstanding, and a
+  // blocking wait after it would sit on them until something else woke it.
+  const size_t had = out.completions.size();
+  out.completions.insert(out.completions.end(), local_.begin(), local_.end());
+  local_.clear();
+  drain_cq(out);
+  if (out.completions.size() == had && timeout_ms != 0 && posted_ > 0 && dead_ == Errc::kOk) {
     // Arm, then look again: a completion between the two would be missed.
     ibv_req_notify_cq(conn_.cq.get(), 0);
-    if (drain_cq(out) > 0) timeout_ms = 0;
+    drain_cq(out);
   }
+  if (out.completions.size() > had) timeout_ms = 0;
   int effective = timeout_ms;
   if (posted_ > 0 && dead_ == Errc::kOk) {
     const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -

@@ -115,7 +115,7 @@ class RdmaChannel final : public Channel {
   };
 
   uint32_t lkey_for(const std::byte* p) const;
-  int drain_cq(WaitResult& out);
+  void drain_cq(WaitResult& out);
   // Posts fifo entries [from, from + n) as one chain; 0 or the errno of
   // ibv_post_send, with *accepted the reads that went out.
   int post_fifo(uint64_t from, size_t n, size_t* accepted);
@@ -148,7 +148,7 @@ class RdmaChannel final : public Channel {
   // Moved by a completion, or by reads going out to an idle channel; never
   // by a reconnect.
   std::chrono::steady_clock::time_point last_completion_{};
-  uint64_t reconnects_ = 0;
+  std::atomic<uint64_t> reconnects_{0};  // read by stats() from other threads
 };
 
 }  // namespace pagewire::rdma

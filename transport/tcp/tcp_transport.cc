@@ -406,6 +406,7 @@ void TcpChannel::reap(WaitResult& out) {
     recover(Errc::kIo, "send to " + endpoint_.text + ": " + std::strerror(send_err), out);
   }
   queue_sends();  // what was posted while the last send was in flight
+  arm_recv();     // and its replies: on_recv found nothing sent to arm for
 }
 
 void TcpChannel::on_recv(int res, WaitResult& out) {
