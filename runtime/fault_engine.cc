@@ -383,6 +383,7 @@ void FaultEngine::stop_worker_on_exception(Worker& w, const std::exception& e) {
   for (auto& slot : w.slots) {
     if (!slot.busy) continue;
     slot.busy = false;
+    if (slot.kind == ReadKind::kOvertake) continue;  // its page is a pull run's
     for (uint32_t i = 0; i < slot.pages; ++i) {
       if (((slot.owned >> i) & 1) != 0) refuse_page(w, slot.first + i, Errc::kIo, why);
     }
@@ -619,7 +620,14 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   if (s.status != Errc::kOk) {
     w.staging->release(slot);
     for (uint32_t i = 0; i < s.pages; ++i) {
-      if (owned(i)) refuse_page(w, s.first + i, s.status, w.result.channel_error_text);
+      if (!owned(i)) continue;
+      // A fault that overtook the run may have installed the page: it is
+      // the source's, the application may be using it, and it stays.
+      if (s.kind == ReadKind::kPull && pulling_ && resident(s.first + i)) {
+        publish(s.first + i, 1);
+      } else {
+        refuse_page(w, s.first + i, s.status, w.result.channel_error_text);
+      }
     }
     return;
   }

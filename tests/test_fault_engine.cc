@@ -203,6 +203,35 @@ TEST(FaultEngine, AnOvertakingReadThatFailsLeavesThePageToItsRun) {
   EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
 }
 
+TEST(FaultEngine, APullRunThatFailsKeepsThePageAFaultOvertookItWith) {
+  // The fault's own read installs the page; the pull run that had it out
+  // then fails. The rest of that run is refused, but the overtaken page is
+  // the source's and stays readable, with the application's write.
+  const size_t page = 200;  // in the fourth run, pages 192 to 255
+  FaultInjection inject;
+  inject.fail_bulk_offset = page * kPage;
+  Source src(1 << 20);
+  Region r = attach_with_slow_pull(src, inject);
+  std::byte* p = r.data() + page * kPage;
+  ASSERT_EQ(check_pattern(p, page * kPage, kPage, kSeed), -1);
+  ASSERT_EQ(r.stats().faults_overtaken, 1u);
+  p[7] = std::byte{0x5a};
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!r.failed() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(r.failed()) << "the failing run never came back";
+  const int sig = run_catching_signals([&] {
+    EXPECT_EQ(p[7], std::byte{0x5a});
+    EXPECT_EQ(check_pattern(p + 8, page * kPage + 8, kPage - 8, kSeed), -1);
+  });
+  EXPECT_EQ(sig, 0) << "the page the fault installed was refused";
+  EXPECT_EQ(r.stats().pages_refused, 63u);  // the rest of the run
+  // The pages refused around it signal, never read as zeros.
+  const int other = run_catching_signals([&] { touch(r.data() + (page + 1) * kPage); });
+  EXPECT_TRUE(other == SIGBUS || other == SIGSEGV) << "signal " << other;
+}
+
 TEST(FaultEngine, UnalignedLengthZeroesOnlyPastTheEnd) {
   const size_t len = 3 * kPage + 100;
   Source src(4 * kPage);

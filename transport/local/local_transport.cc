@@ -34,7 +34,9 @@ class LocalChannel final : public Channel {
       const FaultInjection& f = t_->faults_;
       Errc status = Errc::kOk;
       if ((f.fail_after_reads >= 0 && n >= f.fail_after_reads) ||
-          (use_ == ChannelUse::kDemand && op.remote_offset == f.fail_demand_offset)) {
+          (use_ == ChannelUse::kDemand && op.remote_offset == f.fail_demand_offset) ||
+          (use_ == ChannelUse::kBulk && op.remote_offset <= f.fail_bulk_offset &&
+           f.fail_bulk_offset - op.remote_offset < op.length)) {
         status = f.status;
       } else {
         std::memcpy(op.dst, t_->base_ + op.remote_offset, op.length);

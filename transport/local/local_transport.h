@@ -18,6 +18,8 @@ struct FaultInjection {
   Errc status = Errc::kIo;
   // Reads at this offset on demand channels complete with `status`.
   uint64_t fail_demand_offset = UINT64_MAX;
+  // Reads on bulk channels that cover this offset complete with `status`.
+  uint64_t fail_bulk_offset = UINT64_MAX;
   // Bulk channels answer one read every this many milliseconds, in order,
   // like a slow source (0: at once).
   uint32_t bulk_reply_ms = 0;
