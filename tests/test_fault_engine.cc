@@ -270,6 +270,18 @@ TEST(FaultEngine, DiscardedPagesAreFetchedAgain) {
   EXPECT_EQ(raw->reads(), 2);
 }
 
+// Reads page `p` and discards it. Bytes other than the source's count as
+// zeroed when all zero, which is legitimate only as the region becomes
+// plain memory (where a discarded page reads zeros), and as wrong otherwise.
+void read_and_discard(const Region& r, size_t p, std::atomic<int>& wrong, std::atomic<int>& zeroed) {
+  std::byte* page = r.data() + p * kPage;
+  if (check_pattern(page, p * kPage, kPage, kSeed) != -1) {
+    const bool zeros = std::all_of(page, page + kPage, [](std::byte b) { return b == std::byte{0}; });
+    ++(zeros ? zeroed : wrong);
+  }
+  ::madvise(page, kPage, MADV_DONTNEED);
+}
+
 // Four threads read their pages and discard them at once, 200 times over;
 // `pages` of the region's `region_pages` are touched.
 struct DiscardStorm {
@@ -282,14 +294,7 @@ struct DiscardStorm {
       ts.emplace_back([&, t] {
         for (int round = 0; round < 200; ++round) {
           for (size_t p = t; p < pages; p += 4) {
-            std::byte* page = r.data() + p * kPage;
-            if (check_pattern(page, p * kPage, kPage, kSeed) != -1) {
-              // Zeros are legitimate only once the region is complete
-              // (plain memory, where a discarded page reads zeros).
-              const bool zeros = std::all_of(page, page + kPage, [](std::byte b) { return b == std::byte{0}; });
-              ++(zeros ? zeroed : wrong);
-            }
-            ::madvise(page, kPage, MADV_DONTNEED);
+            read_and_discard(r, p, wrong, zeroed);
           }
         }
       });
@@ -378,12 +383,7 @@ TEST(FaultEngine, DiscardsRacingCompletionNeverRefuseAPage) {
         while (after < 200) {
           if (r.progress().complete || r.failed()) ++after;
           for (size_t p = t; p < 16; p += 2) {
-            std::byte* page = r.data() + p * kPage;
-            if (check_pattern(page, p * kPage, kPage, kSeed) != -1) {
-              const bool zeros = std::all_of(page, page + kPage, [](std::byte b) { return b == std::byte{0}; });
-              ++(zeros ? zeroed : wrong);
-            }
-            ::madvise(page, kPage, MADV_DONTNEED);
+            read_and_discard(r, p, wrong, zeroed);
           }
         }
       });
