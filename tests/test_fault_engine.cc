@@ -221,6 +221,11 @@ TEST(FaultEngine, APullRunThatFailsKeepsThePageAFaultOvertookItWith) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   ASSERT_TRUE(r.failed()) << "the failing run never came back";
+  // The region fails at the run's first refusal; the rest follow.
+  while (r.stats().pages_refused < 63 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
   const int sig = run_catching_signals([&] {
     EXPECT_EQ(p[7], std::byte{0x5a});
     EXPECT_EQ(check_pattern(p + 8, page * kPage + 8, kPage - 8, kSeed), -1);
