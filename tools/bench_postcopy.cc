@@ -182,8 +182,6 @@ PostcopyRun postcopy(const std::string& uri, const BenchConfig& c, const RunSetu
     ram = allocated_memfd(c.size);
     o.memfd = ram.get();
   }
-  const bool pull = setup.pull;
-  const bool stop_at_complete = setup.stop_at_complete;
   const MachineBusy busy;
   const double start = now_seconds();
   Region r = attach(uri, o);
@@ -197,7 +195,7 @@ PostcopyRun postcopy(const std::string& uri, const BenchConfig& c, const RunSetu
   for (unsigned t = 0; t < c.threads; ++t) {
     ts.emplace_back([&, t] {
       for (size_t i = t; i < pages; i += c.threads) {
-        if (stop_at_complete && r.progress().complete) return;
+        if (setup.stop_at_complete && r.progress().complete) return;
         const size_t p = order[i];
         const auto t0 = std::chrono::steady_clock::now();
         (void)*reinterpret_cast<const volatile std::byte*>(r.data() + p * kPage);
@@ -209,7 +207,7 @@ PostcopyRun postcopy(const std::string& uri, const BenchConfig& c, const RunSetu
   }
   Progress progress("postcopy", pages);
   std::vector<std::pair<double, double>> timeline;
-  while (pull && !r.wait_complete(std::chrono::milliseconds(20))) {
+  while (setup.pull && !r.wait_complete(std::chrono::milliseconds(20))) {
     if (r.failed()) throw std::runtime_error("postcopy failed: " + r.error());
     const uint64_t present = r.progress().pages_present;
     timeline.emplace_back(now_seconds() - start, static_cast<double>(present * kPage) / (1 << 20));
@@ -222,9 +220,9 @@ PostcopyRun postcopy(const std::string& uri, const BenchConfig& c, const RunSetu
   progress.finish();
   PostcopyRun out;
   out.timeline = std::move(timeline);
-  out.seconds = (pull ? complete_at : now_seconds()) - start;
+  out.seconds = (setup.pull ? complete_at : now_seconds()) - start;
   out.busy = busy_share;
-  if (pull && check_pattern(r.data(), 0, r.size(), c.seed) != -1) ++wrong;
+  if (setup.pull && check_pattern(r.data(), 0, r.size(), c.seed) != -1) ++wrong;
   out.stats = r.stats();
   out.wrong = wrong.load();
   for (auto& v : lat) out.touch_ns.insert(out.touch_ns.end(), v.begin(), v.end());
