@@ -275,16 +275,18 @@ TEST(FaultEngine, DiscardedPagesAreFetchedAgain) {
   EXPECT_EQ(raw->reads(), 2);
 }
 
-// Reads page `p` and discards it. Bytes other than the source's count as
-// zeroed when all zero, which is legitimate only as the region becomes
-// plain memory (where a discarded page reads zeros), and as wrong otherwise.
-void read_and_discard(const Region& r, size_t p, std::atomic<int>& wrong, std::atomic<int>& zeroed) {
+// Reads page `p` and (unless told not to) discards it. Bytes other than
+// the source's count as zeroed when all zero, which is legitimate only as
+// the region becomes plain memory (where a discarded page reads zeros), and
+// as wrong otherwise.
+void read_and_discard(const Region& r, size_t p, std::atomic<int>& wrong, std::atomic<int>& zeroed,
+                      bool discard = true) {
   std::byte* page = r.data() + p * kPage;
   if (check_pattern(page, p * kPage, kPage, kSeed) != -1) {
     const bool zeros = std::all_of(page, page + kPage, [](std::byte b) { return b == std::byte{0}; });
     ++(zeros ? zeroed : wrong);
   }
-  ::madvise(page, kPage, MADV_DONTNEED);
+  if (discard) ::madvise(page, kPage, MADV_DONTNEED);
 }
 
 // Four threads read their pages and discard them at once, 200 times over;
@@ -381,14 +383,18 @@ TEST(FaultEngine, DiscardsRacingCompletionNeverRefuseAPage) {
     Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), o);
     std::atomic<int> wrong{0};
     std::atomic<int> zeroed{0};
+    // A region whose pages keep being discarded need never complete: after
+    // two seconds the threads only read, and it must then.
+    const auto stop_discarding = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     std::vector<std::thread> ts;
     for (size_t t = 0; t < 2; ++t) {
       ts.emplace_back([&, t] {
         int after = 0;
         while (after < 200) {
           if (r.progress().complete || r.failed()) ++after;
+          const bool discard = std::chrono::steady_clock::now() < stop_discarding;
           for (size_t p = t; p < 16; p += 2) {
-            read_and_discard(r, p, wrong, zeroed);
+            read_and_discard(r, p, wrong, zeroed, discard);
           }
         }
       });
