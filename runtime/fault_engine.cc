@@ -82,11 +82,6 @@ uint32_t prefetch_window(const AttachOptions& o, uint32_t page_size) {
   return page_size == kSmallPage ? pages : std::min(pages, 2u);
 }
 
-unsigned default_handlers() {
-  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
-  return static_cast<unsigned>(std::clamp<long>(cpus, 1, 4));
-}
-
 void pin_to(int cpu) {
   if (cpu < 0) return;
   cpu_set_t set;
@@ -186,7 +181,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   backing_.populate();
   if (backing_.huge && !backing_.shared) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
 
-  const unsigned n = options_.handler_threads != 0 ? options_.handler_threads : default_handlers();
+  const unsigned n = options_.handler_threads != 0 ? options_.handler_threads : default_handler_threads();
   const TransportCapabilities caps = transport_->capabilities();
   if (caps.max_read_bytes < desc_.page_size) {
     throw Error(Errc::kInvalidArgument, "this transport reads at most " + std::to_string(caps.max_read_bytes) +

@@ -139,8 +139,30 @@ std::string format_stats(const Stats& s) {
          std::to_string(s.pages_continued) + " pages (UFFDIO_CONTINUE, no copy)\n";
   const auto& l = s.fault_latency;
   out += "handler fault latency (us): p50 " + us(l.p50_ns) + "  p99 " + us(l.p99_ns) + "  p99.9 " +
-         us(l.p999_ns) + "  max " + us(l.max_ns) + "  (n=" + std::to_string(l.count) + ")\n";
+         us(l.p999_ns) + "  max " + us(l.max_ns) + "  mean " + us(static_cast<uint64_t>(l.mean_ns)) +
+         "  (n=" + std::to_string(l.count) + ")\n";
+  out += format_stages(s.stages);
   return out;
+}
+
+std::string format_stages(const FaultStages& stages) {
+  std::string out = "  by stage, mean (p50) us:";
+  const char* sep = " ";
+  for (const auto& [name, l] : stage_list(stages)) {
+    out += sep + std::string(name) + " " + us(static_cast<uint64_t>(l->mean_ns)) + " (" + us(l->p50_ns) + ")";
+    sep = ", ";
+  }
+  return out + "\n";
+}
+
+std::array<std::pair<const char*, const LatencySummary*>, 3> stage_list(const FaultStages& s) {
+  return {{{"event_to_post", &s.event_to_post}, {"transport", &s.transport}, {"install_wake", &s.install_wake}}};
+}
+
+nlohmann::json stages_json(const FaultStages& stages) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [name, l] : stage_list(stages)) j[name] = latency_json(*l);
+  return j;
 }
 
 nlohmann::json latency_json(const LatencySummary& l) {
@@ -171,7 +193,8 @@ std::string stats_to_json(const Stats& s) {
                       {"complete", s.complete},
                       {"pages_present", s.pages_present},
                       {"pages_total", s.pages_total},
-                      {"fault_latency", latency_json(s.fault_latency)}};
+                      {"fault_latency", latency_json(s.fault_latency)},
+                      {"stages", stages_json(s.stages)}};
   return j.dump(2);
 }
 

@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
+#include <utility>
 
 #include "nlohmann/json_fwd.hpp"
 #include "pagewire/stats.h"
@@ -68,6 +70,12 @@ struct alignas(64) Metrics {
 Stats merge_metrics(std::span<const Metrics* const> parts);
 
 nlohmann::json latency_json(const LatencySummary& latency);
+// The fault stages in the order a fault passes them, by their JSON names.
+std::array<std::pair<const char*, const LatencySummary*>, 3> stage_list(const FaultStages& stages);
+// {"event_to_post": {...}, "transport": {...}, "install_wake": {...}}
+nlohmann::json stages_json(const FaultStages& stages);
+// One line: each stage's mean and p50.
+std::string format_stages(const FaultStages& stages);
 
 // Summary of raw samples (the benchmarks keep every sample).
 LatencySummary summarize_samples(std::span<uint64_t> samples_ns);

@@ -126,6 +126,10 @@ class Region {
   std::unique_ptr<FaultEngine> engine_;
 };
 
+// The handler threads attach starts when AttachOptions::handler_threads is
+// 0: one per online CPU, at most 4.
+unsigned default_handler_threads();
+
 // Attach by URI: tcp://HOST:PORT/NAME. Throws pagewire::Error.
 Region attach(std::string_view uri, const AttachOptions& options = {});
 // Attach over an already connected transport (tests, custom transports).

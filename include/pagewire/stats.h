@@ -16,6 +16,14 @@ struct LatencySummary {
   double mean_ns = 0;
 };
 
+// Where a demand fault's time goes inside its handler, stage by stage. The
+// three add up to the handler's whole fault (Stats::fault_latency).
+struct FaultStages {
+  LatencySummary event_to_post;    // fault event read -> its read posted to the transport
+  LatencySummary transport;        // read posted -> its completion reaped (the wire and the peer)
+  LatencySummary install_wake;     // completion -> page installed and the faulting threads woken
+};
+
 struct Stats {
   uint64_t faults = 0;             // fault events read from userfaultfd
   uint64_t pages_fetched = 0;      // pages read on demand (faults and prefetch) and installed
@@ -48,6 +56,9 @@ struct Stats {
   // Counters are exact once a faulting thread resumes; the latency sample of
   // its fault is recorded just after, so it may lag by a few.
   LatencySummary fault_latency;
+  // The same faults split by stage; JSON key "stages", an object of stage
+  // name -> summary with the same fields as fault_latency.
+  FaultStages stages;
 };
 
 // Human-readable and JSON renderings used by the command line.
