@@ -4,15 +4,18 @@
 // thread walks through the whole window and is dropped when the stride
 // breaks. A random stream never repeats a stride, so it never prefetches.
 //
-// Faults of one thread may be read by any handler, so the table is shared;
-// each entry has its own small lock, held for a few comparisons, so
-// different streams never contend.
+// Faults of one thread may be read by any handler, so the table is shared,
+// but no handler ever waits on it: each entry sits on a cache line of its
+// own and is taken with a try-lock held for a few comparisons. A thread has
+// one fault at a time, so two handlers meet on an entry only when two
+// threads hash to it; the one that finds it taken skips prediction for
+// that fault (it fetches its page, just nothing ahead).
 #pragma once
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
+#include <atomic>
 
 namespace pagewire {
 
@@ -29,8 +32,9 @@ class PrefetchTable {
 
   PrefetchPlan on_fault(uint32_t thread_id, size_t page) {
     Entry& e = entries_[(thread_id * 2654435761u) % kEntries];
-    std::lock_guard lock(e.mu);
     PrefetchPlan plan;
+    if (!e.try_lock()) return plan;
+    const Unlock unlock{e};
     if (e.thread_id != thread_id || !e.valid) {
       plan.wasted = e.pending;
       e = {};
@@ -68,15 +72,17 @@ class PrefetchTable {
   // present already or past the end).
   void issued(uint32_t thread_id, uint32_t issued) {
     Entry& e = entries_[(thread_id * 2654435761u) % kEntries];
-    std::lock_guard lock(e.mu);
+    if (!e.try_lock()) return;  // only the used/wasted figures lose these pages
+    const Unlock unlock{e};
     if (e.thread_id == thread_id) e.pending += issued;
   }
 
  private:
   static constexpr size_t kEntries = 64;
   static constexpr uint32_t kFirstWindow = 4;
-  struct Entry {
-    std::mutex mu;
+  struct alignas(64) Entry {
+    std::atomic<bool> busy{false};
+    bool try_lock() { return !busy.load(std::memory_order_relaxed) && !busy.exchange(true, std::memory_order_acquire); }
     bool valid = false;
     uint32_t thread_id = 0;
     int64_t last = 0;
@@ -94,6 +100,10 @@ class PrefetchTable {
       pending = o.pending;
       return *this;
     }
+  };
+  struct Unlock {
+    Entry& e;
+    ~Unlock() { e.busy.store(false, std::memory_order_release); }
   };
   uint32_t max_window_;
   std::array<Entry, kEntries> entries_;
