@@ -50,6 +50,50 @@ Mapping map_shared(int fd, size_t length, bool huge) {
   return Mapping(p, length);
 }
 
+// Checks a memfd handed in to back shared memory and returns a duplicate of
+// it; *huge says whether it is on hugetlbfs (2 MiB pages).
+UniqueFd adopt_memfd(int memfd, uint64_t length, bool want_huge, bool* huge) {
+  struct statfs fs {};
+  struct stat st {};
+  if (::fstatfs(memfd, &fs) != 0 || ::fstat(memfd, &st) != 0) {
+    throw Error(Errc::kInvalidArgument, std::string("the memfd given cannot be examined: ") + std::strerror(errno));
+  }
+  const bool hugetlbfs = static_cast<uint64_t>(fs.f_type) == HUGETLBFS_MAGIC;
+  if (!hugetlbfs && static_cast<uint64_t>(fs.f_type) != TMPFS_MAGIC) {
+    throw Error(Errc::kInvalidArgument,
+                "the memfd given is neither shared memory (memfd_create, tmpfs) nor hugetlbfs: minor faults "
+                "need one of those");
+  }
+  if (want_huge && !hugetlbfs) {
+    throw Error(Errc::kInvalidArgument,
+                "huge pages were asked for, but the memfd given is on shmem (4 KiB pages): create it with "
+                "MFD_HUGETLB | MFD_HUGE_2MB");
+  }
+  if (hugetlbfs && fs.f_bsize != kHugePage) {
+    throw Error(Errc::kInvalidArgument, "the memfd given is on hugetlbfs with " + std::to_string(fs.f_bsize >> 10) +
+                                            " KiB pages; pagewire uses 2 MiB pages (MFD_HUGE_2MB)");
+  }
+  const int mode = ::fcntl(memfd, F_GETFL);
+  if (mode < 0 || (mode & O_ACCMODE) != O_RDWR) {
+    throw Error(Errc::kInvalidArgument, "the memfd given is not open for reading and writing");
+  }
+  const int seals = ::fcntl(memfd, F_GET_SEALS);
+  if (seals > 0 && (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) != 0) {
+    throw Error(Errc::kInvalidArgument, "the memfd given is sealed against writes (F_SEAL_WRITE or "
+                                        "F_SEAL_FUTURE_WRITE): pagewire writes the source's pages into it");
+  }
+  *huge = hugetlbfs;
+  const uint64_t page = hugetlbfs ? kHugePage : kSmallPage;
+  const uint64_t need = (length + page - 1) / page * page;
+  if (static_cast<uint64_t>(st.st_size) < need) {
+    throw Error(Errc::kInvalidArgument, "the memfd given holds " + std::to_string(st.st_size) +
+                                            " bytes; the region needs " + std::to_string(need));
+  }
+  const int fd = ::fcntl(memfd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) throw_errno("dup of the memfd given");
+  return UniqueFd(fd);
+}
+
 }  // namespace
 
 HugePageCount huge_pages_2m() {
@@ -64,46 +108,7 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
   if (!b.shared && options.memfd >= 0) {
     throw Error(Errc::kInvalidArgument, "a memfd backs shared memory only: set memory to kShared");
   }
-  if (b.shared && options.memfd >= 0) {
-    struct statfs fs {};
-    struct stat st {};
-    if (::fstatfs(options.memfd, &fs) != 0 || ::fstat(options.memfd, &st) != 0) {
-      throw Error(Errc::kInvalidArgument, std::string("the memfd given cannot be examined: ") + std::strerror(errno));
-    }
-    const bool hugetlbfs = static_cast<uint64_t>(fs.f_type) == HUGETLBFS_MAGIC;
-    if (!hugetlbfs && static_cast<uint64_t>(fs.f_type) != TMPFS_MAGIC) {
-      throw Error(Errc::kInvalidArgument,
-                  "the memfd given is neither shared memory (memfd_create, tmpfs) nor hugetlbfs: minor faults "
-                  "need one of those");
-    }
-    if (b.huge && !hugetlbfs) {
-      throw Error(Errc::kInvalidArgument,
-                  "huge pages were asked for, but the memfd given is on shmem (4 KiB pages): create it with "
-                  "MFD_HUGETLB | MFD_HUGE_2MB");
-    }
-    if (hugetlbfs && fs.f_bsize != kHugePage) {
-      throw Error(Errc::kInvalidArgument, "the memfd given is on hugetlbfs with " + std::to_string(fs.f_bsize >> 10) +
-                                              " KiB pages; pagewire uses 2 MiB pages (MFD_HUGE_2MB)");
-    }
-    const int mode = ::fcntl(options.memfd, F_GETFL);
-    if (mode < 0 || (mode & O_ACCMODE) != O_RDWR) {
-      throw Error(Errc::kInvalidArgument, "the memfd given is not open for reading and writing");
-    }
-    const int seals = ::fcntl(options.memfd, F_GET_SEALS);
-    if (seals > 0 && (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) != 0) {
-      throw Error(Errc::kInvalidArgument, "the memfd given is sealed against writes (F_SEAL_WRITE or "
-                                          "F_SEAL_FUTURE_WRITE): pagewire writes the source's pages into it");
-    }
-    b.huge = hugetlbfs;
-    const uint64_t need = b.rounded(length);
-    if (static_cast<uint64_t>(st.st_size) < need) {
-      throw Error(Errc::kInvalidArgument, "the memfd given holds " + std::to_string(st.st_size) +
-                                              " bytes; the region needs " + std::to_string(need));
-    }
-    const int fd = ::fcntl(options.memfd, F_DUPFD_CLOEXEC, 0);
-    if (fd < 0) throw_errno("dup of the memfd given");
-    b.memfd = UniqueFd(fd);
-  }
+  if (b.shared && options.memfd >= 0) b.memfd = adopt_memfd(options.memfd, length, b.huge, &b.huge);
   const size_t size = b.rounded(length);
   if (!b.shared) {
     if (!b.huge) {
