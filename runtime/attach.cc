@@ -1,9 +1,4 @@
 #include "pagewire/region.h"
-
-#include <unistd.h>
-
-#include <algorithm>
-
 #include "runtime/fault_engine.h"
 #include "transport/transport.h"
 
@@ -24,11 +19,6 @@ Progress Region::progress() const { return engine_->progress(); }
 bool Region::wait_complete(std::chrono::milliseconds timeout) const { return engine_->wait_complete(timeout); }
 bool Region::failed() const { return engine_->failed(); }
 std::string Region::error() const { return engine_->error(); }
-
-unsigned default_handler_threads() {
-  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
-  return static_cast<unsigned>(std::clamp<long>(cpus, 1, 4));
-}
 
 Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options) {
   return Region(std::make_unique<FaultEngine>(std::move(transport), options));

@@ -1,32 +1,44 @@
-// The destination side's core: the region's mapping, its userfaultfd, the
-// page-state table, the handler threads that serve faults, and the
-// background puller.
+// The destination side's core: it owns the region's mapping, its
+// userfaultfd, the page-state table and the threads that serve faults, and
+// wires together the concerns that each have a file of their own:
+//
+//   handler.cc      the handler loop: read fault events, take each fault,
+//                   queue its read and those of a detected stream (prefetch)
+//   puller.cc       the background pull, and faults overtaking its runs
+//   reads.cc        queueing reads into staging slots, completing them:
+//                   install (UFFDIO_COPY / CONTINUE / ZEROPAGE), publish, wake
+//   unmap.cc        munmap and mremap of part of the region (uffd events)
+//   completion.*    counting present pages; the one owner that decides the
+//                   region is complete and unregisters it
+//   refusal.*       a page that cannot be fetched is refused, never zeroed
+//   residency.*     asking the kernel whether a page is still there
+//   threads.*       names, CPU placement and priority of the fault threads
 //
 // Per fault: a handler reads the event, claims the page in the page table,
 // posts a read into one of its staging slots (plus reads ahead of a
-// detected stream), and when the read completes installs the page with
-// UFFDIO_COPY, which wakes every thread parked on it. Pages known to be
-// zero are installed with UFFDIO_ZEROPAGE and never read. The puller
-// claims missing pages in runs through the same table, so each page is
-// fetched once whoever asks first.
+// detected stream), and when the read completes installs the page, records
+// it present, and wakes every thread parked on it. Pages known to be zero
+// are installed without a read. The puller claims missing pages in runs
+// through the same table, so each page is fetched once whoever asks first.
 #pragma once
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "pagewire/region.h"
 #include "runtime/backing.h"
-#include "runtime/metrics.h"
+#include "runtime/completion.h"
 #include "runtime/page_table.h"
 #include "runtime/prefetch.h"
+#include "runtime/refusal.h"
+#include "runtime/region_status.h"
+#include "runtime/residency.h"
 #include "runtime/uffd.h"
 #include "runtime/unique_fd.h"
+#include "runtime/worker.h"
 #include "transport/transport.h"
 
 namespace pagewire {
@@ -45,78 +57,84 @@ class FaultEngine {
   std::string_view transport_name() const { return transport_->name(); }
   Stats stats() const;
   Progress progress() const;
-  bool wait_complete(std::chrono::milliseconds timeout) const;
-  bool failed() const { return failed_.load(); }
-  std::string error() const;
+  bool wait_complete(std::chrono::milliseconds timeout) const { return status_.wait_complete(timeout); }
+  bool failed() const { return status_.failed(); }
+  std::string error() const { return status_.error(); }
 
  private:
-  friend class FaultEngineTestPeer;
-  // A thread with its own channel and staging slots: a fault handler or
-  // the puller. Each slot holds one read: a run of pages.
-  struct Worker;
-  // kOvertake: a fault's own read of one page that a pull run already has
-  // out, which it installs if it gets there first (it owns no page).
-  enum class ReadKind : uint8_t { kDemand, kPrefetch, kPull, kOvertake };
   // What a handler does about a fault it read.
+  //  kFetch: the handler now owns the page and must fetch it.
+  //  kOvertake: the page is out in a pull run, which the fault must not
+  //    wait behind; the handler reads it again on its own channel.
+  //  kNothing: a duplicate, dealt with (left to the page's owner, woken,
+  //    or refused).
   enum class Take : uint8_t { kFetch, kOvertake, kNothing };
 
+  // Setup (fault_engine.cc).
+  std::unique_ptr<Worker> make_worker(unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use);
+  void start_workers(unsigned handlers);
+
+  // The handler loop (handler.cc).
   void run_handler(Worker& w);
-  void run_puller(Worker& w);
   void read_faults(Worker& w);
+  // One event: a fault is taken and its read queued; munmap and mremap
+  // are applied to the page table. `reserved`: faults read but not yet
+  // handled, each of which needs a slot.
+  void handle_event(Worker& w, const uffd_msg& msg, uint64_t read_ns, uint32_t reserved);
+  void handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns, uint32_t reserved);
+  Take take_fault(Worker& w, size_t page);
+  Take take_present(Worker& w, size_t page);
   // Claims and queues the pages a prefetch plan names.
   void prefetch(Worker& w, uint32_t thread_id, size_t page, uint32_t reserved);
+  uint32_t claim_run(size_t first, uint32_t max);
+
+  // The background pull (puller.cc).
+  void run_puller(Worker& w);
+  // Claims and queues the next pull run from `cursor`; returns the new cursor.
+  size_t queue_pull_run(Worker& w, size_t cursor);
+  // Installs what an overtaking read brought, unless the pull got there
+  // first, and wakes the faulting threads.
+  void finish_overtake(Worker& w, std::byte* src, size_t page);
+
+  // Reads and installs (reads.cc).
   // Queues a read of `pages` claimed pages starting at `first`.
   // `owned` marks the pages of the run this read installs (0: all of them).
   // `first_part` (a byte offset into a one-page read) is read first and the
   // rest after: the faulting 4 KiB of a 2 MiB page goes out first.
   void queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns, uint64_t owned = 0,
                   uint32_t first_part = 0);
+  // Hands the queued batch to the channel and stamps each read's post time.
+  void post_batch(Worker& w);
   // Where a read of pages from `first` lands: the slot's staging buffer, or
   // with shared memory the final pages themselves (through the alias).
   std::byte* landing(Worker& w, uint32_t slot, size_t first) const;
-  // Installs [page, page+count) from where their read landed; 0 or errno.
-  int install(Worker& w, std::byte* src, size_t page, uint32_t count, uint64_t* retries, uint64_t* existed);
-  // Anonymous memory: whether the page's first 4 KiB is mapped or swapped
-  // out (pagemap; mincore, which calls a swapped page absent, without it).
-  bool resident(size_t page) const;
-  // Shared memory: whether the memfd still holds the page (rather than a
-  // hole punched into it with MADV_REMOVE or fallocate).
-  bool memfd_holds(size_t page) const;
-  // Whether the page is still there: resident() or memfd_holds().
-  bool holds(size_t page) const;
-  // Per page: holds(), for the whole region at once. Empty when it cannot
-  // be told.
-  std::vector<bool> held_pages() const;
-  // Claims a run of missing pages from `first` (at most `max` pages).
-  uint32_t claim_run(size_t first, uint32_t max);
-  // Installs claimed zero pages without a transfer.
-  void install_zero(Worker& w, size_t page);
   void complete(Worker& w, const ReadCompletion& c);
-  void mark_present(size_t pages);
+  void complete_failed(Worker& w, const Worker::Slot& s);
+  void install_run(Worker& w, const Worker::Slot& s, std::byte* src);
+  // Installs [page, page+count) from where their read landed; 0 or errno.
+  int install(Worker& w, std::byte* src, size_t page, uint32_t count);
+  // Installs a claimed zero page without a transfer.
+  void install_zero(Worker& w, size_t page);
   // Records installed pages present, counts them, and only then wakes the
   // threads parked on them (installs never wake by themselves).
-  void publish(size_t first, uint32_t count);
+  void publish(Worker& w, size_t first, uint32_t count);
   void refuse_page(Worker& w, size_t page, Errc why, const std::string& text);
-  // kFetch: the handler that read a fault on `page` now owns the page and
-  // must fetch it. kOvertake: the page is out in a pull run, which the fault
-  // must not wait behind; the handler reads it again on its own channel.
-  // kNothing: the fault is a duplicate and has been dealt with (left to the
-  // page's owner, woken, or refused).
-  Take take_fault(size_t page);
-  // Installs what an overtaking read brought, unless the pull got there
-  // first, and wakes the faulting threads.
-  void finish_overtake(Worker& w, std::byte* src, size_t page);
+  void stop_worker_on_exception(Worker& w, const std::exception& e);
   // True when a page the table calls present was discarded by the
   // application; it is then claimed again (IN_FLIGHT) for the caller.
-  bool discarded(size_t page);
-  // For a page just taken back from present (discarded, or punched out of
-  // the memfd) to be fetched again: true, unless a completion check that
-  // could not see it go has made the region plain memory meanwhile; then
-  // the page is given back to plain memory and false returned.
-  bool fetch_again(size_t page);
-  void record_failure(const std::string& text);
-  void stop_worker_on_exception(Worker& w, const std::exception& e);
+  bool discarded(Worker& w, size_t page);
+
+  // munmap and mremap of part of the region (unmap.cc).
+  void on_unmapped(Worker& w, uint64_t start, uint64_t end);
+  void on_fault_outside(Worker& w, uint64_t address);
+  // Reads what the kernel has queued (an install answered EAGAIN): address
+  // space events are applied now, faults kept for read_faults().
+  void read_pending_events(Worker& w);
+  // Unmaps what is still the region's when it is destroyed.
+  void unmap_view();
+
   bool zero(size_t page) const { return is_zero_page(desc_.zero_map, page); }
+  std::byte* page_addr(size_t page) const { return backing_.view.data() + page * desc_.page_size; }
 
   // Members in creation order; destroyed in reverse: workers (joined in
   // the destructor body) before the uffd, the uffd before the mapping.
@@ -133,15 +151,10 @@ class FaultEngine {
   PrefetchTable streams_;
   UniqueFd stop_fd_;
   std::chrono::steady_clock::time_point started_;
-  std::atomic<uint64_t> present_{0};
-  std::atomic<bool> complete_{false};
-  std::atomic<bool> failed_{false};
-  UniqueFd pagemap_;       // /proc/self/pagemap, for anonymous 4 KiB pages
-  std::mutex check_mu_;    // one completion check at a time
-  std::atomic<bool> closing_{false};  // a completion check is deciding
-  mutable std::mutex state_mu_;
-  mutable std::condition_variable state_cv_;
-  std::string error_;
+  RegionStatus status_;
+  Residency residency_;
+  Refusal refusal_;
+  std::unique_ptr<Completion> completion_;
   std::vector<std::unique_ptr<Worker>> handlers_;
   std::unique_ptr<Worker> puller_;
 };

@@ -64,11 +64,20 @@ LatencySummary LatencyHistogram::summarize(const std::array<uint64_t, kBuckets>&
   return s;
 }
 
-Stats merge_metrics(std::span<const Metrics* const> parts) {
-  Stats s;
+namespace {
+
+LatencySummary merge_histogram(std::span<const Metrics* const> parts, LatencyHistogram Metrics::*which) {
   std::array<uint64_t, LatencyHistogram::kBuckets> counts{};
   uint64_t max_ns = 0;
   uint64_t sum_ns = 0;
+  for (const Metrics* m : parts) (m->*which).merge_into(counts, max_ns, sum_ns);
+  return LatencyHistogram::summarize(counts, max_ns, sum_ns);
+}
+
+}  // namespace
+
+Stats merge_metrics(std::span<const Metrics* const> parts) {
+  Stats s;
   for (const Metrics* m : parts) {
     auto get = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
     s.faults += get(m->faults);
@@ -90,9 +99,11 @@ Stats merge_metrics(std::span<const Metrics* const> parts) {
     s.prefetch_used += get(m->prefetch_used);
     s.prefetch_wasted += get(m->prefetch_wasted);
     s.faults_overtaken += get(m->faults_overtaken);
-    m->fault_latency.merge_into(counts, max_ns, sum_ns);
   }
-  s.fault_latency = LatencyHistogram::summarize(counts, max_ns, sum_ns);
+  s.fault_latency = merge_histogram(parts, &Metrics::fault_latency);
+  s.stages.event_to_post = merge_histogram(parts, &Metrics::stage_event_to_post);
+  s.stages.transport = merge_histogram(parts, &Metrics::stage_transport);
+  s.stages.install_wake = merge_histogram(parts, &Metrics::stage_install_wake);
   return s;
 }
 
@@ -193,6 +204,7 @@ std::string stats_to_json(const Stats& s) {
                       {"complete", s.complete},
                       {"pages_present", s.pages_present},
                       {"pages_total", s.pages_total},
+                      {"pages_unmapped", s.pages_unmapped},
                       {"fault_latency", latency_json(s.fault_latency)},
                       {"stages", stages_json(s.stages)}};
   return j.dump(2);

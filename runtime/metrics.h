@@ -59,6 +59,11 @@ struct alignas(64) Metrics {
   std::atomic<uint64_t> prefetch_used{0};
   std::atomic<uint64_t> prefetch_wasted{0};
   LatencyHistogram fault_latency;
+  // The same faults, stage by stage (FaultStages): each fault's three
+  // samples add up to its fault_latency sample.
+  LatencyHistogram stage_event_to_post;
+  LatencyHistogram stage_transport;
+  LatencyHistogram stage_install_wake;
 
   // Single-writer increment: no locked instruction on the fast path.
   static void bump(std::atomic<uint64_t>& counter, uint64_t by = 1) {

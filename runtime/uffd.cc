@@ -98,6 +98,8 @@ int Userfaultfd::read_events(std::span<uffd_msg> msgs) {
 
 namespace {
 
+thread_local PendingEvents* tl_pending_events = nullptr;
+
 // The loop UFFDIO_COPY and UFFDIO_ZEROPAGE share. `issue(offset, len)` runs
 // the ioctl on [offset, offset+len) and returns 0 or errno, with *done set
 // to the bytes it installed before failing.
@@ -116,13 +118,14 @@ int install_pages(size_t len, size_t page, uint64_t* retries, uint64_t* existed,
       continue;
     }
     if (err != EAGAIN) return err;
-    // The address space is changing under us (no non-cooperative events
-    // are enabled, so nobody has to read one first): retry from where the
-    // ioctl got to.
+    // The address space is changing under us: retry from where the ioctl
+    // got to, reading a pending munmap or mremap event first (until it is
+    // read, every install fails so).
     if (retries != nullptr) ++*retries;
     if (done > 0) {
       at += static_cast<size_t>(done);
     } else {
+      if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
       sched_yield();
     }
   }
@@ -130,6 +133,8 @@ int install_pages(size_t len, size_t page, uint64_t* retries, uint64_t* existed,
 }
 
 }  // namespace
+
+void set_thread_pending_events(PendingEvents* reader) { tl_pending_events = reader; }
 
 int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
   return install_pages(
@@ -183,8 +188,14 @@ int Userfaultfd::refuse(void* addr, size_t len) {
     p.range.start = reinterpret_cast<uint64_t>(addr);
     p.range.len = len;
     p.mode = 0;
-    if (::ioctl(fd_.get(), UFFDIO_POISON, &p) == 0) return 0;
-    if (errno == EEXIST) return wake(addr, len);
+    for (;;) {
+      if (::ioctl(fd_.get(), UFFDIO_POISON, &p) == 0) return 0;
+      if (errno == EEXIST) return wake(addr, len);
+      if (errno == ENOENT) return ENOENT;  // the range is gone
+      if (errno != EAGAIN) break;          // try the protection below
+      if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
+      sched_yield();
+    }
   }
   // No UFFDIO_POISON: a page that can never be fetched is made inaccessible
   // so that its waiters fault with SIGSEGV instead of reading zeros.

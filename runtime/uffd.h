@@ -15,6 +15,22 @@
 
 namespace pagewire {
 
+// An install that the kernel answers EAGAIN with nothing done means the
+// address space is changing. With non-cooperative events enabled (munmap,
+// mremap), every install on the userfaultfd fails so until the event is
+// read, and the task that unmaps waits until it is. A thread that installs
+// names here what reads pending events; the install calls it before each
+// retry, so that a handler never waits on an event only it would read.
+class PendingEvents {
+ public:
+  virtual void read_pending_events() = 0;
+
+ protected:
+  ~PendingEvents() = default;
+};
+// For the calling thread (nullptr: none, it only yields before retrying).
+void set_thread_pending_events(PendingEvents* reader);
+
 class Userfaultfd {
  public:
   // Opens a non-blocking userfaultfd and enables the subset of `wanted`
@@ -25,6 +41,9 @@ class Userfaultfd {
   static uint64_t kernel_features();
 
   int fd() const { return fd_.get(); }
+  // Closes the userfaultfd: every range is unregistered, and a missing page
+  // reads zeros from then on (make them inaccessible first).
+  void close() { fd_.reset(); }
   uint64_t features() const { return features_; }
   bool has(uint64_t feature) const { return (features_ & feature) != 0; }
 

@@ -67,6 +67,12 @@ class Mapping {
 
   std::byte* data() const { return static_cast<std::byte*>(base_); }
   size_t size() const { return length_; }
+  // Forgets the mapping without unmapping it (the caller unmaps it, or the
+  // parts of it that are still its own).
+  void release() {
+    base_ = nullptr;
+    length_ = 0;
+  }
   void reset() {
     if (base_ != nullptr) ::munmap(base_, length_);
     base_ = nullptr;

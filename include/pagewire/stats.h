@@ -51,6 +51,9 @@ struct Stats {
   bool complete = false;           // every page present; the region is plain memory now
   uint64_t pages_present = 0;      // pages installed so far
   uint64_t pages_total = 0;
+  // Pages of the region the application unmapped (or moved away with
+  // mremap): no longer the region's, and not waited for to complete it.
+  uint64_t pages_unmapped = 0;
   // Time from reading the fault event to the page being installed, measured
   // by the handler thread (the faulting thread also waits for the wake-up).
   // Counters are exact once a faulting thread resumes; the latency sample of

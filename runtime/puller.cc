@@ -1,0 +1,115 @@
+// The background pull: claims what is still missing in runs, reads each
+// run on a bulk channel that the source serves behind demand reads, and
+// installs it. A fault on a page out in a run overtakes it: its handler
+// reads the page again on its own channel (anonymous memory).
+#include <cstring>
+
+#include "runtime/fault_engine.h"
+#include "runtime/threads.h"
+#include "spdlog/spdlog.h"
+
+namespace pagewire {
+
+void FaultEngine::run_puller(Worker& w) {
+  setup_fault_thread("pw-pull", options_.handler_cpu, options_.puller_nice);
+  const size_t total = pages_.size();
+  size_t cursor = 0;
+  try {
+    // A refused page never arrives, so a failed region never completes:
+    // the pull then claims nothing more, but still installs (or refuses)
+    // every run it has in flight, whose pages nobody else would.
+    while (!status_.complete() && (!status_.failed() || w.in_flight > 0)) {
+      w.batch.clear();
+      // Demand faults go ahead of the pull on their own connections, which
+      // the source serves first. Holding the pull to one run while demand
+      // reads were in flight was measured: it slowed the pull (so the
+      // threads faulted more) and left demand p99 no better.
+      while (!status_.failed() && !w.staging->empty() && cursor < total) cursor = queue_pull_run(w, cursor);
+      if (!w.batch.empty()) post_batch(w);
+      int timeout = -1;
+      if (w.in_flight == 0) {
+        // Nothing of ours in flight: what is missing is in flight for a
+        // handler, or was discarded since; look again shortly, and let the
+        // completion owner look now.
+        if (cursor >= total) {
+          cursor = 0;
+          completion_->nudge();
+        }
+        timeout = 2;
+      }
+      w.result.clear();
+      w.channel->wait(w.result, timeout);
+      w.reaped_ns = now_ns();
+      for (uint64_t token : w.result.woken_tokens) {
+        if (token == kStopToken) return;
+      }
+      for (const ReadCompletion& c : w.result.completions) complete(w, c);
+      if (w.result.channel_error != Errc::kOk) {
+        // A dead channel has failed every read it held (refused above).
+        status_.record_failure(w.result.channel_error_text);
+        return;
+      }
+    }
+  } catch (const std::exception& e) {
+    stop_worker_on_exception(w, e);
+  }
+}
+
+size_t FaultEngine::queue_pull_run(Worker& w, size_t cursor) {
+  const size_t total = pages_.size();
+  if (pages_.get(cursor) != PageState::kMissing) return cursor + 1;
+  if (zero(cursor)) {
+    if (pages_.claim(cursor)) install_zero(w, cursor);
+    return cursor + 1;
+  }
+  // A span from this missing page: claim what is missing in the next
+  // slot_pages pages and take them as one run, gaps (pages that came by
+  // demand meanwhile) included, rather than breaking the run at every page
+  // a fault took. Zero pages end the span. Anonymous memory reads the whole
+  // span into staging in one go; shared memory reads each owned stretch in
+  // place (queue_read), at most max_parts of them.
+  uint64_t owned_mask = 0;
+  uint32_t span = 0;
+  uint32_t stretches = 0;
+  for (uint32_t i = 0; i < w.slot_pages && cursor + i < total && !zero(cursor + i); ++i) {
+    const bool starts_stretch = i == 0 || ((owned_mask >> (i - 1)) & 1) == 0;
+    if (backing_.shared && starts_stretch && stretches == w.max_parts) break;
+    if (pages_.get(cursor + i) == PageState::kMissing && pages_.claim(cursor + i)) {
+      if (pulling_) pulling_[cursor + i].store(true, std::memory_order_relaxed);
+      owned_mask |= uint64_t{1} << i;
+      span = i + 1;
+      if (starts_stretch) ++stretches;
+    }
+  }
+  if (owned_mask != 0) queue_read(w, cursor, span, ReadKind::kPull, 0, owned_mask);
+  return cursor + std::max<uint32_t>(span, 1);
+}
+
+void FaultEngine::finish_overtake(Worker& w, std::byte* src, size_t page) {
+  const uint64_t offset = uint64_t{page} * desc_.page_size;
+  const uint64_t len = std::min<uint64_t>(desc_.page_size, desc_.length - offset);
+  if (len < desc_.page_size) std::memset(src + len, 0, desc_.page_size - len);
+  Metrics::bump(w.metrics.bytes_fetched, len);
+  std::byte* dst = page_addr(page);
+  uint64_t retries = 0;
+  uint64_t existed = 0;
+  // The page table still says in flight: the pull run that owns the page
+  // publishes it, finding it here already (EEXIST) and leaving it as the
+  // application may have written it since.
+  const int rc = uffd_.copy(dst, src, desc_.page_size, desc_.page_size, &retries, &existed);
+  if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
+  if (rc != 0) {
+    // The run installs or refuses it (or finds it gone), and wakes its threads.
+    spdlog::debug("region '{}': overtaking read of page {}: UFFDIO_COPY: {}", desc_.name, page, std::strerror(rc));
+    return;
+  }
+  if (existed == 0) {
+    Metrics::bump(w.metrics.bytes_copied, desc_.page_size);
+    Metrics::bump(w.metrics.faults_overtaken);
+  } else {
+    Metrics::bump(w.metrics.copy_eexist, existed);  // the pull run got there first
+  }
+  uffd_.wake(dst, desc_.page_size);
+}
+
+}  // namespace pagewire

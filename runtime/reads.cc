@@ -1,0 +1,236 @@
+// Reads and installs: queueing a read into a staging slot, and completing
+// it: install the pages (UFFDIO_COPY from staging, UFFDIO_CONTINUE where the
+// read landed in shared memory, UFFDIO_ZEROPAGE for known zero pages),
+// record them present, wake their threads; or refuse them.
+#include <bit>
+#include <cstring>
+
+#include "runtime/fault_engine.h"
+#include "spdlog/spdlog.h"
+
+namespace pagewire {
+
+std::byte* FaultEngine::landing(Worker& w, uint32_t slot, size_t first) const {
+  return backing_.shared ? backing_.alias.data() + first * desc_.page_size : w.staging->at(slot);
+}
+
+void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns,
+                             uint64_t owned, uint32_t first_part) {
+  const uint32_t slot = w.staging->acquire();
+  // The last page of a region whose length is not page aligned is read
+  // short; the rest of it lies past the end of the source and reads zero.
+  const uint64_t offset = uint64_t{first} * desc_.page_size;
+  const uint64_t len = std::min<uint64_t>(uint64_t{pages} * desc_.page_size, desc_.length - offset);
+  std::byte* dst = landing(w, slot, first);
+  const bool split = pages == 1 && first_part > 0 && first_part < len;
+  const uint64_t mask = owned != 0 ? owned : all_pages(pages);
+  uint8_t parts = 0;
+  auto read = [&](uint64_t at, uint64_t bytes) {
+    w.batch.push_back({offset + at, static_cast<uint32_t>(bytes), dst + at, slot});
+    ++parts;
+  };
+  if (split) {
+    // The part from the faulting 4 KiB to the end first, then the head.
+    read(first_part, len - first_part);
+    read(0, first_part);
+  } else if (backing_.shared && mask != all_pages(pages)) {
+    // Reads land in the final pages: read only the stretches this run owns,
+    // never over a page that arrived another way.
+    for_each_stretch(mask, pages, [&](uint32_t i, uint32_t n) {
+      const uint64_t at = uint64_t{i} * desc_.page_size;
+      read(at, std::min<uint64_t>(uint64_t{n} * desc_.page_size, len - at));
+    });
+  } else {
+    read(0, len);
+  }
+  w.slots[slot] = {first, pages, mask, kind, start_ns, 0, true, parts, Errc::kOk};
+  ++w.in_flight;
+}
+
+void FaultEngine::post_batch(Worker& w) {
+  w.channel->post(w.batch);
+  const uint64_t t = now_ns();
+  for (const ReadOp& op : w.batch) w.slots[op.cookie].post_ns = t;
+}
+
+void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
+  const auto slot = static_cast<uint32_t>(c.cookie);
+  Worker::Slot& live = w.slots[slot];
+  if (c.status != Errc::kOk && live.status == Errc::kOk) live.status = c.status;
+  if (--live.parts > 0) return;  // the other part of a split read is still coming
+  const Worker::Slot s = live;
+  live.busy = false;
+  --w.in_flight;
+  if (pulling_ && s.kind == ReadKind::kPull) {
+    for (uint32_t i = 0; i < s.pages; ++i) {
+      if (((s.owned >> i) & 1) != 0) pulling_[s.first + i].store(false, std::memory_order_relaxed);
+    }
+  }
+  if (s.status != Errc::kOk) {
+    w.staging->release(slot);
+    complete_failed(w, s);
+    return;
+  }
+  if (s.kind == ReadKind::kOvertake) {
+    // It owns no page: the pull run still installs the page (and wakes
+    // its threads) if this read does not get there first.
+    finish_overtake(w, w.staging->at(slot), s.first);
+  } else {
+    install_run(w, s, landing(w, slot, s.first));
+  }
+  w.staging->release(slot);
+  if (s.kind == ReadKind::kDemand || (s.kind == ReadKind::kOvertake && s.owned != 0)) {
+    // Where the fault's time went: read to post, the transport, install
+    // and wake. The three add up to the whole.
+    const uint64_t done = now_ns();
+    w.metrics.fault_latency.record(done - s.start_ns);
+    w.metrics.stage_event_to_post.record(s.post_ns - s.start_ns);
+    w.metrics.stage_transport.record(w.reaped_ns - s.post_ns);
+    w.metrics.stage_install_wake.record(done - w.reaped_ns);
+  }
+}
+
+void FaultEngine::complete_failed(Worker& w, const Worker::Slot& s) {
+  // A failed overtaking read owns no page: the pull run installs or
+  // refuses it, and wakes its threads.
+  if (s.kind == ReadKind::kOvertake) return;
+  for (uint32_t i = 0; i < s.pages; ++i) {
+    if (((s.owned >> i) & 1) == 0) continue;
+    // A fault that overtook the run may have installed the page: it is
+    // the source's, the application may be using it, and it stays.
+    if (s.kind == ReadKind::kPull && pulling_ && residency_.resident(s.first + i)) {
+      publish(w, s.first + i, 1);
+    } else {
+      refuse_page(w, s.first + i, s.status, w.result.channel_error_text);
+    }
+  }
+}
+
+void FaultEngine::install_run(Worker& w, const Worker::Slot& s, std::byte* src) {
+  const uint64_t offset = uint64_t{s.first} * desc_.page_size;
+  const uint64_t run_bytes = uint64_t{s.pages} * desc_.page_size;
+  const uint64_t len = std::min<uint64_t>(run_bytes, desc_.length - offset);
+  if (len < run_bytes) std::memset(src + len, 0, run_bytes - len);
+  const auto installed = static_cast<uint32_t>(std::popcount(s.owned));
+  // Counted before the copy: the copy wakes the faulting threads, and what
+  // they read in stats() afterwards must include their page.
+  Metrics::bump(s.kind == ReadKind::kPull ? w.metrics.pages_pulled : w.metrics.pages_fetched, installed);
+  // What crossed the wire: the whole span, except that a shared-memory run
+  // reads only the stretches it owns (its last page is always one of them).
+  const uint64_t skipped = backing_.shared ? uint64_t{s.pages - installed} * desc_.page_size : 0;
+  Metrics::bump(w.metrics.bytes_fetched, len - skipped);
+  if (s.kind == ReadKind::kPull) Metrics::bump(w.metrics.pull_runs);
+  // One install per stretch of owned pages (the whole run, normally). A
+  // stretch that fails is refused and the others still go in: a page left
+  // in flight would park its threads for good.
+  for_each_stretch(s.owned, s.pages, [&](uint32_t i, uint32_t n) {
+    const int rc = install(w, src + uint64_t{i} * desc_.page_size, s.first + i, n);
+    if (rc == 0) {
+      publish(w, s.first + i, n);
+      return;
+    }
+    if (rc == ENOENT) {
+      // The application unmapped the range meanwhile: its pages are gone,
+      // and the threads that faulted there fault again on what is there now.
+      for (uint32_t k = i; k < i + n; ++k) refusal_.mark_gone(s.first + k, *w.counts);
+      return;
+    }
+    Metrics::bump(w.metrics.install_failures, n);
+    const std::string why =
+        backing_.shared && rc == EFAULT
+            ? std::string("UFFDIO_CONTINUE: the page is no longer in the memfd (a hole was punched into it while "
+                          "attached; over RDMA the memory region still pins the old page, so it cannot be fetched "
+                          "again)")
+            : std::string(backing_.shared ? "UFFDIO_CONTINUE: " : "UFFDIO_COPY: ") + std::strerror(rc);
+    for (uint32_t k = i; k < i + n; ++k) refuse_page(w, s.first + k, Errc::kIo, why);
+  });
+}
+
+int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count) {
+  std::byte* dst = page_addr(page);
+  const uint64_t bytes = uint64_t{count} * desc_.page_size;
+  uint64_t retries = 0;
+  uint64_t existed = 0;
+  int rc = 0;
+  // Counted before the waiters are woken (publish() wakes them), as
+  // stats() readers expect.
+  if (backing_.shared) {
+    // The read landed in these very pages (through the alias): map them.
+    rc = uffd_.map_in_place(dst, bytes, desc_.page_size, &retries, &existed);
+    if (rc == 0) Metrics::bump(w.metrics.pages_continued, count);
+  } else {
+    rc = uffd_.copy(dst, src, bytes, desc_.page_size, &retries, &existed);
+    if (rc == 0) Metrics::bump(w.metrics.bytes_copied, bytes);
+  }
+  if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
+  if (existed > 0) Metrics::bump(w.metrics.copy_eexist, existed);
+  return rc;
+}
+
+void FaultEngine::install_zero(Worker& w, size_t page) {
+  uint64_t retries = 0;
+  uint64_t existed = 0;
+  std::byte* dst = page_addr(page);
+  int rc = 0;
+  const char* how = "UFFDIO_ZEROPAGE: ";
+  if (backing_.shared) {
+    // A memfd handed in may hold old bytes there: zero the page itself.
+    std::memset(backing_.alias.data() + page * desc_.page_size, 0, desc_.page_size);
+    rc = uffd_.map_in_place(dst, desc_.page_size, desc_.page_size, &retries, &existed);
+    how = "UFFDIO_CONTINUE: ";
+  } else if (backing_.huge) {
+    rc = uffd_.copy(dst, zero_source_.data(), desc_.page_size, desc_.page_size, &retries, &existed);
+    how = "UFFDIO_COPY: ";
+  } else {
+    rc = uffd_.zeropage(dst, desc_.page_size, desc_.page_size, &retries, &existed);
+  }
+  if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
+  if (rc == ENOENT) {
+    refusal_.mark_gone(page, *w.counts);
+  } else if (rc != 0) {
+    Metrics::bump(w.metrics.install_failures);
+    refuse_page(w, page, Errc::kIo, how + std::string(std::strerror(rc)));
+  } else {
+    Metrics::bump(w.metrics.pages_zero);
+    publish(w, page, 1);
+  }
+}
+
+void FaultEngine::publish(Worker& w, size_t first, uint32_t count) {
+  // Present in the table before anyone waiting on these pages runs: a woken
+  // thread that discards its page and faults again must find it present.
+  // A page unmapped meanwhile stays gone (and was counted so).
+  int64_t settled = 0;
+  for (uint32_t k = 0; k < count; ++k) settled += pages_.settle(first + k, PageState::kPresent) ? 1 : 0;
+  PageCounts::add(w.counts->present, settled);
+  uffd_.wake(page_addr(first), uint64_t{count} * desc_.page_size);
+}
+
+void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::string& text) {
+  // Never zero-fill: the waiters are woken into SIGBUS (or SIGSEGV).
+  Metrics::bump(w.metrics.transport_errors);
+  if (pages_.get(page) == PageState::kGone) {
+    uffd_.wake(page_addr(page), desc_.page_size);  // unmapped meanwhile: nothing to refuse
+    return;
+  }
+  Metrics::bump(w.metrics.pages_refused);
+  refusal_.refuse(page, std::string(to_string(why)) + (text.empty() ? "" : " (" + text + ")"), *w.counts);
+}
+
+void FaultEngine::stop_worker_on_exception(Worker& w, const std::exception& e) {
+  // Nothing may escape a thread; the region is marked failed instead, and
+  // the pages this worker owned are refused: nobody else would ever
+  // install them, and their waiters would stay parked.
+  const std::string why = std::string("a fault worker stopped: ") + e.what();
+  status_.record_failure(why);
+  for (auto& slot : w.slots) {
+    if (!slot.busy) continue;
+    slot.busy = false;
+    if (slot.kind == ReadKind::kOvertake) continue;  // its page is a pull run's
+    for (uint32_t i = 0; i < slot.pages; ++i) {
+      if (((slot.owned >> i) & 1) != 0) refuse_page(w, slot.first + i, Errc::kIo, why);
+    }
+  }
+}
+
+}  // namespace pagewire

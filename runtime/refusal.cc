@@ -1,0 +1,64 @@
+#include "runtime/refusal.h"
+
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "spdlog/spdlog.h"
+
+namespace pagewire {
+
+bool Refusal::mapped(size_t page) const {
+  // mincore answers ENOMEM for a range with no mapping.
+  std::vector<unsigned char> v(page_size_ / 4096);
+  return ::mincore(base_ + page * page_size_, page_size_, v.data()) == 0 || errno != ENOMEM;
+}
+
+void Refusal::mark_gone(size_t page, PageCounts& mine) {
+  // Owned by the caller, unless the munmap event was read first and made
+  // it gone already (and counted it).
+  if (pages_.settle(page, PageState::kGone)) PageCounts::add(mine.gone, 1);
+  uffd_.wake(base_ + page * page_size_, page_size_);
+}
+
+bool Refusal::refuse(size_t page, const std::string& why, PageCounts& mine) {
+  pages_.set(page, PageState::kRefused);
+  status_.record_failure("page " + std::to_string(page) + " could not be fetched: " + why);
+  std::byte* addr = base_ + page * page_size_;
+  const int rc = uffd_.refuse(addr, page_size_);
+  if (rc == 0) return true;
+  // POISON answers ENOENT, and mprotect ENOMEM, where the range is gone.
+  if (!mapped(page)) {
+    if (pages_.transition(page, PageState::kRefused, PageState::kGone)) PageCounts::add(mine.gone, 1);
+    uffd_.wake(addr, page_size_);
+    return false;
+  }
+  // Without UFFDIO_POISON every refused page is a PROT_NONE mapping of its
+  // own, and past vm.max_map_count mprotect fails (ENOMEM): its waiters
+  // would stay parked for good. The region has failed, so all of it is
+  // made inaccessible instead (whole mappings: no new one is needed) and
+  // every waiter is woken into SIGSEGV. Pages already here go with it.
+  spdlog::error("region '{}': refusing page {} failed: {}; making the whole region inaccessible instead (raise "
+                "vm.max_map_count, or run a kernel with UFFDIO_POISON)",
+                name_, page, std::strerror(rc));
+  make_inaccessible();
+  return true;
+}
+
+void Refusal::make_inaccessible() {
+  // Only the parts still mapped: a range the application unmapped may hold
+  // another mapping by now, and an mprotect across a hole stops there.
+  pages_.for_each_mapped_stretch([&](size_t first, size_t count) {
+    std::byte* addr = base_ + first * page_size_;
+    const size_t len = count * page_size_;
+    if (::mprotect(addr, len, PROT_NONE) != 0) {
+      spdlog::error("region '{}': mprotect of pages {}..{} failed: {}", name_, first, first + count - 1,
+                    std::strerror(errno));
+    }
+    uffd_.wake(addr, len);
+  });
+}
+
+}  // namespace pagewire

@@ -1,0 +1,49 @@
+// Refusing a page that cannot be fetched: never zero-fill it. Its waiters
+// are woken into SIGBUS (UFFDIO_POISON) or, on kernels without it, into
+// SIGSEGV (the page made PROT_NONE). A page whose range the application
+// unmapped meanwhile is not refused but marked gone, and its waiters woken
+// to fault again as on any unmapped address.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "runtime/completion.h"
+#include "runtime/page_table.h"
+#include "runtime/region_status.h"
+#include "runtime/uffd.h"
+
+namespace pagewire {
+
+class Refusal {
+ public:
+  Refusal(Userfaultfd& uffd, PageTable& pages, RegionStatus& status, std::byte* base, uint32_t page_size,
+          std::string name)
+      : uffd_(uffd), pages_(pages), status_(status), base_(base), page_size_(page_size), name_(std::move(name)) {}
+
+  // Refuses `page` (recording why as the region's failure first, so that
+  // its waiters find the region failed); false when its range turned out
+  // to be gone, which `mine` then counts.
+  bool refuse(size_t page, const std::string& why, PageCounts& mine);
+  // An owned page whose install found its range unmapped (ENOENT): gone,
+  // counted in `mine` (unless the munmap event counted it first), its
+  // waiters woken.
+  void mark_gone(size_t page, PageCounts& mine);
+  // Every part of the region still mapped made inaccessible, and every
+  // waiter woken into SIGSEGV: for a failed region without UFFDIO_POISON,
+  // and for one destroyed before it completed.
+  void make_inaccessible();
+
+ private:
+  bool mapped(size_t page) const;
+
+  Userfaultfd& uffd_;
+  PageTable& pages_;
+  RegionStatus& status_;
+  std::byte* base_;
+  uint32_t page_size_;
+  std::string name_;
+};
+
+}  // namespace pagewire

@@ -1,0 +1,80 @@
+// munmap and mremap of part of an attached region. With UFFD_EVENT_UNMAP
+// and UFFD_EVENT_REMAP the kernel tells the handlers (and the task that
+// unmaps waits until one has read the event): the pages of that range are
+// no longer the region's. They are marked gone, so that nothing installs,
+// counts, protects or unregisters them any more; an install already on its
+// way finds the range gone (ENOENT) and only wakes its threads, which then
+// fault again as on any unmapped address.
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/fault_engine.h"
+#include "spdlog/spdlog.h"
+
+namespace pagewire {
+
+void FaultEngine::on_unmapped(Worker& w, uint64_t start, uint64_t end) {
+  const auto base = reinterpret_cast<uint64_t>(backing_.view.data());
+  const uint64_t limit = base + backing_.view.size();
+  start = std::max(start, base);
+  end = std::min(end, limit);
+  if (start >= end) return;
+  // Whole pages only: the kernel unmaps in whole pages of the mapping.
+  const size_t first = (start - base) / desc_.page_size;
+  const size_t last = (end - base + desc_.page_size - 1) / desc_.page_size;
+  size_t gone = 0;
+  for (size_t p = first; p < last; ++p) {
+    for (;;) {
+      const PageState s = pages_.get(p);
+      if (s == PageState::kGone) break;
+      if (!pages_.transition(p, s, PageState::kGone)) continue;
+      // An in-flight page's read still completes: its install finds the
+      // range gone, and the page stays gone.
+      if (s == PageState::kPresent) PageCounts::add(w.counts->present, -1);
+      PageCounts::add(w.counts->gone, 1);
+      ++gone;
+      break;
+    }
+  }
+  spdlog::info("region '{}': pages {}..{} unmapped by the application ({} left the region); serving the rest",
+               desc_.name, first, last - 1, gone);
+}
+
+void FaultEngine::on_fault_outside(Worker& w, uint64_t address) {
+  // Only part of the region moved by mremap can fault here: the page had
+  // not arrived when it moved, and its place in the region is no longer
+  // known to be its own. Refused (SIGBUS, or SIGSEGV without
+  // UFFDIO_POISON), never zero-filled.
+  Metrics::bump(w.metrics.pages_refused);
+  auto* addr = reinterpret_cast<std::byte*>(address & ~(uint64_t{desc_.page_size} - 1));
+  const int rc = uffd_.refuse(addr, desc_.page_size);
+  spdlog::warn("region '{}': a fault at {:#x}, outside the region (moved there by mremap before it arrived): "
+               "refused{}",
+               desc_.name, address, rc == 0 ? "" : std::string(" (failed: ") + std::strerror(rc) + ")");
+}
+
+void FaultEngine::read_pending_events(Worker& w) {
+  uffd_msg msgs[Worker::kEventBatch];
+  const int n = uffd_.read_events(std::span(msgs, Worker::kEventBatch));
+  for (int i = 0; i < n; ++i) {
+    const uffd_msg& m = msgs[i];
+    if (m.event == UFFD_EVENT_PAGEFAULT) {
+      w.deferred.push_back(m);
+    } else {
+      handle_event(w, m, now_ns(), 0);
+    }
+  }
+}
+
+void FaultEngine::unmap_view() {
+  // Only what is still the region's: a range the application unmapped may
+  // hold another mapping of its own by now.
+  pages_.for_each_mapped_stretch([&](size_t first, size_t count) {
+    ::munmap(page_addr(first), count * desc_.page_size);
+  });
+  backing_.view.release();
+}
+
+}  // namespace pagewire
