@@ -111,6 +111,8 @@ class FaultEngine {
   void complete(Worker& w, const ReadCompletion& c);
   void complete_failed(Worker& w, const Worker::Slot& s);
   void install_run(Worker& w, const Worker::Slot& s, std::byte* src);
+  // A run whose install found part of its range unmapped: page by page.
+  void install_around_a_hole(Worker& w, size_t first, uint32_t count, std::byte* src);
   // Installs [page, page+count) from where their read landed; 0 or errno.
   int install(Worker& w, std::byte* src, size_t page, uint32_t count);
   // Installs a claimed zero page without a transfer.

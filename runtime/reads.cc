@@ -130,9 +130,7 @@ void FaultEngine::install_run(Worker& w, const Worker::Slot& s, std::byte* src) 
       return;
     }
     if (rc == ENOENT) {
-      // The application unmapped the range meanwhile: its pages are gone,
-      // and the threads that faulted there fault again on what is there now.
-      for (uint32_t k = i; k < i + n; ++k) refusal_.mark_gone(s.first + k, *w.counts);
+      install_around_a_hole(w, s.first + i, n, src + uint64_t{i} * desc_.page_size);
       return;
     }
     Metrics::bump(w.metrics.install_failures, n);
@@ -144,6 +142,24 @@ void FaultEngine::install_run(Worker& w, const Worker::Slot& s, std::byte* src) 
             : std::string(backing_.shared ? "UFFDIO_CONTINUE: " : "UFFDIO_COPY: ") + std::strerror(rc);
     for (uint32_t k = i; k < i + n; ++k) refuse_page(w, s.first + k, Errc::kIo, why);
   });
+}
+
+void FaultEngine::install_around_a_hole(Worker& w, size_t first, uint32_t count, std::byte* src) {
+  // Part of the range was unmapped meanwhile (the kernel refuses a whole
+  // multi-page install that crosses a hole): page by page, the pages still
+  // mapped go in, and the rest are gone; the threads that faulted on those
+  // fault again on whatever is there now.
+  for (uint32_t k = 0; k < count; ++k) {
+    const int rc = install(w, src + uint64_t{k} * desc_.page_size, first + k, 1);
+    if (rc == 0) {
+      publish(w, first + k, 1);
+    } else if (rc == ENOENT) {
+      refusal_.mark_gone(first + k, *w.counts);
+    } else {
+      Metrics::bump(w.metrics.install_failures);
+      refuse_page(w, first + k, Errc::kIo, std::string("installing: ") + std::strerror(rc));
+    }
+  }
 }
 
 int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count) {
