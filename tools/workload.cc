@@ -6,7 +6,6 @@
 #include <mutex>
 #include <numeric>
 #include <random>
-#include <stdexcept>
 #include <thread>
 
 #include "tools/cli_util.h"
@@ -14,13 +13,6 @@
 #include "tools/signals.h"
 
 namespace pagewire::cli {
-
-AccessPattern parse_access_pattern(const std::string& text) {
-  if (text == "random") return AccessPattern::kRandom;
-  if (text == "sequential") return AccessPattern::kSequential;
-  if (text == "strided") return AccessPattern::kStrided;
-  throw std::invalid_argument("access pattern must be random, sequential or strided, not '" + text + "'");
-}
 
 const char* to_string(AccessPattern p) {
   switch (p) {
