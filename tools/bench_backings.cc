@@ -15,7 +15,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -30,7 +29,6 @@
 #include "tools/bench.h"
 #include "tools/cli_util.h"
 #include "tools/pattern.h"
-#include "tools/source_process.h"
 #include "transport/transport.h"
 
 namespace pagewire::cli {

@@ -20,8 +20,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <memory>
 #include <numeric>
 #include <random>
 #include <stdexcept>
