@@ -306,7 +306,8 @@ void add_bench_setup(CLI::App* cmd, BenchConfig& bc) {
       ->transform(size_arg())
       ->default_str("1G");
   cmd->add_option("--seed", bc.seed, "pattern seed of the region (with --uri: what serve --pattern used)")
-      ->transform(seed_arg());
+      ->transform(seed_arg())
+      ->default_str("0x5eed");
   cmd->add_option("--transport", bc.transport, "transport to the bench's own source: tcp, rdma or auto")
       ->check(CLI::IsMember({"tcp", "rdma", "auto"}))
       ->capture_default_str();
