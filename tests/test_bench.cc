@@ -9,7 +9,9 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <fstream>
 #include <functional>
+#include <sstream>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -56,6 +58,19 @@ bool finished(const CliRun& r) { return r.status == 0 || r.status == 1; }
 
 bool has(const std::string& out, const std::string& what) { return out.find(what) != std::string::npos; }
 
+size_t count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = 0; (at = text.find(what, at)) != std::string::npos; at += what.size()) ++n;
+  return n;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
   struct Case {
     const char* args;
@@ -69,6 +84,16 @@ TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
       {"serve --port 0 --rdma off --pattern a/b=1M", "region name has a '/'"},
       {"attach --verify abc tcp://127.0.0.1:1/x", "'abc' is not a seed"},
       {"bench --size -5G", "'-5G' is not a size"},
+      // Enum-like options are checked by the parser, before anything runs.
+      {"bench --suite fastest", "--suite: fastest not in {faults,postcopy,scaling,backings}"},
+      {"bench --placement everywhere", "--placement: everywhere not in {same,split,free,all}"},
+      {"bench --transport udp", "--transport: udp not in {tcp,rdma,auto}"},
+      {"bench --access backwards", "--access: backwards not in {random,sequential,strided}"},
+      {"attach --access backwards tcp://127.0.0.1:1/x", "--access: backwards not in {random,sequential,strided}"},
+      {"attach --memory swap tcp://127.0.0.1:1/x", "--memory: swap not in {anonymous,shared}"},
+      {"serve --rdma maybe --pattern a=1M", "--rdma: maybe not in {auto,on,off}"},
+      {"bench --threads 0", "--threads: Value 0 not in range 1"},
+      {"bench --suite scaling --scaling-threads 2,0", "--scaling-threads: Value 0 not in range 1"},
   };
   for (const Case& c : cases) {
     const CliRun r = run_cli(c.args);
@@ -130,6 +155,48 @@ TEST(Bench, PostcopySuiteVerifiesEveryByteAndSkipsZeroPages) {
   EXPECT_TRUE(has(r.out, "2 MiB on the wire (50.0% of the region), 512 zero pages installed without a transfer"))
       << r.out;
   EXPECT_TRUE(has(r.out, "with the puller at nice 19")) << r.out;
+}
+
+TEST(Cli, VersionIsTheOneInfoPrints) {
+  const CliRun version = run_cli("--version");
+  EXPECT_EQ(version.status, 0) << version.out;
+  ASSERT_TRUE(has(version.out, "pagewire ")) << version.out;
+  const std::string line = version.out.substr(0, version.out.find('\n'));
+  EXPECT_GT(line.size(), std::string("pagewire ").size()) << version.out;
+  const CliRun info = run_cli("info");
+  EXPECT_EQ(info.out.rfind(line + "\n", 0), 0u) << "--version said '" << line << "'; info said:\n" << info.out;
+}
+
+TEST(Bench, FaultsSuiteReportsEachStageBesideTheHandlerFaultLatency) {
+  const std::string json = ::testing::TempDir() + "/bench-faults.json";
+  std::remove(json.c_str());
+  const CliRun r = run_cli("bench --size 8M --floor-size 8M --floor-samples 200 --placement free --json " + json);
+  ASSERT_TRUE(finished(r)) << "exit status " << r.status << "\n" << r.out;
+  EXPECT_TRUE(has(r.out, "stages event_to_post ")) << r.out;
+  EXPECT_TRUE(has(r.out, "; handler fault mean ")) << r.out;
+  const std::string report = read_file(json);
+  // One placement: one handler fault latency, with its stages beside it.
+  EXPECT_EQ(count(report, "\"handler_fault_latency\": {"), 1u) << report;
+  EXPECT_EQ(count(report, "\"stages\": {"), 1u) << report;
+  EXPECT_EQ(count(report, "\"event_to_post\": {"), 1u) << report;
+  EXPECT_EQ(count(report, "\"transport\": {"), 1u) << report;
+  EXPECT_EQ(count(report, "\"install_wake\": {"), 1u) << report;
+  EXPECT_EQ(count(report, "\"stage_mean_sum_ratio\": "), 1u) << report;
+  EXPECT_TRUE(has(report, "\"wrong_pages\": 0")) << report;  // JSON writes no other number with a leading 0
+}
+
+TEST(Bench, ScalingSuiteReportsFaultsPerSecondByHandlersAndThreads) {
+  const std::string json = ::testing::TempDir() + "/bench-scaling.json";
+  std::remove(json.c_str());
+  const CliRun r =
+      run_cli("bench --suite scaling --size 8M --scaling-handlers 1,2 --scaling-threads 2,64 --json " + json);
+  ASSERT_EQ(r.status, 0) << r.out;  // 1 here is a page read wrong: the suite judges no timed bar
+  const std::string report = read_file(json);
+  EXPECT_EQ(count(report, "\"handlers_1\": {"), 1u) << report;
+  EXPECT_EQ(count(report, "\"handlers_2\": {"), 1u) << report;
+  EXPECT_EQ(count(report, "\"threads_2\": "), 2u) << report;
+  EXPECT_EQ(count(report, "\"threads_64\": "), 2u) << report;
+  EXPECT_EQ(count(report, "\"wrong_pages\": 0"), 4u) << report;
 }
 
 }  // namespace

@@ -27,6 +27,7 @@ namespace pagewire::cli {
 namespace {
 
 double us(uint64_t ns) { return static_cast<double>(ns) / 1000.0; }
+double us(double ns) { return ns / 1000.0; }
 
 // Demand faults only, placed as the placement says: what both the floor
 // and the fault run attach with and touch with.
@@ -51,14 +52,6 @@ WorkloadConfig touch_config(const BenchConfig& c, const Placement& pl, const std
   return w;
 }
 
-// A bench run whose touches were cut short by a refused page measured
-// nothing: stop with the region's reason.
-void require_every_touch(const WorkloadResult& res, const Region& r, const char* what) {
-  if (res.stopped_by_signal == 0) return;
-  throw std::runtime_error(std::string(what) + ": a touching thread was stopped by " +
-                           strsignal(res.stopped_by_signal) + ": " + (r.failed() ? r.error() : "no reason given"));
-}
-
 // Floor (a): a userfaultfd fault served from memory in this process by the
 // same engine and threads, with no network.
 LatencySummary floor_local_fault(const BenchConfig& c, const Placement& pl, const Mapping& source) {
@@ -69,38 +62,46 @@ LatencySummary floor_local_fault(const BenchConfig& c, const Placement& pl, cons
   return summarize_samples(res.latencies_ns);
 }
 
-// Floor (b): one raw transport read of a page at a time, no userfaultfd.
+// c.floor_samples raw reads of one random page each, one at a time, on one
+// channel, each checked against the pattern; their latencies.
+std::vector<uint64_t> time_raw_reads(const BenchConfig& c, const std::string& uri) {
+  TransportOptions topts;
+  topts.io_uring = c.io_uring;
+  auto transport = connect_transport(uri, topts);
+  auto channel = transport->open_channel();
+  Mapping buf = Mapping::anonymous(4096);
+  channel->register_buffer(buf.data(), buf.size());
+  const uint64_t pages = transport->region().length / 4096;
+  std::mt19937_64 rng(7);
+  std::vector<uint64_t> samples;
+  samples.reserve(c.floor_samples);
+  WaitResult res;
+  for (unsigned i = 0; i < c.floor_samples; ++i) {
+    const uint64_t off = (rng() % pages) * 4096;
+    const ReadOp op{off, 4096, buf.data(), i};
+    const auto t0 = std::chrono::steady_clock::now();
+    channel->post({&op, 1});
+    res.clear();
+    while (res.completions.empty() && res.channel_error == Errc::kOk) channel->wait(res, -1);
+    const auto t1 = std::chrono::steady_clock::now();
+    if (res.completions.empty() || res.completions[0].status != Errc::kOk) {
+      throw std::runtime_error("raw read failed: " + res.channel_error_text);
+    }
+    if (check_pattern(buf.data(), off, 4096, c.seed) != -1) throw std::runtime_error("raw read returned wrong data");
+    samples.push_back(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
+  }
+  return samples;
+}
+
+// Floor (b): one raw transport read of a page at a time, no userfaultfd,
+// from a thread placed where the handlers run.
 LatencySummary floor_transport_read(const BenchConfig& c, const Placement& pl, const std::string& uri) {
   LatencySummary out;
   std::string error;
   std::thread reader([&] {
     try {
       pin_this_thread(pl.handler_cpu);
-      TransportOptions topts;
-      topts.io_uring = c.io_uring;
-      auto transport = connect_transport(uri, topts);
-      auto channel = transport->open_channel();
-      Mapping buf = Mapping::anonymous(4096);
-      channel->register_buffer(buf.data(), buf.size());
-      const uint64_t pages = transport->region().length / 4096;
-      std::mt19937_64 rng(7);
-      std::vector<uint64_t> samples;
-      samples.reserve(c.floor_samples);
-      WaitResult res;
-      for (unsigned i = 0; i < c.floor_samples; ++i) {
-        const uint64_t off = (rng() % pages) * 4096;
-        const ReadOp op{off, 4096, buf.data(), i};
-        const auto t0 = std::chrono::steady_clock::now();
-        channel->post({&op, 1});
-        res.clear();
-        while (res.completions.empty() && res.channel_error == Errc::kOk) channel->wait(res, -1);
-        const auto t1 = std::chrono::steady_clock::now();
-        if (res.completions.empty() || res.completions[0].status != Errc::kOk) {
-          throw std::runtime_error("raw read failed: " + res.channel_error_text);
-        }
-        if (check_pattern(buf.data(), off, 4096, c.seed) != -1) throw std::runtime_error("raw read returned wrong data");
-        samples.push_back(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
-      }
+      std::vector<uint64_t> samples = time_raw_reads(c, uri);
       out = summarize_samples(samples);
     } catch (const std::exception& e) {
       error = e.what();
@@ -111,28 +112,70 @@ LatencySummary floor_transport_read(const BenchConfig& c, const Placement& pl, c
   return out;
 }
 
-nlohmann::json to_json(const LatencySummary& l) { return latency_json(l); }
+// One placement's run of the faults suite: its floors, the faults as the
+// touching threads saw them, and as the handlers measured them, whole and
+// stage by stage.
+struct PlacementResult {
+  std::string placement;
+  std::string transport;
+  LatencySummary floor_a;   // a userfaultfd fault served from local memory
+  LatencySummary floor_b;   // a raw transport read
+  LatencySummary fault;     // first touches, as the touching threads timed them
+  LatencySummary handler;   // Stats::fault_latency: event read to page installed
+  FaultStages stages;       // the handler's fault, stage by stage
+  uint64_t duplicate_faults = 0;
+  uint64_t pages = 0;
+  uint64_t wrong_pages = 0;
+  int64_t first_wrong_offset = -1;
+  double seconds = 0;
+  double ib_read_lat_us = 0;
+  std::vector<uint64_t> touch_ns;  // every first touch, for the plot
 
-}  // namespace
-
-int run_bench(const BenchConfig& c) {
-  const std::vector<Placement> pls = placements(c.placement);
-  // The source process is forked before this process starts any thread.
-  std::unique_ptr<SourceProcess> source;
-  std::string uri = c.uri;
-  if (uri.empty()) {
-    std::fprintf(stderr, "starting a source process exporting %s...\n", format_bytes(c.size).c_str());
-    const bool loopback = c.addr.rfind("127.", 0) == 0;
-    source = std::make_unique<SourceProcess>(PatternSpec{"bench", c.size, c.seed}, loopback ? c.addr : "0.0.0.0",
-                                             c.transport == "tcp" ? "off" : "on");
-    uri = source->uri(c.transport, c.addr);
+  double faults_per_second() const { return static_cast<double>(pages) / seconds; }
+  // fault p50 / (floor a p50 + floor b p50)
+  double ratio() const {
+    return static_cast<double>(fault.p50_ns) / static_cast<double>(floor_a.p50_ns + floor_b.p50_ns);
   }
-  Mapping local = Mapping::anonymous(std::min(c.size, c.floor_size));
-  fill_pattern(local.data(), 0, local.size(), c.seed);
+  // fault p50 / (floor a p50 + ib_read_lat typical); 0 without that figure
+  double fabric_ratio() const {
+    if (ib_read_lat_us <= 0) return 0;
+    return static_cast<double>(fault.p50_ns) / (static_cast<double>(floor_a.p50_ns) + ib_read_lat_us * 1000);
+  }
+  double stage_mean_sum_ns() const {
+    double sum = 0;
+    for (const auto& [name, l] : stage_list(stages)) sum += l->mean_ns;
+    return sum;
+  }
+  // The stages account for the handler's whole fault when this is near 1.
+  double stage_mean_sum_ratio() const { return handler.mean_ns > 0 ? stage_mean_sum_ns() / handler.mean_ns : 0; }
+};
 
-  const unsigned handlers = c.handlers != 0 ? c.handlers : std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 4);
+PlacementResult run_placement(const BenchConfig& c, const Placement& pl, const std::string& uri, const Mapping& local) {
+  PlacementResult out;
+  out.placement = pl.name;
+  out.ib_read_lat_us = c.ib_read_lat_us;
+  out.floor_a = floor_local_fault(c, pl, local);
+  out.floor_b = floor_transport_read(c, pl, uri);
+  Region r = attach(uri, demand_options(c, pl));
+  WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), touch_config(c, pl, "faults"));
+  require_every_touch(res, r, "faults");
+  const Stats s = r.stats();
+  out.transport = std::string(r.transport());
+  out.fault = summarize_samples(res.latencies_ns);
+  out.handler = s.fault_latency;
+  out.stages = s.stages;
+  out.duplicate_faults = s.duplicate_faults;
+  out.pages = res.pages;
+  out.wrong_pages = res.wrong_pages;
+  out.first_wrong_offset = res.first_wrong_offset;
+  out.seconds = res.seconds;
+  out.touch_ns = std::move(res.latencies_ns);
+  return out;
+}
+
+void print_header(const BenchConfig& c, const std::string& uri) {
   std::printf("pagewire bench: %s, %s pattern, 4 KiB pages, %u faulting threads, %u handler threads, %s\n",
-              uri.c_str(), to_string(c.pattern), c.threads, handlers,
+              uri.c_str(), to_string(c.pattern), c.threads, c.handlers,
               uri.rfind("tcp", 0) != 0 ? "" : c.io_uring ? "io_uring sockets" : "plain-syscall sockets");
   std::printf("floor a = userfaultfd fault served from local memory (same engine, threads and placement)\n");
   std::printf("floor b = one raw 4 KiB transport read, no userfaultfd (%u samples)\n", c.floor_samples);
@@ -141,128 +184,107 @@ int run_bench(const BenchConfig& c) {
     std::printf("fabric  = fault p50 / (floor a p50 + ib_read_lat typical %.1fus), measured on this device\n",
                 c.ib_read_lat_us);
   }
+  std::printf("stages  = the handler's fault by stage, means; sum / handler fault mean\n");
   std::printf("\n");
   std::printf("%-9s %10s %10s %10s %10s %10s %10s %12s %7s\n", "placement", "floor_a", "floor_b", "fault_p50",
               "fault_p99", "p99.9", "max", "faults/s", "ratio");
-
-  nlohmann::json report = {{"uri", uri},
-                           {"region_bytes", c.size},
-                           {"pattern", to_string(c.pattern)},
-                           {"page_bytes", 4096},
-                           {"threads", c.threads},
-                           {"handlers", handlers},
-                           {"io_uring", c.io_uring},
-                           {"placements", nlohmann::json::array()}};
-  bool ok = true;
-  std::vector<Series> cdfs;
-  for (const Placement& pl : pls) {
-    if (source) pin_process(source->pid(), pl.server_cpu);
-    BenchConfig cc = c;
-    cc.handlers = handlers;
-    const LatencySummary a = floor_local_fault(cc, pl, local);
-    const LatencySummary b = floor_transport_read(cc, pl, uri);
-
-    Region r = attach(uri, demand_options(cc, pl));
-    WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), touch_config(cc, pl, "faults"));
-    require_every_touch(res, r, "faults");
-    if (!c.plot_path.empty()) cdfs.push_back({"fault, " + pl.name, cdf_points(res.latencies_ns)});
-    const LatencySummary f = summarize_samples(res.latencies_ns);
-    const Stats s = r.stats();
-    const double ratio = static_cast<double>(f.p50_ns) / static_cast<double>(a.p50_ns + b.p50_ns);
-    const double fabric_ratio =
-        c.ib_read_lat_us > 0 ? static_cast<double>(f.p50_ns) / (static_cast<double>(a.p50_ns) + c.ib_read_lat_us * 1000)
-                             : 0;
-    const double rate = static_cast<double>(res.pages) / res.seconds;
-    std::printf("%-9s %8.1fus %8.1fus %8.1fus %8.1fus %8.1fus %8.1fus %12.0f %7.2f\n", pl.name.c_str(), us(a.p50_ns),
-                us(b.p50_ns), us(f.p50_ns), us(f.p99_ns), us(f.p999_ns), us(f.max_ns), rate, ratio);
-    if (c.ib_read_lat_us > 0) std::printf("%-9s fabric ratio %.2f\n", "", fabric_ratio);
-    if (res.wrong_pages != 0) {
-      std::printf("  ERROR: %llu pages read wrong (first at offset %lld)\n",
-                  static_cast<unsigned long long>(res.wrong_pages), static_cast<long long>(res.first_wrong_offset));
-      ok = false;
-    }
-    if (c.max_ratio > 0 && ratio > c.max_ratio) {
-      std::printf("  ratio %.2f exceeds --max-ratio %.2f\n", ratio, c.max_ratio);
-      ok = false;
-    }
-    report["placements"].push_back({{"placement", pl.name},
-                                    {"floor_a_uffd_local", to_json(a)},
-                                    {"floor_b_transport_read", to_json(b)},
-                                    {"fault", to_json(f)},
-                                    {"handler_fault_latency", to_json(s.fault_latency)},
-                                    {"faults_per_second", rate},
-                                    {"seconds", res.seconds},
-                                    {"pages", res.pages},
-                                    {"wrong_pages", res.wrong_pages},
-                                    {"duplicate_faults", s.duplicate_faults},
-                                    {"ratio", ratio},
-                                    {"transport", std::string(r.transport())},
-                                    {"ib_read_lat_us", c.ib_read_lat_us},
-                                    {"fabric_ratio", fabric_ratio}});
-  }
-  std::printf("\nlatencies are p50 unless named; the fault columns are what a touching thread saw.\n");
-  if (!c.plot_path.empty()) {
-    write_plot(c.plot_path, std::string("pagewire bench: ") + to_string(c.pattern) + " 4 KiB faults, " + uri, cdfs, {});
-    std::printf("wrote %s\n", c.plot_path.c_str());
-  }
-  if (!c.json_path.empty()) {
-    std::ofstream out(c.json_path);
-    out << report.dump(2) << "\n";
-    if (!out) throw std::runtime_error("cannot write " + c.json_path);
-    std::printf("wrote %s\n", c.json_path.c_str());
-  }
-  return ok ? 0 : 1;
 }
 
-}  // namespace pagewire::cli
-
-namespace pagewire::cli {
-
-int run_scaling_bench(const BenchConfig& c) {
-  std::unique_ptr<SourceProcess> source;
-  std::string uri = c.uri;
-  if (uri.empty()) {
-    source = std::make_unique<SourceProcess>(PatternSpec{"bench", c.size, c.seed});
-    uri = source->uri();
+void print_row(const PlacementResult& r) {
+  std::printf("%-9s %8.1fus %8.1fus %8.1fus %8.1fus %8.1fus %8.1fus %12.0f %7.2f\n", r.placement.c_str(),
+              us(r.floor_a.p50_ns), us(r.floor_b.p50_ns), us(r.fault.p50_ns), us(r.fault.p99_ns), us(r.fault.p999_ns),
+              us(r.fault.max_ns), r.faults_per_second(), r.ratio());
+  if (r.ib_read_lat_us > 0) std::printf("%-9s fabric ratio %.2f\n", "", r.fabric_ratio());
+  std::printf("%-9s stages", "");
+  const char* sep = " ";
+  for (const auto& [name, l] : stage_list(r.stages)) {
+    std::printf("%s%s %.1fus", sep, name, us(l->mean_ns));
+    sep = " + ";
   }
-  std::printf("pagewire bench --suite scaling: random 4 KiB faults on %s (%s), faults per second\n\n", uri.c_str(),
-              format_bytes(c.size).c_str());
-  const std::vector<unsigned> counts = {1, 2, 4};
-  std::printf("%-22s", "handlers \\ threads");
-  for (unsigned t : counts) std::printf("%12u", t);
-  std::printf("\n");
-  nlohmann::json rows = nlohmann::json::array();
+  std::printf(" = %.1fus; handler fault mean %.1fus; ratio %.2f\n", us(r.stage_mean_sum_ns()), us(r.handler.mean_ns),
+              r.stage_mean_sum_ratio());
+}
+
+// Prints what is wrong with a placement's run; false when something is.
+bool judge(const PlacementResult& r, double max_ratio) {
   bool ok = true;
-  for (unsigned h : counts) {
-    std::printf("%-22u", h);
-    for (unsigned t : counts) {
-      AttachOptions o;
-      o.handler_threads = h;
-      o.background_pull = false;
-      o.prefetch = false;
-      o.io_uring = c.io_uring;
-      Region r = attach(uri, o);
-      WorkloadConfig w;
-      w.pattern = AccessPattern::kRandom;
-      w.threads = t;
-      w.seed = c.seed;
-      const WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
-      require_every_touch(res, r, "throughput");
-      const double rate = static_cast<double>(res.pages) / res.seconds;
-      ok = ok && res.wrong_pages == 0;
-      std::printf("%12.0f", rate);
-      std::fflush(stdout);
-      rows.push_back({{"handlers", h}, {"threads", t}, {"faults_per_second", rate},
-                      {"duplicate_faults", r.stats().duplicate_faults}, {"wrong_pages", res.wrong_pages}});
-    }
-    std::printf("\n");
+  if (r.wrong_pages != 0) {
+    std::printf("  ERROR: %llu pages read wrong (first at offset %lld)\n",
+                static_cast<unsigned long long>(r.wrong_pages), static_cast<long long>(r.first_wrong_offset));
+    ok = false;
   }
-  if (!c.json_path.empty()) {
-    std::ofstream(c.json_path) << nlohmann::json{{"uri", uri}, {"scaling", rows}}.dump(2) << "\n";
-    std::printf("wrote %s\n", c.json_path.c_str());
+  if (max_ratio > 0 && r.ratio() > max_ratio) {
+    std::printf("  ratio %.2f exceeds --max-ratio %.2f\n", r.ratio(), max_ratio);
+    ok = false;
   }
-  if (!ok) std::printf("ERROR: some pages read wrong\n");
-  return ok ? 0 : 1;
+  return ok;
+}
+
+nlohmann::json to_json(const PlacementResult& r) {
+  return {{"placement", r.placement},
+          {"floor_a_uffd_local", latency_json(r.floor_a)},
+          {"floor_b_transport_read", latency_json(r.floor_b)},
+          {"fault", latency_json(r.fault)},
+          {"handler_fault_latency", latency_json(r.handler)},
+          {"stages", stages_json(r.stages)},
+          {"stage_mean_sum_ratio", r.stage_mean_sum_ratio()},
+          {"faults_per_second", r.faults_per_second()},
+          {"seconds", r.seconds},
+          {"pages", r.pages},
+          {"wrong_pages", r.wrong_pages},
+          {"duplicate_faults", r.duplicate_faults},
+          {"ratio", r.ratio()},
+          {"transport", r.transport},
+          {"ib_read_lat_us", r.ib_read_lat_us},
+          {"fabric_ratio", r.fabric_ratio()}};
+}
+
+nlohmann::json report_header(const BenchConfig& c, const std::string& uri) {
+  return {{"uri", uri},
+          {"region_bytes", c.size},
+          {"pattern", to_string(c.pattern)},
+          {"page_bytes", 4096},
+          {"threads", c.threads},
+          {"handlers", c.handlers},
+          {"io_uring", c.io_uring},
+          {"placements", nlohmann::json::array()}};
+}
+
+}  // namespace
+
+void require_every_touch(const WorkloadResult& res, const Region& r, const char* what) {
+  if (res.stopped_by_signal == 0) return;
+  throw std::runtime_error(std::string(what) + ": a touching thread was stopped by " +
+                           strsignal(res.stopped_by_signal) + ": " + (r.failed() ? r.error() : "no reason given"));
+}
+
+BenchSource start_bench_source(const BenchConfig& c) {
+  BenchSource s;
+  s.uri = c.uri;
+  if (!s.uri.empty()) return s;
+  std::fprintf(stderr, "starting a source process exporting %s...\n", format_bytes(c.size).c_str());
+  const bool loopback = c.addr.rfind("127.", 0) == 0;
+  s.process = std::make_unique<SourceProcess>(PatternSpec{"bench", c.size, c.seed}, loopback ? c.addr : "0.0.0.0",
+                                              c.transport == "tcp" ? "off" : "on");
+  s.uri = s.process->uri(c.transport, c.addr);
+  return s;
+}
+
+bool print_marks(const std::vector<Mark>& marks) {
+  bool ok = true;
+  for (const Mark& m : marks) {
+    std::printf("  %s %s\n", m.pass ? "ok  " : "MISS", m.what.c_str());
+    ok = ok && m.pass;
+  }
+  return ok;
+}
+
+void write_report(const std::string& path, const nlohmann::json& report) {
+  if (path.empty()) return;
+  std::ofstream out(path);
+  out << report.dump(2) << "\n";
+  if (!out) throw std::runtime_error("cannot write " + path);
+  std::printf("wrote %s\n", path.c_str());
 }
 
 std::vector<Placement> placements(const std::string& which) {
@@ -274,6 +296,35 @@ std::vector<Placement> placements(const std::string& which) {
     if (p.name == which) return {p};
   }
   throw std::invalid_argument("--placement must be same, split, free or all (split needs 2 CPUs)");
+}
+
+int run_bench(const BenchConfig& config) {
+  const std::vector<Placement> pls = placements(config.placement);
+  const BenchSource source = start_bench_source(config);  // before this process starts any thread
+  BenchConfig c = config;
+  if (c.handlers == 0) c.handlers = default_handler_threads();
+  Mapping local = Mapping::anonymous(std::min(c.size, c.floor_size));
+  fill_pattern(local.data(), 0, local.size(), c.seed);
+  print_header(c, source.uri);
+  nlohmann::json report = report_header(c, source.uri);
+  bool ok = true;
+  std::vector<Series> cdfs;
+  for (const Placement& pl : pls) {
+    if (source.process) pin_process(source.process->pid(), pl.server_cpu);
+    const PlacementResult r = run_placement(c, pl, source.uri, local);
+    print_row(r);
+    ok = judge(r, c.max_ratio) && ok;
+    report["placements"].push_back(to_json(r));
+    if (!c.plot_path.empty()) cdfs.push_back({"fault, " + pl.name, cdf_points(r.touch_ns)});
+  }
+  std::printf("\nlatencies are p50 unless named; the fault columns are what a touching thread saw.\n");
+  if (!c.plot_path.empty()) {
+    write_plot(c.plot_path, std::string("pagewire bench: ") + to_string(c.pattern) + " 4 KiB faults, " + source.uri,
+               cdfs, {});
+    std::printf("wrote %s\n", c.plot_path.c_str());
+  }
+  write_report(c.json_path, report);
+  return ok ? 0 : 1;
 }
 
 }  // namespace pagewire::cli

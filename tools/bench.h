@@ -4,13 +4,21 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "nlohmann/json_fwd.hpp"
+#include "tools/source_process.h"
 #include "tools/workload.h"
+
+namespace pagewire {
+class Region;
+}
 
 namespace pagewire::cli {
 
+// The options of `pagewire bench`, every suite's.
 struct BenchConfig {
   std::string uri;  // empty: start a local source process
   uint64_t size = 1ull << 30;
@@ -24,14 +32,40 @@ struct BenchConfig {
   uint64_t floor_size = 256ull << 20;
   std::string json_path;
   std::string plot_path;  // a PNG of latency CDFs (and, for a pull, MiB present over time)
-  std::string suite = "faults";  // faults, postcopy
+  std::string suite = "faults";  // faults, postcopy, scaling, backings
   bool prefetch = false;         // faults suite: prefetch on (off measures each fault)
   double max_ratio = 0;  // > 0: exit non-zero when a ratio exceeds it
   bool io_uring = true;  // TCP sockets through io_uring, else plain syscalls
   std::string transport = "tcp";     // scheme for the bench's own source: tcp, rdma, auto
   std::string addr = "127.0.0.1";    // where destinations reach the bench's own source
   double ib_read_lat_us = 0;         // > 0: ib_read_lat's typical 4 KiB latency on this device
+  // --suite scaling: the grid of handler threads x faulting threads.
+  std::vector<unsigned> scaling_handlers = {1, 2, 4};
+  std::vector<unsigned> scaling_threads = {1, 2, 4, 64};
 };
+
+// The bench's source: a process it started (exporting a pattern of
+// c.size, over c.transport at c.addr), or the region at c.uri.
+struct BenchSource {
+  std::unique_ptr<SourceProcess> process;  // null with --uri
+  std::string uri;
+};
+// Fork it before this process starts any thread.
+BenchSource start_bench_source(const BenchConfig& c);
+
+// A bench run whose touches were cut short by a refused page measured
+// nothing: throws with the region's reason.
+void require_every_touch(const WorkloadResult& res, const Region& r, const char* what);
+
+// A judged bar: printed as "ok   what" or "MISS what".
+struct Mark {
+  bool pass;
+  std::string what;
+};
+// Prints each mark; false when one missed.
+bool print_marks(const std::vector<Mark>& marks);
+// Writes the report to `path` and says so; nothing for an empty path.
+void write_report(const std::string& path, const nlohmann::json& report);
 
 // Where the bench's threads run: the touching threads, the handler threads
 // (and raw-read thread), and the source process it started (-1: anywhere).

@@ -15,7 +15,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -30,7 +29,6 @@
 #include "tools/bench.h"
 #include "tools/cli_util.h"
 #include "tools/pattern.h"
-#include "tools/source_process.h"
 #include "transport/transport.h"
 
 namespace pagewire::cli {
@@ -178,115 +176,178 @@ HugeRound huge_round(const std::string& uri, const BenchConfig& c, const Placeme
           summarize_samples(lat[3])};
 }
 
-}  // namespace
+// Part 1 under one placement: kRounds side-by-side runs of small_faults.
+struct SmallFaultsRow {
+  std::string placement;
+  std::vector<uint64_t> anon_p50;    // per run
+  std::vector<uint64_t> shared_p50;  // per run
+  SmallPair last;                    // the last run, for the bytes each backing copied
 
-int run_backings_bench(const BenchConfig& c) {
-  const uint64_t small_size = std::min<uint64_t>(c.size, 128ull << 20);
-  const uint64_t huge_size = std::min<uint64_t>(c.size, 256ull << 20) / kHuge * kHuge;
-  std::fprintf(stderr, "starting a source process (%s patterned)...\n", format_bytes(c.size).c_str());
-  std::unique_ptr<SourceProcess> source;
-  std::string uri = c.uri;
-  if (uri.empty()) {
-    const bool loopback = c.addr.rfind("127.", 0) == 0;
-    source = std::make_unique<SourceProcess>(PatternSpec{"bench", c.size, c.seed}, loopback ? c.addr : "0.0.0.0",
-                                             c.transport == "tcp" ? "off" : "on");
-    uri = source->uri(c.transport, c.addr);
-  }
-  nlohmann::json report = {{"uri", uri}, {"threads", c.threads}};
-  bool ok = true;
-  auto check = [&](bool pass, const std::string& what) {
-    std::printf("  %s %s\n", pass ? "ok  " : "MISS", what.c_str());
-    ok = ok && pass;
-  };
-  std::printf("pagewire bench --suite backings: %s\n\n", uri.c_str());
+  double ratio() const { return static_cast<double>(median(shared_p50)) / static_cast<double>(median(anon_p50)); }
+};
 
-  // 1. Random 4 KiB faults, shared against anonymous, touch by touch, under
-  //    each thread placement (wake-ups across CPUs cost more than copies
-  //    here, so modes are only compared within one placement).
-  std::printf("1. random 4 KiB faults over %s, %u threads, each page touched in both backings in turn, %d runs; p50 "
-              "as the touching threads saw it:\n",
-              format_bytes(small_size).c_str(), c.threads, kRounds);
-  SmallPair pair;
-  std::vector<double> ratios;
-  report["small_faults"] = nlohmann::json::array();
-  for (const Placement& pl : placements(c.placement)) {
-    if (source) pin_process(source->pid(), pl.server_cpu);
-    std::vector<uint64_t> anon_p50, shared_p50;
-    for (int round = 0; round < kRounds; ++round) {
-      pair = small_faults(uri, c, pl, small_size);
-      anon_p50.push_back(pair.anon.p50_ns);
-      shared_p50.push_back(pair.shared.p50_ns);
-    }
-    const double ratio = static_cast<double>(median(shared_p50)) / static_cast<double>(median(anon_p50));
-    ratios.push_back(ratio);
-    std::printf("   %-6s anonymous (UFFDIO_COPY) %6.1f us, shared (UFFDIO_CONTINUE) %6.1f us: ratio %.2f  (runs:",
-                pl.name.c_str(), us(median(anon_p50)), us(median(shared_p50)), ratio);
-    for (int i = 0; i < kRounds; ++i) std::printf(" %.0f/%.0f", us(anon_p50[i]), us(shared_p50[i]));
-    std::printf(")\n");
-    report["small_faults"].push_back({{"placement", pl.name}, {"anonymous_p50_ns", median(anon_p50)},
-                                      {"shared_p50_ns", median(shared_p50)}, {"ratio", ratio}});
+SmallFaultsRow measure_small_faults(const std::string& uri, const BenchConfig& c, const Placement& pl, uint64_t size) {
+  SmallFaultsRow row;
+  row.placement = pl.name;
+  for (int round = 0; round < kRounds; ++round) {
+    row.last = small_faults(uri, c, pl, size);
+    row.anon_p50.push_back(row.last.anon.p50_ns);
+    row.shared_p50.push_back(row.last.shared.p50_ns);
   }
-  if (source) pin_process(source->pid(), -1);
+  return row;
+}
+
+void print(const SmallFaultsRow& row) {
+  std::printf("   %-6s anonymous (UFFDIO_COPY) %6.1f us, shared (UFFDIO_CONTINUE) %6.1f us: ratio %.2f  (runs:",
+              row.placement.c_str(), us(median(row.anon_p50)), us(median(row.shared_p50)), row.ratio());
+  for (int i = 0; i < kRounds; ++i) std::printf(" %.0f/%.0f", us(row.anon_p50[i]), us(row.shared_p50[i]));
+  std::printf(")\n");
+}
+
+nlohmann::json to_json(const SmallFaultsRow& row) {
+  return {{"placement", row.placement},
+          {"anonymous_p50_ns", median(row.anon_p50)},
+          {"shared_p50_ns", median(row.shared_p50)},
+          {"ratio", row.ratio()}};
+}
+
+// After every placement's row: the bytes copied per fault (the last run's),
+// then the marks.
+void print_copied(const SmallPair& last) {
   auto copied_per_fault = [](const Stats& s) {
     return s.faults == 0 ? 0.0 : static_cast<double>(s.bytes_copied) / static_cast<double>(s.faults);
   };
   std::printf("   bytes copied out of staging per fault: anonymous %.0f, shared %.0f (%llu pages mapped in place)\n",
-              copied_per_fault(pair.anon_stats), copied_per_fault(pair.shared_stats),
-              static_cast<unsigned long long>(pair.shared_stats.pages_continued));
-  for (size_t i = 0; i < ratios.size(); ++i) {
-    check(ratios[i] <= 1.0, "shared-memory fault p50 no worse than anonymous + UFFDIO_COPY (" +
-                                placements(c.placement)[i].name + ")");
-  }
-  check(pair.shared_stats.bytes_copied == 0 && pair.anon_stats.bytes_copied > 0,
-        "shared memory copies nothing out of staging");
+              copied_per_fault(last.anon_stats), copied_per_fault(last.shared_stats),
+              static_cast<unsigned long long>(last.shared_stats.pages_continued));
+}
 
-  // 2. 2 MiB faults against the raw 2 MiB read.
+std::vector<Mark> marks(const std::vector<SmallFaultsRow>& rows) {
+  std::vector<Mark> out;
+  for (const SmallFaultsRow& row : rows) {
+    out.push_back({row.ratio() <= 1.0,
+                   "shared-memory fault p50 no worse than anonymous + UFFDIO_COPY (" + row.placement + ")"});
+  }
+  const SmallPair& last = rows.back().last;
+  out.push_back({last.shared_stats.bytes_copied == 0 && last.anon_stats.bytes_copied > 0,
+                 "shared memory copies nothing out of staging"});
+  return out;
+}
+
+// Part 2 under one placement: kRounds runs of huge_round.
+struct HugeFaultsRow {
+  std::string placement;
+  std::vector<uint64_t> raw_p50;   // per run: the raw read into a reused buffer
+  std::vector<uint64_t> cold_p50;  // the raw read into the page's own place
+  std::vector<uint64_t> anon_p50;  // the anonymous hugetlb fault
+  std::vector<uint64_t> shared_p50;  // the hugetlbfs shared fault
+
+  double raw() const { return static_cast<double>(median(raw_p50)); }
+  double anon_ratio() const { return static_cast<double>(median(anon_p50)) / raw(); }
+  double shared_ratio() const { return static_cast<double>(median(shared_p50)) / raw(); }
+};
+
+HugeFaultsRow measure_huge_faults(const std::string& uri, const BenchConfig& c, const Placement& pl, uint64_t size) {
+  HugeFaultsRow row;
+  row.placement = pl.name;
+  for (int round = 0; round < kRounds; ++round) {
+    const HugeRound r = huge_round(uri, c, pl, size);
+    row.raw_p50.push_back(r.raw.p50_ns);
+    row.cold_p50.push_back(r.cold.p50_ns);
+    row.anon_p50.push_back(r.anon.p50_ns);
+    row.shared_p50.push_back(r.shared.p50_ns);
+  }
+  return row;
+}
+
+void print(const HugeFaultsRow& row) {
+  std::printf("   %-6s raw read %5.0f us; anonymous hugetlb fault %5.0f us (ratio %.2f); hugetlbfs shared fault "
+              "%5.0f us (ratio %.2f)  (runs:",
+              row.placement.c_str(), row.raw() / 1e3, us(median(row.anon_p50)), row.anon_ratio(),
+              us(median(row.shared_p50)), row.shared_ratio());
+  for (int i = 0; i < kRounds; ++i) {
+    std::printf(" %.0f/%.0f/%.0f", us(row.raw_p50[i]), us(row.anon_p50[i]), us(row.shared_p50[i]));
+  }
+  std::printf(")\n");
+  const double cold = static_cast<double>(median(row.cold_p50));
+  std::printf("   %-6s raw read into cold memory (the page's own place) %5.0f us: shared fault / that %.2f\n", "",
+              cold / 1e3, static_cast<double>(median(row.shared_p50)) / cold);
+}
+
+std::vector<Mark> marks(const HugeFaultsRow& row) {
+  return {{row.anon_ratio() <= 1.3, "anonymous 2 MiB fault p50 <= 1.3x the raw 2 MiB read (" + row.placement + ")"},
+          {row.shared_ratio() <= 1.3, "shared 2 MiB fault p50 <= 1.3x the raw 2 MiB read (" + row.placement + ")"}};
+}
+
+nlohmann::json to_json(const HugeFaultsRow& row) {
+  return {{"placement", row.placement},
+          {"raw_read_p50_ns", median(row.raw_p50)},
+          {"raw_read_cold_p50_ns", median(row.cold_p50)},
+          {"anonymous_p50_ns", median(row.anon_p50)},
+          {"shared_p50_ns", median(row.shared_p50)},
+          {"anonymous_ratio", row.anon_ratio()},
+          {"shared_ratio", row.shared_ratio()}};
+}
+
+// 1. Random 4 KiB faults, shared against anonymous, touch by touch, under
+//    each thread placement (wake-ups across CPUs cost more than copies
+//    here, so modes are only compared within one placement).
+bool small_faults_part(const BenchConfig& c, const BenchSource& source, nlohmann::json* report) {
+  const uint64_t size = std::min<uint64_t>(c.size, 128ull << 20);
+  std::printf("1. random 4 KiB faults over %s, %u threads, each page touched in both backings in turn, %d runs; p50 "
+              "as the touching threads saw it:\n",
+              format_bytes(size).c_str(), c.threads, kRounds);
+  std::vector<SmallFaultsRow> rows;
+  (*report)["small_faults"] = nlohmann::json::array();
+  for (const Placement& pl : placements(c.placement)) {
+    if (source.process) pin_process(source.process->pid(), pl.server_cpu);
+    rows.push_back(measure_small_faults(source.uri, c, pl, size));
+    print(rows.back());
+    (*report)["small_faults"].push_back(to_json(rows.back()));
+  }
+  if (source.process) pin_process(source.process->pid(), -1);
+  print_copied(rows.back().last);
+  return print_marks(marks(rows));
+}
+
+// 2. 2 MiB faults against the raw 2 MiB read; false (with how to reserve
+//    them) when the huge pages are not there.
+bool huge_faults_part(const BenchConfig& c, const BenchSource& source, nlohmann::json* report) {
+  const uint64_t size = std::min<uint64_t>(c.size, 256ull << 20) / kHuge * kHuge;
   const HugePageCount huge = huge_pages_2m();
-  const uint64_t need = 2 * huge_size / kHuge;  // both regions attached at once
+  const uint64_t need = 2 * size / kHuge;  // both regions attached at once
   std::printf("\n2. 2 MiB faults over %s, one thread, a random 4 KiB of each page touched first, each page in turn "
               "read raw and faulted in both backings:\n",
-              format_bytes(huge_size).c_str());
+              format_bytes(size).c_str());
   if (huge.free < need) {
     std::printf("   SKIPPED: needs %llu free 2 MiB huge pages, %llu are (reserve them: sysctl vm.nr_hugepages=%llu)\n",
                 static_cast<unsigned long long>(need), static_cast<unsigned long long>(huge.free),
                 static_cast<unsigned long long>(huge.total + need - huge.free));
-    ok = false;
-  } else {
-    report["huge_faults"] = nlohmann::json::array();
-    for (const Placement& pl : placements(c.placement)) {
-      if (source) pin_process(source->pid(), pl.server_cpu);
-      std::vector<uint64_t> raw_p50, cold_p50, anon_h, shared_h;
-      for (int round = 0; round < kRounds; ++round) {
-        const HugeRound r = huge_round(uri, c, pl, huge_size);
-        raw_p50.push_back(r.raw.p50_ns);
-        cold_p50.push_back(r.cold.p50_ns);
-        anon_h.push_back(r.anon.p50_ns);
-        shared_h.push_back(r.shared.p50_ns);
-      }
-      const double raw = static_cast<double>(median(raw_p50));
-      const double ra = static_cast<double>(median(anon_h)) / raw;
-      const double rs = static_cast<double>(median(shared_h)) / raw;
-      std::printf("   %-6s raw read %5.0f us; anonymous hugetlb fault %5.0f us (ratio %.2f); hugetlbfs shared fault "
-                  "%5.0f us (ratio %.2f)  (runs:",
-                  pl.name.c_str(), raw / 1e3, us(median(anon_h)), ra, us(median(shared_h)), rs);
-      for (int i = 0; i < kRounds; ++i) std::printf(" %.0f/%.0f/%.0f", us(raw_p50[i]), us(anon_h[i]), us(shared_h[i]));
-      std::printf(")\n");
-      const double cold = static_cast<double>(median(cold_p50));
-      std::printf("   %-6s raw read into cold memory (the page's own place) %5.0f us: shared fault / that %.2f\n", "",
-                  cold / 1e3, static_cast<double>(median(shared_h)) / cold);
-      check(ra <= 1.3, "anonymous 2 MiB fault p50 <= 1.3x the raw 2 MiB read (" + pl.name + ")");
-      check(rs <= 1.3, "shared 2 MiB fault p50 <= 1.3x the raw 2 MiB read (" + pl.name + ")");
-      report["huge_faults"].push_back({{"placement", pl.name}, {"raw_read_p50_ns", median(raw_p50)},
-                                       {"raw_read_cold_p50_ns", median(cold_p50)},
-                                       {"anonymous_p50_ns", median(anon_h)}, {"shared_p50_ns", median(shared_h)},
-                                       {"anonymous_ratio", ra}, {"shared_ratio", rs}});
-    }
-    if (source) pin_process(source->pid(), -1);
+    return false;
   }
-  if (!c.json_path.empty()) {
-    std::ofstream(c.json_path) << report.dump(2) << "\n";
-    std::printf("\nwrote %s\n", c.json_path.c_str());
+  bool ok = true;
+  (*report)["huge_faults"] = nlohmann::json::array();
+  for (const Placement& pl : placements(c.placement)) {
+    if (source.process) pin_process(source.process->pid(), pl.server_cpu);
+    const HugeFaultsRow row = measure_huge_faults(source.uri, c, pl, size);
+    print(row);
+    ok = print_marks(marks(row)) && ok;
+    (*report)["huge_faults"].push_back(to_json(row));
   }
+  if (source.process) pin_process(source.process->pid(), -1);
+  return ok;
+}
+
+}  // namespace
+
+int run_backings_bench(const BenchConfig& c) {
+  const BenchSource source = start_bench_source(c);
+  nlohmann::json report = {{"uri", source.uri}, {"threads", c.threads}};
+  std::printf("pagewire bench --suite backings: %s\n\n", source.uri.c_str());
+  bool ok = small_faults_part(c, source, &report);
+  ok = huge_faults_part(c, source, &report) && ok;
+  if (!c.json_path.empty()) std::printf("\n");
+  write_report(c.json_path, report);
   return ok ? 0 : 1;
 }
 

@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -28,6 +30,89 @@ namespace {
 
 constexpr uint64_t kDefaultSeed = 0x5eed;
 
+// The options of each subcommand, as parsed (bench's: BenchConfig).
+struct ServeCommand {
+  std::string bind = "0.0.0.0";
+  uint16_t port = 7471;
+  std::vector<std::string> files;     // NAME=PATH
+  std::vector<std::string> patterns;  // NAME=SIZE[:SEED]
+  int ready_fd = -1;
+  std::string rdma = "auto";
+};
+
+struct AttachCommand {
+  std::string uri;
+  WorkloadConfig workload{.verify = false, .progress_label = "faulting"};  // --verify turns verify on
+  AttachOptions options{.background_pull = false};
+  std::string json_path;
+};
+
+struct DemoCommand {
+  uint64_t size = 256ull << 20;
+  unsigned threads = 2;
+  unsigned handlers = 0;
+};
+
+// Sizes and seeds parsed by CLI11 itself (a transform turns the text into
+// the number the option holds), so a bad one is refused like any other bad
+// value: the option's name, the reason, CLI11's exit status.
+CLI::Validator size_arg() {
+  return CLI::Validator(
+      [](std::string& text) {
+        try {
+          text = std::to_string(parse_size(text));
+          return std::string();
+        } catch (const std::invalid_argument& e) {
+          return std::string(e.what());
+        }
+      },
+      "SIZE", "size");
+}
+
+CLI::Validator seed_arg() {
+  return CLI::Validator(
+      [](std::string& text) {
+        try {
+          text = std::to_string(parse_seed(text));
+          return std::string();
+        } catch (const std::invalid_argument& e) {
+          return std::string(e.what());
+        }
+      },
+      "SEED", "seed");
+}
+
+// An enum-like option held as its enum: the name given becomes the value
+// (CLI11 reads an enum as its number); any other name is refused with the
+// names it takes. (CLI::CheckedTransformer would do it, but its help and
+// error print the enums' numbers.)
+template <typename E>
+CLI::Validator one_of(std::vector<std::pair<std::string, E>> names) {
+  std::string all;
+  for (const auto& [name, value] : names) all += (all.empty() ? "" : ",") + name;
+  return CLI::Validator(
+      [names, all](std::string& text) {
+        for (const auto& [name, value] : names) {
+          if (text == name) {
+            text = std::to_string(static_cast<std::underlying_type_t<E>>(value));
+            return std::string();
+          }
+        }
+        return text + " not in {" + all + "}";
+      },
+      "{" + all + "}", "one of");
+}
+
+// Threads, samples: at least one. (CLI::PositiveNumber says the same with a
+// range up to DBL_MAX written out in full.)
+CLI::Range count_range() { return CLI::Range(1u, 1u << 20); }
+
+CLI::Validator access_names() {
+  return one_of<AccessPattern>({{"random", AccessPattern::kRandom},
+                                {"sequential", AccessPattern::kSequential},
+                                {"strided", AccessPattern::kStrided}});
+}
+
 void print_touch_report(const WorkloadResult& res, const Stats& s, uint32_t page_size) {
   std::vector<uint64_t> lat = res.latencies_ns;
   const LatencySummary l = summarize_samples(lat);
@@ -39,7 +124,10 @@ void print_touch_report(const WorkloadResult& res, const Stats& s, uint32_t page
   std::printf("%s", format_stats(s).c_str());
 }
 
-int cmd_attach(const std::string& uri, const WorkloadConfig& w, const AttachOptions& o, const std::string& json) {
+int cmd_attach(const AttachCommand& a) {
+  const std::string& uri = a.uri;
+  const WorkloadConfig& w = a.workload;
+  const AttachOptions& o = a.options;
   const bool pull = o.background_pull;
   Region r = attach(uri, o);
   std::printf("attached %s over %s: %s in %s pages of %s memory\n", uri.c_str(), std::string(r.transport()).c_str(),
@@ -59,8 +147,8 @@ int cmd_attach(const std::string& uri, const WorkloadConfig& w, const AttachOpti
   }
   const Stats s = r.stats();
   print_touch_report(res, s, r.page_size());
-  if (!json.empty()) {
-    std::ofstream(json) << stats_to_json(s) << "\n";
+  if (!a.json_path.empty()) {
+    std::ofstream(a.json_path) << stats_to_json(s) << "\n";
   }
   int status = 0;
   if (w.verify && res.wrong_pages != 0) {
@@ -85,26 +173,39 @@ int cmd_attach(const std::string& uri, const WorkloadConfig& w, const AttachOpti
   return status;
 }
 
-int cmd_demo(uint64_t size, unsigned threads, unsigned handlers) {
+int cmd_demo(const DemoCommand& d) {
   std::printf("pagewire demo: a source process exports %s of patterned memory; this process attaches it\n"
               "over loopback TCP and %u threads fault in every page in random order, verifying each byte.\n\n",
-              format_bytes(size).c_str(), threads);
-  SourceProcess source(PatternSpec{"demo", size, kDefaultSeed});
+              format_bytes(d.size).c_str(), d.threads);
+  SourceProcess source(PatternSpec{"demo", d.size, kDefaultSeed});
   std::printf("source: pid %d serving %s\n", static_cast<int>(source.pid()), source.uri().c_str());
-  WorkloadConfig w;
-  w.pattern = AccessPattern::kRandom;
-  w.threads = threads;
-  w.verify = true;
-  w.seed = kDefaultSeed;
-  w.progress_label = "faulting";
-  AttachOptions o;
-  o.handler_threads = handlers;
-  o.background_pull = false;
-  return cmd_attach(source.uri(), w, o, "");
+  AttachCommand a;
+  a.uri = source.uri();
+  a.workload.pattern = AccessPattern::kRandom;
+  a.workload.threads = d.threads;
+  a.workload.verify = true;
+  a.workload.seed = kDefaultSeed;
+  a.options.handler_threads = d.handlers;
+  return cmd_attach(a);
+}
+
+int cmd_serve(const ServeCommand& c) {
+  std::vector<PatternSpec> specs;
+  for (const auto& p : c.patterns) specs.push_back(parse_pattern_spec(p, kDefaultSeed));
+  if (specs.empty() && c.files.empty()) throw std::invalid_argument("nothing to serve: give --file or --pattern");
+  if (c.ready_fd < 0) spdlog::set_level(std::min(spdlog::get_level(), spdlog::level::info));
+  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0);
+}
+
+int cmd_bench(const BenchConfig& c) {
+  if (c.suite == "postcopy") return run_postcopy_bench(c);
+  if (c.suite == "scaling") return run_scaling_bench(c);
+  if (c.suite == "backings") return run_backings_bench(c);
+  return run_bench(c);
 }
 
 int cmd_info() {
-  std::printf("pagewire %s\n", "0.1.0");
+  std::printf("pagewire %s\n", PAGEWIRE_VERSION);
   try {
     const uint64_t f = Userfaultfd::kernel_features();
     std::printf("userfaultfd: available, features 0x%llx [%s]\n", static_cast<unsigned long long>(f),
@@ -129,8 +230,131 @@ int cmd_info() {
   std::printf("2 MiB huge pages: %llu reserved, %llu free%s\n", static_cast<unsigned long long>(huge.total),
               static_cast<unsigned long long>(huge.free),
               huge.total == 0 ? " (attach --huge-pages needs them: sysctl vm.nr_hugepages=N)" : "");
-  std::printf("CPUs: %u\n", std::thread::hardware_concurrency());
+  std::printf("CPUs: %u (fault handler threads unless told: %u)\n", std::thread::hardware_concurrency(),
+              default_handler_threads());
   return 0;
+}
+
+constexpr const char* kHandlersHelp = "fault handler threads (0: one per CPU, at most 4)";
+
+CLI::App* add_serve(CLI::App& app, ServeCommand& c) {
+  auto* cmd = app.add_subcommand("serve", "export regions to destinations");
+  cmd->add_option("--bind", c.bind, "address to listen on")->capture_default_str();
+  cmd->add_option("--port", c.port, "TCP port (0 picks a free one)")->capture_default_str();
+  cmd->add_option("--file", c.files, "export a file read-only: NAME=PATH (repeatable)");
+  cmd->add_option("--pattern", c.patterns,
+                  "export patterned memory: NAME=SIZE[:SEED], seed 0x5eed unless given (repeatable)");
+  cmd->add_option("--ready-fd", c.ready_fd, "write the port to this descriptor once listening");
+  cmd->add_option("--rdma", c.rdma, "serve RDMA destinations too: auto (when a device exists), on, off")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
+  return cmd;
+}
+
+CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
+  auto* cmd = app.add_subcommand("attach", "attach a region and fault in every page");
+  cmd->add_option("uri", a.uri, "tcp://HOST:PORT/NAME, rdma://HOST:PORT/NAME or auto://HOST:PORT/NAME")->required();
+  cmd->add_option("--access", a.workload.pattern, "random, sequential or strided")
+      ->transform(access_names())
+      ->default_str("random");
+  cmd->add_option("--stride", a.workload.stride_pages, "pages between touches for strided access")
+      ->capture_default_str();
+  cmd->add_option("--threads", a.workload.threads, "touching threads")
+      ->check(count_range())
+      ->capture_default_str();
+  cmd->add_option("--handlers", a.options.handler_threads, kHandlersHelp)->capture_default_str();
+  cmd->add_option("--verify", a.workload.seed,
+                  "check every byte against the pattern of this seed (serve --pattern: 0x5eed unless given)")
+      ->transform(seed_arg())
+      ->each([&a](const std::string&) { a.workload.verify = true; });
+  cmd->add_option("--json", a.json_path, "write the stats as JSON to this file");
+  cmd->add_flag("--pull", a.options.background_pull,
+                "pull every page in the background too (postcopy), and wait until all are present");
+  cmd->add_flag_callback("--no-prefetch", [&a] { a.options.prefetch = false; },
+                         "do not fetch ahead of sequential or strided faulting threads");
+  cmd->add_option("--memory", a.options.memory,
+                  "anonymous (pages copied in with UFFDIO_COPY) or shared (a memfd: reads land in place, "
+                  "UFFDIO_CONTINUE maps them)")
+      ->transform(one_of<AttachOptions::Memory>(
+          {{"anonymous", AttachOptions::Memory::kAnonymous}, {"shared", AttachOptions::Memory::kShared}}))
+      ->default_str("anonymous");
+  cmd->add_flag("--huge-pages", a.options.huge_pages,
+                "2 MiB hugetlb pages (reserve them first: sysctl vm.nr_hugepages=N)");
+  cmd->add_flag_callback("--no-io-uring", [&a] { a.options.io_uring = false; },
+                         "drive TCP sockets with plain syscalls instead of io_uring");
+  return cmd;
+}
+
+CLI::App* add_demo(CLI::App& app, DemoCommand& d) {
+  auto* cmd = app.add_subcommand("demo", "serve 256 MiB from a child process, fault it all in, verify it");
+  cmd->add_option("--size", d.size, "region size")->transform(size_arg())->default_str("256M");
+  cmd->add_option("--threads", d.threads, "touching threads")->check(count_range())->capture_default_str();
+  cmd->add_option("--handlers", d.handlers, kHandlersHelp);
+  return cmd;
+}
+
+// The options that say what to run and on what.
+void add_bench_setup(CLI::App* cmd, BenchConfig& bc) {
+  cmd->add_option("--suite", bc.suite,
+                  "faults: fault latency against its floors; postcopy: pull, prefetch, demand priority, zero pages; "
+                  "scaling: faults/s against handler and faulting threads; backings: shared memory (no copy) "
+                  "against anonymous, 2 MiB faults against the raw 2 MiB read")
+      ->check(CLI::IsMember({"faults", "postcopy", "scaling", "backings"}))
+      ->capture_default_str();
+  cmd->add_option("--uri", bc.uri, "benchmark this region (default: start a local source process)");
+  cmd->add_option("--size", bc.size, "region size when the bench starts its own source")
+      ->transform(size_arg())
+      ->default_str("1G");
+  cmd->add_option("--seed", bc.seed, "pattern seed of the region (with --uri: what serve --pattern used)")
+      ->transform(seed_arg())
+      ->default_str("0x5eed");
+  cmd->add_option("--transport", bc.transport, "transport to the bench's own source: tcp, rdma or auto")
+      ->check(CLI::IsMember({"tcp", "rdma", "auto"}))
+      ->capture_default_str();
+  cmd->add_option("--addr", bc.addr, "address of the bench's own source (for rdma: one the device is bound to)")
+      ->capture_default_str();
+  cmd->add_flag_callback("--no-io-uring", [&bc] { bc.io_uring = false; },
+                         "drive TCP sockets with plain syscalls instead of io_uring");
+  cmd->add_option("--json", bc.json_path, "write the results as JSON to this file");
+  cmd->add_option("--plot", bc.plot_path, "draw latency CDFs (and pull progress) into this PNG (needs gnuplot)");
+}
+
+// The options that shape the faults and how they are judged.
+void add_bench_shape(CLI::App* cmd, BenchConfig& bc) {
+  cmd->add_option("--access", bc.pattern, "random, sequential or strided")
+      ->transform(access_names())
+      ->default_str("random");
+  cmd->add_option("--stride", bc.stride_pages, "pages between touches for strided access")->capture_default_str();
+  cmd->add_option("--threads", bc.threads, "touching threads")->check(count_range())->capture_default_str();
+  cmd->add_option("--handlers", bc.handlers, kHandlersHelp);
+  cmd->add_option("--placement", bc.placement, "same (one CPU), split (touching vs serving CPUs), free, or all")
+      ->check(CLI::IsMember({"same", "split", "free", "all"}))
+      ->capture_default_str();
+  cmd->add_option("--floor-samples", bc.floor_samples, "raw reads timed for floor b")
+      ->check(count_range())
+      ->capture_default_str();
+  cmd->add_option("--floor-size", bc.floor_size, "local region size for floor a")
+      ->transform(size_arg())
+      ->default_str("256M");
+  cmd->add_option("--max-ratio", bc.max_ratio, "exit non-zero when a placement's ratio exceeds this");
+  cmd->add_option("--ib-read-lat-us", bc.ib_read_lat_us,
+                  "ib_read_lat's typical 4 KiB latency on this device, for the fabric ratio");
+  cmd->add_flag("--prefetch", bc.prefetch, "faults suite: keep prefetch on (off: every touch is one fault)");
+  cmd->add_option("--scaling-handlers", bc.scaling_handlers, "scaling suite: handler thread counts (rows)")
+      ->delimiter(',')
+      ->check(count_range())
+      ->capture_default_str();
+  cmd->add_option("--scaling-threads", bc.scaling_threads, "scaling suite: faulting thread counts (columns)")
+      ->delimiter(',')
+      ->check(count_range())
+      ->capture_default_str();
+}
+
+CLI::App* add_bench(CLI::App& app, BenchConfig& bc) {
+  auto* cmd = app.add_subcommand("bench", "fault latency against its floors, in one run");
+  add_bench_setup(cmd, bc);
+  add_bench_shape(cmd, bc);
+  return cmd;
 }
 
 }  // namespace
@@ -139,140 +363,30 @@ int cmd_info() {
 int main(int argc, char** argv) {
   using namespace pagewire::cli;
   CLI::App app{"pagewire: remote memory paging over userfaultfd"};
+  app.set_version_flag("--version", std::string("pagewire ") + PAGEWIRE_VERSION);
   app.require_subcommand(1);
   std::string log_level = "warn";
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
-
-  // serve
-  auto* serve = app.add_subcommand("serve", "export regions to destinations");
-  std::string bind = "0.0.0.0";
-  uint16_t port = 7471;
-  std::vector<std::string> files;
-  std::vector<std::string> patterns;
-  int ready_fd = -1;
-  serve->add_option("--bind", bind, "address to listen on")->capture_default_str();
-  serve->add_option("--port", port, "TCP port (0 picks a free one)")->capture_default_str();
-  serve->add_option("--file", files, "export a file read-only: NAME=PATH (repeatable)");
-  serve->add_option("--pattern", patterns, "export patterned memory: NAME=SIZE[:SEED], seed 0x5eed unless given (repeatable)");
-  serve->add_option("--ready-fd", ready_fd, "write the port to this descriptor once listening");
-  std::string rdma_mode = "auto";
-  serve->add_option("--rdma", rdma_mode, "serve RDMA destinations too: auto (when a device exists), on, off")
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}))
       ->capture_default_str();
-
-  // attach
-  auto* att = app.add_subcommand("attach", "attach a region and fault in every page");
-  std::string uri;
-  std::string access = "random";
-  unsigned threads = 2;
-  unsigned handlers = 0;
-  uint64_t stride = 16;
-  std::string verify_seed;
-  std::string json;
-  att->add_option("uri", uri, "tcp://HOST:PORT/NAME, rdma://HOST:PORT/NAME or auto://HOST:PORT/NAME")->required();
-  att->add_option("--access", access, "random, sequential or strided")->capture_default_str();
-  att->add_option("--stride", stride, "pages between touches for strided access")->capture_default_str();
-  att->add_option("--threads", threads, "touching threads")->capture_default_str();
-  att->add_option("--handlers", handlers, "fault handler threads (0: one per CPU, at most 4)")->capture_default_str();
-  att->add_option("--verify", verify_seed, "check every byte against the pattern of this seed (serve --pattern: 0x5eed unless given)");
-  att->add_option("--json", json, "write the stats as JSON to this file");
-  bool pull = false;
-  bool no_prefetch = false;
-  att->add_flag("--pull", pull, "pull every page in the background too (postcopy), and wait until all are present");
-  att->add_flag("--no-prefetch", no_prefetch, "do not fetch ahead of sequential or strided faulting threads");
-  std::string memory = "anonymous";
-  bool huge_pages = false;
-  att->add_option("--memory", memory,
-                  "anonymous (pages copied in with UFFDIO_COPY) or shared (a memfd: reads land in place, "
-                  "UFFDIO_CONTINUE maps them)")
-      ->check(CLI::IsMember({"anonymous", "shared"}))
-      ->capture_default_str();
-  att->add_flag("--huge-pages", huge_pages, "2 MiB hugetlb pages (reserve them first: sysctl vm.nr_hugepages=N)");
-
-  // demo
-  auto* demo = app.add_subcommand("demo", "serve 256 MiB from a child process, fault it all in, verify it");
-  std::string demo_size = "256M";
-  demo->add_option("--size", demo_size, "region size")->capture_default_str();
-  demo->add_option("--threads", threads, "touching threads")->capture_default_str();
-  demo->add_option("--handlers", handlers, "fault handler threads (0: one per CPU, at most 4)");
-
-  // bench
-  auto* bench = app.add_subcommand("bench", "fault latency against its floors, in one run");
-  BenchConfig bc;
-  std::string bench_size = "1G";
-  std::string floor_size = "256M";
-  bench->add_option("--uri", bc.uri, "benchmark this region (default: start a local source process)");
-  bench->add_option("--size", bench_size, "region size when the bench starts its own source")->capture_default_str();
-  bench->add_option("--access", access, "random, sequential or strided")->capture_default_str();
-  bench->add_option("--stride", bc.stride_pages, "pages between touches for strided access")->capture_default_str();
-  bench->add_option("--threads", bc.threads, "touching threads")->capture_default_str();
-  bench->add_option("--handlers", bc.handlers, "fault handler threads (0: one per CPU, at most 4)");
-  bench->add_option("--placement", bc.placement, "same (one CPU), split (touching vs serving CPUs), free, or all")
-      ->capture_default_str();
-  bench->add_option("--floor-samples", bc.floor_samples, "raw reads timed for floor b")->capture_default_str();
-  bench->add_option("--floor-size", floor_size, "local region size for floor a")->capture_default_str();
-  bench->add_option("--seed", bc.seed, "pattern seed of the region (with --uri: what serve --pattern used)");
-  bench->add_option("--json", bc.json_path, "write the results as JSON to this file");
-  bench->add_option("--plot", bc.plot_path, "draw latency CDFs (and pull progress) into this PNG (needs gnuplot)");
-  bench->add_option("--max-ratio", bc.max_ratio, "exit non-zero when a placement's ratio exceeds this");
-  bench->add_option("--transport", bc.transport, "transport to the bench's own source: tcp, rdma or auto")
-      ->capture_default_str();
-  bench->add_option("--addr", bc.addr, "address of the bench's own source (for rdma: one the device is bound to)")
-      ->capture_default_str();
-  bench->add_option("--ib-read-lat-us", bc.ib_read_lat_us,
-                    "ib_read_lat's typical 4 KiB latency on this device, for the fabric ratio");
-  bench->add_flag("--prefetch", bc.prefetch, "faults suite: keep prefetch on (off: every touch is one fault)");
-  bench->add_option("--suite", bc.suite,
-                    "faults: fault latency against its floors; postcopy: pull, prefetch, demand priority, zero pages; "
-                    "scaling: faults/s against handler and faulting threads; backings: shared memory (no copy) "
-                    "against anonymous, 2 MiB faults against the raw 2 MiB read")
-      ->capture_default_str();
-  bool no_io_uring = false;
-  bench->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
-  att->add_flag("--no-io-uring", no_io_uring, "drive TCP sockets with plain syscalls instead of io_uring");
-
+  ServeCommand serve;
+  AttachCommand attach;
+  DemoCommand demo;
+  BenchConfig bench;
+  const CLI::App* serve_cmd = add_serve(app, serve);
+  const CLI::App* attach_cmd = add_attach(app, attach);
+  const CLI::App* demo_cmd = add_demo(app, demo);
+  const CLI::App* bench_cmd = add_bench(app, bench);
   app.add_subcommand("info", "what this machine offers: userfaultfd features, io_uring, RDMA devices");
 
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("[%H:%M:%S.%e] [%^%l%$] %v");
   try {
-    if (serve->parsed()) {
-      std::vector<PatternSpec> specs;
-      for (const auto& p : patterns) specs.push_back(parse_pattern_spec(p, kDefaultSeed));
-      if (specs.empty() && files.empty()) throw std::invalid_argument("nothing to serve: give --file or --pattern");
-      if (ready_fd < 0) spdlog::set_level(std::min(spdlog::get_level(), spdlog::level::info));
-      return serve_forever(bind, port, rdma_mode, files, specs, ready_fd, ready_fd >= 0);
-    }
-    if (att->parsed()) {
-      WorkloadConfig w;
-      w.pattern = parse_access_pattern(access);
-      w.stride_pages = stride;
-      w.threads = threads;
-      w.verify = !verify_seed.empty();
-      if (w.verify) w.seed = parse_seed(verify_seed);
-      w.progress_label = "faulting";
-      pagewire::AttachOptions o;
-      o.handler_threads = handlers;
-      o.io_uring = !no_io_uring;
-      o.background_pull = pull;
-      o.prefetch = !no_prefetch;
-      o.memory = memory == "shared" ? pagewire::AttachOptions::Memory::kShared
-                                    : pagewire::AttachOptions::Memory::kAnonymous;
-      o.huge_pages = huge_pages;
-      return cmd_attach(uri, w, o, json);
-    }
-    if (demo->parsed()) return cmd_demo(parse_size(demo_size), threads, handlers);
-    if (bench->parsed()) {
-      bc.size = parse_size(bench_size);
-      bc.floor_size = parse_size(floor_size);
-      bc.pattern = parse_access_pattern(access);
-      bc.io_uring = !no_io_uring;
-      if (bc.suite == "postcopy") return run_postcopy_bench(bc);
-      if (bc.suite == "scaling") return run_scaling_bench(bc);
-      if (bc.suite == "backings") return run_backings_bench(bc);
-      if (bc.suite != "faults") throw std::invalid_argument("--suite must be faults, postcopy, scaling or backings");
-      return run_bench(bc);
-    }
+    if (serve_cmd->parsed()) return cmd_serve(serve);
+    if (attach_cmd->parsed()) return cmd_attach(attach);
+    if (demo_cmd->parsed()) return cmd_demo(demo);
+    if (bench_cmd->parsed()) return cmd_bench(bench);
     return cmd_info();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "pagewire: %s\n", e.what());

@@ -6,7 +6,6 @@
 #include <mutex>
 #include <numeric>
 #include <random>
-#include <stdexcept>
 #include <thread>
 
 #include "tools/cli_util.h"
@@ -14,13 +13,6 @@
 #include "tools/signals.h"
 
 namespace pagewire::cli {
-
-AccessPattern parse_access_pattern(const std::string& text) {
-  if (text == "random") return AccessPattern::kRandom;
-  if (text == "sequential") return AccessPattern::kSequential;
-  if (text == "strided") return AccessPattern::kStrided;
-  throw std::invalid_argument("access pattern must be random, sequential or strided, not '" + text + "'");
-}
 
 const char* to_string(AccessPattern p) {
   switch (p) {
@@ -55,11 +47,8 @@ std::vector<size_t> plan(const WorkloadConfig& c, size_t pages, unsigned t, unsi
   return out;
 }
 
-}  // namespace
-
-WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_size, const WorkloadConfig& c) {
-  const size_t pages = (size + page_size - 1) / page_size;
-  const unsigned threads = std::max(1u, c.threads);
+// Every thread's plan; for a random order, one shuffle shared out.
+std::vector<std::vector<size_t>> plan_all(const WorkloadConfig& c, size_t pages, unsigned threads) {
   std::vector<size_t> shuffled;
   if (c.pattern == AccessPattern::kRandom) {
     shuffled.resize(pages);
@@ -68,8 +57,26 @@ WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_si
   }
   std::vector<std::vector<size_t>> plans;
   for (unsigned t = 0; t < threads; ++t) plans.push_back(plan(c, pages, t, threads, shuffled));
-  shuffled.clear();
-  shuffled.shrink_to_fit();
+  return plans;
+}
+
+// Redraws the progress line until no thread is running.
+void show_progress(const std::string& label, size_t pages, const std::atomic<unsigned>& running,
+                   const std::atomic<uint64_t>& done) {
+  Progress progress(label, pages);
+  while (running.load() > 0) {
+    progress.update(done.load());
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  progress.finish();
+}
+
+}  // namespace
+
+WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_size, const WorkloadConfig& c) {
+  const size_t pages = (size + page_size - 1) / page_size;
+  const unsigned threads = std::max(1u, c.threads);
+  const std::vector<std::vector<size_t>> plans = plan_all(c, pages, threads);
 
   WorkloadResult result;
   std::vector<std::vector<uint64_t>> lat(threads);
@@ -114,14 +121,7 @@ WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_si
       --running;
     });
   }
-  if (!c.progress_label.empty()) {
-    Progress progress(c.progress_label, pages);
-    while (running.load() > 0) {
-      progress.update(done.load());
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    progress.finish();
-  }
+  if (!c.progress_label.empty()) show_progress(c.progress_label, pages, running, done);
   for (auto& t : ts) t.join();
   result.seconds = now_seconds() - start;
   for (auto& v : lat) result.latencies_ns.insert(result.latencies_ns.end(), v.begin(), v.end());

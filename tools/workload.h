@@ -11,7 +11,6 @@
 namespace pagewire::cli {
 
 enum class AccessPattern { kRandom, kSequential, kStrided };
-AccessPattern parse_access_pattern(const std::string& text);
 const char* to_string(AccessPattern p);
 
 struct WorkloadConfig {
