@@ -13,7 +13,7 @@ constexpr int kRetryPauseMs = 20;
 }  // namespace
 
 ReconnectEnd reconnect(unsigned timeout_ms, const WatchSet& watches, std::string* why,
-                       const std::function<Attempt(unsigned left_ms, std::string* why)>& attempt) {
+                       const std::function<ReconnectAttempt(unsigned left_ms, std::string* why)>& attempt) {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
   const int stop_fd = watches.stop_fd();
@@ -23,9 +23,9 @@ ReconnectEnd reconnect(unsigned timeout_ms, const WatchSet& watches, std::string
     if (now >= deadline) return ReconnectEnd::kGaveUp;
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
     switch (attempt(static_cast<unsigned>(std::max<int64_t>(left, 1)), why)) {
-      case Attempt::kConnected: return ReconnectEnd::kConnected;
-      case Attempt::kGiveUp: return ReconnectEnd::kGaveUp;
-      case Attempt::kRetry: break;
+      case ReconnectAttempt::kConnected: return ReconnectEnd::kConnected;
+      case ReconnectAttempt::kGiveUp: return ReconnectEnd::kGaveUp;
+      case ReconnectAttempt::kRetry: break;
     }
     // The pause between attempts ends early for the stop descriptor (poll()
     // skips it when there is none).

@@ -409,7 +409,7 @@ void RdmaChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   fail(why, text + "; reconnect failed: " + last_why, out);
 }
 
-Attempt RdmaChannel::try_reconnect(std::string* why) {
+ReconnectAttempt RdmaChannel::try_reconnect(std::string* why) {
   try {
     Connection c = connect_();
     if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size ||
@@ -419,7 +419,7 @@ Attempt RdmaChannel::try_reconnect(std::string* why) {
                  : "region '" + desc_.name + "' changed shape";
       conn_ = std::move(c);
       teardown();
-      return Attempt::kGiveUp;  // never read a different region into these pages
+      return ReconnectAttempt::kGiveUp;  // never read a different region into these pages
     }
     conn_ = std::move(c);
     desc_.key = conn_.reply.rkey;
@@ -427,20 +427,20 @@ Attempt RdmaChannel::try_reconnect(std::string* why) {
     if (conn_.depth < posted_) {
       *why = "the new queue pair is too small for the reads outstanding";
       teardown();
-      return Attempt::kGiveUp;
+      return ReconnectAttempt::kGiveUp;
     }
     size_t accepted = 0;
     if (const int rc = post_fifo(fifo_head_, posted_, &accepted); rc != 0) {
       *why = std::string("ibv_post_send on the new queue pair: ") + std::strerror(rc);
       teardown();
-      return Attempt::kRetry;
+      return ReconnectAttempt::kRetry;
     }
-    return Attempt::kConnected;
+    return ReconnectAttempt::kConnected;
   } catch (const std::exception& e) {
     // Not found is tried again too: a restarted source listens a moment
     // before it exports its regions.
     *why = e.what();
-    return Attempt::kRetry;
+    return ReconnectAttempt::kRetry;
   }
 }
 

@@ -115,7 +115,7 @@ class RdmaChannel final : public Channel {
   void recover(Errc why, const std::string& text, WaitResult& out);
   // One reconnect attempt: a new queue pair to the same region, with every
   // outstanding read posted on it.
-  Attempt try_reconnect(std::string* why);
+  ReconnectAttempt try_reconnect(std::string* why);
   void teardown();
   void fail(Errc why, const std::string& text, WaitResult& out);
 

@@ -479,28 +479,28 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   fail_all(why, out);
 }
 
-Attempt TcpChannel::try_reconnect(unsigned left_ms, std::string* why) {
+ReconnectAttempt TcpChannel::try_reconnect(unsigned left_ms, std::string* why) {
   UniqueFd fd = connect_to(endpoint_, left_ms, why, watches_.stop_fd());
-  if (!fd) return Attempt::kRetry;
+  if (!fd) return ReconnectAttempt::kRetry;
   try {
     RegionDescriptor d = handshake(fd.get(), desc_.name, left_ms, endpoint_.text, hello_flags_);
     if (d.length != desc_.length || d.page_size != desc_.page_size) {
       *why = "region '" + desc_.name + "' changed shape on " + endpoint_.text;
-      return Attempt::kGiveUp;  // never read a different region into these pages
+      return ReconnectAttempt::kGiveUp;  // never read a different region into these pages
     }
     if (d.identity != desc_.identity) {
       *why = endpoint_.text + " now serves other bytes as '" + desc_.name + "' (the source was restarted)";
-      return Attempt::kGiveUp;
+      return ReconnectAttempt::kGiveUp;
     }
     desc_.key = d.key;
     sock_ = std::move(fd);
     if (!ring_) set_io_timeout(sock_.get(), timeouts_.request_timeout_ms);
-    return Attempt::kConnected;
+    return ReconnectAttempt::kConnected;
   } catch (const Error& e) {
     // Not found is tried again too: a restarted source listens a moment
     // before it exports its regions.
     *why = e.what();
-    return Attempt::kRetry;
+    return ReconnectAttempt::kRetry;
   }
 }
 

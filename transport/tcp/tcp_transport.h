@@ -88,7 +88,7 @@ class TcpChannel final : public Channel {
   // every read.
   void recover(Errc why, const std::string& text, WaitResult& out);
   // One reconnect attempt: connect, say hello, check it is the same region.
-  Attempt try_reconnect(unsigned left_ms, std::string* why);
+  ReconnectAttempt try_reconnect(unsigned left_ms, std::string* why);
   void fail_all(Errc status, WaitResult& out);
   // Without io_uring: poll the socket and the watched descriptors, then
   // receive replies with plain recvmsg.
