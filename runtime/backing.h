@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "pagewire/region.h"
-#include "runtime/unique_fd.h"
+#include "common/unique_fd.h"
 
 namespace pagewire {
 

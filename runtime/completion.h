@@ -24,7 +24,7 @@
 #include "runtime/region_status.h"
 #include "runtime/residency.h"
 #include "runtime/uffd.h"
-#include "runtime/unique_fd.h"
+#include "common/unique_fd.h"
 
 namespace pagewire {
 

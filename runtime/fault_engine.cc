@@ -119,7 +119,7 @@ std::unique_ptr<Worker> FaultEngine::make_worker(unsigned index, uint32_t slots,
       std::make_unique<StagingPool>(*w->channel, slots, backing_.shared ? 0 : w->slot_pages * desc_.page_size);
   w->slots.resize(slots);
   w->batch.reserve(slots);
-  w->channel->watch(stop_fd_.get(), kStopToken);
+  w->channel->watch(stop_fd_.get(), kStopToken, WatchRole::kStop);  // also ends a reconnect
   w->streams = &streams_;
   return w;
 }

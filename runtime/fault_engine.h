@@ -37,7 +37,7 @@
 #include "runtime/region_status.h"
 #include "runtime/residency.h"
 #include "runtime/uffd.h"
-#include "runtime/unique_fd.h"
+#include "common/unique_fd.h"
 #include "runtime/worker.h"
 #include "transport/transport.h"
 

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "runtime/backing.h"
-#include "runtime/unique_fd.h"
+#include "common/unique_fd.h"
 
 namespace pagewire {
 

@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "runtime/unique_fd.h"
+#include "common/unique_fd.h"
 #include "transport/transport.h"
 
 namespace pagewire {

@@ -1,7 +1,7 @@
 #include <gtest/gtest.h>
 
 #include "pagewire/error.h"
-#include "runtime/uri.h"
+#include "transport/uri.h"
 
 namespace pagewire {
 namespace {

@@ -11,8 +11,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "pagewire/pagewire.h"
-#include "runtime/unique_fd.h"
 #include "tools/signals.h"
 
 namespace pagewire::testing {

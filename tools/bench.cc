@@ -12,10 +12,10 @@
 #include <thread>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "nlohmann/json.hpp"
 #include "pagewire/pagewire.h"
 #include "runtime/metrics.h"
-#include "runtime/unique_fd.h"
 #include "tools/cli_util.h"
 #include "tools/pattern.h"
 #include "tools/plot.h"

@@ -10,8 +10,8 @@
 #include <cstdio>
 #include <stdexcept>
 
+#include "common/unique_fd.h"
 #include "pagewire/server.h"
-#include "runtime/unique_fd.h"
 #include "spdlog/spdlog.h"
 #include "tools/pattern.h"
 

@@ -1,42 +1,17 @@
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-
-#include <algorithm>
-#include <random>
+#include "pagewire/server.h"
 
 #include "pagewire/error.h"
-#include "pagewire/server.h"
-#include "runtime/unique_fd.h"
-#include "runtime/uri.h"
 #include "spdlog/spdlog.h"
+#include "transport/export_table.h"
 #include "transport/rdma/rdma_server.h"
 #include "transport/tcp/tcp_server.h"
 
 namespace pagewire {
-namespace {
-
-void check_export(const std::string& name, uint32_t page_size) {
-  if (const std::string problem = region_name_problem(name); !problem.empty()) {
-    throw Error(Errc::kInvalidArgument, "cannot export '" + name + "': " + problem + " (no URI could name it)");
-  }
-  if (page_size < 4096 || (page_size & (page_size - 1)) != 0) {
-    throw Error(Errc::kInvalidArgument, "page size must be a power of two of at least 4096");
-  }
-}
-
-// One step of splitmix64: mixes v into h.
-uint64_t mix(uint64_t h, uint64_t v) {
-  uint64_t z = h + v + 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-}  // namespace
 
 MemoryServer::MemoryServer(const ServerOptions& options)
-    : tcp_(std::make_unique<TcpServer>(options)), rdma_mode_(options.rdma) {
+    : exports_(std::make_unique<ExportTable>()),
+      tcp_(std::make_unique<TcpServer>(options, *exports_)),
+      rdma_mode_(options.rdma) {
   if (options.rdma == RdmaServing::kOff) return;
   if (options.rdma == RdmaServing::kAuto && !rdma::have_device()) {
     spdlog::info("server: no RDMA device; serving TCP only");
@@ -55,52 +30,23 @@ MemoryServer::~MemoryServer() { stop(); }
 bool MemoryServer::serves_rdma() const { return rdma_ != nullptr; }
 
 void MemoryServer::export_file(const std::string& name, const std::string& path, uint32_t page_size) {
-  check_export(name, page_size);
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) throw_errno("open " + path);
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) throw_errno("stat " + path);
-  if (st.st_size <= 0) throw Error(Errc::kInvalidArgument, path + " is empty: nothing to export");
-  const auto length = static_cast<size_t>(st.st_size);
-  void* p = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd.get(), 0);
-  if (p == MAP_FAILED) throw_errno("mmap " + path);
-  auto region = std::make_unique<ExportedRegion>();
-  region->name = name;
-  region->file_mapping = Mapping(p, length);
-  region->base = region->file_mapping.data();
-  region->length = length;
-  region->page_size = page_size;
-  region->identity = mix(mix(mix(mix(mix(0, st.st_dev), st.st_ino), static_cast<uint64_t>(st.st_size)),
-                             static_cast<uint64_t>(st.st_mtim.tv_sec)),
-                         static_cast<uint64_t>(st.st_mtim.tv_nsec));
-  region->zero_map = compute_zero_map(region->base, region->length, page_size);
-  add(std::move(region));
+  add(ExportTable::from_file(name, path, page_size));
 }
 
 void MemoryServer::export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size,
                                  uint64_t identity) {
-  check_export(name, page_size);
-  if (base == nullptr || length == 0) throw Error(Errc::kInvalidArgument, "export of empty memory");
-  auto region = std::make_unique<ExportedRegion>();
-  region->name = name;
-  region->base = static_cast<const std::byte*>(base);
-  region->length = length;
-  region->page_size = page_size;
-  while (identity == 0) identity = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
-  region->identity = identity;
-  region->zero_map = compute_zero_map(region->base, region->length, page_size);
-  add(std::move(region));
+  add(ExportTable::from_memory(name, base, length, page_size, identity));
 }
 
 void MemoryServer::add(std::unique_ptr<ExportedRegion> region) {
-  const ExportedRegion& r = tcp_->add(std::move(region));
+  const ExportedRegion& r = exports_->add(std::move(region));
   if (!rdma_) return;
   try {
     rdma_->add(r);
   } catch (const std::exception& e) {
     // Registering it with the device failed (a memlock limit, say).
     if (rdma_mode_ == RdmaServing::kOn) {
-      tcp_->withdraw(r.name);
+      exports_->withdraw(r.name);
       throw;
     }
     spdlog::warn("server: '{}' is served over TCP only: {}", r.name, e.what());
@@ -108,13 +54,7 @@ void MemoryServer::add(std::unique_ptr<ExportedRegion> region) {
 }
 
 void MemoryServer::mark_changed(const std::string& name, uint64_t offset, uint64_t length) {
-  ExportedRegion* r = tcp_->find_mutable(name);
-  if (r == nullptr) throw Error(Errc::kNotFound, "no region named '" + name + "' is exported");
-  if (length == 0 || offset >= r->length) return;
-  const uint64_t end = offset + std::min(length, r->length - offset);  // no overflow
-  std::lock_guard lock(r->zero_map_mu);
-  update_zero_map(r->zero_map, r->base, r->length, r->page_size, offset / r->page_size,
-                  (end + r->page_size - 1) / r->page_size);
+  exports_->mark_changed(name, offset, length);
 }
 
 uint16_t MemoryServer::port() const { return tcp_->port(); }

@@ -7,6 +7,7 @@
 // path takes a lock. A channel also drives its thread's one blocking wait:
 // the handler hands it the descriptors it watches (its userfaultfd, its stop
 // eventfd), and wait() returns when a read completes or one of them fires.
+// The stop descriptor is named as such: it also cuts a reconnect short.
 #pragma once
 
 #include <cstddef>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "pagewire/error.h"
+#include "transport/watch_set.h"
 #include "transport/zero_map.h"
 
 namespace pagewire {
@@ -38,7 +40,6 @@ struct RegionDescriptor {
 struct TransportCapabilities {
   uint32_t max_outstanding_reads = 0;  // per channel
   uint32_t max_read_bytes = 0;         // per read
-  bool needs_registration = false;     // staging memory must be registered first
 };
 
 // Local memory that reads may land in. On RDMA it carries the memory
@@ -85,21 +86,28 @@ class Channel {
   virtual ~Channel() = default;
 
   virtual LocalBuffer register_buffer(std::byte* base, size_t length) = 0;
-  // Makes wait() return `token` whenever `fd` becomes readable.
-  virtual void watch(int fd, uint64_t token) = 0;
+  // Makes wait() return `token` whenever `fd` becomes readable. At most
+  // one descriptor has WatchRole::kStop:
+  // once it is readable (and it stays so), a reconnect in progress ends at
+  // once, the channel is dead with kCancelled, its reads outstanding
+  // complete with kCancelled, and wait() returns with the stop token among
+  // woken_tokens.
+  void watch(int fd, uint64_t token, WatchRole role = WatchRole::kWake) { watches_.add(fd, token, role); }
   // While paused, a watched descriptor does not end a wait: a handler with
   // no free staging slot must not spin on a userfaultfd it cannot drain.
-  virtual void pause_watch(uint64_t token, bool paused) = 0;
+  void pause_watch(uint64_t token, bool paused) { watches_.pause(token, paused); }
   // Queues a batch of reads; every op is bounds-checked against the region
   // and ones outside it complete with kOutOfBounds. Never blocks; the batch
   // must fit in the free outstanding slots.
   virtual void post(std::span<const ReadOp> ops) = 0;
-  virtual uint32_t outstanding() const = 0;
   // Submits what was posted and blocks until a completion or a watched
   // descriptor fires (timeout_ms < 0: no limit; 0: do not block).
   virtual void wait(WaitResult& out, int timeout_ms) = 0;
   // Reconnections this channel made after its connection dropped.
   virtual uint64_t reconnects() const { return 0; }
+
+ protected:
+  WatchSet watches_;  // polled by each transport's wait()
 };
 
 class Transport {

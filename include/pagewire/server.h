@@ -35,6 +35,7 @@ struct ServerStats {
   uint64_t reads_refused = 0;
 };
 
+class ExportTable;
 class TcpServer;
 struct ExportedRegion;
 namespace rdma {
@@ -91,7 +92,8 @@ class MemoryServer {
   // device will not take the region).
   void add(std::unique_ptr<ExportedRegion> region);
 
-  std::unique_ptr<TcpServer> tcp_;  // owns the exported regions
+  std::unique_ptr<ExportTable> exports_;  // first: outlives the servers that read it
+  std::unique_ptr<TcpServer> tcp_;
   std::unique_ptr<rdma::RdmaServer> rdma_;  // null when not serving RDMA; stopped first
   RdmaServing rdma_mode_;
 };

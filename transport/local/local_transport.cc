@@ -1,9 +1,6 @@
 #include "transport/local/local_transport.h"
 
-#include <poll.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <vector>
@@ -15,15 +12,6 @@ class LocalChannel final : public Channel {
   LocalChannel(LocalTransport* t, ChannelUse use) : t_(t), use_(use) {}
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
-  void watch(int fd, uint64_t token) override {
-    fds_.push_back({fd, POLLIN, 0});
-    tokens_.push_back(token);
-  }
-  void pause_watch(uint64_t token, bool paused) override {
-    for (size_t i = 0; i < tokens_.size(); ++i) {
-      if (tokens_[i] == token) fds_[i].fd = paused ? -(real_fd(fds_[i].fd) + 1) : real_fd(fds_[i].fd);
-    }
-  }
   void post(std::span<const ReadOp> ops) override {
     for (const ReadOp& op : ops) {
       if (!read_in_bounds(t_->desc_.length, op.remote_offset, op.length)) {
@@ -49,7 +37,6 @@ class LocalChannel final : public Channel {
       ready_.push_back({{op.cookie, status}, due});
     }
   }
-  uint32_t outstanding() const override { return static_cast<uint32_t>(ready_.size()); }
   void wait(WaitResult& out, int timeout_ms) override {
     take_due(out);
     if (!out.completions.empty()) timeout_ms = 0;
@@ -59,12 +46,7 @@ class LocalChannel final : public Channel {
       const int next = static_cast<int>(std::max<int64_t>(left, 0));
       timeout_ms = timeout_ms < 0 ? next : std::min(timeout_ms, next);
     }
-    int rc = ::poll(fds_.data(), fds_.size(), timeout_ms);
-    if (rc > 0) {
-      for (size_t i = 0; i < fds_.size(); ++i) {
-        if (fds_[i].revents != 0) out.woken_tokens.push_back(tokens_[i]);
-      }
-    }
+    watches_.poll({}, timeout_ms, out.woken_tokens);
     take_due(out);
   }
 
@@ -75,9 +57,6 @@ class LocalChannel final : public Channel {
     Clock::time_point due;  // in order: each is due no earlier than the one before
   };
 
-  // poll() skips negative descriptors; a paused fd is stored as -(fd + 1).
-  static int real_fd(int fd) { return fd < 0 ? -fd - 1 : fd; }
-
   void take_due(WaitResult& out) {
     const auto now = Clock::now();
     size_t n = 0;
@@ -87,8 +66,6 @@ class LocalChannel final : public Channel {
 
   LocalTransport* t_;
   ChannelUse use_;
-  std::vector<pollfd> fds_;
-  std::vector<uint64_t> tokens_;
   std::vector<Answer> ready_;
   Clock::time_point last_due_{};
 };

@@ -31,7 +31,7 @@ class LocalTransport final : public Transport {
 
   std::string_view name() const override { return "local"; }
   const RegionDescriptor& region() const override { return desc_; }
-  TransportCapabilities capabilities() const override { return {1024, 1u << 30, false}; }
+  TransportCapabilities capabilities() const override { return {1024, 1u << 30}; }
   std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) override;
   uint64_t reads() const { return reads_.load(); }
 

@@ -8,8 +8,8 @@
 #include <cstring>
 
 #include "spdlog/spdlog.h"
-#include "transport/tcp/socket_util.h"
-#include "transport/tcp/tcp_server.h"
+#include "transport/endpoint.h"
+#include "transport/export_table.h"
 
 namespace pagewire::rdma {
 
@@ -20,7 +20,7 @@ RdmaServer::RdmaServer(const std::string& bind_address, uint16_t port, unsigned 
   rdma_cm_id* raw = nullptr;
   if (rdma_create_id(events_.get(), &raw, nullptr, RDMA_PS_TCP) != 0) throw_errno("rdma_create_id");
   listen_id_.reset(raw);
-  tcp::Endpoint ep = tcp::resolve(bind_address, port);
+  Endpoint ep = resolve(bind_address, port);
   if (rdma_bind_addr(listen_id_.get(), reinterpret_cast<sockaddr*>(&ep.addr)) != 0) {
     throw_errno("rdma_bind_addr " + ep.text);
   }

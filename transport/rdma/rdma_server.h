@@ -13,8 +13,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "pagewire/server.h"
-#include "runtime/unique_fd.h"
 #include "transport/rdma/verbs.h"
 
 namespace pagewire {

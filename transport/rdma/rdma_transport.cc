@@ -8,6 +8,7 @@
 #include <cstring>
 #include <thread>
 
+#include "common/unique_fd.h"
 #include "spdlog/spdlog.h"
 
 namespace pagewire::rdma {
@@ -59,7 +60,7 @@ rdma_cm_event* expect(rdma_event_channel* ec, rdma_cm_event_type want, unsigned 
 
 RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::string& name,
                              const TransportOptions& o)
-    : endpoint_(tcp::resolve(host, port)), name_(name), options_(o) {
+    : endpoint_(resolve(host, port)), name_(name), options_(o) {
   if (name.empty() || name.size() > kMaxRdmaName) {
     throw Error(Errc::kBadUri, "an rdma:// region name must be 1.." + std::to_string(kMaxRdmaName) + " bytes");
   }
@@ -127,7 +128,7 @@ RdmaTransport::~RdmaTransport() {
 
 TransportCapabilities RdmaTransport::capabilities() const {
   const auto depth = std::min<uint32_t>(kMaxDepth, static_cast<uint32_t>(device_.max_qp_wr));
-  return {depth, static_cast<uint32_t>(std::min<uint64_t>(device_.max_mr_size, 1u << 30)), true};
+  return {depth, static_cast<uint32_t>(std::min<uint64_t>(device_.max_mr_size, 1u << 30))};
 }
 
 Connection RdmaTransport::connect_one() {
@@ -377,60 +378,81 @@ void RdmaChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   if (dead_ != Errc::kOk) return;
   spdlog::warn("rdma: {} ({} reads outstanding); reconnecting", text, posted_);
   teardown();
-  const auto now = std::chrono::steady_clock::now();
-  const auto deadline = now + std::chrono::milliseconds(options_.reconnect_timeout_ms);
   std::string last_why = text;
   // A source that takes connections but never completes a read would have
   // us reconnect forever: past one request timeout plus one reconnect
   // timeout with reads out and none completed, it is dead.
-  const bool stalled = posted_ > 0 && now - last_completion_ > std::chrono::milliseconds(options_.request_timeout_ms +
-                                                                                       options_.reconnect_timeout_ms);
-  if (stalled) last_why = "no read completed since the last reconnect";
-  while (!stalled && std::chrono::steady_clock::now() < deadline) {
-    try {
-      Connection c = connect_();
-      if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size ||
-          c.reply.identity != desc_.identity) {
-        last_why = c.reply.identity != desc_.identity
-                       ? "the source now serves other bytes as '" + desc_.name + "' (it was restarted)"
-                       : "region '" + desc_.name + "' changed shape";
-        conn_ = std::move(c);
-        teardown();
-        break;  // never read a different region into these pages
-      }
-      conn_ = std::move(c);
-      desc_.key = conn_.reply.rkey;
-      desc_.remote_addr = conn_.reply.remote_addr;
-      if (conn_.depth < posted_) {
-        last_why = "the new queue pair is too small for the reads outstanding";
-        teardown();
-        break;
-      }
-      size_t accepted = 0;
-      if (const int rc = post_fifo(fifo_head_, posted_, &accepted); rc != 0) {
-        last_why = std::string("ibv_post_send on the new queue pair: ") + std::strerror(rc);
-        teardown();
-      } else {
-        ++reconnects_;
-        last_progress_ = std::chrono::steady_clock::now();
-        spdlog::info("rdma: reconnected; posted {} reads again", posted_);
-        return;
-      }
-    } catch (const std::exception& e) {
-      // Not found is tried again too: a restarted source listens a moment
-      // before it exports its regions.
-      last_why = e.what();
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const bool stalled = posted_ > 0 && std::chrono::steady_clock::now() - last_completion_ >
+                                          std::chrono::milliseconds(options_.request_timeout_ms +
+                                                                    options_.reconnect_timeout_ms);
+  ReconnectEnd end = ReconnectEnd::kGaveUp;
+  if (stalled) {
+    last_why = "no read completed since the last reconnect";
+  } else {
+    // A connect attempt is bounded by its own setup timeout, not by the
+    // time left: the stop is seen between attempts.
+    end = reconnect(options_.reconnect_timeout_ms, watches_, &last_why,
+                    [this](unsigned, std::string* why_not) { return try_reconnect(why_not); });
+  }
+  if (end == ReconnectEnd::kConnected) {
+    ++reconnects_;
+    last_progress_ = std::chrono::steady_clock::now();
+    spdlog::info("rdma: reconnected; posted {} reads again", posted_);
+    return;
+  }
+  if (end == ReconnectEnd::kStopped) {
+    // The engine is going away: it reads no more from this channel.
+    fail(Errc::kCancelled, text + "; stopped while reconnecting", out);
+    watches_.report_stop(out.woken_tokens);
+    return;
   }
   fail(why, text + "; reconnect failed: " + last_why, out);
+}
+
+ReconnectAttempt RdmaChannel::try_reconnect(std::string* why) {
+  try {
+    Connection c = connect_();
+    if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size ||
+        c.reply.identity != desc_.identity) {
+      *why = c.reply.identity != desc_.identity
+                 ? "the source now serves other bytes as '" + desc_.name + "' (it was restarted)"
+                 : "region '" + desc_.name + "' changed shape";
+      conn_ = std::move(c);
+      teardown();
+      return ReconnectAttempt::kGiveUp;  // never read a different region into these pages
+    }
+    conn_ = std::move(c);
+    desc_.key = conn_.reply.rkey;
+    desc_.remote_addr = conn_.reply.remote_addr;
+    if (conn_.depth < posted_) {
+      *why = "the new queue pair is too small for the reads outstanding";
+      teardown();
+      return ReconnectAttempt::kGiveUp;
+    }
+    size_t accepted = 0;
+    if (const int rc = post_fifo(fifo_head_, posted_, &accepted); rc != 0) {
+      *why = std::string("ibv_post_send on the new queue pair: ") + std::strerror(rc);
+      teardown();
+      return ReconnectAttempt::kRetry;
+    }
+    return ReconnectAttempt::kConnected;
+  } catch (const std::exception& e) {
+    // Not found is tried again too: a restarted source listens a moment
+    // before it exports its regions.
+    *why = e.what();
+    return ReconnectAttempt::kRetry;
+  }
 }
 
 void RdmaChannel::fail(Errc why, const std::string& text, WaitResult& out) {
   if (dead_ != Errc::kOk) return;
   dead_ = why;
   dead_text_ = text;
-  spdlog::error("rdma: {} ({} reads outstanding); this connection is dead", text, posted_);
+  if (why == Errc::kCancelled) {
+    spdlog::info("rdma: {} ({} reads outstanding)", text, posted_);
+  } else {
+    spdlog::error("rdma: {} ({} reads outstanding); this connection is dead", text, posted_);
+  }
   teardown();  // no read lands in memory given back as failed
   for (; posted_ > 0; --posted_, ++fifo_head_) {
     out.completions.push_back({fifo_[fifo_head_ % fifo_.size()].op.cookie, why});
@@ -460,17 +482,10 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
   }
   // A dead channel has no queue pair left: it waits on the watches alone.
   const bool live = dead_ == Errc::kOk;
-  std::vector<pollfd> fds;
-  fds.reserve(watches_.size() + 2);
-  for (const Watch& w : watches_) fds.push_back({w.paused ? -1 : w.fd, POLLIN, 0});
-  fds.push_back({live ? conn_.comp->fd : -1, POLLIN, 0});
-  fds.push_back({live ? conn_.events->fd : -1, POLLIN, 0});
-  const int rc = ::poll(fds.data(), fds.size(), effective);
+  pollfd own[2] = {{live ? conn_.comp->fd : -1, POLLIN, 0}, {live ? conn_.events->fd : -1, POLLIN, 0}};
+  const int rc = watches_.poll(own, effective, out.woken_tokens);
   if (rc > 0) {
-    for (size_t i = 0; i < watches_.size(); ++i) {
-      if (fds[i].revents != 0) out.woken_tokens.push_back(watches_[i].token);
-    }
-    if (fds[watches_.size()].revents != 0) {
+    if (own[0].revents != 0) {
       ibv_cq* cq = nullptr;
       void* ctx = nullptr;
       while (ibv_get_cq_event(conn_.comp.get(), &cq, &ctx) == 0) ++unacked_cq_events_;
@@ -481,7 +496,7 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
       drain_cq(out);  // may find the queue pair broken and replace it
     }
     // The cm events of the connection polled, if recovery has not replaced it.
-    if (fds.back().revents != 0 && dead_ == Errc::kOk && conn_.events && conn_.events->fd == fds.back().fd) {
+    if (own[1].revents != 0 && dead_ == Errc::kOk && conn_.events && conn_.events->fd == own[1].fd) {
       rdma_cm_event* ev = nullptr;
       while (dead_ == Errc::kOk && rdma_get_cm_event(conn_.events.get(), &ev) == 0) {
         const rdma_cm_event_type type = ev->event;

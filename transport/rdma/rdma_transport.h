@@ -14,8 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "transport/endpoint.h"
 #include "transport/rdma/verbs.h"
-#include "transport/tcp/socket_util.h"
+#include "transport/reconnect.h"
 #include "transport/transport.h"
 
 namespace pagewire::rdma {
@@ -65,7 +66,7 @@ class RdmaTransport final : public Transport {
   // One RDMA READ of the server's zero-page bitmap into desc_.zero_map.
   void fetch_zero_map(Connection& c);
 
-  tcp::Endpoint endpoint_;
+  Endpoint endpoint_;
   std::string name_;
   TransportOptions options_;
   RegionDescriptor desc_;
@@ -85,14 +86,7 @@ class RdmaChannel final : public Channel {
   ~RdmaChannel() override;
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override;
-  void watch(int fd, uint64_t token) override { watches_.push_back({fd, token, false}); }
-  void pause_watch(uint64_t token, bool paused) override {
-    for (auto& w : watches_) {
-      if (w.token == token) w.paused = paused;
-    }
-  }
   void post(std::span<const ReadOp> ops) override;
-  uint32_t outstanding() const override { return static_cast<uint32_t>(posted_ + local_.size()); }
   void wait(WaitResult& out, int timeout_ms) override;
   uint64_t reconnects() const override { return reconnects_; }
 
@@ -101,11 +95,6 @@ class RdmaChannel final : public Channel {
   static constexpr uint32_t kSignalEvery = 16;
 
  private:
-  struct Watch {
-    int fd;
-    uint64_t token;
-    bool paused;
-  };
   // A posted read, kept whole so that it can be posted again on a new
   // queue pair.
   struct Posted {
@@ -121,8 +110,12 @@ class RdmaChannel final : public Channel {
   int post_fifo(uint64_t from, size_t n, size_t* accepted);
   // The queue pair broke: destroy it (no read lands after that), connect
   // again within reconnect_timeout_ms and post every outstanding read anew;
-  // failing that, the channel is dead and they fail with `why`.
+  // failing that, the channel is dead and they fail with `why` (with
+  // kCancelled when the stop descriptor fired first).
   void recover(Errc why, const std::string& text, WaitResult& out);
+  // One reconnect attempt: a new queue pair to the same region, with every
+  // outstanding read posted on it.
+  ReconnectAttempt try_reconnect(std::string* why);
   void teardown();
   void fail(Errc why, const std::string& text, WaitResult& out);
 
@@ -140,7 +133,6 @@ class RdmaChannel final : public Channel {
   std::vector<ibv_send_wr> wrs_;
   std::vector<ibv_sge> sges_;
   std::vector<ReadCompletion> local_;
-  std::vector<Watch> watches_;
   unsigned unacked_cq_events_ = 0;
   Errc dead_ = Errc::kOk;
   std::string dead_text_;

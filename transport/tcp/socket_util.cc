@@ -14,29 +14,6 @@
 
 namespace pagewire::tcp {
 
-Endpoint resolve(const std::string& host, uint16_t port) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  const std::string port_text = std::to_string(port);
-  int rc = ::getaddrinfo(host.c_str(), port_text.c_str(), &hints, &res);
-  if (rc != 0 || res == nullptr) {
-    throw Error(Errc::kConnectFailed, "cannot resolve host '" + host + "': " + ::gai_strerror(rc));
-  }
-  Endpoint ep;
-  for (const addrinfo* a = res; a != nullptr; a = a->ai_next) {
-    Address& x = ep.addresses.emplace_back();
-    std::memcpy(&x.addr, a->ai_addr, a->ai_addrlen);
-    x.addr_len = a->ai_addrlen;
-  }
-  ep.addr = ep.addresses.front().addr;
-  ep.addr_len = ep.addresses.front().addr_len;
-  ep.text = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + port_text;
-  ::freeaddrinfo(res);
-  return ep;
-}
-
 void set_io_timeout(int fd, unsigned timeout_ms) {
   timeval tv{};
   tv.tv_sec = timeout_ms / 1000;
@@ -48,7 +25,7 @@ void set_io_timeout(int fd, unsigned timeout_ms) {
 namespace {
 
 // One address; the error, with no "connect to HOST:PORT: " before it, in *why.
-UniqueFd connect_one(const Address& a, unsigned timeout_ms, std::string* why) {
+UniqueFd connect_one(const Address& a, unsigned timeout_ms, std::string* why, int cancel_fd) {
   UniqueFd fd(::socket(a.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd) {
     *why = std::string("socket: ") + std::strerror(errno);
@@ -60,10 +37,14 @@ UniqueFd connect_one(const Address& a, unsigned timeout_ms, std::string* why) {
     return {};
   }
   if (rc != 0) {
-    pollfd p{fd.get(), POLLOUT, 0};
-    rc = ::poll(&p, 1, static_cast<int>(timeout_ms));
+    pollfd p[2] = {{fd.get(), POLLOUT, 0}, {cancel_fd, POLLIN, 0}};  // poll() skips a -1
+    rc = ::poll(p, 2, static_cast<int>(timeout_ms));
     if (rc == 0) {
       *why = "no answer within " + std::to_string(timeout_ms) + " ms";
+      return {};
+    }
+    if (rc > 0 && p[0].revents == 0) {
+      *why = "cancelled";
       return {};
     }
     int err = 0;
@@ -79,14 +60,19 @@ UniqueFd connect_one(const Address& a, unsigned timeout_ms, std::string* why) {
 
 }  // namespace
 
-UniqueFd connect_to(const Endpoint& ep, unsigned timeout_ms, std::string* why) {
+UniqueFd connect_to(const Endpoint& ep, unsigned timeout_ms, std::string* why, int cancel_fd) {
   std::vector<Address> addresses = ep.addresses;
   if (addresses.empty()) addresses.push_back({ep.addr, ep.addr_len});
   UniqueFd fd;
   std::string whys;
   for (const Address& a : addresses) {
+    pollfd cancel{cancel_fd, POLLIN, 0};
+    if (cancel_fd >= 0 && ::poll(&cancel, 1, 0) > 0) {
+      whys = "cancelled";
+      break;
+    }
     std::string one;
-    fd = connect_one(a, timeout_ms, &one);
+    fd = connect_one(a, timeout_ms, &one, cancel_fd);
     if (fd) break;
     if (whys.find(one) == std::string::npos) whys += (whys.empty() ? "" : "; ") + one;
   }

@@ -9,34 +9,26 @@
 #include <string>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "pagewire/error.h"
-#include "runtime/unique_fd.h"
+#include "transport/endpoint.h"
 #include "transport/protocol.h"
 #include "transport/transport.h"
 
 namespace pagewire::tcp {
 
-struct Address {
-  sockaddr_storage addr{};
-  socklen_t addr_len = 0;
-};
-
-struct Endpoint {
-  sockaddr_storage addr{};  // the first address resolved (what a server binds)
-  socklen_t addr_len = 0;
-  // Every address resolved, in getaddrinfo's order: "localhost" may be ::1
-  // first and 127.0.0.1 after, and a server may listen on only one.
-  std::vector<Address> addresses;
-  std::string text;  // HOST:PORT, for messages
-};
-
-// Resolves host and port; throws Error(kConnectFailed) when it cannot.
-Endpoint resolve(const std::string& host, uint16_t port);
+// The endpoint is shared with RDMA; callers that name it tcp::Endpoint and
+// tcp::resolve still may.
+using pagewire::Address;
+using pagewire::Endpoint;
+using pagewire::resolve;
 
 // Connects to the first of the endpoint's addresses that answers, each
 // within timeout_ms, and sets TCP_NODELAY. On failure returns an empty fd
-// and fills *why.
-UniqueFd connect_to(const Endpoint& ep, unsigned timeout_ms, std::string* why);
+// and fills *why. A connect still pending when `cancel_fd` (if not -1)
+// becomes readable is abandoned: a region being torn down does not wait
+// out a host that does not answer.
+UniqueFd connect_to(const Endpoint& ep, unsigned timeout_ms, std::string* why, int cancel_fd = -1);
 
 // A server's side of a connection: a peer whose host dies or drops off the
 // network (no FIN ever comes) is noticed by TCP keepalive within about a

@@ -86,7 +86,8 @@ void refuse_busy(int fd) {
 
 }  // namespace
 
-TcpServer::TcpServer(const ServerOptions& options) : options_(options) {
+TcpServer::TcpServer(const ServerOptions& options, const ExportTable& exports)
+    : options_(options), exports_(exports) {
   tcp::Endpoint ep = tcp::resolve(options.bind_address, options.port);
   listen_fd_.reset(::socket(ep.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!listen_fd_) throw_errno("socket");
@@ -108,36 +109,6 @@ TcpServer::TcpServer(const ServerOptions& options) : options_(options) {
 }
 
 TcpServer::~TcpServer() { stop(); }
-
-const ExportedRegion& TcpServer::add(std::unique_ptr<ExportedRegion> region) {
-  std::lock_guard lock(mu_);
-  if (by_name_.count(region->name) != 0) {
-    throw Error(Errc::kInvalidArgument, "a region named '" + region->name + "' is exported already");
-  }
-  region->key = static_cast<uint32_t>(regions_.size());
-  by_name_[region->name] = region->key;
-  regions_.push_back(std::move(region));
-  const ExportedRegion& r = *regions_.back();
-  spdlog::info("server: exporting '{}' ({} bytes, {} B pages)", r.name, r.length, r.page_size);
-  return r;
-}
-
-void TcpServer::withdraw(const std::string& name) {
-  std::lock_guard lock(mu_);
-  by_name_.erase(name);
-}
-
-ExportedRegion* TcpServer::find_mutable(const std::string& name) {
-  std::lock_guard lock(mu_);
-  auto it = by_name_.find(name);
-  return it == by_name_.end() ? nullptr : regions_[it->second].get();
-}
-
-const ExportedRegion* TcpServer::find(const std::string& name) const {
-  std::lock_guard lock(mu_);
-  auto it = by_name_.find(name);
-  return it == by_name_.end() ? nullptr : regions_[it->second].get();
-}
 
 ServerStats TcpServer::stats() const {
   ServerStats s;
@@ -277,7 +248,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     close_gracefully(fd.get());
     return finish(true);
   }
-  const ExportedRegion* region = find(name);
+  const ExportedRegion* region = exports_.find(name);
   wire::HelloReply reply{wire::kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0, 0};
   if (region == nullptr) {
     reply.status = static_cast<uint32_t>(Errc::kNotFound);
@@ -288,11 +259,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   reply.key = region->key;
   reply.page_size = region->page_size;
   reply.length = region->length;
-  ZeroMap zero_map;
-  {
-    std::lock_guard zero_lock(region->zero_map_mu);
-    zero_map = region->zero_map;  // a snapshot, sent without holding the lock
-  }
+  const ZeroMap zero_map = region->zero_map_snapshot();
   reply.zero_map_bytes = static_cast<uint32_t>(zero_map.size() * 8);
   if (!tcp::send_all(fd.get(), &reply, sizeof reply) ||
       !tcp::send_all(fd.get(), &region->identity, sizeof region->identity) ||

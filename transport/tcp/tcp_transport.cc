@@ -6,7 +6,6 @@
 #include <cerrno>
 #include <cstring>
 #include <mutex>
-#include <thread>
 #include <utility>
 
 #include "spdlog/spdlog.h"
@@ -88,7 +87,7 @@ TcpTransport::TcpTransport(const std::string& host, uint16_t port, const std::st
 }
 
 TransportCapabilities TcpTransport::capabilities() const {
-  return {TcpChannel::kMaxOutstanding, wire::kMaxReadBytes, false};
+  return {TcpChannel::kMaxOutstanding, wire::kMaxReadBytes};
 }
 
 std::unique_ptr<Channel> TcpTransport::open_channel(ChannelUse use) {
@@ -164,17 +163,11 @@ void TcpChannel::drain_ring(WaitResult& out) {
   send_inflight_ = false;
 }
 
-void TcpChannel::watch(int fd, uint64_t token) {
-  watches_.push_back({fd, token});
-  if (ring_) arm_watch(watches_.size() - 1);
-}
-
-void TcpChannel::pause_watch(uint64_t token, bool paused) {
-  // io_uring's multishot poll reports new events only, so it never spins;
-  // the pause matters to the level-triggered poll() of the syscall path.
-  for (Watch& w : watches_) {
-    if (w.token == token) w.paused = paused;
-  }
+void TcpChannel::arm_new_watches() {
+  // io_uring's multishot poll reports new events only, so it never spins
+  // and ignores pause_watch(); the pause matters to the level-triggered
+  // poll() of the syscall path.
+  while (armed_watches_ < watches_.size()) arm_watch(armed_watches_++);
 }
 
 void TcpChannel::arm_watch(size_t index) {
@@ -297,6 +290,7 @@ void TcpChannel::wait(WaitResult& out, int timeout_ms) {
   } else if (!ring_) {
     wait_with_syscalls(out, effective);
   } else {
+    arm_new_watches();
     int rc;
     if (effective < 0) {
       rc = io_uring_submit_and_wait(ring_->get(), 1);
@@ -326,18 +320,11 @@ void TcpChannel::wait(WaitResult& out, int timeout_ms) {
 }
 
 void TcpChannel::wait_with_syscalls(WaitResult& out, int timeout_ms) {
-  std::vector<pollfd> fds;
-  fds.reserve(watches_.size() + 1);
-  // A negative fd makes poll() skip the entry.
-  for (const Watch& w : watches_) fds.push_back({w.paused ? -1 : w.fd, POLLIN, 0});
   const bool expecting = sock_ && head_ != sent_;
-  if (expecting) fds.push_back({sock_.get(), POLLIN, 0});
-  const int rc = ::poll(fds.data(), fds.size(), timeout_ms);
+  pollfd socket{expecting ? sock_.get() : -1, POLLIN, 0};
+  const int rc = watches_.poll({&socket, 1}, timeout_ms, out.woken_tokens);
   if (rc <= 0) return;  // timeout or EINTR: the caller checks the deadline
-  for (size_t i = 0; i < watches_.size(); ++i) {
-    if (fds[i].revents != 0) out.woken_tokens.push_back(watches_[i].token);
-  }
-  if (!expecting || fds.back().revents == 0) return;
+  if (!expecting || socket.revents == 0) return;
   // Take every reply that is already here; each recvmsg waits for a whole
   // reply (bounded by SO_RCVTIMEO).
   for (;;) {
@@ -453,56 +440,68 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   if (ring_) drain_ring(out);
   sock_.reset();
 
-  const auto now = std::chrono::steady_clock::now();
-  const auto deadline = now + std::chrono::milliseconds(timeouts_.reconnect_timeout_ms);
   std::string last_why = text;
   // A peer that accepts connections but never answers would have us
   // reconnect forever: past one request timeout plus one reconnect timeout
   // without a reply, it is dead.
-  const bool stalled = head_ != tail_ && now - last_reply_ > std::chrono::milliseconds(timeouts_.request_timeout_ms +
-                                                                                     timeouts_.reconnect_timeout_ms);
-  if (stalled) last_why = "no reply since the last reconnect";
-  while (!stalled && std::chrono::steady_clock::now() < deadline) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    std::string why_not;
-    UniqueFd fd = connect_to(endpoint_, static_cast<unsigned>(std::max<int64_t>(left.count(), 1)), &why_not);
-    if (fd) {
-      try {
-        RegionDescriptor d = handshake(fd.get(), desc_.name, static_cast<unsigned>(std::max<int64_t>(left.count(), 1)),
-                                       endpoint_.text, hello_flags_);
-        if (d.length != desc_.length || d.page_size != desc_.page_size) {
-          last_why = "region '" + desc_.name + "' changed shape on " + endpoint_.text;
-          break;  // never read a different region into these pages
-        }
-        if (d.identity != desc_.identity) {
-          last_why = endpoint_.text + " now serves other bytes as '" + desc_.name + "' (the source was restarted)";
-          break;
-        }
-        desc_.key = d.key;
-        sock_ = std::move(fd);
-        if (!ring_) set_io_timeout(sock_.get(), timeouts_.request_timeout_ms);
-        ++reconnects_;
-        spdlog::info("tcp: reconnected to {}; resending {} reads", endpoint_.text, tail_ - head_);
-        for (uint64_t seq = head_; seq != tail_; ++seq) requests_[seq & kMask].key = desc_.key;
-        sent_ = head_;
-        last_progress_ = std::chrono::steady_clock::now();
-        queue_sends();
-        arm_recv();
-        return;
-      } catch (const Error& e) {
-        // Not found is tried again too: a restarted source listens a moment
-        // before it exports its regions.
-        last_why = e.what();
-      }
-    } else {
-      last_why = why_not;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const bool stalled =
+      head_ != tail_ && std::chrono::steady_clock::now() - last_reply_ >
+                            std::chrono::milliseconds(timeouts_.request_timeout_ms + timeouts_.reconnect_timeout_ms);
+  ReconnectEnd end = ReconnectEnd::kGaveUp;
+  if (stalled) {
+    last_why = "no reply since the last reconnect";
+  } else {
+    end = reconnect(timeouts_.reconnect_timeout_ms, watches_, &last_why,
+                    [this](unsigned left_ms, std::string* why_not) { return try_reconnect(left_ms, why_not); });
+  }
+  if (end == ReconnectEnd::kConnected) {
+    ++reconnects_;
+    spdlog::info("tcp: reconnected to {}; resending {} reads", endpoint_.text, tail_ - head_);
+    for (uint64_t seq = head_; seq != tail_; ++seq) requests_[seq & kMask].key = desc_.key;
+    sent_ = head_;
+    last_progress_ = std::chrono::steady_clock::now();
+    queue_sends();
+    arm_recv();
+    return;
+  }
+  if (end == ReconnectEnd::kStopped) {
+    // The engine is going away: it reads no more from this channel.
+    dead_ = Errc::kCancelled;
+    dead_text_ = text + "; stopped while reconnecting";
+    spdlog::info("tcp: {}", dead_text_);
+    watches_.report_stop(out.woken_tokens);
+    fail_all(Errc::kCancelled, out);
+    return;
   }
   dead_ = why;
   dead_text_ = text + "; reconnect failed: " + last_why;
   spdlog::error("tcp: giving up on {}: {}", endpoint_.text, dead_text_);
   fail_all(why, out);
+}
+
+ReconnectAttempt TcpChannel::try_reconnect(unsigned left_ms, std::string* why) {
+  UniqueFd fd = connect_to(endpoint_, left_ms, why, watches_.stop_fd());
+  if (!fd) return ReconnectAttempt::kRetry;
+  try {
+    RegionDescriptor d = handshake(fd.get(), desc_.name, left_ms, endpoint_.text, hello_flags_);
+    if (d.length != desc_.length || d.page_size != desc_.page_size) {
+      *why = "region '" + desc_.name + "' changed shape on " + endpoint_.text;
+      return ReconnectAttempt::kGiveUp;  // never read a different region into these pages
+    }
+    if (d.identity != desc_.identity) {
+      *why = endpoint_.text + " now serves other bytes as '" + desc_.name + "' (the source was restarted)";
+      return ReconnectAttempt::kGiveUp;
+    }
+    desc_.key = d.key;
+    sock_ = std::move(fd);
+    if (!ring_) set_io_timeout(sock_.get(), timeouts_.request_timeout_ms);
+    return ReconnectAttempt::kConnected;
+  } catch (const Error& e) {
+    // Not found is tried again too: a restarted source listens a moment
+    // before it exports its regions.
+    *why = e.what();
+    return ReconnectAttempt::kRetry;
+  }
 }
 
 void TcpChannel::fail_all(Errc status, WaitResult& out) {

@@ -13,8 +13,9 @@
 #include <string>
 #include <vector>
 
-#include "runtime/unique_fd.h"
+#include "common/unique_fd.h"
 #include "transport/protocol.h"
+#include "transport/reconnect.h"
 #include "transport/tcp/socket_util.h"
 #include "transport/transport.h"
 
@@ -62,10 +63,7 @@ class TcpChannel final : public Channel {
   ~TcpChannel() override;
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
-  void watch(int fd, uint64_t token) override;
-  void pause_watch(uint64_t token, bool paused) override;
   void post(std::span<const ReadOp> ops) override;
-  uint32_t outstanding() const override { return static_cast<uint32_t>(tail_ - head_ + local_.size()); }
   void wait(WaitResult& out, int timeout_ms) override;
   uint64_t reconnects() const override { return reconnects_; }
 
@@ -73,11 +71,6 @@ class TcpChannel final : public Channel {
 
  private:
   enum Kind : uint64_t { kSend = 1, kRecv = 2, kWatch = 3 };
-  struct Watch {
-    int fd;
-    uint64_t token;
-    bool paused = false;
-  };
   struct SendMsg {
     msghdr msg{};
     iovec iov[2]{};
@@ -87,10 +80,15 @@ class TcpChannel final : public Channel {
   void arm_recv();
   void reap(WaitResult& out);
   void on_recv(int res, WaitResult& out);
+  // Arms a multishot poll for each watch added since the last wait().
+  void arm_new_watches();
   void arm_watch(size_t index);
   // The connection broke: drain it, reconnect and resend what was
-  // outstanding, or, past the reconnect deadline, fail every read.
+  // outstanding, or, past the reconnect deadline or at the stop, fail
+  // every read.
   void recover(Errc why, const std::string& text, WaitResult& out);
+  // One reconnect attempt: connect, say hello, check it is the same region.
+  ReconnectAttempt try_reconnect(unsigned left_ms, std::string* why);
   void fail_all(Errc status, WaitResult& out);
   // Without io_uring: poll the socket and the watched descriptors, then
   // receive replies with plain recvmsg.
@@ -125,7 +123,7 @@ class TcpChannel final : public Channel {
   bool recv_armed_ = false;
   uint32_t socket_ops_ = 0;  // sends and recvs the kernel still holds
 
-  std::vector<Watch> watches_;
+  size_t armed_watches_ = 0;  // watches_ below this index have their poll armed
   Errc dead_ = Errc::kOk;
   std::string dead_text_;
   std::string send_error_;  // a plain sendmsg failed; recovered in wait()

@@ -1,4 +1,4 @@
-#include "runtime/uri.h"
+#include "transport/uri.h"
 
 #include <charconv>
 

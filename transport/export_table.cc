@@ -1,0 +1,122 @@
+#include "transport/export_table.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <random>
+
+#include "pagewire/error.h"
+#include "spdlog/spdlog.h"
+#include "transport/uri.h"
+
+namespace pagewire {
+namespace {
+
+void check_export(const std::string& name, uint32_t page_size) {
+  if (const std::string problem = region_name_problem(name); !problem.empty()) {
+    throw Error(Errc::kInvalidArgument, "cannot export '" + name + "': " + problem + " (no URI could name it)");
+  }
+  if (page_size < 4096 || (page_size & (page_size - 1)) != 0) {
+    throw Error(Errc::kInvalidArgument, "page size must be a power of two of at least 4096");
+  }
+}
+
+// One step of splitmix64: mixes v into h.
+uint64_t mix(uint64_t h, uint64_t v) {
+  uint64_t z = h + v + 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+ZeroMap ExportedRegion::zero_map_snapshot() const {
+  std::lock_guard lock(zero_map_mu);
+  return zero_map;
+}
+
+std::unique_ptr<ExportedRegion> ExportTable::from_file(const std::string& name, const std::string& path,
+                                                       uint32_t page_size) {
+  check_export(name, page_size);
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) throw_errno("open " + path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) throw_errno("stat " + path);
+  if (st.st_size <= 0) throw Error(Errc::kInvalidArgument, path + " is empty: nothing to export");
+  const auto length = static_cast<size_t>(st.st_size);
+  void* p = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd.get(), 0);
+  if (p == MAP_FAILED) throw_errno("mmap " + path);
+  auto region = std::make_unique<ExportedRegion>();
+  region->name = name;
+  region->file_mapping = Mapping(p, length);
+  region->base = region->file_mapping.data();
+  region->length = length;
+  region->page_size = page_size;
+  region->identity = mix(mix(mix(mix(mix(0, st.st_dev), st.st_ino), static_cast<uint64_t>(st.st_size)),
+                             static_cast<uint64_t>(st.st_mtim.tv_sec)),
+                         static_cast<uint64_t>(st.st_mtim.tv_nsec));
+  region->zero_map = compute_zero_map(region->base, region->length, page_size);
+  return region;
+}
+
+std::unique_ptr<ExportedRegion> ExportTable::from_memory(const std::string& name, const void* base, size_t length,
+                                                         uint32_t page_size, uint64_t identity) {
+  check_export(name, page_size);
+  if (base == nullptr || length == 0) throw Error(Errc::kInvalidArgument, "export of empty memory");
+  auto region = std::make_unique<ExportedRegion>();
+  region->name = name;
+  region->base = static_cast<const std::byte*>(base);
+  region->length = length;
+  region->page_size = page_size;
+  while (identity == 0) identity = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
+  region->identity = identity;
+  region->zero_map = compute_zero_map(region->base, region->length, page_size);
+  return region;
+}
+
+const ExportedRegion& ExportTable::add(std::unique_ptr<ExportedRegion> region) {
+  std::lock_guard lock(mu_);
+  if (by_name_.count(region->name) != 0) {
+    throw Error(Errc::kInvalidArgument, "a region named '" + region->name + "' is exported already");
+  }
+  region->key = static_cast<uint32_t>(regions_.size());
+  by_name_[region->name] = region->key;
+  regions_.push_back(std::move(region));
+  const ExportedRegion& r = *regions_.back();
+  spdlog::info("server: exporting '{}' ({} bytes, {} B pages)", r.name, r.length, r.page_size);
+  return r;
+}
+
+void ExportTable::withdraw(const std::string& name) {
+  std::lock_guard lock(mu_);
+  by_name_.erase(name);
+}
+
+ExportedRegion* ExportTable::find_locked(const std::string& name) const {
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : regions_[it->second].get();
+}
+
+const ExportedRegion* ExportTable::find(const std::string& name) const {
+  std::lock_guard lock(mu_);
+  return find_locked(name);
+}
+
+void ExportTable::mark_changed(const std::string& name, uint64_t offset, uint64_t length) {
+  ExportedRegion* r = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    r = find_locked(name);
+  }
+  if (r == nullptr) throw Error(Errc::kNotFound, "no region named '" + name + "' is exported");
+  if (length == 0 || offset >= r->length) return;
+  const uint64_t end = offset + std::min(length, r->length - offset);  // no overflow
+  std::lock_guard lock(r->zero_map_mu);
+  update_zero_map(r->zero_map, r->base, r->length, r->page_size, offset / r->page_size,
+                  (end + r->page_size - 1) / r->page_size);
+}
+
+}  // namespace pagewire

@@ -1,0 +1,75 @@
+// The source side's exports: which regions a memory server serves, each
+// with the identity a reconnecting destination checks and the zero-page
+// map it is given. Every server (TCP, RDMA) finds regions here by name; the
+// wire code only reads them. What the source learns about its memory later
+// (which pages were written) belongs here too.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/unique_fd.h"
+#include "transport/zero_map.h"
+
+namespace pagewire {
+
+struct ExportedRegion {
+  std::string name;
+  const std::byte* base = nullptr;
+  uint64_t length = 0;
+  uint32_t page_size = 4096;
+  uint32_t key = 0;       // its index in the table; names it on the wire
+  uint64_t identity = 0;  // see MemoryServer::export_memory
+  Mapping file_mapping;   // set for file-backed regions
+  // Pages known to be zero. Updated in place under zero_map_mu when the
+  // owner reports a change (the RDMA server has it registered for reads,
+  // so it is never reallocated).
+  ZeroMap zero_map;
+  mutable std::mutex zero_map_mu;
+
+  // A copy of the zero-page map, to send without holding its lock.
+  ZeroMap zero_map_snapshot() const;
+};
+
+class ExportTable {
+ public:
+  ExportTable() = default;
+  ExportTable(const ExportTable&) = delete;
+  ExportTable& operator=(const ExportTable&) = delete;
+
+  // A region of a file, mapped read-only, whose identity is the file's
+  // (device, inode, size, mtime): a server restarted on the same unchanged
+  // file serves the same region. Throws for a name no URI could carry, a
+  // bad page size, or a file that cannot be mapped.
+  static std::unique_ptr<ExportedRegion> from_file(const std::string& name, const std::string& path,
+                                                   uint32_t page_size);
+  // A region of memory the caller keeps mapped; identity 0 draws a fresh one.
+  static std::unique_ptr<ExportedRegion> from_memory(const std::string& name, const void* base, size_t length,
+                                                     uint32_t page_size, uint64_t identity);
+
+  // Makes the region findable and gives it its key; throws when the name
+  // is taken. Its memory stays until the table goes.
+  const ExportedRegion& add(std::unique_ptr<ExportedRegion> region);
+  // Takes a region just added out of reach again: no new destination finds
+  // it (the memory stays until the table goes).
+  void withdraw(const std::string& name);
+  // Null when no region of that name is exported.
+  const ExportedRegion* find(const std::string& name) const;
+  // The owner changed [offset, offset+length): the zero-page map is
+  // recomputed there. Throws Error(kNotFound) for an unknown name.
+  void mark_changed(const std::string& name, uint64_t offset, uint64_t length);
+
+ private:
+  ExportedRegion* find_locked(const std::string& name) const;
+
+  mutable std::mutex mu_;
+  std::vector<std::unique_ptr<ExportedRegion>> regions_;  // index = key
+  std::unordered_map<std::string, uint32_t> by_name_;
+};
+
+}  // namespace pagewire
