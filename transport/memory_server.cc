@@ -28,8 +28,8 @@ class RdmaServer {
  public:
   template <typename... Args>
   explicit RdmaServer(Args&&...) {
-    throw Error(Errc::kInvalidArgument, "RDMA serving was asked for (--rdma on), but this pagewire is built without "
-                                        "RDMA (PAGEWIRE_RDMA=OFF, or AUTO where rdma-core was absent)");
+    throw Error(Errc::kInvalidArgument, "RDMA serving was asked for (RdmaServing::kOn, serve --rdma on), but this "
+                                        "pagewire is built without RDMA");
   }
   void add(const ExportedRegion&) {}
   uint64_t connections_accepted() const { return 0; }
