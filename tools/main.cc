@@ -1,5 +1,7 @@
 // The pagewire command line: serve, attach, demo, bench, info.
+#if PAGEWIRE_HAVE_RDMA
 #include <infiniband/verbs.h>
+#endif
 #include <liburing.h>
 #include <unistd.h>
 
@@ -221,11 +223,15 @@ int cmd_info() {
   } else {
     std::printf("io_uring: NOT available: %s\n", std::strerror(-rc));
   }
+#if PAGEWIRE_HAVE_RDMA
   int n = 0;
   ibv_device** devs = ibv_get_device_list(&n);
   std::printf("RDMA devices: %d%s\n", n, n == 0 ? " (the rdma:// transport needs one; see tools/rxe-vm)" : "");
   for (int i = 0; i < n; ++i) std::printf("  %s\n", ibv_get_device_name(devs[i]));
   if (devs != nullptr) ibv_free_device_list(devs);
+#else
+  std::printf("RDMA: not in this build (PAGEWIRE_RDMA=OFF, or AUTO where rdma-core was absent): TCP only\n");
+#endif
   const HugePageCount huge = huge_pages_2m();
   std::printf("2 MiB huge pages: %llu reserved, %llu free%s\n", static_cast<unsigned long long>(huge.total),
               static_cast<unsigned long long>(huge.free),

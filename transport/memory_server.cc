@@ -3,10 +3,35 @@
 #include "pagewire/error.h"
 #include "spdlog/spdlog.h"
 #include "transport/export_table.h"
+#if PAGEWIRE_HAVE_RDMA
 #include "transport/rdma/rdma_server.h"
+#endif
 #include "transport/tcp/tcp_server.h"
 
 namespace pagewire {
+#if !PAGEWIRE_HAVE_RDMA
+namespace rdma {
+// A build without rdma-core: no device, and an RDMA server that refuses to
+// be made, so that MemoryServer's pointer to one stays null (and RdmaServing
+// kAuto serves TCP only, kOn fails with the reason).
+namespace {
+bool have_device() { return false; }
+}  // namespace
+class RdmaServer {
+ public:
+  template <typename... Args>
+  explicit RdmaServer(Args&&...) {
+    throw Error(Errc::kInvalidArgument, "RDMA serving was asked for (RdmaServing::kOn, serve --rdma on), but this "
+                                        "pagewire is built without RDMA");
+  }
+  void add(const ExportedRegion&) {}
+  uint64_t connections_accepted() const { return 0; }
+  uint64_t connections_active() const { return 0; }
+  void drop_connections() {}
+  void stop() {}
+};
+}  // namespace rdma
+#endif
 
 MemoryServer::MemoryServer(const ServerOptions& options)
     : exports_(std::make_unique<ExportTable>()),

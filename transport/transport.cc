@@ -1,7 +1,9 @@
 #include "transport/transport.h"
 
 #include "spdlog/spdlog.h"
+#if PAGEWIRE_HAVE_RDMA
 #include "transport/rdma/rdma_transport.h"
+#endif
 #include "transport/tcp/tcp_transport.h"
 #include "transport/uri.h"
 
@@ -9,6 +11,17 @@ namespace pagewire {
 
 std::unique_ptr<Transport> connect_transport(std::string_view uri, const TransportOptions& t) {
   RegionUri u = parse_region_uri(uri);
+#if !PAGEWIRE_HAVE_RDMA
+  if (u.scheme == "rdma") {
+    throw Error(Errc::kInvalidArgument,
+                std::string(uri) + ": this pagewire is built without RDMA; use tcp:// or auto://");
+  }
+  if (u.scheme == "auto") {
+    spdlog::info("transport: tcp for {} (auto: this pagewire is built without RDMA)", uri);
+  } else {
+    spdlog::info("transport: tcp, chosen by URI scheme for {}", uri);
+  }
+#else
   if (u.scheme == "rdma") {
     spdlog::info("transport: rdma, chosen by URI scheme for {}", uri);
     return std::make_unique<rdma::RdmaTransport>(u.host, u.port, u.name, t);
@@ -32,6 +45,7 @@ std::unique_ptr<Transport> connect_transport(std::string_view uri, const Transpo
   } else {
     spdlog::info("transport: tcp, chosen by URI scheme for {}", uri);
   }
+#endif
   return std::make_unique<tcp::TcpTransport>(u.host, u.port, u.name, t);
 }
 
