@@ -1,3 +1,6 @@
+// Setting a region up (backing, userfaultfd, workers and their channels)
+// and tearing it down; stats and progress. What each worker does lives in
+// handler.cc, puller.cc and reads.cc.
 #include "runtime/fault_engine.h"
 
 #include <sys/eventfd.h>
