@@ -23,10 +23,13 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -47,9 +50,9 @@ constexpr auto kStepLimit = std::chrono::seconds(10);
 constexpr auto kChildLimit = std::chrono::seconds(60);
 
 // Runs `body` in a forked child, which names each stage it reaches. The
-// test fails with the last stage named when the child fails an expectation
-// (its messages are printed above), dies of a signal, or is still running
-// at the deadline (it is then killed).
+// test fails, naming the last stage reached, when the child fails an
+// expectation (its messages are printed above), dies of a signal, or is
+// still running at the deadline (it is then killed).
 void run_in_child(const std::function<void(const Stage&)>& body) {
   int fds[2];
   ASSERT_EQ(::pipe2(fds, O_CLOEXEC), 0) << std::strerror(errno);
@@ -88,8 +91,9 @@ void run_in_child(const std::function<void(const Stage&)>& body) {
   const std::string last = [&] {
     const size_t end = stages.find_last_not_of('\n');
     if (end == std::string::npos) return std::string("(none)");
-    const size_t begin = stages.rfind('\n', end);
-    return stages.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1) + 1);
+    const size_t newline = stages.rfind('\n', end);
+    const size_t begin = newline == std::string::npos ? 0 : newline + 1;
+    return stages.substr(begin, end - begin + 1);
   }();
   int status = 0;
   pid_t done = 0;
@@ -103,7 +107,7 @@ void run_in_child(const std::function<void(const Stage&)>& body) {
   } else if (WIFSIGNALED(status)) {
     ADD_FAILURE() << "died of signal " << WTERMSIG(status) << " (" << ::strsignal(WTERMSIG(status)) << ") in: " << last;
   } else if (WEXITSTATUS(status) != 0) {
-    ADD_FAILURE() << "failed in: " << last;
+    ADD_FAILURE() << "failed (its failures are above); it got as far as: " << last;
   }
 }
 
@@ -120,14 +124,57 @@ T await_or_exit(std::future<T>& f, const Stage& stage, const std::string& what) 
   return f.get();
 }
 
-// Runs fn on a thread of its own, which is left behind if it hangs.
-template <typename Fn>
-auto on_thread(Fn fn) {
-  std::packaged_task<decltype(fn())()> task(std::move(fn));
-  auto result = task.get_future();
-  std::thread(std::move(task)).detach();
-  return result;
-}
+// A thread that runs the steps given to it, one after another, each left
+// behind if it hangs. Started before the munmap, so that no thread stack
+// is mapped afterwards into the range the test has just unmapped (a 2 MiB
+// page region's hole is large enough for one), where a touch would no
+// longer fault.
+class StepThread {
+ public:
+  StepThread() : thread_([state = state_] { loop(state); }) { thread_.detach(); }
+  template <typename Fn>
+  auto run(Fn fn) {
+    auto task = std::make_shared<std::packaged_task<decltype(fn())()>>(std::move(fn));
+    auto result = task->get_future();
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->steps.push_back([task] { (*task)(); });
+    }
+    state_->cv.notify_one();
+    return result;
+  }
+  ~StepThread() {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->done = true;
+    }
+    state_->cv.notify_one();
+  }
+
+ private:
+  // Shared with the detached thread, which may outlive this object.
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<std::function<void()>> steps;
+    bool done = false;
+  };
+  static void loop(const std::shared_ptr<State>& state) {
+    for (;;) {
+      std::function<void()> step;
+      {
+        std::unique_lock<std::mutex> lock(state->mu);
+        state->cv.wait(lock, [&] { return state->done || !state->steps.empty(); });
+        if (state->steps.empty()) return;
+        step = std::move(state->steps.front());
+        state->steps.pop_front();
+      }
+      step();
+    }
+  }
+  std::shared_ptr<State> state_ = std::make_shared<State>();
+  std::thread thread_;
+};
 
 // A TCP relay between the destination and a source that, while held, keeps
 // the source's answers to itself: a read then stays in flight for as long
@@ -251,16 +298,20 @@ class HeldSource {
     return std::make_unique<Region>(pagewire::attach(uri, combo_.apply(o)));
   }
   // From here on, a read of the held page stays in flight once posted.
-  void hold() {
+  void hold(const Region& r) {
+    faults_before_ = r.stats().faults;
     if (!relay_) return;
     relay_->hold();
     sent_before_ = relay_->bytes_to_source();
   }
-  // Whether a fault's read of the held page is out (over TCP, in this
-  // on-demand region, the only read since hold()).
-  bool demand_read_in_flight() const {
-    if (local_) return local_->local()->held_reads(ChannelUse::kDemand) > 0;
-    return relay_->bytes_to_source() > sent_before_;
+  // Whether a fault since hold() waits for a read that is held: over the
+  // local wire, a handler has read the fault and the page's read (its own,
+  // or the pull run's it waits behind) is held; over TCP (where the region
+  // is on demand) a read went out since.
+  bool fault_waits_on_held_read(const Region& r) const {
+    if (!local_) return relay_->bytes_to_source() > sent_before_;
+    const LocalTransport& t = *local_->local();
+    return r.stats().faults > faults_before_ && t.held_reads(ChannelUse::kDemand) + t.held_reads(ChannelUse::kBulk) > 0;
   }
   void release() {
     if (local_) {
@@ -276,6 +327,7 @@ class HeldSource {
   std::unique_ptr<PatternServer> server_;
   std::unique_ptr<HoldingRelay> relay_;
   uint64_t sent_before_ = 0;
+  uint64_t faults_before_ = 0;
 };
 
 class PartialUnmap : public ConformanceTest {
@@ -283,29 +335,53 @@ class PartialUnmap : public ConformanceTest {
   static constexpr size_t kPages = 16;
   size_t max_region() const override { return kPages * kHugePage; }
   size_t page_size() const { return combo().backing.huge ? kHugePage : kSmallPage; }
+  // With the pull, in runs of one page: the held read's run then holds
+  // back no other page (a fault on a shared page out in a run waits for it).
   AttachOptions options() const {
     AttachOptions o = on_demand(2);
     o.background_pull = combo().pull;
+    o.pull_run_pages = 1;
     return o;
   }
 
   // What one case does: `present` pages are read first, then the pages
-  // [first_gone, first_gone + gone) are unmapped, with the fault on
-  // `in_flight` (one of them) waiting for its read when in_flight >= 0.
+  // [first_gone, first_gone + gone) are unmapped (or, with `remap`, moved
+  // elsewhere by mremap), with the fault on `in_flight` (one of them)
+  // waiting for its read when in_flight >= 0.
   struct Case {
     std::vector<size_t> present;
     size_t first_gone;
     size_t gone;
     int in_flight;
+    bool remap = false;
   };
   void run(const Case& c) const;
 };
 
+// Moves the `len` bytes at `from` elsewhere with mremap, to an address
+// aligned to `page`; returns where, or null.
+std::byte* move_away(std::byte* from, size_t len, size_t page) {
+  void* spot = ::mmap(nullptr, len + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (spot == MAP_FAILED) return nullptr;
+  const uintptr_t at = (reinterpret_cast<uintptr_t>(spot) + page - 1) / page * page;
+  auto* to = reinterpret_cast<std::byte*>(at);
+  // Keep only [to, to + len) of the reservation; mremap replaces it.
+  if (to != spot) ::munmap(spot, static_cast<size_t>(to - static_cast<std::byte*>(spot)));
+  const size_t tail = static_cast<size_t>(static_cast<std::byte*>(spot) + len + page - (to + len));
+  if (tail > 0) ::munmap(to + len, tail);
+  void* got = ::mremap(from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+  if (got == MAP_FAILED) {
+    ::munmap(to, len);
+    return nullptr;
+  }
+  return static_cast<std::byte*>(got);
+}
+
 // Checks every page outside [first_gone, first_gone + gone) byte for byte
-// on a thread of its own; returns the pages that read wrong, or exits the
+// on `on`; returns the pages that read wrong, or exits the
 // child if the reading hangs.
-size_t check_mapped_pages(const Region& r, size_t first_gone, size_t gone, const Stage& stage) {
-  auto wrong = on_thread([&r, first_gone, gone] {
+size_t check_mapped_pages(StepThread& on, const Region& r, size_t first_gone, size_t gone, const Stage& stage) {
+  auto wrong = on.run([&r, first_gone, gone] {
     size_t bad = 0;
     const size_t page = r.page_size();
     const int sig = run_catching_signals([&] {
@@ -336,20 +412,29 @@ void PartialUnmap::run(const Case& c) const {
     std::byte* base = r->data();
     stage("reading the pages present before");
     for (size_t p : c.present) ASSERT_EQ(check_pattern(base + p * page, p * page, page, kSeed), -1) << "page " << p;
+    StepThread faulting;
+    StepThread steps;
     std::future<int> faulted;
     if (c.in_flight >= 0) {
       stage("faulting on the page to be unmapped");
-      src.hold();
+      src.hold(*r);
       std::byte* target = base + static_cast<size_t>(c.in_flight) * page;
-      faulted = on_thread([target] { return run_catching_signals([target] { touch(target); }); });
+      faulted = faulting.run([target] { return run_catching_signals([target] { touch(target); }); });
       const auto deadline = Clock::now() + kStepLimit;
-      while (!src.demand_read_in_flight() && Clock::now() < deadline) {
+      while (!src.fault_waits_on_held_read(*r) && Clock::now() < deadline) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
-      ASSERT_TRUE(src.demand_read_in_flight()) << "the fault's read never went out";
+      ASSERT_TRUE(src.fault_waits_on_held_read(*r)) << "the fault's read never went out";
     }
-    stage("munmap");
-    ASSERT_EQ(::munmap(base + c.first_gone * page, c.gone * page), 0) << std::strerror(errno);
+    std::byte* moved = nullptr;
+    if (c.remap) {
+      stage("mremap");
+      moved = move_away(base + c.first_gone * page, c.gone * page, page);
+      ASSERT_NE(moved, nullptr) << "mremap: " << std::strerror(errno);
+    } else {
+      stage("munmap");
+      ASSERT_EQ(::munmap(base + c.first_gone * page, c.gone * page), 0) << std::strerror(errno);
+    }
     src.release();
     if (c.in_flight >= 0) {
       stage("waiting for the thread that faulted on the unmapped page");
@@ -358,11 +443,26 @@ void PartialUnmap::run(const Case& c) const {
     } else {
       stage("touching the unmapped range");
       std::byte* target = base + c.first_gone * page;
-      auto touched = on_thread([target] { return run_catching_signals([target] { touch(target); }); });
+      auto touched = steps.run([target] { return run_catching_signals([target] { touch(target); }); });
       EXPECT_EQ(await_or_exit(touched, stage, "a touch of the unmapped range"), SIGSEGV);
     }
+    if (moved != nullptr) {
+      stage("reading the pages moved away that were present");
+      auto wrong = steps.run([&] {
+        size_t bad = 0;
+        const int sig = run_catching_signals([&] {
+          for (size_t p : c.present) {
+            if (p < c.first_gone || p >= c.first_gone + c.gone) continue;
+            bad += check_pattern(moved + (p - c.first_gone) * page, p * page, page, kSeed) != -1;
+          }
+        });
+        EXPECT_EQ(sig, 0) << "a page moved away raised signal " << sig;
+        return bad;
+      });
+      EXPECT_EQ(await_or_exit(wrong, stage, "reading the pages moved away"), 0u);
+    }
     stage("reading the pages still mapped");
-    EXPECT_EQ(check_mapped_pages(*r, c.first_gone, c.gone, stage), 0u);
+    EXPECT_EQ(check_mapped_pages(steps, *r, c.first_gone, c.gone, stage), 0u);
     EXPECT_FALSE(r->failed()) << r->error();
     EXPECT_EQ(r->stats().pages_refused, 0u);
     if (params.pull) {
@@ -370,13 +470,16 @@ void PartialUnmap::run(const Case& c) const {
       EXPECT_TRUE(r->wait_complete(kStepLimit)) << "the pull never completes: " << r->error();
     }
     stage("reading the pages still mapped once more");
-    EXPECT_EQ(check_mapped_pages(*r, c.first_gone, c.gone, stage), 0u);
+    EXPECT_EQ(check_mapped_pages(steps, *r, c.first_gone, c.gone, stage), 0u);
     stage("destroying the region");
-    auto destroyed = on_thread([region = r.release()] {
+    auto destroyed = steps.run([region = r.release()] {
       delete region;
       return true;
     });
     await_or_exit(destroyed, stage, "destroying the region");
+    if (moved != nullptr) {
+      EXPECT_EQ(::munmap(moved, c.gone * page), 0);  // no longer the region's
+    }
     stage("done");
   });
 }
@@ -393,6 +496,12 @@ TEST_P(PartialUnmap, SecondHalfWhileAFaultThereIsInFlight) {
 
 TEST_P(PartialUnmap, HoleWithNoFaultInFlight) {
   run({{0, 7, 12}, 6, 4, -1});
+}
+
+TEST_P(PartialUnmap, MremapMovesPartOfTheRegionAway) {
+  // The moved pages 9 and 10 were present: they keep the source's bytes at
+  // their new address; the old range is gone.
+  run({{0, 9, 10, 15}, 8, 4, -1, true});
 }
 
 INSTANTIATE_TEST_SUITE_P(Conformance, PartialUnmap,
