@@ -172,6 +172,9 @@ TEST_P(Scenario, RandomBytesExact) {
   if (auto served = src.bytes_served()) {
     EXPECT_EQ(*served, kRegion);
   }
+  if (auto reads = src.reads_served(); reads && !combo().backing.huge) {
+    EXPECT_EQ(*reads, pages);  // one read a page (a 2 MiB fault may take two)
+  }
   if (combo().backing.memory == AttachOptions::Memory::kShared) {
     // Reads landed in the final pages: nothing was copied out of staging.
     EXPECT_EQ(s.bytes_copied, 0u);
@@ -185,6 +188,7 @@ TEST_P(Scenario, RandomBytesExact) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_EQ(r.stats().fault_latency.count, pages);
+  EXPECT_GT(r.stats().fault_latency.p50_ns, 0u);
 }
 
 TEST_P(Scenario, RandomBytesExactBesideThePull) {
