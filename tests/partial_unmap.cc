@@ -20,6 +20,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -250,20 +251,21 @@ class HoldingRelay {
         p.push_back({held ? -1 : pr.source.get(), POLLIN, 0});  // held: the answers wait
       }
       if (::poll(p.data(), p.size(), 5) < 0 || p[0].revents != 0) return;  // 5 ms: see a release
-      if (p[1].revents != 0) {
-        UniqueFd client(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-        UniqueFd source = connect_source();
-        if (client && source) pairs.push_back({std::move(client), std::move(source)});
-      }
+      // The pairs polled, then the one accepted (polled from the next round).
       std::vector<bool> closed(pairs.size(), false);
-      for (size_t i = 0; i < pairs.size(); ++i) {
+      for (size_t i = 0; i < closed.size(); ++i) {
         const pollfd& c = p[2 + 2 * i];
         const pollfd& s = p[3 + 2 * i];
         if (c.revents != 0 && !pass(c.fd, pairs[i].source.get(), &to_source_)) closed[i] = true;
         if (!closed[i] && s.revents != 0 && !pass(s.fd, pairs[i].client.get(), nullptr)) closed[i] = true;
       }
-      for (size_t i = pairs.size(); i-- > 0;) {
+      for (size_t i = closed.size(); i-- > 0;) {
         if (closed[i]) pairs.erase(pairs.begin() + static_cast<std::ptrdiff_t>(i));
+      }
+      if (p[1].revents != 0) {
+        UniqueFd client(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+        UniqueFd source = connect_source();
+        if (client && source) pairs.push_back({std::move(client), std::move(source)});
       }
     }
   }
@@ -354,6 +356,9 @@ class PartialUnmap : public ConformanceTest {
     size_t gone;
     int in_flight;
     bool remap = false;
+    // After the munmap, the application maps memory of its own into the
+    // hole, which must outlive the region untouched.
+    bool map_into_hole = false;
   };
   void run(const Case& c) const;
 };
@@ -461,6 +466,15 @@ void PartialUnmap::run(const Case& c) const {
       });
       EXPECT_EQ(await_or_exit(wrong, stage, "reading the pages moved away"), 0u);
     }
+    std::byte* mine = nullptr;
+    if (c.map_into_hole) {
+      stage("mapping memory of the application's own into the hole");
+      void* p = ::mmap(base + c.first_gone * page, c.gone * page, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+      ASSERT_EQ(p, base + c.first_gone * page) << std::strerror(errno);
+      mine = static_cast<std::byte*>(p);
+      std::memset(mine, 0x5a, c.gone * page);
+    }
     stage("reading the pages still mapped");
     EXPECT_EQ(check_mapped_pages(steps, *r, c.first_gone, c.gone, stage), 0u);
     EXPECT_FALSE(r->failed()) << r->error();
@@ -477,6 +491,19 @@ void PartialUnmap::run(const Case& c) const {
       return true;
     });
     await_or_exit(destroyed, stage, "destroying the region");
+    if (mine != nullptr) {
+      stage("reading the application's own memory in the hole");
+      auto kept = steps.run([&] {
+        bool same = false;
+        const int sig = run_catching_signals([&] {
+          same = std::all_of(mine, mine + c.gone * page, [](std::byte b) { return b == std::byte{0x5a}; });
+        });
+        EXPECT_EQ(sig, 0) << "the region's end took the application's mapping in its old range";
+        return same;
+      });
+      EXPECT_TRUE(await_or_exit(kept, stage, "reading the application's own memory")) << "its bytes changed";
+      ::munmap(mine, c.gone * page);
+    }
     if (moved != nullptr) {
       EXPECT_EQ(::munmap(moved, c.gone * page), 0);  // no longer the region's
     }
@@ -496,6 +523,10 @@ TEST_P(PartialUnmap, SecondHalfWhileAFaultThereIsInFlight) {
 
 TEST_P(PartialUnmap, HoleWithNoFaultInFlight) {
   run({{0, 7, 12}, 6, 4, -1});
+}
+
+TEST_P(PartialUnmap, MemoryMappedIntoTheHoleOutlivesTheRegion) {
+  run({{0, 7, 12}, 6, 4, -1, false, true});
 }
 
 TEST_P(PartialUnmap, MremapMovesPartOfTheRegionAway) {

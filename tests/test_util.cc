@@ -41,17 +41,31 @@ std::string loopback_uri(const MemoryServer& server, const std::string& name) {
   return "tcp://127.0.0.1:" + std::to_string(server.port()) + "/" + name;
 }
 
+namespace {
+
+// Free huge pages no mapping has claimed yet: a mapping reserves its pages
+// when it is made and takes them off the free count only as they are
+// touched, so free pages can all be promised already (HugePages_Rsvd).
+uint64_t unclaimed_huge_pages() {
+  const HugePageCount have = huge_pages_2m();
+  uint64_t claimed = 0;
+  std::ifstream("/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages") >> claimed;
+  return have.free > claimed ? have.free - claimed : 0;
+}
+
+}  // namespace
+
 std::string reserve_huge_pages(uint64_t pages) {
-  HugePageCount have = huge_pages_2m();
-  if (have.free >= pages) return "";
+  uint64_t unclaimed = unclaimed_huge_pages();
+  if (unclaimed >= pages) return "";
   {
     std::ofstream out("/proc/sys/vm/nr_hugepages");
-    out << have.total + (pages - have.free);
+    out << huge_pages_2m().total + (pages - unclaimed);
   }
-  have = huge_pages_2m();
-  if (have.free >= pages) return "";
-  return "needs " + std::to_string(pages) + " free 2 MiB huge pages, has " + std::to_string(have.free) +
-         " (reserving them needs root: sysctl vm.nr_hugepages)";
+  unclaimed = unclaimed_huge_pages();
+  if (unclaimed >= pages) return "";
+  return "needs " + std::to_string(pages) + " free 2 MiB huge pages, has " + std::to_string(unclaimed) +
+         " not yet claimed by a mapping (reserving more needs root: sysctl vm.nr_hugepages)";
 }
 
 size_t verify_pages(const Region& r, const std::vector<size_t>& pages, int threads) {

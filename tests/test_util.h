@@ -76,8 +76,9 @@ Walk walk_until_stopped(const Region& r, int threads);
 ServerOptions loopback_tcp();
 std::string loopback_uri(const MemoryServer& server, const std::string& name);
 
-// Makes sure `pages` 2 MiB huge pages are free, reserving more as root
-// (vm.nr_hugepages); returns why not when it cannot, for GTEST_SKIP.
+// Makes sure `pages` 2 MiB huge pages are free and not claimed by another
+// mapping, reserving more as root (vm.nr_hugepages); returns why not when
+// it cannot, for GTEST_SKIP.
 std::string reserve_huge_pages(uint64_t pages);
 
 // Memory filled with the pattern, served by an in-process MemoryServer on a
