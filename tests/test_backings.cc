@@ -58,43 +58,6 @@ const Mode kModes[] = {
 INSTANTIATE_TEST_SUITE_P(Modes, Backings, ::testing::ValuesIn(kModes),
                          [](const auto& p) { return std::string(p.param.name); });
 
-TEST_P(Backings, RandomMultiThreadedContentsAreExact) {
-  PatternServer src("mem", kRegion);
-  Region r = attach(src.uri(), options_for(GetParam()));
-  EXPECT_EQ(r.page_size(), GetParam().huge ? kHuge : kPage);
-  std::vector<size_t> pages(kRegion / r.page_size());
-  std::iota(pages.begin(), pages.end(), 0);
-  std::shuffle(pages.begin(), pages.end(), std::mt19937_64(7));
-  EXPECT_EQ(testing::verify_pages(r, pages, 4), 0u);
-  if (GetParam().pull) {
-    ASSERT_TRUE(r.wait_complete(std::chrono::seconds(120))) << r.error();
-  }
-  EXPECT_EQ(check_pattern(r.data(), 0, kRegion, kSeed), -1);
-  const Stats s = r.stats();
-  EXPECT_EQ(s.pages_refused, 0u);
-  if (GetParam().memory == AttachOptions::Memory::kShared) {
-    // Reads landed in the final pages: nothing was copied out of staging.
-    EXPECT_EQ(s.bytes_copied, 0u);
-    EXPECT_GT(s.pages_continued, 0u);
-    // And no page was read twice: a pull run skips the pages that came by
-    // demand meanwhile (reading them again would land over them).
-    EXPECT_EQ(s.bytes_fetched, kRegion);
-    EXPECT_EQ(src.server().stats().bytes_served, kRegion);
-  } else {
-    EXPECT_GT(s.bytes_copied, 0u);
-    EXPECT_EQ(s.pages_continued, 0u);
-  }
-}
-
-TEST_P(Backings, ManyThreadsOnOnePageFetchItOnce) {
-  PatternServer src("one", kRegion);
-  Region r = attach(src.uri(), options_for(GetParam()));
-  EXPECT_EQ(testing::stampede(r, 5, 8), 0u);
-  if (!GetParam().pull) {
-    EXPECT_EQ(src.server().stats().reads_served, 1u);
-  }
-}
-
 TEST_P(Backings, ZeroPagesAreNotTransferred) {
   // Every other 2 MiB of the source is zero: both page sizes see whole
   // zero pages there.
@@ -121,27 +84,6 @@ TEST_P(Backings, SequentialScanWithPrefetchIsExact) {
     EXPECT_GT(r.stats().prefetch_issued, 0u);
     EXPECT_LT(r.stats().faults, kRegion / r.page_size());
   }
-}
-
-TEST_P(Backings, DroppedConnectionsReconnectAndLoseNothing) {
-  PatternServer src("drop", kRegion);
-  Region r = attach(src.uri(), options_for(GetParam()));
-  std::vector<size_t> order(kRegion / r.page_size());
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), std::mt19937_64(3));
-  std::atomic<bool> done{false};
-  std::thread dropper([&] {
-    for (int i = 0; i < 5 && !done.load(); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      src.server().drop_connections();
-    }
-  });
-  const size_t bad = testing::verify_pages(r, order, 2);
-  done.store(true);
-  dropper.join();
-  EXPECT_EQ(bad, 0u);
-  EXPECT_FALSE(r.failed()) << r.error();
-  EXPECT_EQ(r.stats().pages_refused, 0u);
 }
 
 TEST_P(Backings, SilentSourceIsRefusedNeverZeroFilled) {
@@ -267,12 +209,6 @@ TEST(SharedMemory, ForeignMemfdsAreRejectedClearly) {
   EXPECT_NE(what.find("not open for reading and writing"), std::string::npos) << what;
   o.memory = AttachOptions::Memory::kAnonymous;
   EXPECT_THROW(attach(src.uri(), o), Error);
-}
-
-TEST(SharedMemory, SourceKilledMidRunNoHangNoZeroPage) {
-  AttachOptions o = testing::on_demand(2);
-  o.memory = AttachOptions::Memory::kShared;
-  testing::expect_source_killed_mid_run_is_refused(o);
 }
 
 TEST(HugePages, UnreservedPagesGiveAnErrorThatSaysHowToReserveThem) {

@@ -289,27 +289,6 @@ TEST(Failures, ExportedNamesMustBeNameableByAUri) {
   server.export_memory(std::string(255, 'x'), mem.data(), mem.size());
 }
 
-std::vector<std::string> serve_pattern(uint64_t seed) {
-  return {"--rdma", "off", "--pattern", "again=64M:" + std::to_string(seed)};
-}
-
-std::string tcp_uri(uint16_t port) { return "tcp://127.0.0.1:" + std::to_string(port) + "/again"; }
-
-TEST(Failures, SourceRestartedOnItsPortLosesNothing) {
-  testing::restart_source(serve_pattern(kSeed), serve_pattern(kSeed), "127.0.0.1", tcp_uri, testing::on_demand(2),
-                          testing::expect_reconnected_losing_nothing);
-}
-
-TEST(Failures, SourceRestartedWithOtherBytesIsNotReadFrom) {
-  // Same name, same size, other contents: a different region.
-  testing::restart_source(serve_pattern(kSeed), serve_pattern(kSeed + 1), "127.0.0.1", tcp_uri,
-                          testing::on_demand(2), testing::expect_refused_as_another_region);
-}
-
-TEST(Failures, SourceKilledMidRunNoHangNoZeroPage) {
-  testing::expect_source_killed_mid_run_is_refused(testing::on_demand(2));
-}
-
 class SilentPeer : public ::testing::TestWithParam<bool> {};
 INSTANTIATE_TEST_SUITE_P(Io, SilentPeer, ::testing::Values(true, false),
                          [](const auto& p) { return p.param ? "io_uring" : "syscalls"; });

@@ -36,49 +36,6 @@ struct Source {
   Mapping memory;
 };
 
-TEST(FaultEngine, RandomMultiThreadedContentsAreExact) {
-  Source src(32 << 20);
-  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
-  AttachOptions o = testing::on_demand();
-  o.handler_threads = 2;
-  Region r = attach(std::move(transport), o);
-  ASSERT_EQ(r.size(), src.memory.size());
-  const size_t pages = r.size() / kPage;
-  std::vector<size_t> order(pages);
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), std::mt19937_64(7));
-  std::atomic<size_t> bad{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < 4; ++t) {
-    threads.emplace_back([&, t] {
-      for (size_t i = static_cast<size_t>(t); i < pages; i += 4) {
-        const size_t p = order[i];
-        if (check_pattern(r.data() + p * kPage, p * kPage, kPage, kSeed) != -1) ++bad;
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  EXPECT_EQ(bad.load(), 0u);
-  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
-  Stats s = r.stats();
-  EXPECT_EQ(s.pages_fetched, pages);
-  EXPECT_EQ(s.pages_present, pages);
-  EXPECT_EQ(s.pages_refused, 0u);
-  EXPECT_FALSE(r.failed());
-}
-
-TEST(FaultEngine, ManyThreadsOnOnePageFetchItOnce) {
-  Source src(1 << 20);
-  auto transport = std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage);
-  LocalTransport* raw = transport.get();
-  AttachOptions o = testing::on_demand();
-  o.handler_threads = 2;
-  Region r = attach(std::move(transport), o);
-  EXPECT_EQ(testing::stampede(r, 5, 16), 0u);
-  EXPECT_EQ(raw->reads(), 1);
-  EXPECT_EQ(r.stats().pages_fetched, 1u);
-}
-
 TEST(FaultEngine, FailedReadIsRefusedNeverZeroFilled) {
   Source src(4 << 20);
   FaultInjection inject;

@@ -68,19 +68,6 @@ AttachOptions handlers(unsigned n) {
   return o;
 }
 
-TEST_F(Rdma, RandomMultiThreadedContentsAreExact) {
-  PatternServer src("ram", 16 << 20, kSeed, rdma_server());
-  Region r = attach(uri("rdma", src.server().port(), "ram"), handlers(2));
-  EXPECT_EQ(r.transport(), "rdma");
-  std::vector<size_t> order(r.size() / kPage);
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), std::mt19937_64(42));
-  EXPECT_EQ(verify_pages(r, order, 4), 0u);
-  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
-  EXPECT_EQ(r.stats().pages_fetched, order.size());
-  EXPECT_FALSE(r.failed()) << r.error();
-}
-
 TEST_F(Rdma, SequentialMultiThreadedContentsAreExact) {
   PatternServer src("seq", 8 << 20, kSeed, rdma_server());
   Region r = attach(uri("rdma", src.server().port(), "seq"), handlers(2));
@@ -88,13 +75,6 @@ TEST_F(Rdma, SequentialMultiThreadedContentsAreExact) {
   std::iota(order.begin(), order.end(), 0);
   EXPECT_EQ(verify_pages(r, order, 3), 0u);
   EXPECT_EQ(r.stats().pages_fetched, order.size());
-}
-
-TEST_F(Rdma, ManyThreadsOnOnePageFetchItOnce) {
-  PatternServer src("one", 1 << 20, kSeed, rdma_server());
-  Region r = attach(uri("rdma", src.server().port(), "one"), handlers(2));
-  EXPECT_EQ(testing::stampede(r, 9, 8), 0u);
-  EXPECT_EQ(r.stats().pages_fetched, 1u);
 }
 
 TEST_F(Rdma, ServesTcpAndRdmaAtOnceAndAutoPicksRdma) {
@@ -145,65 +125,6 @@ TEST_F(Rdma, TooLongNameIsABadUri) {
   EXPECT_EQ(testing::attach_error(uri("rdma", 1, std::string(60, 'x')), nullptr, 1000), Errc::kBadUri);
 }
 
-TEST_F(Rdma, SourceKilledMidRunNoHangNoZeroPage) {
-  ChildServer child({"--rdma", "on", "--pattern", "victim=64M:" + std::to_string(kSeed)}, "0.0.0.0");
-  AttachOptions o = handlers(2);
-  o.request_timeout_ms = 3000;
-  Region r = attach(uri("rdma", child.port(), "victim"), o);
-  ASSERT_EQ(r.transport(), "rdma");
-  auto w = std::async(std::launch::async, [&] { return testing::walk_until_stopped(r, 2); });
-  for (int i = 0; i < 2000 && r.stats().pages_fetched < 500; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  child.kill_now();
-  ASSERT_EQ(w.wait_for(std::chrono::seconds(120)), std::future_status::ready) << "a faulting thread hangs";
-  const testing::Walk res = w.get();
-  EXPECT_EQ(res.wrong, 0u);
-  EXPECT_GT(res.good, 0u);
-  for (int sig : res.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << sig;
-  EXPECT_TRUE(r.failed());
-  EXPECT_FALSE(r.error().empty());
-  EXPECT_GE(r.stats().pages_refused, 1u);  // what the signalled threads touched
-}
-
-std::vector<std::string> serve_pattern(uint64_t seed) {
-  return {"--rdma", "on", "--pattern", "again=64M:" + std::to_string(seed)};
-}
-
-TEST_F(Rdma, SourceRestartedOnItsPortLosesNothing) {
-  // The new source has new addresses and rkeys; the channels take them.
-  testing::restart_source(serve_pattern(kSeed), serve_pattern(kSeed), "0.0.0.0",
-                          [&](uint16_t port) { return uri("rdma", port, "again"); }, handlers(2),
-                          testing::expect_reconnected_losing_nothing);
-}
-
-TEST_F(Rdma, SourceRestartedWithOtherBytesIsNotReadFrom) {
-  testing::restart_source(serve_pattern(kSeed), serve_pattern(kSeed + 1), "0.0.0.0",
-                          [&](uint16_t port) { return uri("rdma", port, "again"); }, handlers(2),
-                          testing::expect_refused_as_another_region);
-}
-
-TEST_F(Rdma, DroppedConnectionsReconnectAndLoseNothing) {
-  PatternServer src("drop", 32 << 20, kSeed, rdma_server());
-  Region r = attach(uri("rdma", src.server().port(), "drop"), handlers(2));
-  ASSERT_EQ(r.transport(), "rdma");
-  std::atomic<bool> done{false};
-  std::thread dropper([&] {
-    // Cut every queue pair a few times while the pages stream in.
-    for (int i = 0; i < 3 && !done.load(); ++i) {
-      for (int j = 0; j < 2000 && r.stats().pages_fetched < 200u * (i + 1) && !done.load(); ++j) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      }
-      src.server().drop_connections();
-    }
-  });
-  auto w = std::async(std::launch::async, [&] { return testing::walk_until_stopped(r, 2); });
-  ASSERT_EQ(w.wait_for(std::chrono::seconds(300)), std::future_status::ready) << "a faulting thread hangs";
-  done.store(true);
-  dropper.join();
-  testing::expect_reconnected_losing_nothing(r, w.get());
-}
-
 }  // namespace
 }  // namespace pagewire
 
@@ -244,44 +165,6 @@ TEST_F(Rdma, ZeroPagesNeverCrossTheFabric) {
   const Stats s = r.stats();
   EXPECT_EQ(s.pages_zero, len / kPage / 2);
   EXPECT_EQ(s.bytes_fetched, len / 2);
-}
-
-// Memory backings over the fabric: shared memory, where the RDMA READ lands
-// in the final page (the alias is the memory region) and UFFDIO_CONTINUE
-// maps it; and 2 MiB hugetlb pages, anonymous and shared.
-class RdmaBackings : public Rdma, public ::testing::WithParamInterface<testing::BackingMode> {};
-
-const testing::BackingMode kRdmaModes[] = {
-    {"shared", AttachOptions::Memory::kShared, false, false},
-    {"shared_pull", AttachOptions::Memory::kShared, false, true},
-    {"huge", AttachOptions::Memory::kAnonymous, true, false},
-    {"shared_huge_pull", AttachOptions::Memory::kShared, true, true},
-};
-INSTANTIATE_TEST_SUITE_P(Modes, RdmaBackings, ::testing::ValuesIn(kRdmaModes),
-                         [](const auto& p) { return std::string(p.param.name); });
-
-TEST_P(RdmaBackings, RandomMultiThreadedContentsAreExact) {
-  constexpr size_t kLen = 16 << 20;
-  if (GetParam().huge) {
-    if (const std::string why = testing::reserve_huge_pages(kLen / (2 << 20) + 2); !why.empty()) GTEST_SKIP() << why;
-  }
-  PatternServer src("mem", kLen, kSeed, rdma_server());
-  Region r = attach(uri("rdma", src.server().port(), "mem"), GetParam().apply(handlers(2)));
-  EXPECT_EQ(r.transport(), "rdma");
-  std::vector<size_t> order(r.size() / r.page_size());
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), std::mt19937_64(42));
-  EXPECT_EQ(verify_pages(r, order, 4), 0u);
-  if (GetParam().pull) {
-    ASSERT_TRUE(r.wait_complete(std::chrono::seconds(300))) << r.error();
-  }
-  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
-  const Stats s = r.stats();
-  EXPECT_FALSE(r.failed()) << r.error();
-  if (GetParam().memory == AttachOptions::Memory::kShared) {
-    EXPECT_EQ(s.bytes_copied, 0u);  // every page was read into place
-    EXPECT_GT(s.pages_continued, 0u);
-  }
 }
 
 }  // namespace

@@ -33,41 +33,6 @@ AttachOptions handlers(unsigned n) {
   return o;
 }
 
-// Both ways of driving the sockets: io_uring, and the plain-syscall
-// fallback used where the kernel lacks it.
-class TcpBothIoPaths : public ::testing::TestWithParam<bool> {
- protected:
-  AttachOptions options(unsigned n) {
-    AttachOptions o = handlers(n);
-    o.io_uring = GetParam();
-    return o;
-  }
-};
-
-INSTANTIATE_TEST_SUITE_P(Io, TcpBothIoPaths, ::testing::Values(true, false),
-                         [](const auto& p) { return p.param ? "io_uring" : "syscalls"; });
-
-TEST_P(TcpBothIoPaths, RandomMultiThreadedContentsAreExact) {
-  PatternServer src("ram", 64 << 20);
-  Region r = attach(src.uri(), options(2));
-  EXPECT_EQ(r.transport(), "tcp");
-  std::vector<size_t> order(r.size() / kPage);
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), std::mt19937_64(42));
-  EXPECT_EQ(verify_pages(r, order, 4), 0u);
-  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
-  Stats s = r.stats();
-  EXPECT_EQ(s.pages_fetched, order.size());
-  EXPECT_EQ(s.bytes_fetched, r.size());
-  EXPECT_EQ(src.server().stats().reads_served, order.size());
-  // Latency samples are recorded just after the wake-up; let the last land.
-  for (int i = 0; i < 100 && r.stats().fault_latency.count < order.size(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_EQ(r.stats().fault_latency.count, order.size());
-  EXPECT_GT(s.fault_latency.p50_ns, 0u);
-}
-
 TEST(TcpEndToEnd, SequentialMultiThreadedContentsAreExact) {
   PatternServer src("seq", 16 << 20);
   Region r = attach(src.uri(), handlers(3));
@@ -76,14 +41,6 @@ TEST(TcpEndToEnd, SequentialMultiThreadedContentsAreExact) {
   std::iota(order.begin(), order.end(), 0);
   EXPECT_EQ(verify_pages(r, order, 3), 0u);
   EXPECT_EQ(r.stats().pages_fetched, order.size());
-}
-
-TEST(TcpEndToEnd, ManyThreadsOnOnePageFetchItOnce) {
-  PatternServer src("one", 1 << 20);
-  Region r = attach(src.uri(), handlers(4));
-  EXPECT_EQ(testing::stampede(r, 9, 16), 0u);
-  EXPECT_EQ(r.stats().pages_fetched, 1u);
-  EXPECT_EQ(src.server().stats().reads_served, 1u);
 }
 
 TEST(TcpEndToEnd, SparseFourGiBRegionTouchedAtOnePercent) {
@@ -177,29 +134,6 @@ TEST(TcpEndToEnd, ManyDestinationsAtOnce) {
   for (auto& t : ts) t.join();
   EXPECT_EQ(bad.load(), 0u);
   EXPECT_GE(src.server().stats().connections_accepted, 4u);
-}
-
-TEST_P(TcpBothIoPaths, DroppedConnectionsReconnectAndLoseNothing) {
-  PatternServer src("drop", 32 << 20);
-  Region r = attach(src.uri(), options(2));
-  std::vector<size_t> order(r.size() / kPage);
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), std::mt19937_64(3));
-  std::atomic<bool> done{false};
-  std::thread dropper([&] {
-    // Cut every connection a few times while the pages stream in.
-    for (int i = 0; i < 5 && !done.load(); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(30));
-      src.server().drop_connections();
-    }
-  });
-  const size_t bad = verify_pages(r, order, 2);
-  done.store(true);
-  dropper.join();
-  EXPECT_EQ(bad, 0u);
-  EXPECT_FALSE(r.failed()) << r.error();
-  EXPECT_EQ(r.stats().pages_refused, 0u);
-  EXPECT_GE(r.stats().reconnects, 1u);
 }
 
 }  // namespace

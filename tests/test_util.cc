@@ -41,38 +41,31 @@ std::string loopback_uri(const MemoryServer& server, const std::string& name) {
   return "tcp://127.0.0.1:" + std::to_string(server.port()) + "/" + name;
 }
 
-void expect_source_killed_mid_run_is_refused(AttachOptions o) {
-  ChildServer child({"--pattern", "victim=256M:" + std::to_string(kSeed)});
-  o.reconnect_timeout_ms = 300;
-  o.request_timeout_ms = 2000;
-  Region r = attach("tcp://127.0.0.1:" + std::to_string(child.port()) + "/victim", o);
-  auto walk = std::async(std::launch::async, [&] { return walk_until_stopped(r, 2); });
-  // Kill the source once some pages have arrived.
-  for (int i = 0; i < 1000 && r.stats().pages_fetched < 2000; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  child.kill_now();
-  ASSERT_EQ(walk.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "a faulting thread hangs";
-  const Walk w = walk.get();
-  EXPECT_EQ(w.wrong, 0u);
-  EXPECT_GT(w.good, 0u);
-  for (int sig : w.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
-  EXPECT_TRUE(r.failed());
-  EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();
-  EXPECT_GE(r.stats().pages_refused, 1u);
+namespace {
+
+// Free huge pages no mapping has claimed yet: a mapping reserves its pages
+// when it is made and takes them off the free count only as they are
+// touched, so free pages can all be promised already (HugePages_Rsvd).
+uint64_t unclaimed_huge_pages() {
+  const HugePageCount have = huge_pages_2m();
+  uint64_t claimed = 0;
+  std::ifstream("/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages") >> claimed;
+  return have.free > claimed ? have.free - claimed : 0;
 }
 
+}  // namespace
+
 std::string reserve_huge_pages(uint64_t pages) {
-  HugePageCount have = huge_pages_2m();
-  if (have.free >= pages) return "";
+  uint64_t unclaimed = unclaimed_huge_pages();
+  if (unclaimed >= pages) return "";
   {
     std::ofstream out("/proc/sys/vm/nr_hugepages");
-    out << have.total + (pages - have.free);
+    out << huge_pages_2m().total + (pages - unclaimed);
   }
-  have = huge_pages_2m();
-  if (have.free >= pages) return "";
-  return "needs " + std::to_string(pages) + " free 2 MiB huge pages, has " + std::to_string(have.free) +
-         " (reserving them needs root: sysctl vm.nr_hugepages)";
+  unclaimed = unclaimed_huge_pages();
+  if (unclaimed >= pages) return "";
+  return "needs " + std::to_string(pages) + " free 2 MiB huge pages, has " + std::to_string(unclaimed) +
+         " not yet claimed by a mapping (reserving more needs root: sysctl vm.nr_hugepages)";
 }
 
 size_t verify_pages(const Region& r, const std::vector<size_t>& pages, int threads) {
@@ -192,14 +185,14 @@ ChildServer::~ChildServer() { kill_now(); }
 
 void restart_source(const std::vector<std::string>& serve_args, const std::vector<std::string>& successor_args,
                     const std::string& bind, const std::function<std::string(uint16_t)>& uri_of, AttachOptions o,
-                    const std::function<void(const Region&, const Walk&)>& check) {
+                    uint64_t kill_after_pages, const std::function<void(const Region&, const Walk&)>& check) {
   auto source = std::make_unique<ChildServer>(serve_args, bind);
   const uint16_t port = source->port();
   o.reconnect_timeout_ms = 20000;  // the new source takes a while to start
   Region r = attach(uri_of(port), o);
   auto w = std::async(std::launch::async, [&] { return walk_until_stopped(r, 2); });
-  for (int i = 0; i < 2000 && r.stats().pages_fetched < 500; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  for (int i = 0; i < 10000 && r.stats().pages_fetched < kill_after_pages; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   source.reset();  // killed with reads in flight
   source = std::make_unique<ChildServer>(successor_args, bind, port);
@@ -218,13 +211,14 @@ void expect_refused_as_another_region(const Region& r, const Walk& walk) {
 void expect_reconnected_losing_nothing(const Region& r, const Walk& walk) {
   EXPECT_EQ(walk.wrong, 0u);
   for (int sig : walk.signals) EXPECT_EQ(sig, 0) << "a thread was refused a page";
-  EXPECT_FALSE(r.failed()) << r.error();
-  EXPECT_EQ(r.stats().pages_refused, 0u);
-  EXPECT_GE(r.stats().reconnects, 1u);
-  // Every page arrives, byte for byte.
+  // Every page arrives, byte for byte (the ones the walk left fetched last,
+  // over a connection made again if the walk never needed one).
   int64_t bad = -2;
   EXPECT_EQ(run_catching_signals([&] { bad = check_pattern(r.data(), 0, r.size(), kSeed); }), 0);
   EXPECT_EQ(bad, -1);
+  EXPECT_FALSE(r.failed()) << r.error();
+  EXPECT_EQ(r.stats().pages_refused, 0u);
+  EXPECT_GE(r.stats().reconnects, 1u);
 }
 
 void ChildServer::kill_now() {

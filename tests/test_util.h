@@ -76,14 +76,9 @@ Walk walk_until_stopped(const Region& r, int threads);
 ServerOptions loopback_tcp();
 std::string loopback_uri(const MemoryServer& server, const std::string& name);
 
-// Attaches a 256 MiB pattern served by a child process with `o`, kills the
-// source with SIGKILL while two threads walk the region, and checks (with
-// gtest expectations) that no thread hangs or reads a wrong byte, each is
-// stopped by SIGBUS or SIGSEGV, and the region says it failed.
-void expect_source_killed_mid_run_is_refused(AttachOptions o);
-
-// Makes sure `pages` 2 MiB huge pages are free, reserving more as root
-// (vm.nr_hugepages); returns why not when it cannot, for GTEST_SKIP.
+// Makes sure `pages` 2 MiB huge pages are free and not claimed by another
+// mapping, reserving more as root (vm.nr_hugepages); returns why not when
+// it cannot, for GTEST_SKIP.
 std::string reserve_huge_pages(uint64_t pages);
 
 // Memory filled with the pattern, served by an in-process MemoryServer on a
@@ -125,12 +120,13 @@ void expect_reconnected_losing_nothing(const Region& r, const Walk& walk);
 // the region failed and says why, and the threads were refused.
 void expect_refused_as_another_region(const Region& r, const Walk& walk);
 
-// A `pagewire serve` child (serve_args) is killed once a few hundred pages
-// have arrived, and another (successor_args) is started on its port, while
-// two threads fault; check then sees the region and what the threads saw.
+// A `pagewire serve` child (serve_args) is killed once `kill_after_pages`
+// pages have arrived, and another (successor_args) is started on its port,
+// while two threads fault; check then sees the region and what the threads
+// saw.
 void restart_source(const std::vector<std::string>& serve_args, const std::vector<std::string>& successor_args,
                     const std::string& bind, const std::function<std::string(uint16_t)>& uri_of, AttachOptions o,
-                    const std::function<void(const Region&, const Walk&)>& check);
+                    uint64_t kill_after_pages, const std::function<void(const Region&, const Walk&)>& check);
 
 // A listener that accepts, answers the hello for one region, and then
 // never answers a read: a peer that went silent.

@@ -34,11 +34,19 @@ class LocalChannel final : public Channel {
         due = std::max(due, last_due_) + std::chrono::milliseconds(f.bulk_reply_ms);
         last_due_ = due;
       }
+      if (!t_->released_.load() && op.remote_offset <= f.hold_offset &&
+          f.hold_offset - op.remote_offset < op.length) {
+        held_.push_back({op.cookie, status});
+        t_->held_[static_cast<int>(use_)].fetch_add(1);
+        continue;
+      }
       ready_.push_back({{op.cookie, status}, due});
     }
   }
   void wait(WaitResult& out, int timeout_ms) override {
     take_due(out);
+    // Look for the release of held reads every few milliseconds.
+    if (!held_.empty()) timeout_ms = timeout_ms < 0 ? 5 : std::min(timeout_ms, 5);
     if (!out.completions.empty()) timeout_ms = 0;
     if (!ready_.empty()) {
       // Wake for the next answer due, at the latest.
@@ -58,6 +66,10 @@ class LocalChannel final : public Channel {
   };
 
   void take_due(WaitResult& out) {
+    if (!held_.empty() && t_->released_.load()) {
+      out.completions.insert(out.completions.end(), held_.begin(), held_.end());
+      held_.clear();
+    }
     const auto now = Clock::now();
     size_t n = 0;
     while (n < ready_.size() && ready_[n].due <= now) out.completions.push_back(ready_[n++].completion);
@@ -67,6 +79,7 @@ class LocalChannel final : public Channel {
   LocalTransport* t_;
   ChannelUse use_;
   std::vector<Answer> ready_;
+  std::vector<ReadCompletion> held_;  // FaultInjection::hold_offset's, until released
   Clock::time_point last_due_{};
 };
 

@@ -23,6 +23,10 @@ struct FaultInjection {
   // Bulk channels answer one read every this many milliseconds, in order,
   // like a slow source (0: at once).
   uint32_t bulk_reply_ms = 0;
+  // Reads (on any channel) that cover this offset stay unanswered until
+  // LocalTransport::release_held_reads(): a read kept in flight for as long
+  // as a test needs, while the channel's other reads are answered.
+  uint64_t hold_offset = UINT64_MAX;
 };
 
 class LocalTransport final : public Transport {
@@ -34,6 +38,10 @@ class LocalTransport final : public Transport {
   TransportCapabilities capabilities() const override { return {1024, 1u << 30}; }
   std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) override;
   uint64_t reads() const { return reads_.load(); }
+  // Reads held by FaultInjection::hold_offset so far on channels of `use`,
+  // and their release (reads posted after it are answered at once).
+  uint64_t held_reads(ChannelUse use) const { return held_[static_cast<int>(use)].load(); }
+  void release_held_reads() { released_.store(true); }
 
  private:
   friend class LocalChannel;
@@ -41,6 +49,8 @@ class LocalTransport final : public Transport {
   RegionDescriptor desc_;
   FaultInjection faults_;
   std::atomic<int64_t> reads_{0};
+  std::atomic<uint64_t> held_[2] = {0, 0};  // by ChannelUse
+  std::atomic<bool> released_{false};
 };
 
 }  // namespace pagewire

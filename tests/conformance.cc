@@ -1,0 +1,294 @@
+// The conformance scenarios, written once for every wire and backing:
+// random multi-threaded reads checked byte for byte (on demand and beside
+// the background pull), one fetch per page under a stampede, and, over the
+// network wires, dropped connections, a source killed, and a source
+// restarted with the same or with other bytes. The instantiations live in
+// conformance_host.cc and conformance_rdma.cc.
+#include "tests/conformance.h"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <future>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "tools/pattern.h"
+
+namespace pagewire::testing {
+
+const char* wire_name(Wire w) {
+  switch (w) {
+    case Wire::kLocal:
+      return "local";
+    case Wire::kTcpUring:
+      return "tcp_uring";
+    case Wire::kTcpSyscalls:
+      return "tcp_syscalls";
+    case Wire::kRdma:
+      return "rdma";
+  }
+  return "?";
+}
+
+AttachOptions Combo::apply(AttachOptions o) const {
+  o.memory = backing.memory;
+  o.huge_pages = backing.huge;
+  o.io_uring = wire != Wire::kTcpSyscalls;
+  return o;
+}
+
+std::vector<Combo> combos(std::initializer_list<Wire> wires, std::initializer_list<bool> pulls,
+                          std::string (*unavailable)()) {
+  std::vector<Combo> out;
+  for (Wire w : wires) {
+    for (const Backing& b : kBackings) {
+      for (bool pull : pulls) out.push_back({w, b, pull, unavailable});
+    }
+  }
+  return out;
+}
+
+std::string combo_name(const ::testing::TestParamInfo<Combo>& info) {
+  const Combo& c = info.param;
+  return std::string(wire_name(c.wire)) + "_" + c.backing.name + (c.pull ? "_pull" : "");
+}
+
+void PrintTo(const Combo& c, std::ostream* os) { *os << combo_name({c, 0}); }
+
+PatternSource::PatternSource(const Combo& combo, size_t length, const std::string& rdma_addr,
+                             const FaultInjection* inject)
+    : combo_(combo), rdma_addr_(rdma_addr), memory_(Mapping::anonymous(length)) {
+  fill_pattern(memory_.data(), 0, length, kSeed);
+  if (inject != nullptr) inject_ = std::make_unique<FaultInjection>(*inject);
+  if (combo.wire == Wire::kLocal) return;
+  ServerOptions o = loopback_tcp();
+  if (combo.wire == Wire::kRdma) {
+    o.bind_address = "0.0.0.0";
+    o.rdma = RdmaServing::kOn;
+  }
+  server_ = std::make_unique<MemoryServer>(o);
+  server_->export_memory(name_, memory_.data(), length);
+}
+
+PatternSource::~PatternSource() = default;
+
+Region PatternSource::attach(const AttachOptions& options) {
+  const AttachOptions o = combo_.apply(options);
+  if (combo_.wire == Wire::kLocal) {
+    auto t = std::make_unique<LocalTransport>(memory_.data(), memory_.size(), kSmallPage,
+                                              inject_ ? *inject_ : FaultInjection{});
+    local_ = t.get();
+    return pagewire::attach(std::move(t), o);
+  }
+  const std::string host = combo_.wire == Wire::kRdma ? "rdma://" + rdma_addr_ : std::string("tcp://127.0.0.1");
+  return pagewire::attach(host + ":" + std::to_string(server_->port()) + "/" + name_, o);
+}
+
+std::optional<uint64_t> PatternSource::reads_served() const {
+  if (combo_.wire == Wire::kLocal) return local_ != nullptr ? local_->reads() : 0;
+  if (combo_.wire == Wire::kRdma) return std::nullopt;
+  return server_->stats().reads_served;
+}
+
+std::optional<uint64_t> PatternSource::bytes_served() const {
+  if (combo_.wire == Wire::kLocal || combo_.wire == Wire::kRdma) return std::nullopt;
+  return server_->stats().bytes_served;
+}
+
+void PatternSource::drop_connections() { server_->drop_connections(); }
+
+void ConformanceTest::SetUp() {
+  if (combo().unavailable != nullptr) {
+    if (std::string why = combo().unavailable(); !why.empty()) {
+      const char* require = std::getenv("PAGEWIRE_REQUIRE_RDMA");
+      if (require != nullptr && std::string(require) == "1") FAIL() << why;
+      GTEST_SKIP() << why;
+    }
+  }
+  if (combo().wire == Wire::kRdma) {
+    const char* addr = std::getenv("PAGEWIRE_RDMA_ADDR");
+    rdma_addr_ = addr != nullptr ? addr : "";
+  }
+  if (combo().backing.huge) {
+    // Twice the largest region, and a few to spare, as the other huge page
+    // tests reserve.
+    const std::string why = reserve_huge_pages(2 * max_region() / kHugePage + 4);
+    if (!why.empty()) GTEST_SKIP() << why;
+  }
+}
+
+AttachOptions ConformanceTest::on_demand_options(unsigned handlers) const {
+  return combo().apply(on_demand(handlers));
+}
+
+std::vector<std::string> ConformanceTest::serve_args(const std::string& name, size_t mib, uint64_t seed) const {
+  return {"--rdma", combo().wire == Wire::kRdma ? "on" : "off", "--pattern",
+          name + "=" + std::to_string(mib) + "M:" + std::to_string(seed)};
+}
+
+std::string ConformanceTest::serve_bind() const { return combo().wire == Wire::kRdma ? "0.0.0.0" : "127.0.0.1"; }
+
+std::string ConformanceTest::uri_of(uint16_t port, const std::string& name) const {
+  const std::string host = combo().wire == Wire::kRdma ? "rdma://" + rdma_addr_ : std::string("tcp://127.0.0.1");
+  return host + ":" + std::to_string(port) + "/" + name;
+}
+
+std::vector<size_t> ConformanceTest::shuffled(size_t pages, uint64_t seed) {
+  std::vector<size_t> order(pages);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(seed));
+  return order;
+}
+
+void wait_fetched(const Region& r, uint64_t pages, std::chrono::milliseconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (r.stats().pages_fetched < pages && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+namespace {
+
+const char* transport_of(Wire w) { return w == Wire::kLocal ? "local" : w == Wire::kRdma ? "rdma" : "tcp"; }
+
+TEST_P(Scenario, RandomBytesExact) {
+  PatternSource src(combo(), kRegion, rdma_addr_);
+  Region r = src.attach(on_demand_options(2));
+  EXPECT_EQ(r.transport(), transport_of(combo().wire));
+  ASSERT_EQ(r.page_size(), combo().backing.huge ? kHugePage : kSmallPage);
+  const size_t pages = kRegion / r.page_size();
+  EXPECT_EQ(verify_pages(r, shuffled(pages, 42), 4), 0u);
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+  const Stats s = r.stats();
+  EXPECT_FALSE(r.failed()) << r.error();
+  EXPECT_EQ(s.pages_refused, 0u);
+  EXPECT_EQ(s.pages_fetched, pages);  // each page once
+  EXPECT_EQ(s.bytes_fetched, kRegion);
+  if (auto served = src.bytes_served()) {
+    EXPECT_EQ(*served, kRegion);
+  }
+  if (auto reads = src.reads_served(); reads && !combo().backing.huge) {
+    EXPECT_EQ(*reads, pages);  // one read a page (a 2 MiB fault may take two)
+  }
+  if (combo().backing.memory == AttachOptions::Memory::kShared) {
+    // Reads landed in the final pages: nothing was copied out of staging.
+    EXPECT_EQ(s.bytes_copied, 0u);
+    EXPECT_GT(s.pages_continued, 0u);
+  } else {
+    EXPECT_GT(s.bytes_copied, 0u);
+    EXPECT_EQ(s.pages_continued, 0u);
+  }
+  // Latency samples are recorded just after the wake-up; let the last land.
+  for (int i = 0; i < 100 && r.stats().fault_latency.count < pages; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(r.stats().fault_latency.count, pages);
+  EXPECT_GT(r.stats().fault_latency.p50_ns, 0u);
+}
+
+TEST_P(Scenario, RandomBytesExactBesideThePull) {
+  PatternSource src(combo(), kRegion, rdma_addr_);
+  AttachOptions o = on_demand_options(2);
+  o.background_pull = true;
+  Region r = src.attach(o);
+  EXPECT_EQ(verify_pages(r, shuffled(kRegion / r.page_size(), 7), 4), 0u);
+  ASSERT_TRUE(r.wait_complete(std::chrono::seconds(300))) << r.error();
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+  const Stats s = r.stats();
+  EXPECT_TRUE(s.complete);
+  EXPECT_EQ(s.pages_refused, 0u);
+  EXPECT_EQ(s.pages_pulled + s.pages_fetched + s.pages_zero, s.pages_total);
+  if (combo().backing.memory == AttachOptions::Memory::kShared) {
+    EXPECT_EQ(s.bytes_copied, 0u);
+    EXPECT_GT(s.pages_continued, 0u);
+    // And no page was read twice: a pull run skips the pages that came by
+    // demand meanwhile (reading them again would land over them).
+    EXPECT_EQ(s.bytes_fetched, kRegion);
+    if (auto served = src.bytes_served()) {
+      EXPECT_EQ(*served, kRegion);
+    }
+  }
+}
+
+TEST_P(Scenario, OneFetchPerPageUnderAStampede) {
+  PatternSource src(combo(), kRegion, rdma_addr_);
+  Region r = src.attach(on_demand_options(4));
+  EXPECT_EQ(stampede(r, 5, 16), 0u);
+  EXPECT_EQ(r.stats().pages_fetched, 1u);
+  if (auto reads = src.reads_served()) {
+    EXPECT_EQ(*reads, 1u);
+  }
+  EXPECT_EQ(check_pattern(r.data() + 5 * r.page_size(), 5 * r.page_size(), r.page_size(), kSeed), -1);
+  EXPECT_EQ(r.stats().pages_fetched, 1u);
+}
+
+TEST_P(NetworkScenario, DroppedConnectionsReconnectAndLoseNothing) {
+  PatternSource src(combo(), kRegion / 2, rdma_addr_);
+  Region r = src.attach(on_demand_options(2));
+  std::atomic<bool> done{false};
+  const uint64_t step = some_pages(r.size(), r.page_size());
+  std::thread dropper([&] {
+    // Cut every connection a few times while the pages stream in.
+    for (uint64_t i = 1; i <= 3 && !done.load(); ++i) {
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (r.stats().pages_fetched < step * i && !done.load() && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      src.drop_connections();
+    }
+  });
+  auto w = std::async(std::launch::async, [&] { return walk_until_stopped(r, 2); });
+  const bool ended = w.wait_for(std::chrono::seconds(300)) == std::future_status::ready;
+  done.store(true);
+  dropper.join();
+  ASSERT_TRUE(ended) << "a faulting thread hangs";
+  expect_reconnected_losing_nothing(r, w.get());
+}
+
+TEST_P(NetworkScenario, SourceKilledMidRunNoHangNoZeroPage) {
+  ChildServer child(serve_args("victim", kRegion >> 20, kSeed), serve_bind());
+  AttachOptions o = on_demand_options(2);
+  o.reconnect_timeout_ms = 300;
+  o.request_timeout_ms = 3000;
+  Region r = attach(uri_of(child.port(), "victim"), o);
+  ASSERT_EQ(r.transport(), transport_of(combo().wire));
+  auto walk = std::async(std::launch::async, [&] { return walk_until_stopped(r, 2); });
+  wait_fetched(r, some_pages(r.size(), r.page_size()));
+  child.kill_now();
+  ASSERT_EQ(walk.wait_for(std::chrono::seconds(120)), std::future_status::ready) << "a faulting thread hangs";
+  const Walk w = walk.get();
+  EXPECT_EQ(w.wrong, 0u);
+  EXPECT_GT(w.good, 0u);
+  for (int sig : w.signals) EXPECT_TRUE(sig == SIGBUS || sig == SIGSEGV) << "signal " << sig;
+  EXPECT_TRUE(r.failed());
+  if (combo().wire == Wire::kRdma) {
+    // The region can fail on the connection's end before a page's refusal.
+    EXPECT_FALSE(r.error().empty());
+  } else {
+    EXPECT_NE(r.error().find("could not be fetched"), std::string::npos) << r.error();
+  }
+  EXPECT_GE(r.stats().pages_refused, 1u);  // what the signalled threads touched
+}
+
+TEST_P(NetworkScenario, SourceRestartedOnItsPortLosesNothing) {
+  // Over RDMA the new source has new addresses and rkeys; the channels
+  // take them.
+  restart_source(serve_args("again", kRegion >> 20, kSeed), serve_args("again", kRegion >> 20, kSeed), serve_bind(),
+                 [&](uint16_t port) { return uri_of(port, "again"); }, on_demand_options(2),
+                 some_pages(kRegion, combo().backing.huge ? kHugePage : kSmallPage), expect_reconnected_losing_nothing);
+}
+
+TEST_P(NetworkScenario, SourceRestartedWithOtherBytesIsNotReadFrom) {
+  // Same name, same size, other contents: a different region.
+  restart_source(serve_args("again", kRegion >> 20, kSeed), serve_args("again", kRegion >> 20, kSeed + 1),
+                 serve_bind(), [&](uint16_t port) { return uri_of(port, "again"); }, on_demand_options(2),
+                 some_pages(kRegion, combo().backing.huge ? kHugePage : kSmallPage), expect_refused_as_another_region);
+}
+
+}  // namespace
+}  // namespace pagewire::testing

@@ -1,0 +1,17 @@
+// The conformance suite over the wires every host has: in process, and
+// loopback TCP both through io_uring and through plain syscalls. Scenarios
+// of a network (dropped connections, a source that dies or comes back) are
+// not instantiated for the in-process wire, which has none.
+#include "tests/conformance.h"
+
+namespace pagewire::testing {
+namespace {
+
+INSTANTIATE_TEST_SUITE_P(Conformance, Scenario,
+                         ::testing::ValuesIn(combos({Wire::kLocal, Wire::kTcpUring, Wire::kTcpSyscalls})),
+                         combo_name);
+INSTANTIATE_TEST_SUITE_P(Conformance, NetworkScenario,
+                         ::testing::ValuesIn(combos({Wire::kTcpUring, Wire::kTcpSyscalls})), combo_name);
+
+}  // namespace
+}  // namespace pagewire::testing
