@@ -6,14 +6,57 @@
 // way finds the range gone (ENOENT) and only wakes its threads, which then
 // fault again as on any unmapped address.
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include <algorithm>
+#include <cinttypes>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "runtime/fault_engine.h"
 #include "spdlog/spdlog.h"
 
 namespace pagewire {
+namespace {
+
+using Range = std::pair<uintptr_t, uintptr_t>;
+
+// The mappings in [base, end) that are still the region's own, by what
+// /proc/self/smaps says of each: shared memory maps the region's memfd (its
+// inode); anonymous memory carries the region's MADV_DONTFORK ("dc"), which
+// a mapping the application makes there has not. Once the region is plain
+// memory, no munmap event tells of a range the application unmapped and
+// mapped again. False when smaps cannot be read.
+bool own_mappings(uintptr_t base, uintptr_t end, const Backing& b, std::vector<Range>* out) {
+  std::ifstream in("/proc/self/smaps");
+  if (!in) return false;
+  struct stat st {};
+  if (b.shared && ::fstat(b.memfd.get(), &st) != 0) return false;
+  std::string line;
+  Range current{0, 0};
+  uint64_t inode = 0;
+  while (std::getline(in, line)) {
+    uintptr_t from = 0;
+    uintptr_t to = 0;
+    uint64_t ino = 0;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %*s %*s %*s %" SCNu64, &from, &to, &ino) == 3) {
+      current = {std::max(from, base), std::min(to, end)};
+      inode = ino;
+      continue;
+    }
+    if (line.rfind("VmFlags:", 0) != 0 || current.first >= current.second) continue;
+    const bool ours = b.shared ? inode == static_cast<uint64_t>(st.st_ino) : (line + " ").find(" dc ") != std::string::npos;
+    if (ours) out->push_back(current);
+    current = {0, 0};
+  }
+  return true;
+}
+
+}  // namespace
 
 void FaultEngine::on_unmapped(Worker& w, uint64_t start, uint64_t end) {
   const auto base = reinterpret_cast<uint64_t>(backing_.view.data());
@@ -71,9 +114,20 @@ void FaultEngine::read_pending_events(Worker& w) {
 void FaultEngine::unmap_view() {
   // Only what is still the region's: a range the application unmapped may
   // hold another mapping of its own by now.
-  pages_.for_each_mapped_stretch([&](size_t first, size_t count) {
-    ::munmap(page_addr(first), count * desc_.page_size);
-  });
+  const auto base = reinterpret_cast<uintptr_t>(backing_.view.data());
+  std::vector<Range> own;
+  if (!own_mappings(base, base + backing_.view.size(), backing_, &own)) own = {{base, base + backing_.view.size()}};
+  for (const Range& r : own) {
+    // And of those, the pages no munmap event has taken away.
+    const size_t first = (r.first - base) / desc_.page_size;
+    const size_t last = (r.second - base) / desc_.page_size;
+    for (size_t p = first; p < last;) {
+      size_t q = p;
+      while (q < last && pages_.get(q) != PageState::kGone) ++q;
+      if (q > p) ::munmap(page_addr(p), (q - p) * desc_.page_size);
+      p = std::max(q, p + 1);
+    }
+  }
   backing_.view.release();
 }
 
