@@ -68,6 +68,9 @@ struct Combo {
 // Every backing over each of `wires`; with `pulls` both ways when given both.
 std::vector<Combo> combos(std::initializer_list<Wire> wires, std::initializer_list<bool> pulls = {false},
                           std::string (*unavailable)() = nullptr);
+// Why RDMA cannot run here ("" in the guest, where it can): defined in
+// pagewire_rdma_tests only.
+std::string rdma_unavailable();
 // "tcp_uring_shared_huge", "local_anonymous_pull": what the test names end
 // in, and what gtest prints for the parameter.
 std::string combo_name(const ::testing::TestParamInfo<Combo>& info);

@@ -9,7 +9,6 @@
 #include "transport/rdma/verbs.h"
 
 namespace pagewire::testing {
-namespace {
 
 std::string rdma_unavailable() {
   const char* addr = std::getenv("PAGEWIRE_RDMA_ADDR");
@@ -19,6 +18,8 @@ std::string rdma_unavailable() {
   }
   return "";
 }
+
+namespace {
 
 INSTANTIATE_TEST_SUITE_P(Conformance, Scenario, ::testing::ValuesIn(combos({Wire::kRdma}, {false}, rdma_unavailable)),
                          combo_name);

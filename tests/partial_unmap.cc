@@ -289,6 +289,11 @@ class HeldSource {
       FaultInjection inject;
       inject.hold_offset = held_offset;
       local_ = std::make_unique<PatternSource>(combo, length, "", &inject);
+    } else if (combo.wire == Wire::kRdma) {
+      // One-sided reads pass the source by: nothing here can hold one, and
+      // only the cases with no read in flight run over RDMA.
+      const char* addr = std::getenv("PAGEWIRE_RDMA_ADDR");
+      direct_ = std::make_unique<PatternSource>(combo, length, addr != nullptr ? addr : "");
     } else {
       server_ = std::make_unique<PatternServer>("held", length);
       relay_ = std::make_unique<HoldingRelay>(server_->server().port());
@@ -296,13 +301,14 @@ class HeldSource {
   }
   std::unique_ptr<Region> attach(const AttachOptions& o) {
     if (local_) return std::make_unique<Region>(local_->attach(o));
+    if (direct_) return std::make_unique<Region>(direct_->attach(o));
     const std::string uri = "tcp://127.0.0.1:" + std::to_string(relay_->port()) + "/held";
     return std::make_unique<Region>(pagewire::attach(uri, combo_.apply(o)));
   }
   // From here on, a read of the held page stays in flight once posted.
   void hold(const Region& r) {
     faults_before_ = r.stats().faults;
-    if (!relay_) return;
+    if (!relay_) return;  // local: held from the start; RDMA: never
     relay_->hold();
     sent_before_ = relay_->bytes_to_source();
   }
@@ -318,7 +324,7 @@ class HeldSource {
   void release() {
     if (local_) {
       local_->local()->release_held_reads();
-    } else {
+    } else if (relay_) {
       relay_->release();
     }
   }
@@ -326,6 +332,7 @@ class HeldSource {
  private:
   Combo combo_;
   std::unique_ptr<PatternSource> local_;
+  std::unique_ptr<PatternSource> direct_;  // RDMA
   std::unique_ptr<PatternServer> server_;
   std::unique_ptr<HoldingRelay> relay_;
   uint64_t sent_before_ = 0;
@@ -346,6 +353,7 @@ class PartialUnmap : public ConformanceTest {
     return o;
   }
 
+ public:
   // What one case does: `present` pages are read first, then the pages
   // [first_gone, first_gone + gone) are unmapped (or, with `remap`, moved
   // elsewhere by mremap), with the fault on `in_flight` (one of them)
@@ -511,6 +519,12 @@ void PartialUnmap::run(const Case& c) const {
   });
 }
 
+const PartialUnmap::Case kHoleWithNoFaultInFlight{{0, 7, 12}, 6, 4, -1};
+const PartialUnmap::Case kMemoryMappedIntoTheHole{{0, 7, 12}, 6, 4, -1, false, true};
+// The moved pages 9 and 10 were present: they keep the source's bytes at
+// their new address; the old range is gone.
+const PartialUnmap::Case kMremapMovesPartAway{{0, 9, 10, 15}, 8, 4, -1, true};
+
 TEST_P(PartialUnmap, HoleInTheMiddleWhileAFaultThereIsInFlight) {
   // Pages below and above the hole present before (0, 5, 10, 15) and
   // fetched after; one in the hole present before (8).
@@ -521,20 +535,19 @@ TEST_P(PartialUnmap, SecondHalfWhileAFaultThereIsInFlight) {
   run({{0, 3, 9}, kPages / 2, kPages / 2, 12});
 }
 
-TEST_P(PartialUnmap, HoleWithNoFaultInFlight) {
-  run({{0, 7, 12}, 6, 4, -1});
-}
+// The cases with no read in flight run over RDMA too (in the guest).
+class PartialUnmapSettled : public PartialUnmap {};
 
-TEST_P(PartialUnmap, MemoryMappedIntoTheHoleOutlivesTheRegion) {
-  run({{0, 7, 12}, 6, 4, -1, false, true});
-}
+TEST_P(PartialUnmap, HoleWithNoFaultInFlight) { run(kHoleWithNoFaultInFlight); }
+TEST_P(PartialUnmapSettled, HoleWithNoFaultInFlight) { run(kHoleWithNoFaultInFlight); }
 
-TEST_P(PartialUnmap, MremapMovesPartOfTheRegionAway) {
-  // The moved pages 9 and 10 were present: they keep the source's bytes at
-  // their new address; the old range is gone.
-  run({{0, 9, 10, 15}, 8, 4, -1, true});
-}
+TEST_P(PartialUnmap, MemoryMappedIntoTheHoleOutlivesTheRegion) { run(kMemoryMappedIntoTheHole); }
+TEST_P(PartialUnmapSettled, MemoryMappedIntoTheHoleOutlivesTheRegion) { run(kMemoryMappedIntoTheHole); }
 
+TEST_P(PartialUnmap, MremapMovesPartOfTheRegionAway) { run(kMremapMovesPartAway); }
+TEST_P(PartialUnmapSettled, MremapMovesPartOfTheRegionAway) { run(kMremapMovesPartAway); }
+
+#ifndef PAGEWIRE_GUEST_SUITE
 INSTANTIATE_TEST_SUITE_P(Conformance, PartialUnmap,
                          ::testing::ValuesIn([] {
                            std::vector<Combo> all = combos({Wire::kLocal}, {false, true});
@@ -542,6 +555,15 @@ INSTANTIATE_TEST_SUITE_P(Conformance, PartialUnmap,
                            return all;
                          }()),
                          combo_name);
+#else
+// In the guest (pagewire_rdma_tests): every case again on its older kernel
+// (6.1: no UFFDIO_POISON) over the in-process wire, and the settled cases
+// over RDMA. Skipped on a host without RDMA, where the host suite runs them.
+INSTANTIATE_TEST_SUITE_P(GuestKernel, PartialUnmap, ::testing::ValuesIn(combos({Wire::kLocal}, {false, true}, rdma_unavailable)),
+                         combo_name);
+INSTANTIATE_TEST_SUITE_P(Conformance, PartialUnmapSettled,
+                         ::testing::ValuesIn(combos({Wire::kRdma}, {false, true}, rdma_unavailable)), combo_name);
+#endif
 
 }  // namespace
 }  // namespace pagewire::testing
