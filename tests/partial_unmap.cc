@@ -416,7 +416,7 @@ void PartialUnmap::run(const Case& c) const {
   const Combo params = combo();
   const size_t page = page_size();
   const AttachOptions o = options();
-  run_in_child([&](const Stage& stage) {
+  const auto body = [&](const Stage& stage) {
     stage("attach");
     const uint64_t held = c.in_flight >= 0 ? static_cast<uint64_t>(c.in_flight) * page : UINT64_MAX;
     HeldSource src(params, kPages * page, held);
@@ -516,7 +516,16 @@ void PartialUnmap::run(const Case& c) const {
       EXPECT_EQ(::munmap(moved, c.gone * page), 0);  // no longer the region's
     }
     stage("done");
-  });
+  };
+  if (params.wire == Wire::kRdma) {
+    // Verbs contexts do not cross a fork (the kernel refuses a child's use
+    // of what its parent opened, and librdmacm keeps those open), so the
+    // RDMA cases run in this process. They hold no read in flight, and a
+    // step that hangs still ends the run (await_or_exit).
+    body([](const std::string&) {});
+  } else {
+    run_in_child(body);
+  }
 }
 
 const PartialUnmap::Case kHoleWithNoFaultInFlight{{0, 7, 12}, 6, 4, -1};
