@@ -34,8 +34,8 @@ uint64_t read_count(const char* path) {
   const uint64_t need = (length + kHugePage - 1) / kHugePage;
   const uint64_t want = have.total + (need > have.free ? need - have.free : 0);
   throw Error(Errc::kNoMemory,
-              "cannot map " + std::to_string(need) + " 2 MiB huge pages (" + std::strerror(err) + "): " +
-                  std::to_string(have.free) + " free of " + std::to_string(have.total) +
+              "cannot map " + std::to_string(need) + " 2 MiB huge pages (" + std::strerror(err) +
+                  "): " + std::to_string(have.free) + " free of " + std::to_string(have.total) +
                   " reserved. Reserve them as root with `sysctl vm.nr_hugepages=" + std::to_string(want) +
                   "` (or echo " + std::to_string(want) +
                   " > /proc/sys/vm/nr_hugepages; hugepages=N on the kernel command line reserves them at boot)");

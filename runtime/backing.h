@@ -7,8 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "pagewire/region.h"
 #include "common/unique_fd.h"
+#include "pagewire/region.h"
 
 namespace pagewire {
 
@@ -16,9 +16,9 @@ inline constexpr uint32_t kSmallPage = 4096;
 inline constexpr uint32_t kHugePage = 2u << 20;
 
 struct Backing {
-  Mapping view;     // what the application touches; registered with the uffd
-  Mapping alias;    // shared only: the same pages, for reads to land in
-  UniqueFd memfd;   // shared only
+  Mapping view;    // what the application touches; registered with the uffd
+  Mapping alias;   // shared only: the same pages, for reads to land in
+  UniqueFd memfd;  // shared only
   bool shared = false;
   bool huge = false;
 

@@ -20,11 +20,11 @@
 #include <string>
 #include <thread>
 
+#include "common/unique_fd.h"
 #include "runtime/page_table.h"
 #include "runtime/region_status.h"
 #include "runtime/residency.h"
 #include "runtime/uffd.h"
-#include "common/unique_fd.h"
 
 namespace pagewire {
 

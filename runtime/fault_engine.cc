@@ -69,10 +69,10 @@ void check_supported(const Transport& t, const Backing& b, const Userfaultfd& uf
                  uffd.has(UFFD_FEATURE_EVENT_UNMAP) ? "seen (UFFD_EVENT_UNMAP)" : "not seen (no UFFD_EVENT_UNMAP)");
   });
   if (b.shared && !uffd.has(minor_features(b))) {
-    throw Error(Errc::kUffdUnavailable,
-                std::string("this kernel has no minor faults on ") + (b.huge ? "hugetlbfs" : "shared memory") +
-                    " (UFFD_FEATURE_MINOR_" + (b.huge ? "HUGETLBFS" : "SHMEM") +
-                    "): attach with anonymous memory instead");
+    throw Error(Errc::kUffdUnavailable, std::string("this kernel has no minor faults on ") +
+                                            (b.huge ? "hugetlbfs" : "shared memory") + " (UFFD_FEATURE_MINOR_" +
+                                            (b.huge ? "HUGETLBFS" : "SHMEM") +
+                                            "): attach with anonymous memory instead");
   }
 }
 
@@ -108,8 +108,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   start_workers(options_.handler_threads != 0 ? options_.handler_threads : default_handler_threads());
 }
 
-std::unique_ptr<Worker> FaultEngine::make_worker(unsigned index, uint32_t slots, uint32_t slot_pages,
-                                                 ChannelUse use) {
+std::unique_ptr<Worker> FaultEngine::make_worker(unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use) {
   const uint32_t max_run = std::clamp<uint32_t>(transport_->capabilities().max_read_bytes / desc_.page_size, 1,
                                                 kMaxRunPages);
   auto w = std::make_unique<Worker>();
@@ -118,8 +117,7 @@ std::unique_ptr<Worker> FaultEngine::make_worker(unsigned index, uint32_t slots,
   w->channel = transport_->open_channel(use);
   // Shared memory: reads land in the final pages, through the alias.
   if (backing_.shared) w->channel->register_buffer(backing_.alias.data(), backing_.alias.size());
-  w->staging =
-      std::make_unique<StagingPool>(*w->channel, slots, backing_.shared ? 0 : w->slot_pages * desc_.page_size);
+  w->staging = std::make_unique<StagingPool>(*w->channel, slots, backing_.shared ? 0 : w->slot_pages * desc_.page_size);
   w->slots.resize(slots);
   w->batch.reserve(slots);
   w->channel->watch(stop_fd_.get(), kStopToken, WatchRole::kStop);  // also ends a reconnect
@@ -131,8 +129,8 @@ void FaultEngine::start_workers(unsigned n) {
   const TransportCapabilities caps = transport_->capabilities();
   if (caps.max_read_bytes < desc_.page_size) {
     throw Error(Errc::kInvalidArgument, "this transport reads at most " + std::to_string(caps.max_read_bytes) +
-                                            " bytes at once: too little for " +
-                                            std::to_string(desc_.page_size >> 10) + " KiB pages");
+                                            " bytes at once: too little for " + std::to_string(desc_.page_size >> 10) +
+                                            " KiB pages");
   }
   // Staging for 2 MiB pages is kept to a few pages a worker, and a demand
   // read of one may go out as two (its faulting 4 KiB first).
@@ -159,10 +157,9 @@ void FaultEngine::start_workers(unsigned n) {
     // there a fault waits for its pull run.
     if (!backing_.shared) pulling_ = std::make_unique<std::atomic<bool>[]>(pages_.size());
   }
-  completion_ = std::make_unique<Completion>(
-      Completion::Region{pages_, residency_, uffd_, backing_.view.data(), desc_.page_size, status_, desc_.name,
-                         started_},
-      n + 1);
+  completion_ = std::make_unique<Completion>(Completion::Region{pages_, residency_, uffd_, backing_.view.data(),
+                                                                desc_.page_size, status_, desc_.name, started_},
+                                             n + 1);
   for (auto& h : handlers_) h->counts = &completion_->slot(h->index);
   if (puller_) puller_->counts = &completion_->slot(n);
   for (auto& h : handlers_) {

@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "pagewire/region.h"
 #include "runtime/backing.h"
 #include "runtime/completion.h"
@@ -37,7 +38,6 @@
 #include "runtime/region_status.h"
 #include "runtime/residency.h"
 #include "runtime/uffd.h"
-#include "common/unique_fd.h"
 #include "runtime/worker.h"
 #include "transport/transport.h"
 

@@ -79,20 +79,15 @@ void FaultEngine::read_faults(Worker& w) {
 
 void FaultEngine::handle_event(Worker& w, const uffd_msg& msg, uint64_t read_ns, uint32_t reserved) {
   switch (msg.event) {
-    case UFFD_EVENT_PAGEFAULT:
-      handle_fault(w, msg, read_ns, reserved);
-      return;
-    case UFFD_EVENT_UNMAP:
-      on_unmapped(w, msg.arg.remove.start, msg.arg.remove.end);
-      return;
+    case UFFD_EVENT_PAGEFAULT: handle_fault(w, msg, read_ns, reserved); return;
+    case UFFD_EVENT_UNMAP: on_unmapped(w, msg.arg.remove.start, msg.arg.remove.end); return;
     case UFFD_EVENT_REMAP:
       // The pages moved away are no longer the region's (those present
       // went with their bytes); faults at their new place are answered by
       // on_fault_outside().
       on_unmapped(w, msg.arg.remap.from, msg.arg.remap.from + msg.arg.remap.len);
       return;
-    default:
-      return;
+    default: return;
   }
 }
 
@@ -151,8 +146,7 @@ FaultEngine::Take FaultEngine::take_fault(Worker& w, size_t page) {
         // Unmapped meanwhile: the thread faults again on whatever is there.
         uffd_.wake(page_addr(page), desc_.page_size);
         return Take::kNothing;
-      case PageState::kMissing:
-        break;  // claimed and given back, or reset by the sweep: look again
+      case PageState::kMissing: break;  // claimed and given back, or reset by the sweep: look again
     }
   }
 }

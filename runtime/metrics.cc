@@ -13,8 +13,7 @@ size_t LatencyHistogram::bucket_of(uint64_t ns) {
   if (ns < kLinear) return static_cast<size_t>(ns);
   const int msb = 63 - std::countl_zero(ns);  // >= 6
   const int shift = msb - 5;                  // keep the top six bits: 32..63
-  return kLinear + static_cast<size_t>(msb - 6) * kSubBuckets +
-         static_cast<size_t>((ns >> shift) - kSubBuckets);
+  return kLinear + static_cast<size_t>(msb - 6) * kSubBuckets + static_cast<size_t>((ns >> shift) - kSubBuckets);
 }
 
 uint64_t LatencyHistogram::bucket_value(size_t index) {
@@ -33,15 +32,14 @@ void LatencyHistogram::record(uint64_t ns) {
   if (ns > max_ns_.load(std::memory_order_relaxed)) max_ns_.store(ns, std::memory_order_relaxed);
 }
 
-void LatencyHistogram::merge_into(std::array<uint64_t, kBuckets>& counts, uint64_t& max_ns,
-                                  uint64_t& sum_ns) const {
+void LatencyHistogram::merge_into(std::array<uint64_t, kBuckets>& counts, uint64_t& max_ns, uint64_t& sum_ns) const {
   for (size_t i = 0; i < kBuckets; ++i) counts[i] += counts_[i].load(std::memory_order_relaxed);
   max_ns = std::max(max_ns, max_ns_.load(std::memory_order_relaxed));
   sum_ns += sum_ns_.load(std::memory_order_relaxed);
 }
 
-LatencySummary LatencyHistogram::summarize(const std::array<uint64_t, kBuckets>& counts,
-                                           uint64_t max_ns, uint64_t sum_ns) {
+LatencySummary LatencyHistogram::summarize(const std::array<uint64_t, kBuckets>& counts, uint64_t max_ns,
+                                           uint64_t sum_ns) {
   LatencySummary s;
   for (uint64_t c : counts) s.count += c;
   if (s.count == 0) return s;
@@ -138,19 +136,19 @@ std::string format_stats(const Stats& s) {
          " (demand and prefetch), " + std::to_string(s.bytes_fetched >> 20) + " MiB read in all, present " +
          std::to_string(s.pages_present) + "/" + std::to_string(s.pages_total) + "\n";
   out += "duplicate faults absorbed " + std::to_string(s.duplicate_faults) + ", copy retries " +
-         std::to_string(s.copy_retries) + ", copy EEXIST " + std::to_string(s.copy_eexist) +
-         ", transport errors " + std::to_string(s.transport_errors) + ", reconnects " +
-         std::to_string(s.reconnects) + ", pages refused " + std::to_string(s.pages_refused) + "\n";
+         std::to_string(s.copy_retries) + ", copy EEXIST " + std::to_string(s.copy_eexist) + ", transport errors " +
+         std::to_string(s.transport_errors) + ", reconnects " + std::to_string(s.reconnects) + ", pages refused " +
+         std::to_string(s.pages_refused) + "\n";
   out += "zero pages " + std::to_string(s.pages_zero) + " (no transfer), pulled " + std::to_string(s.pages_pulled) +
          " in " + std::to_string(s.pull_runs) + " runs (" + std::to_string(s.faults_overtaken) +
-         " overtaken by faults), prefetch issued " + std::to_string(s.prefetch_issued) +
-         " used " + std::to_string(s.prefetch_used) + " wasted " + std::to_string(s.prefetch_wasted) +
+         " overtaken by faults), prefetch issued " + std::to_string(s.prefetch_issued) + " used " +
+         std::to_string(s.prefetch_used) + " wasted " + std::to_string(s.prefetch_wasted) +
          (s.complete ? ", complete (plain memory now)" : "") + "\n";
   out += "installed by copy " + std::to_string(s.bytes_copied >> 20) + " MiB (UFFDIO_COPY from staging), in place " +
          std::to_string(s.pages_continued) + " pages (UFFDIO_CONTINUE, no copy)\n";
   const auto& l = s.fault_latency;
-  out += "handler fault latency (us): p50 " + us(l.p50_ns) + "  p99 " + us(l.p99_ns) + "  p99.9 " +
-         us(l.p999_ns) + "  max " + us(l.max_ns) + "  mean " + us(static_cast<uint64_t>(l.mean_ns)) +
+  out += "handler fault latency (us): p50 " + us(l.p50_ns) + "  p99 " + us(l.p99_ns) + "  p99.9 " + us(l.p999_ns) +
+         "  max " + us(l.max_ns) + "  mean " + us(static_cast<uint64_t>(l.mean_ns)) +
          "  (n=" + std::to_string(l.count) + ")\n";
   out += format_stages(s.stages);
   return out;
@@ -177,7 +175,7 @@ nlohmann::json stages_json(const FaultStages& stages) {
 }
 
 nlohmann::json latency_json(const LatencySummary& l) {
-  return {{"count", l.count}, {"p50_ns", l.p50_ns},   {"p90_ns", l.p90_ns}, {"p99_ns", l.p99_ns},
+  return {{"count", l.count},     {"p50_ns", l.p50_ns}, {"p90_ns", l.p90_ns},  {"p99_ns", l.p99_ns},
           {"p999_ns", l.p999_ns}, {"max_ns", l.max_ns}, {"mean_ns", l.mean_ns}};
 }
 

@@ -29,8 +29,7 @@ class LatencyHistogram {
   static size_t bucket_of(uint64_t ns);
   // A representative value (the bucket's midpoint) of bucket `index`.
   static uint64_t bucket_value(size_t index);
-  static LatencySummary summarize(const std::array<uint64_t, kBuckets>& counts, uint64_t max_ns,
-                                  uint64_t sum_ns);
+  static LatencySummary summarize(const std::array<uint64_t, kBuckets>& counts, uint64_t max_ns, uint64_t sum_ns);
 
  private:
   std::array<std::atomic<uint64_t>, kBuckets> counts_{};

@@ -14,8 +14,8 @@ std::byte* FaultEngine::landing(Worker& w, uint32_t slot, size_t first) const {
   return backing_.shared ? backing_.alias.data() + first * desc_.page_size : w.staging->at(slot);
 }
 
-void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns,
-                             uint64_t owned, uint32_t first_part) {
+void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns, uint64_t owned,
+                             uint32_t first_part) {
   const uint32_t slot = w.staging->acquire();
   // The last page of a region whose length is not page aligned is read
   // short; the rest of it lies past the end of the source and reads zero.

@@ -11,8 +11,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "runtime/backing.h"
 #include "common/unique_fd.h"
+#include "runtime/backing.h"
 
 namespace pagewire {
 

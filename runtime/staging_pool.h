@@ -15,8 +15,7 @@ namespace pagewire {
 
 class StagingPool {
  public:
-  StagingPool(Channel& channel, uint32_t slots, uint32_t slot_bytes)
-      : slot_bytes_(slot_bytes) {
+  StagingPool(Channel& channel, uint32_t slots, uint32_t slot_bytes) : slot_bytes_(slot_bytes) {
     if (slot_bytes > 0) {
       memory_ = Mapping::anonymous(size_t{slots} * slot_bytes);
       // Touch every slot now so the fast path never takes a first-touch fault.

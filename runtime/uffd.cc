@@ -137,32 +137,28 @@ int install_pages(size_t len, size_t page, uint64_t* retries, uint64_t* existed,
 void set_thread_pending_events(PendingEvents* reader) { tl_pending_events = reader; }
 
 int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
-  return install_pages(
-      len, page, retries, existed,
-      [&](size_t at, size_t n, int64_t* done) {
-        uffdio_copy c{};
-        c.dst = reinterpret_cast<uint64_t>(dst) + at;
-        c.src = reinterpret_cast<uint64_t>(src) + at;
-        c.len = n;
-        c.mode = UFFDIO_COPY_MODE_DONTWAKE;
-        if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
-        *done = c.copy;
-        return errno;
-      });
+  return install_pages(len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
+    uffdio_copy c{};
+    c.dst = reinterpret_cast<uint64_t>(dst) + at;
+    c.src = reinterpret_cast<uint64_t>(src) + at;
+    c.len = n;
+    c.mode = UFFDIO_COPY_MODE_DONTWAKE;
+    if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
+    *done = c.copy;
+    return errno;
+  });
 }
 
 int Userfaultfd::zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
-  return install_pages(
-      len, page, retries, existed,
-      [&](size_t at, size_t n, int64_t* done) {
-        uffdio_zeropage z{};
-        z.range.start = reinterpret_cast<uint64_t>(addr) + at;
-        z.range.len = n;
-        z.mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE;
-        if (::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z) == 0) return 0;
-        *done = z.zeropage;
-        return errno;
-      });
+  return install_pages(len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
+    uffdio_zeropage z{};
+    z.range.start = reinterpret_cast<uint64_t>(addr) + at;
+    z.range.len = n;
+    z.mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE;
+    if (::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z) == 0) return 0;
+    *done = z.zeropage;
+    return errno;
+  });
 }
 
 int Userfaultfd::map_in_place(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {

@@ -49,7 +49,8 @@ bool own_mappings(uintptr_t base, uintptr_t end, const Backing& b, std::vector<R
       continue;
     }
     if (line.rfind("VmFlags:", 0) != 0 || current.first >= current.second) continue;
-    const bool ours = b.shared ? inode == static_cast<uint64_t>(st.st_ino) : (line + " ").find(" dc ") != std::string::npos;
+    const bool ours = b.shared ? inode == static_cast<uint64_t>(st.st_ino)
+                               : (line + " ").find(" dc ") != std::string::npos;
     if (ours) out->push_back(current);
     current = {0, 0};
   }

@@ -92,8 +92,8 @@ struct Worker {
   // settle (see FaultEngine::read_pending_events): handled before new ones.
   std::vector<uffd_msg> deferred;
   WaitResult result;
-  uint64_t reaped_ns = 0;  // when the last wait() returned
-  bool uffd_ready = true;  // read the uffd until it says EAGAIN
+  uint64_t reaped_ns = 0;        // when the last wait() returned
+  bool uffd_ready = true;        // read the uffd until it says EAGAIN
   PageCounts* counts = nullptr;  // this worker's slot in Completion
   Metrics metrics;
   PrefetchTable* streams = nullptr;

@@ -23,14 +23,10 @@ namespace pagewire::testing {
 
 const char* wire_name(Wire w) {
   switch (w) {
-    case Wire::kLocal:
-      return "local";
-    case Wire::kTcpUring:
-      return "tcp_uring";
-    case Wire::kTcpSyscalls:
-      return "tcp_syscalls";
-    case Wire::kRdma:
-      return "rdma";
+    case Wire::kLocal: return "local";
+    case Wire::kTcpUring: return "tcp_uring";
+    case Wire::kTcpSyscalls: return "tcp_syscalls";
+    case Wire::kRdma: return "rdma";
   }
   return "?";
 }
@@ -122,9 +118,7 @@ void ConformanceTest::SetUp() {
   }
 }
 
-AttachOptions ConformanceTest::on_demand_options(unsigned handlers) const {
-  return combo().apply(on_demand(handlers));
-}
+AttachOptions ConformanceTest::on_demand_options(unsigned handlers) const { return combo().apply(on_demand(handlers)); }
 
 std::vector<std::string> ConformanceTest::serve_args(const std::string& name, size_t mib, uint64_t seed) const {
   return {"--rdma", combo().wire == Wire::kRdma ? "on" : "off", "--pattern",
@@ -278,16 +272,18 @@ TEST_P(NetworkScenario, SourceKilledMidRunNoHangNoZeroPage) {
 TEST_P(NetworkScenario, SourceRestartedOnItsPortLosesNothing) {
   // Over RDMA the new source has new addresses and rkeys; the channels
   // take them.
-  restart_source(serve_args("again", kRegion >> 20, kSeed), serve_args("again", kRegion >> 20, kSeed), serve_bind(),
-                 [&](uint16_t port) { return uri_of(port, "again"); }, on_demand_options(2),
-                 some_pages(kRegion, combo().backing.huge ? kHugePage : kSmallPage), expect_reconnected_losing_nothing);
+  restart_source(
+      serve_args("again", kRegion >> 20, kSeed), serve_args("again", kRegion >> 20, kSeed), serve_bind(),
+      [&](uint16_t port) { return uri_of(port, "again"); }, on_demand_options(2),
+      some_pages(kRegion, combo().backing.huge ? kHugePage : kSmallPage), expect_reconnected_losing_nothing);
 }
 
 TEST_P(NetworkScenario, SourceRestartedWithOtherBytesIsNotReadFrom) {
   // Same name, same size, other contents: a different region.
-  restart_source(serve_args("again", kRegion >> 20, kSeed), serve_args("again", kRegion >> 20, kSeed + 1),
-                 serve_bind(), [&](uint16_t port) { return uri_of(port, "again"); }, on_demand_options(2),
-                 some_pages(kRegion, combo().backing.huge ? kHugePage : kSmallPage), expect_refused_as_another_region);
+  restart_source(
+      serve_args("again", kRegion >> 20, kSeed), serve_args("again", kRegion >> 20, kSeed + 1), serve_bind(),
+      [&](uint16_t port) { return uri_of(port, "again"); }, on_demand_options(2),
+      some_pages(kRegion, combo().backing.huge ? kHugePage : kSmallPage), expect_refused_as_another_region);
 }
 
 }  // namespace

@@ -17,8 +17,8 @@
 
 #include <gtest/gtest.h>
 
-#include "pagewire/pagewire.h"
 #include "common/unique_fd.h"
+#include "pagewire/pagewire.h"
 #include "tests/test_util.h"
 #include "transport/local/local_transport.h"
 

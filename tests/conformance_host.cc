@@ -8,8 +8,7 @@ namespace pagewire::testing {
 namespace {
 
 INSTANTIATE_TEST_SUITE_P(Conformance, Scenario,
-                         ::testing::ValuesIn(combos({Wire::kLocal, Wire::kTcpUring, Wire::kTcpSyscalls})),
-                         combo_name);
+                         ::testing::ValuesIn(combos({Wire::kLocal, Wire::kTcpUring, Wire::kTcpSyscalls})), combo_name);
 INSTANTIATE_TEST_SUITE_P(Conformance, NetworkScenario,
                          ::testing::ValuesIn(combos({Wire::kTcpUring, Wire::kTcpSyscalls})), combo_name);
 

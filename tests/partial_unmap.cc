@@ -23,8 +23,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstdio>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -503,9 +503,8 @@ void PartialUnmap::run(const Case& c) const {
       stage("reading the application's own memory in the hole");
       auto kept = steps.run([&] {
         bool same = false;
-        const int sig = run_catching_signals([&] {
-          same = std::all_of(mine, mine + c.gone * page, [](std::byte b) { return b == std::byte{0x5a}; });
-        });
+        const int sig = run_catching_signals(
+            [&] { same = std::all_of(mine, mine + c.gone * page, [](std::byte b) { return b == std::byte{0x5a}; }); });
         EXPECT_EQ(sig, 0) << "the region's end took the application's mapping in its old range";
         return same;
       });
@@ -540,9 +539,7 @@ TEST_P(PartialUnmap, HoleInTheMiddleWhileAFaultThereIsInFlight) {
   run({{0, 5, 8, 10, 15}, 6, 4, 7});
 }
 
-TEST_P(PartialUnmap, SecondHalfWhileAFaultThereIsInFlight) {
-  run({{0, 3, 9}, kPages / 2, kPages / 2, 12});
-}
+TEST_P(PartialUnmap, SecondHalfWhileAFaultThereIsInFlight) { run({{0, 3, 9}, kPages / 2, kPages / 2, 12}); }
 
 // The cases with no read in flight run over RDMA too (in the guest).
 class PartialUnmapSettled : public PartialUnmap {};
@@ -557,8 +554,7 @@ TEST_P(PartialUnmap, MremapMovesPartOfTheRegionAway) { run(kMremapMovesPartAway)
 TEST_P(PartialUnmapSettled, MremapMovesPartOfTheRegionAway) { run(kMremapMovesPartAway); }
 
 #ifndef PAGEWIRE_GUEST_SUITE
-INSTANTIATE_TEST_SUITE_P(Conformance, PartialUnmap,
-                         ::testing::ValuesIn([] {
+INSTANTIATE_TEST_SUITE_P(Conformance, PartialUnmap, ::testing::ValuesIn([] {
                            std::vector<Combo> all = combos({Wire::kLocal}, {false, true});
                            for (const Combo& c : combos({Wire::kTcpUring})) all.push_back(c);
                            return all;
@@ -568,8 +564,8 @@ INSTANTIATE_TEST_SUITE_P(Conformance, PartialUnmap,
 // In the guest (pagewire_rdma_tests): every case again on its older kernel
 // (6.1: no UFFDIO_POISON) over the in-process wire, and the settled cases
 // over RDMA. Skipped on a host without RDMA, where the host suite runs them.
-INSTANTIATE_TEST_SUITE_P(GuestKernel, PartialUnmap, ::testing::ValuesIn(combos({Wire::kLocal}, {false, true}, rdma_unavailable)),
-                         combo_name);
+INSTANTIATE_TEST_SUITE_P(GuestKernel, PartialUnmap,
+                         ::testing::ValuesIn(combos({Wire::kLocal}, {false, true}, rdma_unavailable)), combo_name);
 INSTANTIATE_TEST_SUITE_P(Conformance, PartialUnmapSettled,
                          ::testing::ValuesIn(combos({Wire::kRdma}, {false, true}, rdma_unavailable)), combo_name);
 #endif

@@ -1,8 +1,8 @@
 // Memory backings: shared memory (memfd) in minor-fault mode, where reads
 // land in the final page and UFFDIO_CONTINUE maps it, and 2 MiB hugetlb
 // pages, anonymous and shared. Contents are checked byte for byte.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <linux/memfd.h>
 #include <signal.h>
 #include <sys/mman.h>

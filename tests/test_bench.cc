@@ -188,8 +188,8 @@ TEST(Bench, FaultsSuiteReportsEachStageBesideTheHandlerFaultLatency) {
 TEST(Bench, ScalingSuiteReportsFaultsPerSecondByHandlersAndThreads) {
   const std::string json = ::testing::TempDir() + "/bench-scaling.json";
   std::remove(json.c_str());
-  const CliRun r =
-      run_cli("bench --suite scaling --size 8M --scaling-handlers 1,2 --scaling-threads 2,64 --json " + json);
+  const CliRun r = run_cli("bench --suite scaling --size 8M --scaling-handlers 1,2 --scaling-threads 2,64 --json " +
+                           json);
   ASSERT_EQ(r.status, 0) << r.out;  // 1 here is a page read wrong: the suite judges no timed bar
   const std::string report = read_file(json);
   EXPECT_EQ(count(report, "\"handlers_1\": {"), 1u) << report;

@@ -33,7 +33,6 @@ using testing::touch;
 
 constexpr size_t kPage = 4096;
 
-
 UniqueFd raw_connect(uint16_t port) {
   UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   sockaddr_in a{};

@@ -1,7 +1,7 @@
 // The fault engine over the in-process transport: contents, one fetch per
 // page, and refusal of pages whose reads fail.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/sysinfo.h>
@@ -147,9 +147,8 @@ TEST(FaultEngine, AnOvertakingReadThatFailsLeavesThePageToItsRun) {
   inject.fail_demand_offset = page * kPage;
   Source src(1 << 20);
   Region r = attach_with_slow_pull(src, inject);
-  auto touched = std::async(std::launch::async, [&] {
-    return check_pattern(r.data() + page * kPage, page * kPage, kPage, kSeed);
-  });
+  auto touched = std::async(std::launch::async,
+                            [&] { return check_pattern(r.data() + page * kPage, page * kPage, kPage, kSeed); });
   ASSERT_EQ(touched.wait_for(std::chrono::seconds(60)), std::future_status::ready) << "the fault was never woken";
   EXPECT_EQ(touched.get(), -1);
   ASSERT_TRUE(r.wait_complete(std::chrono::seconds(60))) << r.error();
@@ -206,7 +205,8 @@ TEST(FaultEngine, UnalignedLengthZeroesOnlyPastTheEnd) {
 
 TEST(FaultEngine, WritesAfterTheFetchStick) {
   Source src(1 << 20);
-  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), testing::on_demand());
+  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage),
+                    testing::on_demand());
   r.data()[kPage + 1] = std::byte{0xab};  // a write fault fetches the page first
   EXPECT_EQ(r.data()[kPage + 1], std::byte{0xab});
   EXPECT_EQ(check_pattern(r.data() + kPage + 2, kPage + 2, kPage - 2, kSeed), -1);
@@ -366,7 +366,8 @@ TEST(FaultEngine, DiscardsRacingCompletionNeverRefuseAPage) {
 
 TEST(FaultEngine, RegionIsNotInheritedByForkedChildren) {
   Source src(1 << 20);
-  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage), testing::on_demand());
+  Region r = attach(std::make_unique<LocalTransport>(src.memory.data(), src.memory.size(), kPage),
+                    testing::on_demand());
   EXPECT_EQ(check_pattern(r.data(), 0, kPage, kSeed), -1);
   const pid_t pid = ::fork();
   ASSERT_GE(pid, 0);

@@ -71,8 +71,8 @@ TEST(OldKernel, RefusalsPastTheMapCountStillWakeEveryThread) {
   fill_pattern(src.data(), 0, src.size(), kSeed);
   FaultInjection inject;
   inject.fail_after_reads = 0;  // every read fails: every page touched is refused
-  std::optional<Region> r(attach(std::make_unique<LocalTransport>(src.data(), src.size(), kPage, inject),
-                                 testing::on_demand(1)));
+  std::optional<Region> r(
+      attach(std::make_unique<LocalTransport>(src.data(), src.size(), kPage, inject), testing::on_demand(1)));
   constexpr size_t kTouches = 40;  // every other page: each refusal splits the mapping twice
   std::atomic<bool> go{false};
   std::atomic<size_t> signalled{0};

@@ -91,7 +91,6 @@ TEST_F(Rdma, ServesTcpAndRdmaAtOnceAndAutoPicksRdma) {
   EXPECT_GE(src.server().stats().rdma_connections_accepted, 1u);
 }
 
-
 TEST_F(Rdma, UnknownRegionIsRejected) {
   PatternServer src("known", 1 << 20, kSeed, rdma_server());
   std::string what;

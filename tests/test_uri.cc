@@ -31,9 +31,9 @@ TEST(RegionUri, DefaultPortAndIpv6) {
 }
 
 TEST(RegionUri, RejectsMalformed) {
-  for (const char* bad : {"", "tcp:/host/r", "host:1/r", "udp://h:1/r", "tcp://h:1", "tcp://h:1/", "tcp://:1/r",
-                          "tcp://h:/r", "tcp://h:99999/r", "tcp://h:0/r", "tcp://h:12x/r", "tcp://[::1/r",
-                          "tcp://h:1/a/b", "tcp://h:1/a b"}) {
+  for (const char* bad :
+       {"", "tcp:/host/r", "host:1/r", "udp://h:1/r", "tcp://h:1", "tcp://h:1/", "tcp://:1/r", "tcp://h:/r",
+        "tcp://h:99999/r", "tcp://h:0/r", "tcp://h:12x/r", "tcp://[::1/r", "tcp://h:1/a/b", "tcp://h:1/a b"}) {
     EXPECT_EQ(parse_error(bad), Errc::kBadUri) << bad;
   }
 }

@@ -47,7 +47,9 @@ struct BackingMode {
 using cli::run_catching_signals;
 
 // Reads one byte of each page through a volatile pointer: a real first touch.
-inline uint8_t touch(const std::byte* p) { return static_cast<uint8_t>(*reinterpret_cast<const volatile std::byte*>(p)); }
+inline uint8_t touch(const std::byte* p) {
+  return static_cast<uint8_t>(*reinterpret_cast<const volatile std::byte*>(p));
+}
 
 // Each of `threads` threads checks its share of `pages` (page numbers, in
 // visiting order) byte for byte; returns how many pages differ.
@@ -101,8 +103,7 @@ class PatternServer {
 class ChildServer {
  public:
   // port 0 picks a free one; another takes the port a killed source had.
-  explicit ChildServer(const std::vector<std::string>& args, const std::string& bind = "127.0.0.1",
-                       uint16_t port = 0);
+  explicit ChildServer(const std::vector<std::string>& args, const std::string& bind = "127.0.0.1", uint16_t port = 0);
   ~ChildServer();
   uint16_t port() const { return port_; }
   void kill_now();  // SIGKILL, and reap

@@ -118,11 +118,11 @@ LatencySummary floor_transport_read(const BenchConfig& c, const Placement& pl, c
 struct PlacementResult {
   std::string placement;
   std::string transport;
-  LatencySummary floor_a;   // a userfaultfd fault served from local memory
-  LatencySummary floor_b;   // a raw transport read
-  LatencySummary fault;     // first touches, as the touching threads timed them
-  LatencySummary handler;   // Stats::fault_latency: event read to page installed
-  FaultStages stages;       // the handler's fault, stage by stage
+  LatencySummary floor_a;  // a userfaultfd fault served from local memory
+  LatencySummary floor_b;  // a raw transport read
+  LatencySummary fault;    // first touches, as the touching threads timed them
+  LatencySummary handler;  // Stats::fault_latency: event read to page installed
+  FaultStages stages;      // the handler's fault, stage by stage
   uint64_t duplicate_faults = 0;
   uint64_t pages = 0;
   uint64_t wrong_pages = 0;
@@ -174,9 +174,11 @@ PlacementResult run_placement(const BenchConfig& c, const Placement& pl, const s
 }
 
 void print_header(const BenchConfig& c, const std::string& uri) {
-  std::printf("pagewire bench: %s, %s pattern, 4 KiB pages, %u faulting threads, %u handler threads, %s\n",
-              uri.c_str(), to_string(c.pattern), c.threads, c.handlers,
-              uri.rfind("tcp", 0) != 0 ? "" : c.io_uring ? "io_uring sockets" : "plain-syscall sockets");
+  std::printf("pagewire bench: %s, %s pattern, 4 KiB pages, %u faulting threads, %u handler threads, %s\n", uri.c_str(),
+              to_string(c.pattern), c.threads, c.handlers,
+              uri.rfind("tcp", 0) != 0 ? ""
+              : c.io_uring             ? "io_uring sockets"
+                                       : "plain-syscall sockets");
   std::printf("floor a = userfaultfd fault served from local memory (same engine, threads and placement)\n");
   std::printf("floor b = one raw 4 KiB transport read, no userfaultfd (%u samples)\n", c.floor_samples);
   std::printf("ratio   = fault p50 / (floor a p50 + floor b p50)\n");

@@ -31,14 +31,14 @@ struct BenchConfig {
   unsigned floor_samples = 20000;
   uint64_t floor_size = 256ull << 20;
   std::string json_path;
-  std::string plot_path;  // a PNG of latency CDFs (and, for a pull, MiB present over time)
-  std::string suite = "faults";  // faults, postcopy, scaling, backings
-  bool prefetch = false;         // faults suite: prefetch on (off measures each fault)
-  double max_ratio = 0;  // > 0: exit non-zero when a ratio exceeds it
-  bool io_uring = true;  // TCP sockets through io_uring, else plain syscalls
-  std::string transport = "tcp";     // scheme for the bench's own source: tcp, rdma, auto
-  std::string addr = "127.0.0.1";    // where destinations reach the bench's own source
-  double ib_read_lat_us = 0;         // > 0: ib_read_lat's typical 4 KiB latency on this device
+  std::string plot_path;           // a PNG of latency CDFs (and, for a pull, MiB present over time)
+  std::string suite = "faults";    // faults, postcopy, scaling, backings
+  bool prefetch = false;           // faults suite: prefetch on (off measures each fault)
+  double max_ratio = 0;            // > 0: exit non-zero when a ratio exceeds it
+  bool io_uring = true;            // TCP sockets through io_uring, else plain syscalls
+  std::string transport = "tcp";   // scheme for the bench's own source: tcp, rdma, auto
+  std::string addr = "127.0.0.1";  // where destinations reach the bench's own source
+  double ib_read_lat_us = 0;       // > 0: ib_read_lat's typical 4 KiB latency on this device
   // --suite scaling: the grid of handler threads x faulting threads.
   std::vector<unsigned> scaling_handlers = {1, 2, 4};
   std::vector<unsigned> scaling_threads = {1, 2, 4, 64};

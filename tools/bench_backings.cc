@@ -172,8 +172,7 @@ HugeRound huge_round(const std::string& uri, const BenchConfig& c, const Placeme
     }
   }
   pin_this_thread(-1);
-  return {summarize_samples(lat[0]), summarize_samples(lat[1]), summarize_samples(lat[2]),
-          summarize_samples(lat[3])};
+  return {summarize_samples(lat[0]), summarize_samples(lat[1]), summarize_samples(lat[2]), summarize_samples(lat[3])};
 }
 
 // Part 1 under one placement: kRounds side-by-side runs of small_faults.
@@ -225,8 +224,8 @@ void print_copied(const SmallPair& last) {
 std::vector<Mark> marks(const std::vector<SmallFaultsRow>& rows) {
   std::vector<Mark> out;
   for (const SmallFaultsRow& row : rows) {
-    out.push_back({row.ratio() <= 1.0,
-                   "shared-memory fault p50 no worse than anonymous + UFFDIO_COPY (" + row.placement + ")"});
+    out.push_back(
+        {row.ratio() <= 1.0, "shared-memory fault p50 no worse than anonymous + UFFDIO_COPY (" + row.placement + ")"});
   }
   const SmallPair& last = rows.back().last;
   out.push_back({last.shared_stats.bytes_copied == 0 && last.anon_stats.bytes_copied > 0,
@@ -237,9 +236,9 @@ std::vector<Mark> marks(const std::vector<SmallFaultsRow>& rows) {
 // Part 2 under one placement: kRounds runs of huge_round.
 struct HugeFaultsRow {
   std::string placement;
-  std::vector<uint64_t> raw_p50;   // per run: the raw read into a reused buffer
-  std::vector<uint64_t> cold_p50;  // the raw read into the page's own place
-  std::vector<uint64_t> anon_p50;  // the anonymous hugetlb fault
+  std::vector<uint64_t> raw_p50;     // per run: the raw read into a reused buffer
+  std::vector<uint64_t> cold_p50;    // the raw read into the page's own place
+  std::vector<uint64_t> anon_p50;    // the anonymous hugetlb fault
   std::vector<uint64_t> shared_p50;  // the hugetlbfs shared fault
 
   double raw() const { return static_cast<double>(median(raw_p50)); }

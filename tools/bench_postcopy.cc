@@ -310,8 +310,8 @@ void print(const TotalTime& t, const BenchConfig& c) {
               "   last run: postcopy %.2f s (CPUs %.0f%% busy), raw stream %.2f s (%.0f MB/s, CPUs %.0f%% busy)\n"
               "   stream into fresh memory %.2f s (%.0f MB/s, CPUs %.0f%% busy): postcopy / that %.2f\n",
               format_bytes(c.size).c_str(), c.threads, kRounds, t.ratio(), list(t.ratios).c_str(), t.pc.seconds,
-              t.pc.busy * 100, stream_s, mbps(stream_s), t.stream.busy * 100, t.fresh.seconds,
-              mbps(t.fresh.seconds), t.fresh.busy * 100, t.pc.seconds / t.fresh.seconds);
+              t.pc.busy * 100, stream_s, mbps(stream_s), t.stream.busy * 100, t.fresh.seconds, mbps(t.fresh.seconds),
+              t.fresh.busy * 100, t.pc.seconds / t.fresh.seconds);
   std::printf("   the pull alone, nothing touching: %.2f s (CPUs %.0f%% busy): ratio %.2f to the raw stream\n",
               t.alone.seconds, t.alone.busy * 100, t.alone.seconds / stream_s);
   std::printf("   into shared memory (read in place, UFFDIO_CONTINUE; memory allocated at attach, included): %.2f s "
@@ -332,9 +332,9 @@ void print(const TotalTime& t, const BenchConfig& c) {
 }
 
 std::vector<Mark> marks(const TotalTime& t) {
-  return {{t.ratio() <= 1.3, "postcopy time <= 1.3x raw stream"},
-          {t.pc.wrong == 0 && t.ready.wrong == 0 && t.alone.wrong == 0 && t.in_place.wrong == 0,
-           "every byte verified"}};
+  return {
+      {t.ratio() <= 1.3, "postcopy time <= 1.3x raw stream"},
+      {t.pc.wrong == 0 && t.ready.wrong == 0 && t.alone.wrong == 0 && t.in_place.wrong == 0, "every byte verified"}};
 }
 
 nlohmann::json to_json(const TotalTime& t) {
@@ -393,9 +393,12 @@ void print(const Scan& s, const BenchConfig& c) {
 std::vector<Mark> marks(const Scan& s) { return {{s.speedup() >= 3.0, "prefetch scan >= 3x faster"}}; }
 
 nlohmann::json to_json(const Scan& s) {
-  return {{"prefetch_off_seconds", s.without}, {"prefetch_on_seconds", s.with},
-          {"speedup", s.speedup()},           {"prefetch_issued", s.with_stats.prefetch_issued},
-          {"prefetch_used", s.with_stats.prefetch_used}, {"prefetch_wasted", s.with_stats.prefetch_wasted}};
+  return {{"prefetch_off_seconds", s.without},
+          {"prefetch_on_seconds", s.with},
+          {"speedup", s.speedup()},
+          {"prefetch_issued", s.with_stats.prefetch_issued},
+          {"prefetch_used", s.with_stats.prefetch_used},
+          {"prefetch_wasted", s.with_stats.prefetch_wasted}};
 }
 
 // 3. Random demand faults with and without the pull, interleaved kRounds

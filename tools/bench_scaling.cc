@@ -34,8 +34,7 @@ ScalingCell run_cell(const BenchConfig& c, const std::string& uri, unsigned hand
   w.seed = c.seed;
   const WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
   require_every_touch(res, r, "throughput");
-  return {handlers, threads, static_cast<double>(res.pages) / res.seconds, r.stats().duplicate_faults,
-          res.wrong_pages};
+  return {handlers, threads, static_cast<double>(res.pages) / res.seconds, r.stats().duplicate_faults, res.wrong_pages};
 }
 
 nlohmann::json to_json(const ScalingCell& cell) {

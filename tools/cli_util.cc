@@ -18,7 +18,8 @@ namespace pagewire::cli {
 uint64_t parse_size(const std::string& text) {
   const char* example = " is not a size (e.g. 4096, 64K, 256M, 1G)";
   // Digits first: stoull alone would take "-1" and wrap it.
-  if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0]))) throw std::invalid_argument("'" + text + "'" + example);
+  if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0])))
+    throw std::invalid_argument("'" + text + "'" + example);
   size_t pos = 0;
   unsigned long long v = 0;
   try {
@@ -32,12 +33,18 @@ uint64_t parse_size(const std::string& text) {
   const bool prefixed = !unit.empty() && std::string_view("KMGT").find(unit[0]) != std::string_view::npos;
   if (prefixed && (unit.substr(1) == "IB" || unit.substr(1) == "B")) unit = unit.substr(0, 1);
   uint64_t mult = 1;
-  if (unit.empty() || unit == "B") mult = 1;
-  else if (unit == "K") mult = 1ull << 10;
-  else if (unit == "M") mult = 1ull << 20;
-  else if (unit == "G") mult = 1ull << 30;
-  else if (unit == "T") mult = 1ull << 40;
-  else throw std::invalid_argument("'" + text + "': unknown size unit '" + text.substr(pos) + "' (K, M, G or T)");
+  if (unit.empty() || unit == "B")
+    mult = 1;
+  else if (unit == "K")
+    mult = 1ull << 10;
+  else if (unit == "M")
+    mult = 1ull << 20;
+  else if (unit == "G")
+    mult = 1ull << 30;
+  else if (unit == "T")
+    mult = 1ull << 40;
+  else
+    throw std::invalid_argument("'" + text + "': unknown size unit '" + text.substr(pos) + "' (K, M, G or T)");
   if (v > (~0ull) / mult) throw std::invalid_argument("'" + text + "' is too large");
   return v * mult;
 }
@@ -60,15 +67,19 @@ uint64_t parse_seed(const std::string& text) {
 
 std::string format_bytes(uint64_t b) {
   char buf[32];
-  if (b >= (1ull << 30) && b % (1ull << 30) == 0) std::snprintf(buf, sizeof buf, "%llu GiB", static_cast<unsigned long long>(b >> 30));
-  else if (b >= (1ull << 20)) std::snprintf(buf, sizeof buf, "%.0f MiB", static_cast<double>(b) / (1 << 20));
-  else std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
+  if (b >= (1ull << 30) && b % (1ull << 30) == 0)
+    std::snprintf(buf, sizeof buf, "%llu GiB", static_cast<unsigned long long>(b >> 30));
+  else if (b >= (1ull << 20))
+    std::snprintf(buf, sizeof buf, "%.0f MiB", static_cast<double>(b) / (1 << 20));
+  else
+    std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
   return buf;
 }
 
 PatternSpec parse_pattern_spec(const std::string& text, uint64_t default_seed) {
   const size_t eq = text.find('=');
-  if (eq == std::string::npos || eq == 0) throw std::invalid_argument("--pattern wants NAME=SIZE[:SEED], got '" + text + "'");
+  if (eq == std::string::npos || eq == 0)
+    throw std::invalid_argument("--pattern wants NAME=SIZE[:SEED], got '" + text + "'");
   PatternSpec s;
   s.name = text.substr(0, eq);
   std::string rest = text.substr(eq + 1);

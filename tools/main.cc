@@ -265,9 +265,7 @@ CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
       ->default_str("random");
   cmd->add_option("--stride", a.workload.stride_pages, "pages between touches for strided access")
       ->capture_default_str();
-  cmd->add_option("--threads", a.workload.threads, "touching threads")
-      ->check(count_range())
-      ->capture_default_str();
+  cmd->add_option("--threads", a.workload.threads, "touching threads")->check(count_range())->capture_default_str();
   cmd->add_option("--handlers", a.options.handler_threads, kHandlersHelp)->capture_default_str();
   cmd->add_option("--verify", a.workload.seed,
                   "check every byte against the pattern of this seed (serve --pattern: 0x5eed unless given)")
@@ -276,8 +274,9 @@ CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
   cmd->add_option("--json", a.json_path, "write the stats as JSON to this file");
   cmd->add_flag("--pull", a.options.background_pull,
                 "pull every page in the background too (postcopy), and wait until all are present");
-  cmd->add_flag_callback("--no-prefetch", [&a] { a.options.prefetch = false; },
-                         "do not fetch ahead of sequential or strided faulting threads");
+  cmd->add_flag_callback(
+      "--no-prefetch", [&a] { a.options.prefetch = false; },
+      "do not fetch ahead of sequential or strided faulting threads");
   cmd->add_option("--memory", a.options.memory,
                   "anonymous (pages copied in with UFFDIO_COPY) or shared (a memfd: reads land in place, "
                   "UFFDIO_CONTINUE maps them)")
@@ -286,8 +285,9 @@ CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
       ->default_str("anonymous");
   cmd->add_flag("--huge-pages", a.options.huge_pages,
                 "2 MiB hugetlb pages (reserve them first: sysctl vm.nr_hugepages=N)");
-  cmd->add_flag_callback("--no-io-uring", [&a] { a.options.io_uring = false; },
-                         "drive TCP sockets with plain syscalls instead of io_uring");
+  cmd->add_flag_callback(
+      "--no-io-uring", [&a] { a.options.io_uring = false; },
+      "drive TCP sockets with plain syscalls instead of io_uring");
   return cmd;
 }
 
@@ -319,8 +319,8 @@ void add_bench_setup(CLI::App* cmd, BenchConfig& bc) {
       ->capture_default_str();
   cmd->add_option("--addr", bc.addr, "address of the bench's own source (for rdma: one the device is bound to)")
       ->capture_default_str();
-  cmd->add_flag_callback("--no-io-uring", [&bc] { bc.io_uring = false; },
-                         "drive TCP sockets with plain syscalls instead of io_uring");
+  cmd->add_flag_callback(
+      "--no-io-uring", [&bc] { bc.io_uring = false; }, "drive TCP sockets with plain syscalls instead of io_uring");
   cmd->add_option("--json", bc.json_path, "write the results as JSON to this file");
   cmd->add_option("--plot", bc.plot_path, "draw latency CDFs (and pull progress) into this PNG (needs gnuplot)");
 }

@@ -17,9 +17,9 @@ struct WorkloadConfig {
   AccessPattern pattern = AccessPattern::kRandom;
   uint64_t stride_pages = 16;
   unsigned threads = 2;
-  int cpu = -1;           // pin the touching threads; -1 leaves them free
+  int cpu = -1;  // pin the touching threads; -1 leaves them free
   bool verify = true;
-  uint64_t seed = 0;      // pattern seed to verify against
+  uint64_t seed = 0;  // pattern seed to verify against
   uint64_t order_seed = 1;
   std::string progress_label;  // empty: no progress line
 };

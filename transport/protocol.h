@@ -17,7 +17,7 @@ namespace pagewire::wire {
 inline constexpr uint32_t kHelloMagic = 0x50574831;  // "PWH1"
 inline constexpr uint32_t kReadMagic = 0x50575244;   // "PWRD"
 inline constexpr uint32_t kReplyMagic = 0x50575250;  // "PWRP"
-inline constexpr uint16_t kVersion = 3;  // 3: the region identity follows an OK HelloReply
+inline constexpr uint16_t kVersion = 3;              // 3: the region identity follows an OK HelloReply
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 

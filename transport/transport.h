@@ -34,7 +34,7 @@ struct RegionDescriptor {
   // Which bytes these are: a reconnect to a source whose region has
   // another identity (restarted with other contents) is refused.
   uint64_t identity = 0;
-  ZeroMap zero_map;          // pages known to be all zero; empty when unknown
+  ZeroMap zero_map;  // pages known to be all zero; empty when unknown
 };
 
 struct TransportCapabilities {
@@ -53,8 +53,8 @@ struct LocalBuffer {
 struct ReadOp {
   uint64_t remote_offset = 0;  // from the start of the region
   uint32_t length = 0;
-  std::byte* dst = nullptr;    // inside a registered LocalBuffer
-  uint64_t cookie = 0;         // returned in the completion
+  std::byte* dst = nullptr;  // inside a registered LocalBuffer
+  uint64_t cookie = 0;       // returned in the completion
 };
 
 struct ReadCompletion {

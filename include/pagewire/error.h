@@ -12,19 +12,19 @@ namespace pagewire {
 
 enum class Errc : uint32_t {
   kOk = 0,
-  kBadUri = 1,          // the URI does not parse
-  kNotFound = 2,        // the server exports no region of that name
-  kConnectFailed = 3,   // nothing answers at the address
-  kProtocol = 4,        // the peer sent bytes that are not our protocol
-  kOutOfBounds = 5,     // a read outside the region
-  kIo = 6,              // a socket or device error
-  kTimeout = 7,         // the peer stopped answering
-  kClosed = 8,          // the peer closed the connection
-  kUffdUnavailable = 9, // userfaultfd cannot be opened here
+  kBadUri = 1,           // the URI does not parse
+  kNotFound = 2,         // the server exports no region of that name
+  kConnectFailed = 3,    // nothing answers at the address
+  kProtocol = 4,         // the peer sent bytes that are not our protocol
+  kOutOfBounds = 5,      // a read outside the region
+  kIo = 6,               // a socket or device error
+  kTimeout = 7,          // the peer stopped answering
+  kClosed = 8,           // the peer closed the connection
+  kUffdUnavailable = 9,  // userfaultfd cannot be opened here
   kInvalidArgument = 10,
-  kCancelled = 11,      // the region is being torn down
-  kNoMemory = 12,       // memory the region needs (2 MiB huge pages) is not reserved
-  kBusy = 13,           // the server has all its connections in use
+  kCancelled = 11,  // the region is being torn down
+  kNoMemory = 12,   // memory the region needs (2 MiB huge pages) is not reserved
+  kBusy = 13,       // the server has all its connections in use
 };
 
 std::string_view to_string(Errc code);

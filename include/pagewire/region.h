@@ -90,9 +90,9 @@ struct Progress {
   uint64_t pages_present = 0;
   uint64_t pages_total = 0;
   uint64_t bytes_transferred = 0;
-  double seconds = 0;       // since attach
+  double seconds = 0;        // since attach
   double mb_per_second = 0;  // transferred bytes over that time
-  bool complete = false;    // every page present; the region is plain memory
+  bool complete = false;     // every page present; the region is plain memory
   bool failed = false;
 };
 

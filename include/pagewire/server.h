@@ -17,7 +17,7 @@ enum class RdmaServing {
 
 struct ServerOptions {
   std::string bind_address = "0.0.0.0";
-  uint16_t port = 7471;  // 0 picks a free port; see MemoryServer::port()
+  uint16_t port = 7471;            // 0 picks a free port; see MemoryServer::port()
   unsigned max_connections = 256;  // each, TCP and RDMA; more are refused
   // RDMA destinations connect to the same port number (the RDMA port space
   // is separate from TCP's).

@@ -19,37 +19,37 @@ struct LatencySummary {
 // Where a demand fault's time goes inside its handler, stage by stage. The
 // three add up to the handler's whole fault (Stats::fault_latency).
 struct FaultStages {
-  LatencySummary event_to_post;    // fault event read -> its read posted to the transport
-  LatencySummary transport;        // read posted -> its completion reaped (the wire and the peer)
-  LatencySummary install_wake;     // completion -> page installed and the faulting threads woken
+  LatencySummary event_to_post;  // fault event read -> its read posted to the transport
+  LatencySummary transport;      // read posted -> its completion reaped (the wire and the peer)
+  LatencySummary install_wake;   // completion -> page installed and the faulting threads woken
 };
 
 struct Stats {
-  uint64_t faults = 0;             // fault events read from userfaultfd
-  uint64_t pages_fetched = 0;      // pages read on demand (faults and prefetch) and installed
-  uint64_t bytes_fetched = 0;      // payload bytes read from the source
-  uint64_t duplicate_faults = 0;   // faults on a page already in flight or present
-  uint64_t copy_retries = 0;       // UFFDIO_COPY answered EAGAIN and was retried
-  uint64_t copy_eexist = 0;        // UFFDIO_COPY found the page already there
-  uint64_t transport_errors = 0;   // reads that completed with an error
-  uint64_t reconnects = 0;         // connections re-established after a drop
-  uint64_t pages_refused = 0;      // pages made inaccessible because they could not be fetched
-  uint64_t install_failures = 0;   // pages fetched whose UFFDIO_COPY failed (then refused)
-  uint64_t pages_zero = 0;         // known zero, never transferred (UFFDIO_ZEROPAGE, or zeroed in place)
+  uint64_t faults = 0;            // fault events read from userfaultfd
+  uint64_t pages_fetched = 0;     // pages read on demand (faults and prefetch) and installed
+  uint64_t bytes_fetched = 0;     // payload bytes read from the source
+  uint64_t duplicate_faults = 0;  // faults on a page already in flight or present
+  uint64_t copy_retries = 0;      // UFFDIO_COPY answered EAGAIN and was retried
+  uint64_t copy_eexist = 0;       // UFFDIO_COPY found the page already there
+  uint64_t transport_errors = 0;  // reads that completed with an error
+  uint64_t reconnects = 0;        // connections re-established after a drop
+  uint64_t pages_refused = 0;     // pages made inaccessible because they could not be fetched
+  uint64_t install_failures = 0;  // pages fetched whose UFFDIO_COPY failed (then refused)
+  uint64_t pages_zero = 0;        // known zero, never transferred (UFFDIO_ZEROPAGE, or zeroed in place)
   // How pages went in: copied out of a staging buffer (UFFDIO_COPY), or
   // mapped where the read landed (shared memory: UFFDIO_CONTINUE, no copy).
   uint64_t bytes_copied = 0;
   uint64_t pages_continued = 0;
-  uint64_t pages_pulled = 0;       // fetched by the background pull
-  uint64_t pull_runs = 0;          // its reads (one multi-page read and one UFFDIO_COPY each)
+  uint64_t pages_pulled = 0;  // fetched by the background pull
+  uint64_t pull_runs = 0;     // its reads (one multi-page read and one UFFDIO_COPY each)
   // Faults on a page out in a pull run that read it again on their own
   // connection, ahead of the run, and installed it first (anonymous memory).
   uint64_t faults_overtaken = 0;
-  uint64_t prefetch_issued = 0;    // pages fetched ahead of a detected sequential or strided stream
-  uint64_t prefetch_used = 0;      // of those, pages the stream then walked over
-  uint64_t prefetch_wasted = 0;    // of those, pages past the point where the stream broke off
-  bool complete = false;           // every page present; the region is plain memory now
-  uint64_t pages_present = 0;      // pages installed so far
+  uint64_t prefetch_issued = 0;  // pages fetched ahead of a detected sequential or strided stream
+  uint64_t prefetch_used = 0;    // of those, pages the stream then walked over
+  uint64_t prefetch_wasted = 0;  // of those, pages past the point where the stream broke off
+  bool complete = false;         // every page present; the region is plain memory now
+  uint64_t pages_present = 0;    // pages installed so far
   uint64_t pages_total = 0;
   // Pages of the region the application unmapped (or moved away with
   // mremap): no longer the region's, and not waited for to complete it.

@@ -34,8 +34,7 @@ class LocalChannel final : public Channel {
         due = std::max(due, last_due_) + std::chrono::milliseconds(f.bulk_reply_ms);
         last_due_ = due;
       }
-      if (!t_->released_.load() && op.remote_offset <= f.hold_offset &&
-          f.hold_offset - op.remote_offset < op.length) {
+      if (!t_->released_.load() && op.remote_offset <= f.hold_offset && f.hold_offset - op.remote_offset < op.length) {
         held_.push_back({op.cookie, status});
         t_->held_[static_cast<int>(use_)].fetch_add(1);
         continue;

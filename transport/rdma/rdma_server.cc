@@ -101,8 +101,7 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   rdma_cm_id* id = ev->id;
   HelloReply reply{kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0, 0, 0, 0, 0};
   Hello hello{};
-  const bool well_formed = ev->param.conn.private_data != nullptr &&
-                           ev->param.conn.private_data_len >= sizeof hello &&
+  const bool well_formed = ev->param.conn.private_data != nullptr && ev->param.conn.private_data_len >= sizeof hello &&
                            (std::memcpy(&hello, ev->param.conn.private_data, sizeof hello), true) &&
                            hello.magic == kHelloMagic && hello.name_length > 0 && hello.name_length <= kMaxRdmaName;
   // The CM reports the request from our side: its responder_resources is
@@ -119,8 +118,7 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
     return refuse(Errc::kProtocol);
   }
   if (hello.version != kRdmaVersion) {
-    spdlog::warn("server: RDMA peer speaks protocol version {}, this server {}; rejected", hello.version,
-                 kRdmaVersion);
+    spdlog::warn("server: RDMA peer speaks protocol version {}, this server {}; rejected", hello.version, kRdmaVersion);
     return refuse(Errc::kProtocol);
   }
   if (active_.load() >= max_connections_) {
@@ -223,9 +221,7 @@ void RdmaServer::run() {
           if (peers_.erase(id) > 0) --active_;
           break;
         }
-        default:
-          rdma_ack_cm_event(ev);
-          break;
+        default: rdma_ack_cm_event(ev); break;
       }
     }
   }

@@ -21,8 +21,8 @@ unsigned setup_timeout(const TransportOptions& o) { return std::max(o.reconnect_
 
 // Waits for the cm event that ends a setup step; throws with what the peer
 // or the fabric said otherwise. The caller acks the returned event.
-rdma_cm_event* expect(rdma_event_channel* ec, rdma_cm_event_type want, unsigned timeout_ms,
-                      const std::string& step, const std::string& peer) {
+rdma_cm_event* expect(rdma_event_channel* ec, rdma_cm_event_type want, unsigned timeout_ms, const std::string& step,
+                      const std::string& peer) {
   rdma_cm_event* ev = next_event(ec, static_cast<int>(timeout_ms));
   if (ev == nullptr) {
     throw Error(Errc::kTimeout, step + " " + peer + ": no answer within " + std::to_string(timeout_ms) + " ms");
@@ -43,23 +43,20 @@ rdma_cm_event* expect(rdma_event_channel* ec, rdma_cm_event_type want, unsigned 
       throw Error(Errc::kConnectFailed, "cannot resolve " + peer +
                                             " to a local RDMA device (is an RDMA device, e.g. rxe0, bound to the "
                                             "interface that reaches it?)");
-    case RDMA_CM_EVENT_ROUTE_ERROR:
-      throw Error(Errc::kConnectFailed, "no RDMA route to " + peer);
+    case RDMA_CM_EVENT_ROUTE_ERROR: throw Error(Errc::kConnectFailed, "no RDMA route to " + peer);
     case RDMA_CM_EVENT_REJECTED:
       throw Error(Errc::kConnectFailed, "connection to " + peer + " rejected (reason " + std::to_string(status) +
                                             "): is `pagewire serve` running there with RDMA?");
     case RDMA_CM_EVENT_UNREACHABLE:
     case RDMA_CM_EVENT_CONNECT_ERROR:
       throw Error(Errc::kConnectFailed, peer + " does not answer over RDMA (" + rdma_event_str(got) + ")");
-    default:
-      throw Error(Errc::kProtocol, step + " " + peer + ": unexpected " + rdma_event_str(got));
+    default: throw Error(Errc::kProtocol, step + " " + peer + ": unexpected " + rdma_event_str(got));
   }
 }
 
 }  // namespace
 
-RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::string& name,
-                             const TransportOptions& o)
+RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::string& name, const TransportOptions& o)
     : endpoint_(resolve(host, port)), name_(name), options_(o) {
   if (name.empty() || name.size() > kMaxRdmaName) {
     throw Error(Errc::kBadUri, "an rdma:// region name must be 1.." + std::to_string(kMaxRdmaName) + " bytes");
@@ -138,8 +135,8 @@ Connection RdmaTransport::connect_one() {
   rdma_cm_id* raw = nullptr;
   if (rdma_create_id(c.events.get(), &raw, nullptr, RDMA_PS_TCP) != 0) throw_errno("rdma_create_id");
   CmId id(raw);
-  if (rdma_resolve_addr(id.get(), nullptr, reinterpret_cast<sockaddr*>(&endpoint_.addr),
-                        static_cast<int>(timeout)) != 0) {
+  if (rdma_resolve_addr(id.get(), nullptr, reinterpret_cast<sockaddr*>(&endpoint_.addr), static_cast<int>(timeout)) !=
+      0) {
     throw Error(Errc::kConnectFailed, "rdma_resolve_addr " + endpoint_.text + ": " + std::strerror(errno));
   }
   rdma_ack_cm_event(expect(c.events.get(), RDMA_CM_EVENT_ADDR_RESOLVED, timeout, "resolving", endpoint_.text));
@@ -221,7 +218,8 @@ std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {
   d.remote_addr = c.reply.remote_addr;
   if (!mrs_) mrs_ = std::make_shared<MrCache>(pd_.get());
   // Channels go before their transport, so the connector may hold it.
-  return std::make_unique<RdmaChannel>(std::move(c), [this] { return connect_one(); }, mrs_, d, options_);
+  return std::make_unique<RdmaChannel>(
+      std::move(c), [this] { return connect_one(); }, mrs_, d, options_);
 }
 
 std::shared_ptr<ibv_mr> MrCache::get(std::byte* base, size_t length) {
@@ -382,9 +380,9 @@ void RdmaChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   // A source that takes connections but never completes a read would have
   // us reconnect forever: past one request timeout plus one reconnect
   // timeout with reads out and none completed, it is dead.
-  const bool stalled = posted_ > 0 && std::chrono::steady_clock::now() - last_completion_ >
-                                          std::chrono::milliseconds(options_.request_timeout_ms +
-                                                                    options_.reconnect_timeout_ms);
+  const bool stalled = posted_ > 0 &&
+                       std::chrono::steady_clock::now() - last_completion_ >
+                           std::chrono::milliseconds(options_.request_timeout_ms + options_.reconnect_timeout_ms);
   ReconnectEnd end = ReconnectEnd::kGaveUp;
   if (stalled) {
     last_why = "no read completed since the last reconnect";
@@ -412,8 +410,7 @@ void RdmaChannel::recover(Errc why, const std::string& text, WaitResult& out) {
 ReconnectAttempt RdmaChannel::try_reconnect(std::string* why) {
   try {
     Connection c = connect_();
-    if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size ||
-        c.reply.identity != desc_.identity) {
+    if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size || c.reply.identity != desc_.identity) {
       *why = c.reply.identity != desc_.identity
                  ? "the source now serves other bytes as '" + desc_.name + "' (it was restarted)"
                  : "region '" + desc_.name + "' changed shape";
@@ -476,7 +473,7 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
   int effective = timeout_ms;
   if (posted_ > 0 && dead_ == Errc::kOk) {
     const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
-                                                                            last_progress_);
+                                                                              last_progress_);
     const int left = static_cast<int>(std::max<int64_t>(options_.request_timeout_ms - waited.count(), 0));
     effective = effective < 0 ? left : std::min(effective, left);
   }

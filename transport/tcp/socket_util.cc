@@ -1,9 +1,9 @@
 #include "transport/tcp/socket_util.h"
 
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -141,8 +141,8 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
     throw Error(Errc::kConnectFailed, "sending hello to " + peer + ": " + std::strerror(send_errno));
   }
   if (!replied) {
-    throw Error(Errc::kProtocol, "no hello reply from " + peer +
-                                     " (is it a pagewire server, and does it have a connection free?)");
+    throw Error(Errc::kProtocol,
+                "no hello reply from " + peer + " (is it a pagewire server, and does it have a connection free?)");
   }
   if (reply.magic != wire::kHelloMagic) {
     throw Error(Errc::kProtocol, peer + " does not speak the pagewire protocol");

@@ -86,8 +86,7 @@ void refuse_busy(int fd) {
 
 }  // namespace
 
-TcpServer::TcpServer(const ServerOptions& options, const ExportTable& exports)
-    : options_(options), exports_(exports) {
+TcpServer::TcpServer(const ServerOptions& options, const ExportTable& exports) : options_(options), exports_(exports) {
   tcp::Endpoint ep = tcp::resolve(options.bind_address, options.port);
   listen_fd_.reset(::socket(ep.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!listen_fd_) throw_errno("socket");
@@ -195,9 +194,8 @@ void TcpServer::accept_loop() {
     Connection& c = connections_.emplace_back();
     c.fd = fd.get();
     try {
-      c.thread = std::thread([this, &c, f = std::move(fd), p = std::move(peer)]() mutable {
-        serve(&c, std::move(f), std::move(p));
-      });
+      c.thread = std::thread(
+          [this, &c, f = std::move(fd), p = std::move(peer)]() mutable { serve(&c, std::move(f), std::move(p)); });
     } catch (const std::system_error& e) {
       // No thread (a pids limit, say): refuse this one and go on serving.
       spdlog::warn("server: refusing a connection: no thread to serve it: {}", e.what());

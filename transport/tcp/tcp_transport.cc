@@ -75,20 +75,16 @@ io_uring_sqe* Ring::sqe() {
   return s;
 }
 
-TcpTransport::TcpTransport(const std::string& host, uint16_t port, const std::string& name,
-                           const TransportOptions& t)
+TcpTransport::TcpTransport(const std::string& host, uint16_t port, const std::string& name, const TransportOptions& t)
     : endpoint_(resolve(host, port)), timeouts_(t) {
   std::string why;
   first_connection_ = connect_to(endpoint_, t.reconnect_timeout_ms, &why);
   if (!first_connection_) throw Error(Errc::kConnectFailed, why + " (is `pagewire serve` running there?)");
   desc_ = handshake(first_connection_.get(), name, t.reconnect_timeout_ms, endpoint_.text);
-  spdlog::info("tcp: attached '{}' at {}: {} bytes, {} B pages", name, endpoint_.text, desc_.length,
-               desc_.page_size);
+  spdlog::info("tcp: attached '{}' at {}: {} bytes, {} B pages", name, endpoint_.text, desc_.length, desc_.page_size);
 }
 
-TransportCapabilities TcpTransport::capabilities() const {
-  return {TcpChannel::kMaxOutstanding, wire::kMaxReadBytes};
-}
+TransportCapabilities TcpTransport::capabilities() const { return {TcpChannel::kMaxOutstanding, wire::kMaxReadBytes}; }
 
 std::unique_ptr<Channel> TcpTransport::open_channel(ChannelUse use) {
   const uint8_t flags = use == ChannelUse::kBulk ? wire::kHelloBulk : 0;
@@ -194,8 +190,7 @@ void TcpChannel::post(std::span<const ReadOp> ops) {
     }
     const uint64_t seq = tail_++;
     ops_[seq & kMask] = op;
-    requests_[seq & kMask] = {wire::kReadMagic, desc_.key, op.remote_offset, op.length,
-                              static_cast<uint32_t>(seq)};
+    requests_[seq & kMask] = {wire::kReadMagic, desc_.key, op.remote_offset, op.length, static_cast<uint32_t>(seq)};
   }
   if (was_idle && head_ != tail_) last_progress_ = last_reply_ = std::chrono::steady_clock::now();
   queue_sends();
@@ -309,8 +304,8 @@ void TcpChannel::wait(WaitResult& out, int timeout_ms) {
   }
   if (head_ != tail_ && dead_ == Errc::kOk &&
       std::chrono::steady_clock::now() - last_progress_ >= std::chrono::milliseconds(timeouts_.request_timeout_ms)) {
-    recover(Errc::kTimeout, "no answer from " + endpoint_.text + " within " +
-                                std::to_string(timeouts_.request_timeout_ms) + " ms",
+    recover(Errc::kTimeout,
+            "no answer from " + endpoint_.text + " within " + std::to_string(timeouts_.request_timeout_ms) + " ms",
             out);
   }
   if (dead_ != Errc::kOk) {
@@ -381,8 +376,7 @@ void TcpChannel::reap(WaitResult& out) {
         }
         break;
       }
-      default:
-        break;
+      default: break;
     }
   }
   io_uring_cq_advance(ring_->get(), seen);
@@ -444,9 +438,9 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   // A peer that accepts connections but never answers would have us
   // reconnect forever: past one request timeout plus one reconnect timeout
   // without a reply, it is dead.
-  const bool stalled =
-      head_ != tail_ && std::chrono::steady_clock::now() - last_reply_ >
-                            std::chrono::milliseconds(timeouts_.request_timeout_ms + timeouts_.reconnect_timeout_ms);
+  const bool stalled = head_ != tail_ &&
+                       std::chrono::steady_clock::now() - last_reply_ >
+                           std::chrono::milliseconds(timeouts_.request_timeout_ms + timeouts_.reconnect_timeout_ms);
   ReconnectEnd end = ReconnectEnd::kGaveUp;
   if (stalled) {
     last_why = "no reply since the last reconnect";

@@ -106,9 +106,9 @@ class TcpChannel final : public Channel {
   // by sequence number is the whole in-flight table.
   std::vector<ReadOp> ops_;
   std::vector<wire::ReadRequest> requests_;
-  uint64_t head_ = 0;  // oldest unanswered
-  uint64_t sent_ = 0;  // requests up to here are queued for sending
-  uint64_t tail_ = 0;  // next sequence number
+  uint64_t head_ = 0;                  // oldest unanswered
+  uint64_t sent_ = 0;                  // requests up to here are queued for sending
+  uint64_t tail_ = 0;                  // next sequence number
   std::vector<ReadCompletion> local_;  // completions decided without the wire
 
   // One send in flight at a time: io_uring does not order separate SQEs on
@@ -126,8 +126,8 @@ class TcpChannel final : public Channel {
   size_t armed_watches_ = 0;  // watches_ below this index have their poll armed
   Errc dead_ = Errc::kOk;
   std::string dead_text_;
-  std::string send_error_;  // a plain sendmsg failed; recovered in wait()
-  std::atomic<uint64_t> reconnects_{0};  // read by stats() from other threads
+  std::string send_error_;                                 // a plain sendmsg failed; recovered in wait()
+  std::atomic<uint64_t> reconnects_{0};                    // read by stats() from other threads
   std::chrono::steady_clock::time_point last_progress_{};  // reset by a reconnect
   std::chrono::steady_clock::time_point last_reply_{};     // only a reply moves it
 };
