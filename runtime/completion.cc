@@ -102,6 +102,14 @@ size_t Completion::sweep_discarded() {
   return gone;
 }
 
+bool Completion::all_settled() const {
+  for (size_t p = 0; p < r_.pages.size(); ++p) {
+    const PageState s = r_.pages.get(p);
+    if (s != PageState::kPresent && s != PageState::kGone) return false;
+  }
+  return true;
+}
+
 void Completion::decide() {
   const auto total = static_cast<int64_t>(r_.pages.size());
   if (r_.status.complete() || settled() != total) return;
@@ -121,7 +129,8 @@ void Completion::decide() {
   // again, and its fetch completes the region when it arrives. Any taken
   // back after this load finds closing_ set and leaves the page to plain
   // memory. (Both sides are sequentially consistent: one sees the other.)
-  if (settled() != total) {
+  // And the table agrees: every page present or gone, none owned.
+  if (settled() != total || !all_settled()) {
     closing_.store(false);
     return;
   }
@@ -142,7 +151,8 @@ void Completion::decide() {
 }
 
 bool Completion::fetch_again(size_t page, PageCounts& mine) {
-  if (!closing_.load()) return true;
+  // closing_ is cleared again once the region is complete: look at both.
+  if (!closing_.load() && !r_.status.complete()) return true;
   // The owner may not have seen this page go: wait for its decision.
   { const std::lock_guard decide(decide_mu_); }
   if (!r_.status.complete()) return true;  // it saw, or stopped short: fetch

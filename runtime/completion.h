@@ -86,6 +86,8 @@ class Completion {
   // to missing (and are fetched again); returns how many.
   size_t sweep_discarded();
   int64_t settled() const;
+  // The page table's word: every page present or gone.
+  bool all_settled() const;
 
   Region r_;
   unsigned count_;

@@ -102,6 +102,7 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   // Shared memory: minor faults for pages already in the memfd, missing
   // faults for holes; both are resolved by filling the page through the
   // alias and mapping it with UFFDIO_CONTINUE.
+  name_view();
   uffd_.register_range(backing_.view.data(), backing_.view.size(), backing_.shared);
   backing_.populate();
   if (backing_.huge && !backing_.shared) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
@@ -189,7 +190,10 @@ FaultEngine::~FaultEngine() {
   // discarded after they arrived, though the table calls them present).
   // Closing the uffd would let them in to zero-filled memory, so the region
   // is made inaccessible first and they are woken into SIGSEGV instead.
-  if (!status_.complete()) refusal_.make_inaccessible();
+  if (!status_.complete()) {
+    read_unmap_events_left();
+    refusal_.make_inaccessible();
+  }
   puller_.reset();
   handlers_.clear();  // channels drain their in-flight reads before staging memory goes
   // Closed before anything is unmapped: with munmap events on, an unmap

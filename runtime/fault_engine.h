@@ -127,11 +127,17 @@ class FaultEngine {
   bool discarded(Worker& w, size_t page);
 
   // munmap and mremap of part of the region (unmap.cc).
-  void on_unmapped(Worker& w, uint64_t start, uint64_t end);
+  void on_unmapped(PageCounts& counts, uint64_t start, uint64_t end);
   void on_fault_outside(Worker& w, uint64_t address);
+  // A fault on a page the table calls gone.
+  void on_gone_fault(size_t page);
   // Reads what the kernel has queued (an install answered EAGAIN): address
   // space events are applied now, faults kept for read_faults().
   void read_pending_events(Worker& w);
+  // Names the anonymous view after this region, where the kernel can.
+  void name_view();
+  // At destruction, once the handlers are joined: the munmap events left.
+  void read_unmap_events_left();
   // Unmaps what is still the region's when it is destroyed.
   void unmap_view();
 
@@ -157,6 +163,7 @@ class FaultEngine {
   Residency residency_;
   Refusal refusal_;
   std::unique_ptr<Completion> completion_;
+  std::string view_name_;  // the anonymous view's name in /proc/self/maps; empty: unnamed
   std::vector<std::unique_ptr<Worker>> handlers_;
   std::unique_ptr<Worker> puller_;
 };

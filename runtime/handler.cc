@@ -80,12 +80,12 @@ void FaultEngine::read_faults(Worker& w) {
 void FaultEngine::handle_event(Worker& w, const uffd_msg& msg, uint64_t read_ns, uint32_t reserved) {
   switch (msg.event) {
     case UFFD_EVENT_PAGEFAULT: handle_fault(w, msg, read_ns, reserved); return;
-    case UFFD_EVENT_UNMAP: on_unmapped(w, msg.arg.remove.start, msg.arg.remove.end); return;
+    case UFFD_EVENT_UNMAP: on_unmapped(*w.counts, msg.arg.remove.start, msg.arg.remove.end); return;
     case UFFD_EVENT_REMAP:
       // The pages moved away are no longer the region's (those present
       // went with their bytes); faults at their new place are answered by
       // on_fault_outside().
-      on_unmapped(w, msg.arg.remap.from, msg.arg.remap.from + msg.arg.remap.len);
+      on_unmapped(*w.counts, msg.arg.remap.from, msg.arg.remap.from + msg.arg.remap.len);
       return;
     default: return;
   }
@@ -142,10 +142,7 @@ FaultEngine::Take FaultEngine::take_fault(Worker& w, size_t page) {
       case PageState::kRefused:
         uffd_.refuse(page_addr(page), desc_.page_size);  // poisoned or protected already; wakes it into the signal
         return Take::kNothing;
-      case PageState::kGone:
-        // Unmapped meanwhile: the thread faults again on whatever is there.
-        uffd_.wake(page_addr(page), desc_.page_size);
-        return Take::kNothing;
+      case PageState::kGone: on_gone_fault(page); return Take::kNothing;
       case PageState::kMissing: break;  // claimed and given back, or reset by the sweep: look again
     }
   }
@@ -159,6 +156,9 @@ FaultEngine::Take FaultEngine::take_present(Worker& w, size_t page) {
     // Own the page while looking at it: no other handler may map it or
     // fetch it into the memfd meanwhile.
     if (!pages_.transition(page, PageState::kPresent, PageState::kInFlight)) return Take::kOvertake;
+    // Not counted present while owned: an munmap meanwhile counts it gone,
+    // and it must never count as both (the region would complete early).
+    PageCounts::add(w.counts->present, -1);
     if (residency_.memfd_holds(page)) {
       // Unmapped from the region only (MADV_DONTNEED keeps the page, and
       // the application's writes, in the memfd), or the fault raced with
@@ -166,12 +166,11 @@ FaultEngine::Take FaultEngine::take_present(Worker& w, size_t page) {
       uint64_t retries = 0;
       uint64_t existed = 0;
       uffd_.map_in_place(addr, desc_.page_size, desc_.page_size, &retries, &existed);
-      // Still counted present; if it was unmapped meanwhile, it is not.
-      if (!pages_.settle(page, PageState::kPresent)) PageCounts::add(w.counts->present, -1);
+      if (pages_.settle(page, PageState::kPresent)) PageCounts::add(w.counts->present, 1);
       uffd_.wake(addr, desc_.page_size);
       return Take::kNothing;
     }
-    PageCounts::add(w.counts->present, -1);  // punched out of the memfd: fetch it again
+    // Punched out of the memfd: fetch it again.
     return completion_->fetch_again(page, *w.counts) ? Take::kFetch : Take::kNothing;
   }
   if (discarded(w, page)) return completion_->fetch_again(page, *w.counts) ? Take::kFetch : Take::kNothing;

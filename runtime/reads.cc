@@ -79,7 +79,7 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
     install_run(w, s, landing(w, slot, s.first));
   }
   w.staging->release(slot);
-  if (s.kind == ReadKind::kDemand || (s.kind == ReadKind::kOvertake && s.owned != 0)) {
+  if (s.kind == ReadKind::kDemand || s.kind == ReadKind::kOvertake) {
     // Where the fault's time went: read to post, the transport, install
     // and wake. The three add up to the whole.
     const uint64_t done = now_ns();
@@ -225,12 +225,10 @@ void FaultEngine::publish(Worker& w, size_t first, uint32_t count) {
 void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::string& text) {
   // Never zero-fill: the waiters are woken into SIGBUS (or SIGSEGV).
   Metrics::bump(w.metrics.transport_errors);
-  if (pages_.get(page) == PageState::kGone) {
-    uffd_.wake(page_addr(page), desc_.page_size);  // unmapped meanwhile: nothing to refuse
-    return;
+  // (Not refused when an munmap took the page meanwhile.)
+  if (refusal_.refuse(page, std::string(to_string(why)) + (text.empty() ? "" : " (" + text + ")"), *w.counts)) {
+    Metrics::bump(w.metrics.pages_refused);
   }
-  Metrics::bump(w.metrics.pages_refused);
-  refusal_.refuse(page, std::string(to_string(why)) + (text.empty() ? "" : " (" + text + ")"), *w.counts);
 }
 
 void FaultEngine::stop_worker_on_exception(Worker& w, const std::exception& e) {

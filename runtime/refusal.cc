@@ -24,9 +24,14 @@ void Refusal::mark_gone(size_t page, PageCounts& mine) {
 }
 
 bool Refusal::refuse(size_t page, const std::string& why, PageCounts& mine) {
-  pages_.set(page, PageState::kRefused);
-  status_.record_failure("page " + std::to_string(page) + " could not be fetched: " + why);
   std::byte* addr = base_ + page * page_size_;
+  // Owned by the caller, unless an munmap took it meanwhile: then there is
+  // nothing to refuse (nor a failure to record), only waiters to wake.
+  if (!pages_.settle(page, PageState::kRefused)) {
+    uffd_.wake(addr, page_size_);
+    return false;
+  }
+  status_.record_failure("page " + std::to_string(page) + " could not be fetched: " + why);
   const int rc = uffd_.refuse(addr, page_size_);
   if (rc == 0) return true;
   // POISON answers ENOENT, and mprotect ENOMEM, where the range is gone.
@@ -54,8 +59,13 @@ void Refusal::make_inaccessible() {
     std::byte* addr = base_ + first * page_size_;
     const size_t len = count * page_size_;
     if (::mprotect(addr, len, PROT_NONE) != 0) {
-      spdlog::error("region '{}': mprotect of pages {}..{} failed: {}", name_, first, first + count - 1,
-                    std::strerror(errno));
+      // A hole the table has not heard of yet (its munmap event unread)
+      // stops mprotect there: page by page, past it.
+      size_t failed = 0;
+      for (size_t p = 0; p < count; ++p) failed += ::mprotect(addr + p * page_size_, page_size_, PROT_NONE) != 0;
+      if (failed > 0)
+        spdlog::warn("region '{}': {} pages of {}..{} could not be protected (unmapped)", name_, failed, first,
+                     first + count - 1);
     }
     uffd_.wake(addr, len);
   });

@@ -6,6 +6,7 @@
 // way finds the range gone (ENOENT) and only wakes its threads, which then
 // fault again as on any unmapped address.
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "runtime/fault_engine.h"
+#include "runtime/uffd_compat.h"
 #include "spdlog/spdlog.h"
 
 namespace pagewire {
@@ -27,30 +29,43 @@ using Range = std::pair<uintptr_t, uintptr_t>;
 
 // The mappings in [base, end) that are still the region's own, by what
 // /proc/self/smaps says of each: shared memory maps the region's memfd (its
-// inode); anonymous memory carries the region's MADV_DONTFORK ("dc"), which
-// a mapping the application makes there has not. Once the region is plain
-// memory, no munmap event tells of a range the application unmapped and
-// mapped again. False when smaps cannot be read.
-bool own_mappings(uintptr_t base, uintptr_t end, const Backing& b, std::vector<Range>* out) {
+// inode); anonymous memory carries the name the region gave it or, where
+// the kernel names no anonymous memory (and for hugetlb), the region's
+// MADV_DONTFORK ("dc"), which a mapping the application makes there lacks
+// unless it sets it too. Once the region is plain memory, no munmap event
+// tells of a range the application unmapped and mapped again. False when
+// smaps cannot be read.
+bool own_mappings(uintptr_t base, uintptr_t end, const Backing& b, const std::string& name, std::vector<Range>* out) {
   std::ifstream in("/proc/self/smaps");
   if (!in) return false;
   struct stat st {};
   if (b.shared && ::fstat(b.memfd.get(), &st) != 0) return false;
+  const std::string label = "[anon:" + name + "]";
   std::string line;
   Range current{0, 0};
   uint64_t inode = 0;
+  bool named = false;
   while (std::getline(in, line)) {
     uintptr_t from = 0;
     uintptr_t to = 0;
     uint64_t ino = 0;
-    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %*s %*s %*s %" SCNu64, &from, &to, &ino) == 3) {
+    int path_at = 0;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %*s %*s %*s %" SCNu64 "%n", &from, &to, &ino, &path_at) ==
+        3) {
       current = {std::max(from, base), std::min(to, end)};
       inode = ino;
+      named = line.find(label, static_cast<size_t>(path_at)) != std::string::npos;
       continue;
     }
     if (line.rfind("VmFlags:", 0) != 0 || current.first >= current.second) continue;
-    const bool ours = b.shared ? inode == static_cast<uint64_t>(st.st_ino)
-                               : (line + " ").find(" dc ") != std::string::npos;
+    bool ours = false;
+    if (b.shared) {
+      ours = inode == static_cast<uint64_t>(st.st_ino);
+    } else if (!name.empty()) {
+      ours = named;  // the region's own name: no other mapping carries it
+    } else {
+      ours = (line + " ").find(" dc ") != std::string::npos;
+    }
     if (ours) out->push_back(current);
     current = {0, 0};
   }
@@ -59,7 +74,7 @@ bool own_mappings(uintptr_t base, uintptr_t end, const Backing& b, std::vector<R
 
 }  // namespace
 
-void FaultEngine::on_unmapped(Worker& w, uint64_t start, uint64_t end) {
+void FaultEngine::on_unmapped(PageCounts& counts, uint64_t start, uint64_t end) {
   const auto base = reinterpret_cast<uint64_t>(backing_.view.data());
   const uint64_t limit = base + backing_.view.size();
   start = std::max(start, base);
@@ -76,14 +91,28 @@ void FaultEngine::on_unmapped(Worker& w, uint64_t start, uint64_t end) {
       if (!pages_.transition(p, s, PageState::kGone)) continue;
       // An in-flight page's read still completes: its install finds the
       // range gone, and the page stays gone.
-      if (s == PageState::kPresent) PageCounts::add(w.counts->present, -1);
-      PageCounts::add(w.counts->gone, 1);
+      if (s == PageState::kPresent) PageCounts::add(counts.present, -1);
+      PageCounts::add(counts.gone, 1);
       ++gone;
       break;
     }
   }
   spdlog::info("region '{}': pages {}..{} unmapped by the application ({} left the region); serving the rest",
                desc_.name, first, last - 1, gone);
+}
+
+void FaultEngine::on_gone_fault(size_t page) {
+  // Usually a fault read after the munmap that took its page: the range is
+  // unmapped, and the woken thread faults on whatever is there now. But a
+  // range mremap left registered (MREMAP_DONTUNMAP, or part of the region
+  // moved onto another part) faults here for good: with UFFDIO_POISON that
+  // is refused (it is no longer the region's, and never zero-filled).
+  // Without it the thread is only woken: a PROT_NONE could land on a
+  // mapping the application made in the hole since the fault was queued.
+  std::byte* addr = page_addr(page);
+  if (!uffd_.has(UFFD_FEATURE_POISON) || uffd_.refuse(addr, desc_.page_size) != 0) {
+    uffd_.wake(addr, desc_.page_size);
+  }
 }
 
 void FaultEngine::on_fault_outside(Worker& w, uint64_t address) {
@@ -112,12 +141,40 @@ void FaultEngine::read_pending_events(Worker& w) {
   }
 }
 
+void FaultEngine::name_view() {
+  // A name of the region's own on its anonymous memory (Linux 5.17+, where
+  // the kernel is built with it), so that its end can tell its mappings
+  // from any other in its range.
+  if (backing_.shared || backing_.huge) return;
+  char name[64];
+  std::snprintf(name, sizeof name, "pagewire-%" PRIxPTR, reinterpret_cast<uintptr_t>(backing_.view.data()));
+  if (::prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, backing_.view.data(), backing_.view.size(), name) == 0) {
+    view_name_ = name;
+  }
+}
+
+void FaultEngine::read_unmap_events_left() {
+  // The handlers are gone: apply what munmap events are still queued, so
+  // that what follows (protecting, unmapping) knows those ranges are gone.
+  PageCounts counts;
+  uffd_msg msgs[Worker::kEventBatch];
+  for (int n = 0; (n = uffd_.read_events(std::span(msgs, Worker::kEventBatch))) > 0;) {
+    for (int i = 0; i < n; ++i) {
+      const uffd_msg& m = msgs[i];
+      if (m.event == UFFD_EVENT_UNMAP) on_unmapped(counts, m.arg.remove.start, m.arg.remove.end);
+      if (m.event == UFFD_EVENT_REMAP) on_unmapped(counts, m.arg.remap.from, m.arg.remap.from + m.arg.remap.len);
+    }
+  }
+}
+
 void FaultEngine::unmap_view() {
   // Only what is still the region's: a range the application unmapped may
   // hold another mapping of its own by now.
   const auto base = reinterpret_cast<uintptr_t>(backing_.view.data());
   std::vector<Range> own;
-  if (!own_mappings(base, base + backing_.view.size(), backing_, &own)) own = {{base, base + backing_.view.size()}};
+  if (!own_mappings(base, base + backing_.view.size(), backing_, view_name_, &own)) {
+    own = {{base, base + backing_.view.size()}};
+  }
   for (const Range& r : own) {
     // And of those, the pages no munmap event has taken away.
     const size_t first = (r.first - base) / desc_.page_size;
