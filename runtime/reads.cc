@@ -225,9 +225,12 @@ void FaultEngine::publish(Worker& w, size_t first, uint32_t count) {
 void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::string& text) {
   // Never zero-fill: the waiters are woken into SIGBUS (or SIGSEGV).
   Metrics::bump(w.metrics.transport_errors);
-  // (Not refused when an munmap took the page meanwhile.)
-  if (refusal_.refuse(page, std::string(to_string(why)) + (text.empty() ? "" : " (" + text + ")"), *w.counts)) {
-    Metrics::bump(w.metrics.pages_refused);
+  // Counted before the waiters wake (stats() readers expect it), and taken
+  // back when an munmap took the page meanwhile (nothing was refused).
+  Metrics::bump(w.metrics.pages_refused);
+  if (!refusal_.refuse(page, std::string(to_string(why)) + (text.empty() ? "" : " (" + text + ")"), *w.counts)) {
+    w.metrics.pages_refused.store(w.metrics.pages_refused.load(std::memory_order_relaxed) - 1,
+                                  std::memory_order_relaxed);
   }
 }
 
