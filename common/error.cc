@@ -18,6 +18,8 @@ std::string_view to_string(Errc code) {
     case Errc::kCancelled: return "cancelled";
     case Errc::kNoMemory: return "no memory";
     case Errc::kBusy: return "the server has all its connections in use";
+    case Errc::kUnsupported: return "not supported here";
+    case Errc::kSourceChanged: return "the source was written after it paused";
   }
   return "unknown error";
 }

@@ -24,6 +24,15 @@ void check_export(const std::string& name, uint32_t page_size) {
 }
 
 // One step of splitmix64: mixes v into h.
+TrackingMode to_tracking_mode(WriteTracking t) {
+  switch (t) {
+    case WriteTracking::kAsync: return TrackingMode::kAsync;
+    case WriteTracking::kSync: return TrackingMode::kSync;
+    case WriteTracking::kAuto: break;
+  }
+  return TrackingMode::kAuto;
+}
+
 uint64_t mix(uint64_t h, uint64_t v) {
   uint64_t z = h + v + 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -63,7 +72,9 @@ std::unique_ptr<ExportedRegion> ExportTable::from_file(const std::string& name, 
 }
 
 std::unique_ptr<ExportedRegion> ExportTable::from_memory(const std::string& name, const void* base, size_t length,
-                                                         uint32_t page_size, uint64_t identity) {
+                                                         const ExportOptions& options) {
+  const uint32_t page_size = options.page_size;
+  uint64_t identity = options.identity;
   check_export(name, page_size);
   if (base == nullptr || length == 0) throw Error(Errc::kInvalidArgument, "export of empty memory");
   auto region = std::make_unique<ExportedRegion>();
@@ -73,6 +84,11 @@ std::unique_ptr<ExportedRegion> ExportTable::from_memory(const std::string& name
   region->page_size = page_size;
   while (identity == 0) identity = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
   region->identity = identity;
+  if (options.track_writes) {
+    // Tracking first: a write while the zero-page map is computed is then
+    // reported by the first harvest, which recomputes the page's bit.
+    region->live = std::make_unique<LiveExport>(*region, to_tracking_mode(options.tracking), options.pause_writers);
+  }
   region->zero_map = compute_zero_map(region->base, region->length, page_size);
   return region;
 }

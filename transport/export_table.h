@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "common/unique_fd.h"
+#include "pagewire/server.h"
+#include "transport/live_export.h"
 #include "transport/zero_map.h"
 
 namespace pagewire {
@@ -32,6 +34,10 @@ struct ExportedRegion {
   ZeroMap zero_map;
   mutable std::mutex zero_map_mu;
 
+  // Set when the owner keeps writing (ExportOptions::track_writes); last,
+  // so that it stops tracking before the rest goes.
+  std::unique_ptr<LiveExport> live;
+
   // A copy of the zero-page map, to send without holding its lock.
   ZeroMap zero_map_snapshot() const;
 };
@@ -48,9 +54,10 @@ class ExportTable {
   // bad page size, or a file that cannot be mapped.
   static std::unique_ptr<ExportedRegion> from_file(const std::string& name, const std::string& path,
                                                    uint32_t page_size);
-  // A region of memory the caller keeps mapped; identity 0 draws a fresh one.
+  // A region of memory the caller keeps mapped; identity 0 draws a fresh
+  // one. With options.track_writes its writes are tracked from now on.
   static std::unique_ptr<ExportedRegion> from_memory(const std::string& name, const void* base, size_t length,
-                                                     uint32_t page_size, uint64_t identity);
+                                                     const ExportOptions& options);
 
   // Makes the region findable and gives it its key; throws when the name
   // is taken. Its memory stays until the table goes.

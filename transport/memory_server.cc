@@ -60,7 +60,14 @@ void MemoryServer::export_file(const std::string& name, const std::string& path,
 
 void MemoryServer::export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size,
                                  uint64_t identity) {
-  add(ExportTable::from_memory(name, base, length, page_size, identity));
+  ExportOptions options;
+  options.page_size = page_size;
+  options.identity = identity;
+  add(ExportTable::from_memory(name, base, length, options));
+}
+
+void MemoryServer::export_memory(const std::string& name, void* base, size_t length, const ExportOptions& options) {
+  add(ExportTable::from_memory(name, base, length, options));
 }
 
 void MemoryServer::add(std::unique_ptr<ExportedRegion> region) {

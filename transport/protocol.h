@@ -6,6 +6,11 @@
 //   client -> server  ReadRequest ...          (any number, pipelined)
 //   server -> client  ReadReply + payload ...  (in request order)
 //
+// A control connection (Hello::flags kHelloControl) carries no reads but,
+// one at a time, questions about a live export (see ControlRequest):
+//   client -> server  ControlRequest
+//   server -> client  ControlReply + bitmap of pages written
+//
 // A reply whose status is not kOk carries no payload; the server then
 // closes the connection, so a client never has to resynchronise.
 #pragma once
@@ -14,15 +19,18 @@
 
 namespace pagewire::wire {
 
-inline constexpr uint32_t kHelloMagic = 0x50574831;  // "PWH1"
-inline constexpr uint32_t kReadMagic = 0x50575244;   // "PWRD"
-inline constexpr uint32_t kReplyMagic = 0x50575250;  // "PWRP"
-inline constexpr uint16_t kVersion = 3;              // 3: the region identity follows an OK HelloReply
+inline constexpr uint32_t kHelloMagic = 0x50574831;    // "PWH1"
+inline constexpr uint32_t kReadMagic = 0x50575244;     // "PWRD"
+inline constexpr uint32_t kReplyMagic = 0x50575250;    // "PWRP"
+inline constexpr uint32_t kControlMagic = 0x50574354;  // "PWCT"
+// 3: the region identity follows an OK HelloReply. 4: control connections.
+inline constexpr uint16_t kVersion = 4;
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 
 // Hello::flags
-inline constexpr uint8_t kHelloBulk = 1;  // background transfer: serve it after demand reads
+inline constexpr uint8_t kHelloBulk = 1;     // background transfer: serve it after demand reads
+inline constexpr uint8_t kHelloControl = 2;  // control requests, not reads
 
 struct Hello {
   uint32_t magic;
@@ -58,7 +66,36 @@ struct ReadReply {
   uint32_t length;  // payload bytes that follow
 };
 
+// What a control request asks of a live export (one whose owner keeps
+// writing, MemoryServer::export_memory with track_writes).
+enum class ControlOp : uint32_t {
+  // Harvest the pages written since the last harvest, which opens a new
+  // write epoch; reply with that epoch and a bitmap of the pages written
+  // in the epochs after `epoch` (none when epoch is kNoEpoch).
+  kWrittenSince = 1,
+  // Ask the owner to pause its writers and return once they stand still;
+  // from then on the region must not change (a harvest that finds a write
+  // is refused with kSourceChanged). Replies with the epoch after it.
+  kPause = 2,
+};
+inline constexpr uint64_t kNoEpoch = ~uint64_t{0};
+
+struct ControlRequest {
+  uint32_t magic;
+  uint32_t op;  // ControlOp
+  uint64_t epoch;
+};
+
+struct ControlReply {
+  uint32_t magic;
+  uint32_t status;  // pagewire::Errc; not kOk: the message follows instead
+  uint64_t epoch;
+  uint64_t payload_bytes;  // kOk: a bitmap, bit = page; else the error's text
+};
+
 static_assert(sizeof(Hello) == 8);
+static_assert(sizeof(ControlRequest) == 16);
+static_assert(sizeof(ControlReply) == 24);
 static_assert(sizeof(HelloReply) == 32);
 static_assert(sizeof(ReadRequest) == 24);
 static_assert(sizeof(ReadReply) == 16);

@@ -110,6 +110,31 @@ class Channel {
   WatchSet watches_;  // polled by each transport's wait()
 };
 
+// Questions to the source about a live export, whose owner keeps writing
+// it (precopy). Each call may block; a dropped connection is reconnected
+// once within the reconnect timeout. Both calls are safe to repeat.
+class SourceControl {
+ public:
+  SourceControl() = default;
+  SourceControl(const SourceControl&) = delete;
+  SourceControl& operator=(const SourceControl&) = delete;
+  virtual ~SourceControl() = default;
+
+  struct Written {
+    uint64_t epoch = 0;  // the write epoch the source closed to answer
+    ZeroMap pages;       // bit = page written after `since`; empty for none asked
+    uint64_t count = 0;  // bits set
+  };
+  // The pages written after epoch `since` (wire::kNoEpoch: only a fresh
+  // epoch to ask from later). Throws Error: kUnsupported for an export
+  // that is not live, kSourceChanged when the source was written after
+  // its pause.
+  virtual Written written_since(uint64_t since) = 0;
+  // Asks the source's owner to pause its writers; returns once they stand
+  // still, with the epoch after the pause.
+  virtual uint64_t pause() = 0;
+};
+
 class Transport {
  public:
   Transport() = default;
@@ -124,6 +149,11 @@ class Transport {
   // bulk channel carries background transfers (the pull): where the peer
   // can, it serves them behind demand reads.
   virtual std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) = 0;
+  // A control connection to a live export (precopy); throws Error
+  // (kUnsupported where the transport has none).
+  virtual std::unique_ptr<SourceControl> open_control() {
+    throw Error(Errc::kUnsupported, std::string(name()) + " transport cannot ask a source which pages it wrote");
+  }
 };
 
 struct TransportOptions {

@@ -7,6 +7,7 @@
 // the source must not turn a zero page into data after that.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -17,6 +18,19 @@ using ZeroMap = std::vector<uint64_t>;
 
 inline bool is_zero_page(const ZeroMap& map, size_t page) {
   return page / 64 < map.size() && ((map[page / 64] >> (page % 64)) & 1) != 0;
+}
+
+// The same, for a map whose bits another thread may clear meanwhile (a
+// destination learning which pages a live source wrote).
+inline bool is_zero_page_relaxed(const ZeroMap& map, size_t page) {
+  if (page / 64 >= map.size()) return false;
+  const uint64_t word =
+      std::atomic_ref<uint64_t>(const_cast<uint64_t&>(map[page / 64])).load(std::memory_order_relaxed);
+  return ((word >> (page % 64)) & 1) != 0;
+}
+inline void clear_zero_page(ZeroMap& map, size_t page) {
+  if (page / 64 >= map.size()) return;
+  std::atomic_ref<uint64_t>(map[page / 64]).fetch_and(~(uint64_t{1} << (page % 64)), std::memory_order_relaxed);
 }
 
 // Recomputes the bits of pages [first, last) of the region at base.

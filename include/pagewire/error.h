@@ -22,9 +22,11 @@ enum class Errc : uint32_t {
   kClosed = 8,           // the peer closed the connection
   kUffdUnavailable = 9,  // userfaultfd cannot be opened here
   kInvalidArgument = 10,
-  kCancelled = 11,  // the region is being torn down
-  kNoMemory = 12,   // memory the region needs (2 MiB huge pages) is not reserved
-  kBusy = 13,       // the server has all its connections in use
+  kCancelled = 11,      // the region is being torn down
+  kNoMemory = 12,       // memory the region needs (2 MiB huge pages) is not reserved
+  kBusy = 13,           // the server has all its connections in use
+  kUnsupported = 14,    // the kernel or the peer lacks what this needs
+  kSourceChanged = 15,  // a paused source was written (live migration)
 };
 
 std::string_view to_string(Errc code);

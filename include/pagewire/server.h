@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,30 @@ struct ServerOptions {
   // RDMA destinations connect to the same port number (the RDMA port space
   // is separate from TCP's).
   RdmaServing rdma = RdmaServing::kAuto;
+};
+
+// How a live export tracks its owner's writes (userfaultfd write-protect).
+enum class WriteTracking {
+  kAuto,   // asynchronous where the kernel has it (6.7+), else synchronous
+  kAsync,  // UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN: writers never stop
+  kSync,   // a write fault per page and harvest: works on older kernels
+};
+
+struct ExportOptions {
+  uint32_t page_size = 4096;
+  // Which bytes these are (see export_memory); 0 draws a fresh identity.
+  uint64_t identity = 0;
+  // The owner keeps writing the memory while it is served (live
+  // migration): its writes are tracked, and destinations may ask which
+  // pages changed since they last asked. The memory must be the caller's
+  // own, writable and mapped (anonymous, shared memory or hugetlb).
+  bool track_writes = false;
+  WriteTracking tracking = WriteTracking::kAuto;
+  // At a migration's switchover: stop the writers and return once they
+  // stand still (the serving threads keep running). After it the memory
+  // must not change: a destination that finds a write is refused. Without
+  // it a destination can only copy a live export, not switch over.
+  std::function<void()> pause_writers{};
 };
 
 struct ServerStats {
@@ -71,6 +96,9 @@ class MemoryServer {
   // the same image, say).
   void export_memory(const std::string& name, const void* base, size_t length, uint32_t page_size = 4096,
                      uint64_t identity = 0);
+  // The same, with options: export_memory(name, p, n, {.track_writes = true,
+  // .pause_writers = ...}) exports memory whose owner keeps writing.
+  void export_memory(const std::string& name, void* base, size_t length, const ExportOptions& options);
 
   // The owner changed [offset, offset+length) of an exported region: its
   // zero-page map is recomputed there. Destinations that connect later get

@@ -10,6 +10,7 @@
 
 #include "common/unique_fd.h"
 #include "spdlog/spdlog.h"
+#include "transport/tcp/tcp_control.h"
 
 namespace pagewire::rdma {
 namespace {
@@ -55,6 +56,10 @@ rdma_cm_event* expect(rdma_event_channel* ec, rdma_cm_event_type want, unsigned 
 }
 
 }  // namespace
+
+std::unique_ptr<SourceControl> RdmaTransport::open_control() {
+  return std::make_unique<tcp::TcpControl>(endpoint_, desc_, options_.reconnect_timeout_ms);
+}
 
 RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::string& name, const TransportOptions& o)
     : endpoint_(resolve(host, port)), name_(name), options_(o) {

@@ -60,6 +60,8 @@ class RdmaTransport final : public Transport {
   TransportCapabilities capabilities() const override;
   // RDMA reads take no CPU on the source: demand and bulk are alike there.
   std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) override;
+  // Over TCP to the same server and port; the pages still move by RDMA READ.
+  std::unique_ptr<SourceControl> open_control() override;
 
  private:
   Connection connect_one();

@@ -265,6 +265,10 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     return finish(false);
   }
   tcp::set_io_timeout(fd.get(), 0);
+  if ((hello.flags & wire::kHelloControl) != 0) {
+    spdlog::debug("server: {} controls '{}'", peer, name);
+    return finish(!serve_control(fd.get(), *region, peer));
+  }
   if ((hello.flags & wire::kHelloBulk) != 0) {
     // Background transfer: let the threads answering demand reads run
     // first (a woken nice-0 thread preempts this one at once).
@@ -327,6 +331,45 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     const size_t used = count * sizeof(wire::ReadRequest);
     std::memmove(buf.data(), buf.data() + used, have - used);
     have -= used;
+  }
+}
+
+bool TcpServer::serve_control(int fd, const ExportedRegion& region, const std::string& peer) {
+  for (;;) {
+    wire::ControlRequest req{};
+    if (!tcp::recv_all(fd, &req, sizeof req)) return true;  // the peer is done
+    if (req.magic != wire::kControlMagic) {
+      spdlog::warn("server: {} sent a malformed control request (magic 0x{:08x}); dropping it", peer, req.magic);
+      return false;
+    }
+    wire::ControlReply reply{wire::kControlMagic, static_cast<uint32_t>(Errc::kOk), 0, 0};
+    LiveExport::Written written;
+    std::string error;
+    try {
+      if (!region.live) {
+        throw Error(Errc::kUnsupported, "'" + region.name + "' is not a live export: its writes are not tracked");
+      }
+      switch (static_cast<wire::ControlOp>(req.op)) {
+        case wire::ControlOp::kWrittenSince:
+          written = region.live->written_since(req.epoch);
+          reply.epoch = written.epoch;
+          break;
+        case wire::ControlOp::kPause: reply.epoch = region.live->pause(); break;
+        default: throw Error(Errc::kInvalidArgument, "unknown control request " + std::to_string(req.op));
+      }
+    } catch (const Error& e) {
+      reply.status = static_cast<uint32_t>(e.code());
+      error = e.what();
+    } catch (const std::exception& e) {
+      reply.status = static_cast<uint32_t>(Errc::kIo);
+      error = e.what();
+    }
+    const void* payload = error.empty() ? static_cast<const void*>(written.pages.data()) : error.data();
+    reply.payload_bytes = error.empty() ? written.pages.size() * sizeof(uint64_t) : error.size();
+    if (!tcp::send_all(fd, &reply, sizeof reply) ||
+        (reply.payload_bytes > 0 && !tcp::send_all(fd, payload, reply.payload_bytes))) {
+      return true;
+    }
   }
 }
 

@@ -40,6 +40,9 @@ class TcpServer {
 
   void accept_loop();
   void serve(Connection* conn, UniqueFd fd, std::string peer);
+  // A control connection: questions about a live export, one at a time.
+  // Returns false when the peer broke the protocol.
+  bool serve_control(int fd, const ExportedRegion& region, const std::string& peer);
   void reap_finished();
 
   ServerOptions options_;

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "spdlog/spdlog.h"
+#include "transport/tcp/tcp_control.h"
 
 namespace pagewire::tcp {
 namespace {
@@ -100,6 +101,10 @@ std::unique_ptr<Channel> TcpTransport::open_channel(ChannelUse use) {
     }
   }
   return std::make_unique<TcpChannel>(std::move(fd), endpoint_, desc_, timeouts_, flags);
+}
+
+std::unique_ptr<SourceControl> TcpTransport::open_control() {
+  return std::make_unique<TcpControl>(endpoint_, desc_, timeouts_.reconnect_timeout_ms);
 }
 
 TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportOptions options,

@@ -30,6 +30,7 @@ class TcpTransport final : public Transport {
   const RegionDescriptor& region() const override { return desc_; }
   TransportCapabilities capabilities() const override;
   std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) override;
+  std::unique_ptr<SourceControl> open_control() override;
 
  private:
   Endpoint endpoint_;

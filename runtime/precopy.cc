@@ -1,0 +1,123 @@
+#include "runtime/precopy.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <thread>
+
+#include "runtime/fault_engine.h"
+#include "spdlog/spdlog.h"
+
+namespace pagewire {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Until the pull has every page again (or the region failed).
+void wait_all_present(const FaultEngine& e) {
+  for (;;) {
+    const Progress p = e.progress();
+    if (p.failed) throw Error(Errc::kIo, "precopy: " + e.error());
+    if (p.pages_present >= p.pages_total) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+}  // namespace
+
+size_t FaultEngine::take_back_written(const ZeroMap& source_pages) {
+  const uint32_t source_page = transport_->region().page_size;
+  const uint64_t per = std::max<uint64_t>(1, desc_.page_size / source_page);
+  PageCounts& mine = completion_->slot(static_cast<unsigned>(handlers_.size()) + 1);
+  const auto written = [&](size_t page) {
+    for (uint64_t s = page * per; s < (page + 1) * per; ++s) {
+      if (s / 64 < source_pages.size() && ((source_pages[s / 64] >> (s % 64)) & 1) != 0) return true;
+    }
+    return false;
+  };
+  // Each stretch of present written pages is owned (in flight), discarded
+  // in one call, and only then made missing for the pull to take.
+  size_t taken = 0;
+  const auto discard = [&](size_t first, size_t end) {
+    if (first == end) return;
+    const size_t bytes = (end - first) * desc_.page_size;
+    const int rc = backing_.shared ? ::fallocate(backing_.memfd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                                 static_cast<off_t>(first * desc_.page_size), static_cast<off_t>(bytes))
+                                   : ::madvise(page_addr(first), bytes, MADV_DONTNEED);
+    if (rc != 0) throw_errno(backing_.shared ? "precopy: punching out written pages" : "precopy: discarding written pages");
+    for (size_t p = first; p < end; ++p) pages_.settle(p, PageState::kMissing);
+    taken += end - first;
+  };
+  size_t first = 0;
+  size_t end = 0;
+  for (size_t p = 0; p < pages_.size(); ++p) {
+    if (!written(p)) continue;
+    clear_zero_page(desc_.zero_map, p);  // data now, whatever it was at attach
+    if (!pages_.transition(p, PageState::kPresent, PageState::kInFlight)) {
+      // Missing: fetched later, from the source as it is then. Nothing
+      // else is possible before the application starts.
+      continue;
+    }
+    PageCounts::add(mine.present, -1);
+    if (p != end) {
+      discard(first, end);
+      first = p;
+    }
+    end = p + 1;
+  }
+  discard(first, end);
+  return taken;
+}
+
+void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const PrecopyOptions& o) {
+  MigrationReport& report = e.migration();
+  const Clock::time_point began = Clock::now();
+  const uint32_t source_page = 4096;
+  const unsigned max_rounds = std::max(1u, o.max_rounds);
+  uint64_t round_pages = e.progress().pages_total;
+  double bandwidth = 0;  // the best bytes per second a round moved
+  for (unsigned round = 1;; ++round) {
+    const Clock::time_point start = Clock::now();
+    const uint64_t bytes_before = e.stats().bytes_fetched;
+    wait_all_present(e);
+    const double seconds = std::max(seconds_since(start), 1e-6);
+    const uint64_t bytes = e.stats().bytes_fetched - bytes_before;
+    // What the owner wrote while this round ran (and since the round
+    // before asked): the next round's work.
+    const SourceControl::Written w = control.written_since(epoch);
+    const PrecopyRound r{round, round_pages, bytes, seconds, static_cast<double>(w.count) / seconds};
+    report.rounds.push_back(r);
+    if (o.on_round) o.on_round(r);
+    if (bytes > 0) bandwidth = std::max(bandwidth, static_cast<double>(bytes) / seconds);
+    const double written_bytes = static_cast<double>(w.count) * source_page;
+    const double needs_ms = bandwidth > 0 ? written_bytes / bandwidth * 1e3 : (w.count == 0 ? 0 : 1e9);
+    if (needs_ms <= o.max_downtime_ms) {
+      report.switched_because = "converged";
+    } else if (round >= max_rounds) {
+      report.switched_because = "round limit";
+    } else if (written_bytes / seconds >= bandwidth) {
+      report.switched_because = "writer outpaces the pull";
+    }
+    if (!report.switched_because.empty()) break;
+    round_pages = e.take_back_written(w.pages);
+    epoch = w.epoch;
+  }
+  // Switchover: the source stands still, the last written set (since the
+  // last round began) goes, and the application may start.
+  report.precopy_seconds = seconds_since(began);
+  const Clock::time_point pause = Clock::now();
+  control.pause();
+  const SourceControl::Written last = control.written_since(epoch);
+  report.pages_written_at_switch = e.take_back_written(last.pages);
+  e.hold_completion(false);
+  report.downtime_ms = seconds_since(pause) * 1e3;
+  spdlog::info("precopy: '{}' switched over after {} rounds ({}), {:.1f} s; {} pages left to postcopy; downtime "
+               "{:.2f} ms",
+               e.name(), report.rounds.size(), report.switched_because, report.precopy_seconds,
+               report.pages_written_at_switch, report.downtime_ms);
+}
+
+}  // namespace pagewire
