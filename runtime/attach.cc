@@ -1,5 +1,7 @@
 #include "pagewire/region.h"
 #include "runtime/fault_engine.h"
+#include "runtime/precopy.h"
+#include "transport/protocol.h"
 #include "transport/transport.h"
 
 namespace pagewire {
@@ -19,9 +21,20 @@ Progress Region::progress() const { return engine_->progress(); }
 bool Region::wait_complete(std::chrono::milliseconds timeout) const { return engine_->wait_complete(timeout); }
 bool Region::failed() const { return engine_->failed(); }
 std::string Region::error() const { return engine_->error(); }
+const MigrationReport& Region::migration() const { return engine_->migration(); }
 
 Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options) {
-  return Region(std::make_unique<FaultEngine>(std::move(transport), options));
+  if (!options.precopy.enabled) return Region(std::make_unique<FaultEngine>(std::move(transport), options));
+  if (!options.background_pull) {
+    throw Error(Errc::kInvalidArgument, "precopy moves pages with the background pull: it cannot be off");
+  }
+  // The first epoch closes before any page is fetched: every write after
+  // it is reported by a later harvest.
+  std::unique_ptr<SourceControl> control = transport->open_control();
+  const uint64_t epoch = control->written_since(wire::kNoEpoch).epoch;
+  auto engine = std::make_unique<FaultEngine>(std::move(transport), options);
+  run_precopy(*engine, *control, epoch, options.precopy);
+  return Region(std::move(engine));
 }
 
 Region attach(std::string_view uri, const AttachOptions& options) {

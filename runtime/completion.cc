@@ -112,7 +112,7 @@ bool Completion::all_settled() const {
 
 void Completion::decide() {
   const auto total = static_cast<int64_t>(r_.pages.size());
-  if (r_.status.complete() || settled() != total) return;
+  if (r_.status.complete() || held_.load() || settled() != total) return;
   // Every page is counted. Before the region becomes plain memory (where a
   // missing page would read as zeros), check that each is still there: a
   // page the application discarded after it arrived is fetched again first.

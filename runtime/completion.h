@@ -68,6 +68,12 @@ class Completion {
   PageCounts& slot(unsigned i) { return slots_[i]; }
   // Wakes the owner to look now rather than at its next tick.
   void nudge();
+  // While held, the region is never declared complete, however many pages
+  // are present: precopy rounds take pages back until the switchover.
+  void hold(bool held) {
+    held_.store(held);
+    if (!held) nudge();
+  }
   uint64_t pages_present() const;
   uint64_t pages_gone() const;
 
@@ -96,6 +102,7 @@ class Completion {
   UniqueFd wake_fd_;
   std::mutex decide_mu_;              // held by the owner while it decides
   std::atomic<bool> closing_{false};  // the owner is deciding
+  std::atomic<bool> held_{false};
   std::thread thread_;
 };
 

@@ -160,7 +160,9 @@ void FaultEngine::start_workers(unsigned n) {
   }
   completion_ = std::make_unique<Completion>(Completion::Region{pages_, residency_, uffd_, backing_.view.data(),
                                                                 desc_.page_size, status_, desc_.name, started_},
-                                             n + 1);
+                                             n + 2);
+  // Slot n + 1 counts for precopy, which takes pages back between rounds.
+  if (options_.precopy.enabled) completion_->hold(true);
   for (auto& h : handlers_) h->counts = &completion_->slot(h->index);
   if (puller_) puller_->counts = &completion_->slot(n);
   for (auto& h : handlers_) {

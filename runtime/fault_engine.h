@@ -61,6 +61,18 @@ class FaultEngine {
   bool failed() const { return status_.failed(); }
   std::string error() const { return status_.error(); }
 
+  // Precopy (precopy.cc). The pages a live source wrote (bits in the
+  // source's pages) are taken back: discarded here, known zero no more,
+  // and missing, so that the pull fetches them again. Only while the
+  // application cannot touch the region (before attach returns). Returns
+  // how many pages (this side's) were taken back.
+  size_t take_back_written(const ZeroMap& source_pages);
+  // The region is not declared complete while held (set before any page
+  // arrives when precopy is on).
+  void hold_completion(bool held) { completion_->hold(held); }
+  const MigrationReport& migration() const { return migration_; }
+  MigrationReport& migration() { return migration_; }
+
  private:
   // What a handler does about a fault it read.
   //  kFetch: the handler now owns the page and must fetch it.
@@ -141,7 +153,8 @@ class FaultEngine {
   // Unmaps what is still the region's when it is destroyed.
   void unmap_view();
 
-  bool zero(size_t page) const { return is_zero_page(desc_.zero_map, page); }
+  // Relaxed: a precopy round clears bits of pages the source wrote.
+  bool zero(size_t page) const { return is_zero_page_relaxed(desc_.zero_map, page); }
   std::byte* page_addr(size_t page) const { return backing_.view.data() + page * desc_.page_size; }
 
   // Members in creation order; destroyed in reverse: workers (joined in
@@ -166,6 +179,7 @@ class FaultEngine {
   std::string view_name_;  // the anonymous view's name in /proc/self/maps; empty: unnamed
   std::vector<std::unique_ptr<Worker>> handlers_;
   std::unique_ptr<Worker> puller_;
+  MigrationReport migration_;  // filled by precopy before the region is handed out
 };
 
 }  // namespace pagewire

@@ -47,7 +47,8 @@ size_t FaultEngine::take_back_written(const ZeroMap& source_pages) {
     const int rc = backing_.shared ? ::fallocate(backing_.memfd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                                  static_cast<off_t>(first * desc_.page_size), static_cast<off_t>(bytes))
                                    : ::madvise(page_addr(first), bytes, MADV_DONTNEED);
-    if (rc != 0) throw_errno(backing_.shared ? "precopy: punching out written pages" : "precopy: discarding written pages");
+    if (rc != 0)
+      throw_errno(backing_.shared ? "precopy: punching out written pages" : "precopy: discarding written pages");
     for (size_t p = first; p < end; ++p) pages_.settle(p, PageState::kMissing);
     taken += end - first;
   };
@@ -98,7 +99,9 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
       report.switched_because = "converged";
     } else if (round >= max_rounds) {
       report.switched_because = "round limit";
-    } else if (written_bytes / seconds >= bandwidth) {
+    } else if (w.count * source_page >= round_pages * e.page_size()) {
+      // More was written while the round ran than the round moved: another
+      // round would not leave less. Postcopy takes the rest.
       report.switched_because = "writer outpaces the pull";
     }
     if (!report.switched_because.empty()) break;

@@ -7,9 +7,11 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "pagewire/error.h"
 #include "pagewire/stats.h"
@@ -18,6 +20,38 @@ namespace pagewire {
 
 class Transport;
 class FaultEngine;
+
+// One precopy round, as the destination saw it.
+struct PrecopyRound {
+  unsigned round = 0;  // 1: every page; then the pages written since
+  uint64_t pages = 0;  // pages this round moved
+  uint64_t bytes = 0;  // bytes on the wire
+  double seconds = 0;
+  double written_pages_per_second = 0;  // the source's write rate meanwhile
+};
+
+// Live migration: precopy rounds while the source's owner keeps writing,
+// a switchover, then postcopy (the background pull and demand faults).
+struct PrecopyOptions {
+  bool enabled = false;
+  // Switch over once the pages written since the last round could move
+  // within this time at the bandwidth the rounds measured.
+  unsigned max_downtime_ms = 300;
+  // Switch over after this many rounds however much is still written.
+  unsigned max_rounds = 30;
+  // Called after each round (from the attaching thread).
+  std::function<void(const PrecopyRound&)> on_round{};
+};
+
+// How a precopy migration went (Region::migration()).
+struct MigrationReport {
+  std::vector<PrecopyRound> rounds;
+  // Why the rounds ended: "converged", "round limit", "writer outpaces the pull".
+  std::string switched_because;
+  uint64_t pages_written_at_switch = 0;  // discarded here at the switchover, left to postcopy
+  double downtime_ms = 0;                // from asking the source to pause until attach returned
+  double precopy_seconds = 0;            // attach until the switchover began
+};
 
 struct AttachOptions {
   // Handler threads, each with its own connection and staging buffers.
@@ -83,6 +117,12 @@ struct AttachOptions {
   // size, open read-write, not sealed against writes; it must not shrink
   // while attached), and a hugetlbfs memfd means 2 MiB pages. -1: create one.
   int memfd = -1;
+
+  // Live migration from a source whose owner keeps writing (a live
+  // export): attach returns after the switchover, when the source stands
+  // still and every page here is either the source's at the pause or
+  // missing (fetched on demand and by the pull). Needs background_pull.
+  PrecopyOptions precopy{};
 };
 
 // How far a region has arrived.
@@ -119,6 +159,8 @@ class Region {
   // True once a page could not be fetched and was refused; error() says why.
   bool failed() const;
   std::string error() const;
+  // A region attached with precopy: its rounds and downtime (empty otherwise).
+  const MigrationReport& migration() const;
 
  private:
   friend Region attach(std::unique_ptr<Transport>, const AttachOptions&);
