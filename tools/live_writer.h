@@ -46,9 +46,9 @@ class LiveWriter {
   std::atomic<uint64_t> written_{0};
   std::mutex mu_;
   std::condition_variable cv_;
-  bool pause_asked_ = false;  // guarded by mu_
-  bool standing_ = false;     // the writer saw the pause: guarded by mu_
-  bool stop_ = false;         // guarded by mu_
+  bool pause_asked_ = false;        // guarded by mu_
+  bool standing_ = false;           // the writer saw the pause: guarded by mu_
+  bool stop_ = false;               // guarded by mu_
   std::atomic<bool> check_{false};  // something above changed: look under the lock
   std::thread thread_;              // last: started once the rest exists
 };

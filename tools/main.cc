@@ -23,6 +23,7 @@
 #include "spdlog/spdlog.h"
 #include "tools/bench.h"
 #include "tools/cli_util.h"
+#include "tools/migrate.h"
 #include "tools/pattern.h"
 #include "tools/source_process.h"
 #include "tools/workload.h"
@@ -40,6 +41,7 @@ struct ServeCommand {
   std::vector<std::string> patterns;  // NAME=SIZE[:SEED]
   int ready_fd = -1;
   std::string rdma = "auto";
+  LiveSource live;
 };
 
 struct AttachCommand {
@@ -47,6 +49,7 @@ struct AttachCommand {
   WorkloadConfig workload{.verify = false, .progress_label = "faulting"};  // --verify turns verify on
   AttachOptions options{.background_pull = false};
   std::string json_path;
+  bool verify_source = false;  // --verify with no seed
 };
 
 struct DemoCommand {
@@ -127,6 +130,10 @@ void print_touch_report(const WorkloadResult& res, const Stats& s, uint32_t page
 }
 
 int cmd_attach(const AttachCommand& a) {
+  if (a.options.precopy.enabled) {
+    MigrateCommand m{a.uri, a.options, a.workload.threads, a.workload.verify, a.json_path};
+    return cmd_migrate(m);
+  }
   const std::string& uri = a.uri;
   const WorkloadConfig& w = a.workload;
   const AttachOptions& o = a.options;
@@ -196,7 +203,10 @@ int cmd_serve(const ServeCommand& c) {
   for (const auto& p : c.patterns) specs.push_back(parse_pattern_spec(p, kDefaultSeed));
   if (specs.empty() && c.files.empty()) throw std::invalid_argument("nothing to serve: give --file or --pattern");
   if (c.ready_fd < 0) spdlog::set_level(std::min(spdlog::get_level(), spdlog::level::info));
-  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0);
+  if (c.live.writer_pages_per_second >= 0 && specs.empty()) {
+    throw std::invalid_argument("--writer writes pattern regions: give --pattern too");
+  }
+  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0, c.live);
 }
 
 int cmd_bench(const BenchConfig& c) {
@@ -254,6 +264,13 @@ CLI::App* add_serve(CLI::App& app, ServeCommand& c) {
   cmd->add_option("--rdma", c.rdma, "serve RDMA destinations too: auto (when a device exists), on, off")
       ->check(CLI::IsMember({"auto", "on", "off"}))
       ->capture_default_str();
+  cmd->add_option("--writer", c.live.writer_pages_per_second,
+                  "keep rewriting random pages of each --pattern region at this rate (pages/s; 0: as fast as it "
+                  "can), exported live for precopy migration")
+      ->check(CLI::Range(0.0, 1e9));
+  cmd->add_option("--tracking", c.live.tracking, "how --writer's writes are tracked: auto, async or sync")
+      ->check(CLI::IsMember({"auto", "async", "sync"}))
+      ->capture_default_str();
   return cmd;
 }
 
@@ -268,8 +285,11 @@ CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
   cmd->add_option("--threads", a.workload.threads, "touching threads")->check(count_range())->capture_default_str();
   cmd->add_option("--handlers", a.options.handler_threads, kHandlersHelp)->capture_default_str();
   cmd->add_option("--verify", a.workload.seed,
-                  "check every byte against the pattern of this seed (serve --pattern: 0x5eed unless given)")
+                  "check every byte against the pattern of this seed (serve --pattern: 0x5eed unless given); "
+                  "with --precopy, against the paused source")
       ->transform(seed_arg())
+      ->expected(0, 1)
+      ->default_str("0x5eed")
       ->each([&a](const std::string&) { a.workload.verify = true; });
   cmd->add_option("--json", a.json_path, "write the stats as JSON to this file");
   cmd->add_flag("--pull", a.options.background_pull,
@@ -285,6 +305,16 @@ CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
       ->default_str("anonymous");
   cmd->add_flag("--huge-pages", a.options.huge_pages,
                 "2 MiB hugetlb pages (reserve them first: sysctl vm.nr_hugepages=N)");
+  cmd->add_flag("--precopy", a.options.precopy.enabled,
+                "live migration from a source that keeps writing (serve --writer): precopy rounds, a switchover, "
+                "then postcopy");
+  cmd->add_option("--max-downtime", a.options.precopy.max_downtime_ms,
+                  "precopy: switch over once what is written could move within this many ms")
+      ->check(CLI::Range(0u, 3600000u))
+      ->capture_default_str();
+  cmd->add_option("--max-rounds", a.options.precopy.max_rounds, "precopy: switch over after this many rounds")
+      ->check(CLI::Range(1u, 10000u))
+      ->capture_default_str();
   cmd->add_flag_callback(
       "--no-io-uring", [&a] { a.options.io_uring = false; },
       "drive TCP sockets with plain syscalls instead of io_uring");

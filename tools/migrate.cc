@@ -17,8 +17,8 @@ uint64_t pages_differing_from_source(const std::string& uri, const std::byte* da
   std::unique_ptr<Transport> t = connect_transport(uri, TransportOptions{});
   if (t->region().length != size) throw Error(Errc::kProtocol, uri + " is not the size of the region attached");
   std::unique_ptr<Channel> ch = t->open_channel(ChannelUse::kBulk);
-  const size_t chunk = std::max<size_t>(page_size, std::min<size_t>(t->capabilities().max_read_bytes, 1 << 20) /
-                                                       page_size * page_size);
+  const size_t chunk = std::max<size_t>(
+      page_size, std::min<size_t>(t->capabilities().max_read_bytes, 1 << 20) / page_size * page_size);
   Mapping buffer = Mapping::anonymous(chunk);
   const LocalBuffer local = ch->register_buffer(buffer.data(), chunk);
   uint64_t differ = 0;
@@ -34,8 +34,8 @@ uint64_t pages_differing_from_source(const std::string& uri, const std::byte* da
       if (!result.completions.empty()) break;
     }
     if (result.completions[0].status != Errc::kOk) {
-      throw Error(result.completions[0].status, "reading " + uri + " to verify: " +
-                                                    std::string(to_string(result.completions[0].status)));
+      throw Error(result.completions[0].status,
+                  "reading " + uri + " to verify: " + std::string(to_string(result.completions[0].status)));
     }
     for (size_t p = 0; p < len; p += page_size) {
       const size_t n = std::min<size_t>(page_size, len - p);

@@ -13,13 +13,14 @@
 #include "common/unique_fd.h"
 #include "pagewire/server.h"
 #include "spdlog/spdlog.h"
+#include "tools/live_writer.h"
 #include "tools/pattern.h"
 
 namespace pagewire::cli {
 
 int serve_forever(const std::string& bind, uint16_t port, const std::string& rdma,
                   const std::vector<std::string>& files, const std::vector<PatternSpec>& patterns, int ready_fd,
-                  bool quiet_stats) {
+                  bool quiet_stats, const LiveSource& live) {
   // Signals are taken synchronously by sigwait below, so block them before
   // the server's threads exist (they inherit the mask).
   sigset_t stop_signals;
@@ -44,7 +45,27 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
     throw std::invalid_argument("--rdma must be auto, on or off");
   }
   MemoryServer server(o);
+  std::vector<std::unique_ptr<LiveWriter>> writers;
+  writers.reserve(patterns.size());  // the pause callbacks point at its elements
   for (size_t i = 0; i < patterns.size(); ++i) {
+    if (live.writer_pages_per_second >= 0) {
+      // Tracked from before the first write; the writer pauses (and the
+      // server keeps serving) at a destination's switchover.
+      ExportOptions e;
+      e.track_writes = true;
+      e.tracking = live.tracking == "sync"    ? WriteTracking::kSync
+                   : live.tracking == "async" ? WriteTracking::kAsync
+                                              : WriteTracking::kAuto;
+      writers.push_back(nullptr);
+      std::unique_ptr<LiveWriter>* writer = &writers.back();
+      e.pause_writers = [writer] {
+        if (*writer) (*writer)->pause();
+      };
+      server.export_memory(patterns[i].name, memory[i].data(), patterns[i].size, e);
+      *writer = std::make_unique<LiveWriter>(memory[i].data(), patterns[i].size, 4096, patterns[i].seed,
+                                             live.writer_pages_per_second, i + 1);
+      continue;
+    }
     // The bytes follow from seed and size: a source restarted with the same
     // pattern serves the same region, and one with another does not.
     server.export_memory(patterns[i].name, memory[i].data(), patterns[i].size, 4096,
@@ -64,6 +85,10 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
   sigwait(&stop_signals, &sig);
   const ServerStats s = server.stats();
   server.stop();
+  for (const auto& w : writers) {
+    if (w && !quiet_stats)
+      std::printf("writer: %llu pages written\n", static_cast<unsigned long long>(w->pages_written()));
+  }
   if (!quiet_stats) {
     std::printf("served %llu reads (%s) on %llu connections; %llu refused, %llu connections dropped\n",
                 static_cast<unsigned long long>(s.reads_served), format_bytes(s.bytes_served).c_str(),
@@ -74,7 +99,8 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
   return 0;
 }
 
-SourceProcess::SourceProcess(const PatternSpec& spec, const std::string& bind_address, const std::string& rdma)
+SourceProcess::SourceProcess(const PatternSpec& spec, const std::string& bind_address, const std::string& rdma,
+                             const LiveSource& live)
     : spec_(spec) {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno("pipe");
@@ -86,7 +112,7 @@ SourceProcess::SourceProcess(const PatternSpec& spec, const std::string& bind_ad
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     int rc = 1;
     try {
-      rc = serve_forever(bind_address, 0, rdma, {}, {spec}, fds[1], true);
+      rc = serve_forever(bind_address, 0, rdma, {}, {spec}, fds[1], true, live);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "source: %s\n", e.what());
     }

@@ -12,11 +12,19 @@
 
 namespace pagewire::cli {
 
+// A source whose owner keeps writing: each pattern region gets a writer
+// thread, and is exported live (writes tracked, the writer paused at a
+// migration's switchover).
+struct LiveSource {
+  double writer_pages_per_second = -1;  // < 0: no writer, a plain export; 0: as fast as it can
+  std::string tracking = "auto";        // auto, async or sync
+};
+
 class SourceProcess {
  public:
   // Serves on bind_address (loopback by default); rdma as in ServerOptions.
   explicit SourceProcess(const PatternSpec& spec, const std::string& bind_address = "127.0.0.1",
-                         const std::string& rdma = "off");
+                         const std::string& rdma = "off", const LiveSource& live = {});
   SourceProcess(const SourceProcess&) = delete;
   SourceProcess& operator=(const SourceProcess&) = delete;
   ~SourceProcess();
@@ -38,6 +46,6 @@ class SourceProcess {
 // rdma: "auto", "on" or "off" (see ServerOptions::rdma).
 int serve_forever(const std::string& bind, uint16_t port, const std::string& rdma,
                   const std::vector<std::string>& files, const std::vector<PatternSpec>& patterns, int ready_fd,
-                  bool quiet_stats);
+                  bool quiet_stats, const LiveSource& live = {});
 
 }  // namespace pagewire::cli
