@@ -20,6 +20,7 @@
 #include "runtime/backing.h"
 #include "runtime/metrics.h"
 #include "runtime/uffd.h"
+#include "runtime/write_tracker.h"
 #include "spdlog/spdlog.h"
 #include "tools/bench.h"
 #include "tools/cli_util.h"
@@ -224,6 +225,15 @@ int cmd_info() {
                 describe_uffd_features(f).c_str());
   } catch (const std::exception& e) {
     std::printf("userfaultfd: NOT available: %s\n", e.what());
+  }
+  try {
+    const TrackingMode m = probe_tracking();
+    std::printf("write tracking (live exports): %s\n",
+                m == TrackingMode::kAsync
+                    ? "async (UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN: writers never stop)"
+                    : "sync (a write-protect fault per page written and harvest; no WP_ASYNC or PAGEMAP_SCAN here)");
+  } catch (const std::exception& e) {
+    std::printf("write tracking: NOT available: %s\n", e.what());
   }
   io_uring ring;
   const int rc = io_uring_queue_init(4, &ring, 0);
