@@ -84,22 +84,42 @@ std::unique_ptr<ExportedRegion> ExportTable::from_memory(const std::string& name
   region->page_size = page_size;
   while (identity == 0) identity = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
   region->identity = identity;
-  if (options.track_writes) {
-    // Tracking first: a write while the zero-page map is computed is then
-    // reported by the first harvest, which recomputes the page's bit.
-    region->live = std::make_unique<LiveExport>(*region, to_tracking_mode(options.tracking), options.pause_writers);
-  }
   region->zero_map = compute_zero_map(region->base, region->length, page_size);
   return region;
 }
 
-const ExportedRegion& ExportTable::add(std::unique_ptr<ExportedRegion> region) {
+void ExportTable::make_live(const ExportedRegion& added, const ExportOptions& options) {
+  ExportedRegion* region = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    if (added.key >= regions_.size() || regions_[added.key].get() != &added) {
+      throw Error(Errc::kNotFound, "'" + added.name + "' is not in this table");
+    }
+    region = regions_[added.key].get();
+  }
+  region->live = std::make_unique<LiveExport>(*region, to_tracking_mode(options.tracking), options.pause_writers);
+  // Tracking first, then the map: a write while it is computed is reported
+  // by the first harvest, which computes that page's bit again.
+  std::lock_guard zero(region->zero_map_mu);
+  update_zero_map(region->zero_map, region->base, region->length, region->page_size, 0,
+                  (region->length + region->page_size - 1) / region->page_size);
+}
+
+void ExportTable::publish(const ExportedRegion& region) {
+  std::lock_guard lock(mu_);
+  if (by_name_.count(region.name) != 0) {
+    throw Error(Errc::kInvalidArgument, "a region named '" + region.name + "' is exported already");
+  }
+  by_name_[region.name] = region.key;
+}
+
+const ExportedRegion& ExportTable::add(std::unique_ptr<ExportedRegion> region, bool findable) {
   std::lock_guard lock(mu_);
   if (by_name_.count(region->name) != 0) {
     throw Error(Errc::kInvalidArgument, "a region named '" + region->name + "' is exported already");
   }
   region->key = static_cast<uint32_t>(regions_.size());
-  by_name_[region->name] = region->key;
+  if (findable) by_name_[region->name] = region->key;
   regions_.push_back(std::move(region));
   const ExportedRegion& r = *regions_.back();
   spdlog::info("server: exporting '{}' ({} bytes, {} B pages)", r.name, r.length, r.page_size);

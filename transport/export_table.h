@@ -55,13 +55,20 @@ class ExportTable {
   static std::unique_ptr<ExportedRegion> from_file(const std::string& name, const std::string& path,
                                                    uint32_t page_size);
   // A region of memory the caller keeps mapped; identity 0 draws a fresh
-  // one. With options.track_writes its writes are tracked from now on.
+  // one. Its writes are not tracked yet: see make_live().
   static std::unique_ptr<ExportedRegion> from_memory(const std::string& name, const void* base, size_t length,
                                                      const ExportOptions& options);
 
-  // Makes the region findable and gives it its key; throws when the name
-  // is taken. Its memory stays until the table goes.
-  const ExportedRegion& add(std::unique_ptr<ExportedRegion> region);
+  // Gives the region its key and, unless `findable` is false (publish()
+  // later), makes it findable; throws when the name is taken. Its memory
+  // stays until the table goes.
+  const ExportedRegion& add(std::unique_ptr<ExportedRegion> region, bool findable = true);
+  // Tracks the writes to a region added but not yet findable (after its
+  // RDMA registration: the device pins its pages for writing, which a
+  // write-protected range refuses) and computes its zero-page map again,
+  // so that a write before tracking began is not taken for a zero page.
+  void make_live(const ExportedRegion& region, const ExportOptions& options);
+  void publish(const ExportedRegion& region);
   // Takes a region just added out of reach again: no new destination finds
   // it (the memory stays until the table goes).
   void withdraw(const std::string& name);

@@ -67,21 +67,26 @@ void MemoryServer::export_memory(const std::string& name, const void* base, size
 }
 
 void MemoryServer::export_memory(const std::string& name, void* base, size_t length, const ExportOptions& options) {
-  add(ExportTable::from_memory(name, base, length, options));
+  add(ExportTable::from_memory(name, base, length, options), options.track_writes ? &options : nullptr);
 }
 
-void MemoryServer::add(std::unique_ptr<ExportedRegion> region) {
-  const ExportedRegion& r = exports_->add(std::move(region));
-  if (!rdma_) return;
-  try {
-    rdma_->add(r);
-  } catch (const std::exception& e) {
-    // Registering it with the device failed (a memlock limit, say).
-    if (rdma_mode_ == RdmaServing::kOn) {
-      exports_->withdraw(r.name);
-      throw;
+void MemoryServer::add(std::unique_ptr<ExportedRegion> region, const ExportOptions* live) {
+  const ExportedRegion& r = exports_->add(std::move(region), live == nullptr);
+  if (rdma_) {
+    try {
+      rdma_->add(r);
+    } catch (const std::exception& e) {
+      // Registering it with the device failed (a memlock limit, say).
+      if (rdma_mode_ == RdmaServing::kOn) {
+        exports_->withdraw(r.name);
+        throw;
+      }
+      spdlog::warn("server: '{}' is served over TCP only: {}", r.name, e.what());
     }
-    spdlog::warn("server: '{}' is served over TCP only: {}", r.name, e.what());
+  }
+  if (live != nullptr) {
+    exports_->make_live(r, *live);
+    exports_->publish(r);
   }
 }
 

@@ -118,7 +118,9 @@ class MemoryServer {
  private:
   // Exports over TCP, and over RDMA where served (kAuto: TCP only when the
   // device will not take the region).
-  void add(std::unique_ptr<ExportedRegion> region);
+  // (ExportOptions given: a live export's tracking starts once the device
+  // has registered the memory, and destinations find it only then.)
+  void add(std::unique_ptr<ExportedRegion> region, const ExportOptions* live = nullptr);
 
   std::unique_ptr<ExportTable> exports_;  // first: outlives the servers that read it
   std::unique_ptr<TcpServer> tcp_;
