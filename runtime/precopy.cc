@@ -1,6 +1,5 @@
 #include "runtime/precopy.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -39,16 +38,16 @@ size_t FaultEngine::take_back_written(const ZeroMap& source_pages) {
     return false;
   };
   // Each stretch of present written pages is owned (in flight), discarded
-  // in one call, and only then made missing for the pull to take.
+  // in one call, and only then made missing for the pull to take. Shared
+  // memory drops only the region's mapping of the page: the memfd keeps it
+  // (an RDMA memory region pins it, and a hole punched under it would
+  // leave reads landing in a page the memfd no longer has), and the next
+  // read overwrites it in place before UFFDIO_CONTINUE maps it again.
   size_t taken = 0;
   const auto discard = [&](size_t first, size_t end) {
     if (first == end) return;
     const size_t bytes = (end - first) * desc_.page_size;
-    const int rc = backing_.shared ? ::fallocate(backing_.memfd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                                 static_cast<off_t>(first * desc_.page_size), static_cast<off_t>(bytes))
-                                   : ::madvise(page_addr(first), bytes, MADV_DONTNEED);
-    if (rc != 0)
-      throw_errno(backing_.shared ? "precopy: punching out written pages" : "precopy: discarding written pages");
+    if (::madvise(page_addr(first), bytes, MADV_DONTNEED) != 0) throw_errno("precopy: discarding written pages");
     for (size_t p = first; p < end; ++p) pages_.settle(p, PageState::kMissing);
     taken += end - first;
   };
@@ -80,6 +79,10 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
   const unsigned max_rounds = std::max(1u, o.max_rounds);
   uint64_t round_pages = e.progress().pages_total;
   double bandwidth = 0;  // the best bytes per second a round moved
+  // What the switchover spends per written page: discarding it here (the
+  // page moves later, by postcopy). Measured at each round's take-back;
+  // until then, the time the page would take on the wire.
+  double take_back_seconds_per_page = 0;
   for (unsigned round = 1;; ++round) {
     const Clock::time_point start = Clock::now();
     const uint64_t bytes_before = e.stats().bytes_fetched;
@@ -93,8 +96,9 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
     report.rounds.push_back(r);
     if (o.on_round) o.on_round(r);
     if (bytes > 0) bandwidth = std::max(bandwidth, static_cast<double>(bytes) / seconds);
-    const double written_bytes = static_cast<double>(w.count) * source_page;
-    const double needs_ms = bandwidth > 0 ? written_bytes / bandwidth * 1e3 : (w.count == 0 ? 0 : 1e9);
+    const double wire_seconds_per_page = bandwidth > 0 ? source_page / bandwidth : 1;
+    const double needs_ms = static_cast<double>(w.count) * std::max(wire_seconds_per_page, take_back_seconds_per_page) *
+                            1e3;
     if (needs_ms <= o.max_downtime_ms) {
       report.switched_because = "converged";
     } else if (round >= max_rounds) {
@@ -105,7 +109,9 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
       report.switched_because = "writer outpaces the pull";
     }
     if (!report.switched_because.empty()) break;
+    const Clock::time_point taking = Clock::now();
     round_pages = e.take_back_written(w.pages);
+    if (round_pages > 0) take_back_seconds_per_page = seconds_since(taking) / static_cast<double>(round_pages);
     epoch = w.epoch;
   }
   // Switchover: the source stands still, the last written set (since the
@@ -113,14 +119,17 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
   report.precopy_seconds = seconds_since(began);
   const Clock::time_point pause = Clock::now();
   control.pause();
+  const double pause_ms = seconds_since(pause) * 1e3;
   const SourceControl::Written last = control.written_since(epoch);
+  const double harvest_ms = seconds_since(pause) * 1e3 - pause_ms;
   report.pages_written_at_switch = e.take_back_written(last.pages);
   e.hold_completion(false);
   report.downtime_ms = seconds_since(pause) * 1e3;
   spdlog::info("precopy: '{}' switched over after {} rounds ({}), {:.1f} s; {} pages left to postcopy; downtime "
-               "{:.2f} ms",
+               "{:.2f} ms (pause {:.2f}, last harvest {:.2f}, taking back {:.2f})",
                e.name(), report.rounds.size(), report.switched_because, report.precopy_seconds,
-               report.pages_written_at_switch, report.downtime_ms);
+               report.pages_written_at_switch, report.downtime_ms, pause_ms, harvest_ms,
+               report.downtime_ms - pause_ms - harvest_ms);
 }
 
 }  // namespace pagewire

@@ -65,15 +65,15 @@ size_t FaultEngine::queue_pull_run(Worker& w, size_t cursor) {
   // A span from this missing page: claim what is missing in the next
   // slot_pages pages and take them as one run, gaps (pages that came by
   // demand meanwhile) included, rather than breaking the run at every page
-  // a fault took. Zero pages end the span. Anonymous memory reads the whole
-  // span into staging in one go; shared memory reads each owned stretch in
-  // place (queue_read), at most max_parts of them.
+  // a fault took. Zero pages end the span. Each owned stretch is read
+  // (queue_read), at most max_parts of them: into staging for anonymous
+  // memory, in place for shared memory.
   uint64_t owned_mask = 0;
   uint32_t span = 0;
   uint32_t stretches = 0;
   for (uint32_t i = 0; i < w.slot_pages && cursor + i < total && !zero(cursor + i); ++i) {
     const bool starts_stretch = i == 0 || ((owned_mask >> (i - 1)) & 1) == 0;
-    if (backing_.shared && starts_stretch && stretches == w.max_parts) break;
+    if (starts_stretch && stretches == w.max_parts) break;
     if (pages_.get(cursor + i) == PageState::kMissing && pages_.claim(cursor + i)) {
       if (pulling_) pulling_[cursor + i].store(true, std::memory_order_relaxed);
       owned_mask |= uint64_t{1} << i;

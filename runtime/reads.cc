@@ -33,9 +33,11 @@ void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind k
     // The part from the faulting 4 KiB to the end first, then the head.
     read(first_part, len - first_part);
     read(0, first_part);
-  } else if (backing_.shared && mask != all_pages(pages)) {
-    // Reads land in the final pages: read only the stretches this run owns,
-    // never over a page that arrived another way.
+  } else if (mask != all_pages(pages)) {
+    // Only the stretches this run owns: shared memory reads land in the
+    // final pages, never to go over a page that arrived another way; and
+    // a run with gaps (a precopy round's written pages, pages demand took)
+    // moves only what it installs.
     for_each_stretch(mask, pages, [&](uint32_t i, uint32_t n) {
       const uint64_t at = uint64_t{i} * desc_.page_size;
       read(at, std::min<uint64_t>(uint64_t{n} * desc_.page_size, len - at));
@@ -115,9 +117,9 @@ void FaultEngine::install_run(Worker& w, const Worker::Slot& s, std::byte* src) 
   // Counted before the copy: the copy wakes the faulting threads, and what
   // they read in stats() afterwards must include their page.
   Metrics::bump(s.kind == ReadKind::kPull ? w.metrics.pages_pulled : w.metrics.pages_fetched, installed);
-  // What crossed the wire: the whole span, except that a shared-memory run
-  // reads only the stretches it owns (its last page is always one of them).
-  const uint64_t skipped = backing_.shared ? uint64_t{s.pages - installed} * desc_.page_size : 0;
+  // What crossed the wire: the stretches the run owns (its last page is
+  // always one of them).
+  const uint64_t skipped = uint64_t{s.pages - installed} * desc_.page_size;
   Metrics::bump(w.metrics.bytes_fetched, len - skipped);
   if (s.kind == ReadKind::kPull) Metrics::bump(w.metrics.pull_runs);
   // One install per stretch of owned pages (the whole run, normally). A

@@ -36,7 +36,7 @@ struct PrecopyOptions {
   bool enabled = false;
   // Switch over once the pages written since the last round could move
   // within this time at the bandwidth the rounds measured.
-  unsigned max_downtime_ms = 300;
+  unsigned max_downtime_ms = 50;
   // Switch over after this many rounds however much is still written.
   unsigned max_rounds = 30;
   // Called after each round (from the attaching thread).
