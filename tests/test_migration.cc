@@ -1,7 +1,9 @@
-// Live migration over TCP on the host: a source whose owner keeps writing,
-// precopy rounds, the switchover, postcopy. After the switchover every
-// byte at the destination must equal the source's at its pause, except
-// where the destination's application wrote since.
+// Live migration: a source whose owner keeps writing, precopy rounds, the
+// switchover, postcopy. After the switchover every byte at the destination
+// must equal the source's at its pause, except where the destination's
+// application wrote since. Over TCP on the host (async tracking, and sync
+// forced); in the RDMA binary, over rdma:// in the Soft-RoCE guest, whose
+// 6.1 kernel tracks synchronously.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -10,6 +12,9 @@
 #include <string>
 
 #include "pagewire/pagewire.h"
+#ifdef PAGEWIRE_GUEST_SUITE
+#include "tests/conformance.h"
+#endif
 #include "tests/test_util.h"
 #include "tools/live_writer.h"
 #include "tools/pattern.h"
@@ -26,9 +31,40 @@ constexpr size_t kSize = 32 << 20;
 
 // The source: patterned memory, exported live, with a writer that keeps
 // giving random pages new versions until the switchover pauses it.
+// Where the tests' sources serve: loopback TCP on the host; in the guest
+// binary, RDMA on the address the Soft-RoCE device is bound to.
+#ifdef PAGEWIRE_GUEST_SUITE
+ServerOptions server_options() {
+  ServerOptions o;
+  o.bind_address = "0.0.0.0";
+  o.port = 0;
+  o.rdma = RdmaServing::kOn;
+  return o;
+}
+std::string source_uri(const MemoryServer& server, const std::string& name) {
+  return "rdma://" + std::string(std::getenv("PAGEWIRE_RDMA_ADDR")) + ":" + std::to_string(server.port()) + "/" + name;
+}
+#define SKIP_WITHOUT_THE_WIRE()                                              \
+  do {                                                                       \
+    if (const std::string why = testing::rdma_unavailable(); !why.empty()) { \
+      const char* require = std::getenv("PAGEWIRE_REQUIRE_RDMA");            \
+      if (require != nullptr && std::string(require) == "1") FAIL() << why;  \
+      GTEST_SKIP() << why;                                                   \
+    }                                                                        \
+  } while (false)
+#else
+ServerOptions server_options() { return testing::loopback_tcp(); }
+std::string source_uri(const MemoryServer& server, const std::string& name) {
+  return testing::loopback_uri(server, name);
+}
+#define SKIP_WITHOUT_THE_WIRE() \
+  do {                          \
+  } while (false)
+#endif
+
 struct LiveSource {
   LiveSource(WriteTracking tracking, double pages_per_second, size_t size = kSize)
-      : memory(Mapping::anonymous(size)), server(testing::loopback_tcp()) {
+      : memory(Mapping::anonymous(size)), server(server_options()) {
     fill_pattern(memory.data(), 0, size, kSeed);
     ExportOptions e;
     e.track_writes = true;
@@ -43,7 +79,7 @@ struct LiveSource {
       writer = std::make_unique<LiveWriter>(memory.data(), size, kPage, kSeed, pages_per_second);
     }
   }
-  std::string uri() const { return testing::loopback_uri(server, "live"); }
+  std::string uri() const { return source_uri(server, "live"); }
 
   Mapping memory;
   std::function<void()> before_pause;
@@ -54,11 +90,19 @@ struct LiveSource {
 
 bool written(const ZeroMap& pages, size_t p) { return ((pages[p / 64] >> (p % 64)) & 1) != 0; }
 
-// Pages of the region that differ from the source's memory.
+// Pages of the region that differ from the source's memory; a page
+// refused (SIGBUS, SIGSEGV) counts as all the rest differing.
 size_t pages_differing(const Region& r, const Mapping& source) {
   size_t wrong = 0;
-  for (size_t off = 0; off < r.size(); off += kPage) {
-    if (std::memcmp(r.data() + off, source.data() + off, kPage) != 0) ++wrong;
+  size_t off = 0;
+  const int sig = testing::run_catching_signals([&] {
+    for (; off < r.size(); off += kPage) {
+      if (std::memcmp(r.data() + off, source.data() + off, kPage) != 0) ++wrong;
+    }
+  });
+  if (sig != 0) {
+    ADD_FAILURE() << "page " << off / kPage << " was refused (signal " << sig << "): " << r.error();
+    wrong += (r.size() - off) / kPage;
   }
   return wrong;
 }
@@ -73,6 +117,7 @@ struct MigrationCase {
 class Migration : public ::testing::TestWithParam<MigrationCase> {};
 
 TEST_P(Migration, EveryByteIsTheSourcesAtThePause) {
+  SKIP_WITHOUT_THE_WIRE();
   const MigrationCase& c = GetParam();
   LiveSource src(c.tracking, c.writer_rate);
   AttachOptions o;
@@ -106,6 +151,19 @@ TEST_P(Migration, EveryByteIsTheSourcesAtThePause) {
   }
 }
 
+std::string case_name(const ::testing::TestParamInfo<MigrationCase>& i) { return i.param.name; }
+
+#ifdef PAGEWIRE_GUEST_SUITE
+// The guest's kernel decides the tracking (synchronous on 6.1).
+INSTANTIATE_TEST_SUITE_P(
+    Rdma, Migration,
+    ::testing::Values(MigrationCase{"anonymous_idle", WriteTracking::kAuto, AttachOptions::Memory::kAnonymous, -1},
+                      MigrationCase{"anonymous_slow", WriteTracking::kAuto, AttachOptions::Memory::kAnonymous, 20000},
+                      MigrationCase{"anonymous_flat_out", WriteTracking::kAuto, AttachOptions::Memory::kAnonymous, 0},
+                      MigrationCase{"shared_slow", WriteTracking::kAuto, AttachOptions::Memory::kShared, 20000},
+                      MigrationCase{"shared_flat_out", WriteTracking::kAuto, AttachOptions::Memory::kShared, 0}),
+    case_name);
+#else
 INSTANTIATE_TEST_SUITE_P(
     Host, Migration,
     ::testing::Values(
@@ -117,9 +175,11 @@ INSTANTIATE_TEST_SUITE_P(
         MigrationCase{"sync_anonymous_slow", WriteTracking::kSync, AttachOptions::Memory::kAnonymous, 20000},
         MigrationCase{"sync_anonymous_flat_out", WriteTracking::kSync, AttachOptions::Memory::kAnonymous, 0},
         MigrationCase{"sync_shared_slow", WriteTracking::kSync, AttachOptions::Memory::kShared, 20000}),
-    [](const ::testing::TestParamInfo<MigrationCase>& i) { return std::string(i.param.name); });
+    case_name);
+#endif
 
 TEST(MigrationFailures, ConnectionsDroppedDuringARoundAndAtTheSwitchover) {
+  SKIP_WITHOUT_THE_WIRE();
   LiveSource src(WriteTracking::kAuto, 20000);
   AttachOptions o;
   o.precopy.enabled = true;
@@ -141,6 +201,7 @@ TEST(MigrationFailures, ConnectionsDroppedDuringARoundAndAtTheSwitchover) {
 }
 
 TEST(MigrationFailures, TheDestinationsOwnWritesSurviveThePull) {
+  SKIP_WITHOUT_THE_WIRE();
   LiveSource src(WriteTracking::kAuto, 20000);
   AttachOptions o;
   o.precopy.enabled = true;
@@ -165,14 +226,15 @@ TEST(MigrationFailures, TheDestinationsOwnWritesSurviveThePull) {
 }
 
 TEST(MigrationFailures, AnExportThatIsNotLiveIsRefusedClearly) {
+  SKIP_WITHOUT_THE_WIRE();
   Mapping memory = Mapping::anonymous(1 << 20);
   fill_pattern(memory.data(), 0, memory.size(), kSeed);
-  MemoryServer server(testing::loopback_tcp());
+  MemoryServer server(server_options());
   server.export_memory("still", memory.data(), memory.size());
   AttachOptions o;
   o.precopy.enabled = true;
   try {
-    Region r = attach(testing::loopback_uri(server, "still"), o);
+    Region r = attach(source_uri(server, "still"), o);
     FAIL() << "attached a plain export with precopy";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), Errc::kUnsupported) << e.what();
@@ -181,6 +243,7 @@ TEST(MigrationFailures, AnExportThatIsNotLiveIsRefusedClearly) {
 }
 
 TEST(MigrationFailures, PrecopyWithoutThePullIsRefused) {
+  SKIP_WITHOUT_THE_WIRE();
   LiveSource src(WriteTracking::kAuto, -1, 1 << 20);
   AttachOptions o;
   o.precopy.enabled = true;
@@ -195,16 +258,17 @@ TEST(MigrationFailures, PrecopyWithoutThePullIsRefused) {
 }
 
 TEST(MigrationFailures, AWriteAfterThePauseIsRefused) {
+  SKIP_WITHOUT_THE_WIRE();
   // The source's owner says it paused but keeps writing: the harvest after
   // the pause finds it and refuses, rather than hand out a stale page.
   Mapping memory = Mapping::anonymous(1 << 20);
   fill_pattern(memory.data(), 0, memory.size(), kSeed);
-  MemoryServer server(testing::loopback_tcp());
+  MemoryServer server(server_options());
   ExportOptions e;
   e.track_writes = true;
   e.pause_writers = [] {};  // pauses nothing
   server.export_memory("liar", memory.data(), memory.size(), e);
-  std::unique_ptr<Transport> t = connect_transport(testing::loopback_uri(server, "liar"), TransportOptions{});
+  std::unique_ptr<Transport> t = connect_transport(source_uri(server, "liar"), TransportOptions{});
   std::unique_ptr<SourceControl> control = t->open_control();
   const uint64_t first = control->written_since(wire::kNoEpoch).epoch;
   std::memset(memory.data() + 5 * kPage, 1, 10);
@@ -223,15 +287,16 @@ TEST(MigrationFailures, AWriteAfterThePauseIsRefused) {
 }
 
 TEST(MigrationFailures, WrittenSinceAnswersEveryDestinationFromItsOwnEpoch) {
+  SKIP_WITHOUT_THE_WIRE();
   // Two destinations asking at different times each get every page
   // written after the epoch they name, however often the other asked.
   Mapping memory = Mapping::anonymous(1 << 20);
   fill_pattern(memory.data(), 0, memory.size(), kSeed);
-  MemoryServer server(testing::loopback_tcp());
+  MemoryServer server(server_options());
   ExportOptions e;
   e.track_writes = true;
   server.export_memory("shared-epochs", memory.data(), memory.size(), e);
-  std::unique_ptr<Transport> t = connect_transport(testing::loopback_uri(server, "shared-epochs"), TransportOptions{});
+  std::unique_ptr<Transport> t = connect_transport(source_uri(server, "shared-epochs"), TransportOptions{});
   std::unique_ptr<SourceControl> a = t->open_control();
   std::unique_ptr<SourceControl> b = t->open_control();
   const uint64_t ea = a->written_since(wire::kNoEpoch).epoch;
@@ -248,12 +313,13 @@ TEST(MigrationFailures, WrittenSinceAnswersEveryDestinationFromItsOwnEpoch) {
 }
 
 TEST(MigrationFailures, AZeroPageWrittenAfterExportIsFetched) {
+  SKIP_WITHOUT_THE_WIRE();
   // Half the region is zero at export and the map says so; the writer then
   // fills some of those pages, and precopy must fetch them, not install
   // zeros.
   Mapping memory = Mapping::anonymous(4 << 20);
   fill_pattern(memory.data(), 0, memory.size() / 2, kSeed);
-  MemoryServer server(testing::loopback_tcp());
+  MemoryServer server(server_options());
   ExportOptions e;
   e.track_writes = true;
   e.pause_writers = [] {};
@@ -266,7 +332,7 @@ TEST(MigrationFailures, AZeroPageWrittenAfterExportIsFetched) {
       for (size_t p = pages / 2; p < pages; p += 3) write_page_version(memory.data(), p, kPage, kSeed, 1);
     }
   };
-  Region r = attach(testing::loopback_uri(server, "half"), o);
+  Region r = attach(source_uri(server, "half"), o);
   EXPECT_EQ(pages_differing(r, memory), 0u);
 }
 

@@ -32,7 +32,7 @@ struct BenchConfig {
   uint64_t floor_size = 256ull << 20;
   std::string json_path;
   std::string plot_path;           // a PNG of latency CDFs (and, for a pull, MiB present over time)
-  std::string suite = "faults";    // faults, postcopy, scaling, backings
+  std::string suite = "faults";    // faults, postcopy, scaling, backings, migrate
   bool prefetch = false;           // faults suite: prefetch on (off measures each fault)
   double max_ratio = 0;            // > 0: exit non-zero when a ratio exceeds it
   bool io_uring = true;            // TCP sockets through io_uring, else plain syscalls
@@ -93,5 +93,7 @@ int run_postcopy_bench(const BenchConfig& config);
 int run_scaling_bench(const BenchConfig& config);
 // --suite backings: shared memory against anonymous, 2 MiB faults against the raw read.
 int run_backings_bench(const BenchConfig& config);
+// --suite migrate: precopy, postcopy and stop-and-copy against a source that keeps writing.
+int run_migrate_bench(const BenchConfig& config);
 
 }  // namespace pagewire::cli

@@ -204,16 +204,17 @@ int cmd_serve(const ServeCommand& c) {
   for (const auto& p : c.patterns) specs.push_back(parse_pattern_spec(p, kDefaultSeed));
   if (specs.empty() && c.files.empty()) throw std::invalid_argument("nothing to serve: give --file or --pattern");
   if (c.ready_fd < 0) spdlog::set_level(std::min(spdlog::get_level(), spdlog::level::info));
-  if (c.live.writer_pages_per_second >= 0 && specs.empty()) {
-    throw std::invalid_argument("--writer writes pattern regions: give --pattern too");
-  }
-  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0, c.live);
+  LiveSource live = c.live;
+  live.live = live.writer_pages_per_second >= 0;
+  if (live.live && specs.empty()) throw std::invalid_argument("--writer writes pattern regions: give --pattern too");
+  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0, live);
 }
 
 int cmd_bench(const BenchConfig& c) {
   if (c.suite == "postcopy") return run_postcopy_bench(c);
   if (c.suite == "scaling") return run_scaling_bench(c);
   if (c.suite == "backings") return run_backings_bench(c);
+  if (c.suite == "migrate") return run_migrate_bench(c);
   return run_bench(c);
 }
 
@@ -344,8 +345,9 @@ void add_bench_setup(CLI::App* cmd, BenchConfig& bc) {
   cmd->add_option("--suite", bc.suite,
                   "faults: fault latency against its floors; postcopy: pull, prefetch, demand priority, zero pages; "
                   "scaling: faults/s against handler and faulting threads; backings: shared memory (no copy) "
-                  "against anonymous, 2 MiB faults against the raw 2 MiB read")
-      ->check(CLI::IsMember({"faults", "postcopy", "scaling", "backings"}))
+                  "against anonymous, 2 MiB faults against the raw 2 MiB read; migrate: precopy, postcopy and "
+                  "stop-and-copy from a source that keeps writing")
+      ->check(CLI::IsMember({"faults", "postcopy", "scaling", "backings", "migrate"}))
       ->capture_default_str();
   cmd->add_option("--uri", bc.uri, "benchmark this region (default: start a local source process)");
   cmd->add_option("--size", bc.size, "region size when the bench starts its own source")

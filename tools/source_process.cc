@@ -48,7 +48,7 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
   std::vector<std::unique_ptr<LiveWriter>> writers;
   writers.reserve(patterns.size());  // the pause callbacks point at its elements
   for (size_t i = 0; i < patterns.size(); ++i) {
-    if (live.writer_pages_per_second >= 0) {
+    if (live.live) {
       // Tracked from before the first write; the writer pauses (and the
       // server keeps serving) at a destination's switchover.
       ExportOptions e;
@@ -62,6 +62,7 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
         if (*writer) (*writer)->pause();
       };
       server.export_memory(patterns[i].name, memory[i].data(), patterns[i].size, e);
+      if (live.writer_pages_per_second < 0) continue;
       *writer = std::make_unique<LiveWriter>(memory[i].data(), patterns[i].size, 4096, patterns[i].seed,
                                              live.writer_pages_per_second, i + 1);
       continue;

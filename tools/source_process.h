@@ -16,7 +16,8 @@ namespace pagewire::cli {
 // thread, and is exported live (writes tracked, the writer paused at a
 // migration's switchover).
 struct LiveSource {
-  double writer_pages_per_second = -1;  // < 0: no writer, a plain export; 0: as fast as it can
+  bool live = false;                    // exported live (writes tracked, a pause at switchover)
+  double writer_pages_per_second = -1;  // with live: < 0 no writer; 0 as fast as it can
   std::string tracking = "auto";        // auto, async or sync
 };
 
