@@ -74,7 +74,7 @@ size_t FaultEngine::take_back_written(const ZeroMap& source_pages) {
 
 void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const PrecopyOptions& o) {
   MigrationReport& report = e.migration();
-  const Clock::time_point began = Clock::now();
+  const Clock::time_point began = Clock::now();  // the engine started a moment before
   const uint32_t source_page = 4096;
   const unsigned max_rounds = std::max(1u, o.max_rounds);
   uint64_t round_pages = e.progress().pages_total;
@@ -83,9 +83,13 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
   // page moves later, by postcopy). Measured at each round's take-back;
   // until then, the time the page would take on the wire.
   double take_back_seconds_per_page = 0;
+  // A round begins when its pages become missing: round 1 when the engine
+  // started (its pull began at once), each later one as its take-back
+  // begins (the pull fetches each stretch as soon as it is taken back).
+  Clock::time_point start = Clock::now() - std::chrono::duration_cast<Clock::duration>(
+                                               std::chrono::duration<double>(e.progress().seconds));
+  uint64_t bytes_before = 0;
   for (unsigned round = 1;; ++round) {
-    const Clock::time_point start = Clock::now();
-    const uint64_t bytes_before = e.stats().bytes_fetched;
     wait_all_present(e);
     const double seconds = std::max(seconds_since(start), 1e-6);
     const uint64_t bytes = e.stats().bytes_fetched - bytes_before;
@@ -109,9 +113,10 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
       report.switched_because = "writer outpaces the pull";
     }
     if (!report.switched_because.empty()) break;
-    const Clock::time_point taking = Clock::now();
+    start = Clock::now();
+    bytes_before = e.stats().bytes_fetched;
     round_pages = e.take_back_written(w.pages);
-    if (round_pages > 0) take_back_seconds_per_page = seconds_since(taking) / static_cast<double>(round_pages);
+    if (round_pages > 0) take_back_seconds_per_page = seconds_since(start) / static_cast<double>(round_pages);
     epoch = w.epoch;
   }
   // Switchover: the source stands still, the last written set (since the

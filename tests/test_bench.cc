@@ -85,7 +85,7 @@ TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
       {"attach --verify abc tcp://127.0.0.1:1/x", "'abc' is not a seed"},
       {"bench --size -5G", "'-5G' is not a size"},
       // Enum-like options are checked by the parser, before anything runs.
-      {"bench --suite fastest", "--suite: fastest not in {faults,postcopy,scaling,backings}"},
+      {"bench --suite fastest", "--suite: fastest not in {faults,postcopy,scaling,backings,migrate}"},
       {"bench --placement everywhere", "--placement: everywhere not in {same,split,free,all}"},
       {"bench --transport udp", "--transport: udp not in {tcp,rdma,auto}"},
       {"bench --access backwards", "--access: backwards not in {random,sequential,strided}"},
@@ -94,6 +94,11 @@ TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
       {"serve --rdma maybe --pattern a=1M", "--rdma: maybe not in {auto,on,off}"},
       {"bench --threads 0", "--threads: Value 0 not in range 1"},
       {"bench --suite scaling --scaling-threads 2,0", "--scaling-threads: Value 0 not in range 1"},
+      {"serve --port 0 --rdma off --pattern a=1M --writer -5", "--writer: Value -5 not in range"},
+      {"serve --port 0 --rdma off --pattern a=1M --writer 10 --tracking maybe", "--tracking: maybe not in"},
+      {"serve --port 0 --rdma off --file a=/dev/null --writer 10", "--writer writes pattern regions"},
+      {"attach --precopy --max-rounds 0 tcp://127.0.0.1:1/x", "--max-rounds: Value 0 not in range"},
+      {"bench --suite migrate --uri tcp://127.0.0.1:1/x", "--suite migrate starts its own sources"},
   };
   for (const Case& c : cases) {
     const CliRun r = run_cli(c.args);
