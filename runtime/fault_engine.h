@@ -102,6 +102,9 @@ class FaultEngine {
 
   // The background pull (puller.cc).
   void run_puller(Worker& w);
+  // While a demand fault is out (or unread), the puller runs at nice 19.
+  bool demand_waiting() const;
+  void give_way(Worker& w);
   // Claims and queues the next pull run from `cursor`; returns the new cursor.
   size_t queue_pull_run(Worker& w, size_t cursor);
   // Installs what an overtaking read brought, unless the pull got there
@@ -180,6 +183,7 @@ class FaultEngine {
   std::vector<std::unique_ptr<Worker>> handlers_;
   std::unique_ptr<Worker> puller_;
   MigrationReport migration_;  // filled by precopy before the region is handed out
+  bool can_give_way_ = false;  // the puller's: it may take its priority back after giving way
 };
 
 }  // namespace pagewire

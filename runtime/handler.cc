@@ -118,9 +118,11 @@ void FaultEngine::handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns,
     // Out in a pull run, behind up to pull_runs_in_flight runs on the
     // bulk connection: read it again on this one, ahead of them.
     queue_read(w, page, 1, ReadKind::kOvertake, read_ns, 0, fault_part);
+    w.demand_out.store(w.demand_out.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     return;
   }
   queue_read(w, page, 1, ReadKind::kDemand, read_ns, 0, fault_part);
+  w.demand_out.store(w.demand_out.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   // Prefetch must leave a slot for each fault still to handle in this batch.
   if (options_.prefetch) prefetch(w, msg.arg.pagefault.feat.ptid, page, reserved);
 }

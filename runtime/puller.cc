@@ -2,6 +2,10 @@
 // run on a bulk channel that the source serves behind demand reads, and
 // installs it. A fault on a page out in a run overtakes it: its handler
 // reads the page again on its own channel (anonymous memory).
+#include <poll.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <cstring>
 
 #include "runtime/fault_engine.h"
@@ -12,6 +16,12 @@ namespace pagewire {
 
 void FaultEngine::run_puller(Worker& w) {
   setup_fault_thread("pw-pull", options_.handler_cpu, options_.puller_nice);
+  // Going back from nice 19 needs CAP_SYS_NICE or RLIMIT_NICE: without
+  // either the pull keeps its priority and does not give way.
+  rlimit nice_limit{};
+  ::getrlimit(RLIMIT_NICE, &nice_limit);
+  can_give_way_ = options_.puller_nice < 19 &&
+                  (::geteuid() == 0 || 20 - static_cast<int>(nice_limit.rlim_cur) <= options_.puller_nice);
   const size_t total = pages_.size();
   size_t cursor = 0;
   try {
@@ -23,7 +33,9 @@ void FaultEngine::run_puller(Worker& w) {
       // Demand faults go ahead of the pull on their own connections, which
       // the source serves first. Holding the pull to one run while demand
       // reads were in flight was measured: it slowed the pull (so the
-      // threads faulted more) and left demand p99 no better.
+      // threads faulted more) and left demand p99 no better. What helps
+      // is the CPU: while a fault waits, the pull runs at nice 19.
+      give_way(w);
       while (!status_.failed() && !w.staging->empty() && cursor < total) cursor = queue_pull_run(w, cursor);
       if (!w.batch.empty()) post_batch(w);
       int timeout = -1;
@@ -43,7 +55,10 @@ void FaultEngine::run_puller(Worker& w) {
       for (uint64_t token : w.result.woken_tokens) {
         if (token == kStopToken) return;
       }
-      for (const ReadCompletion& c : w.result.completions) complete(w, c);
+      for (const ReadCompletion& c : w.result.completions) {
+        complete(w, c);
+        give_way(w);
+      }
       if (w.result.channel_error != Errc::kOk) {
         // A dead channel has failed every read it held (refused above).
         status_.record_failure(w.result.channel_error_text);
@@ -53,6 +68,26 @@ void FaultEngine::run_puller(Worker& w) {
   } catch (const std::exception& e) {
     stop_worker_on_exception(w, e);
   }
+}
+
+bool FaultEngine::demand_waiting() const {
+  for (const auto& h : handlers_) {
+    if (h->demand_out.load(std::memory_order_relaxed) != 0) return true;
+  }
+  // A fault no handler has read yet (its handler is waiting for a CPU).
+  pollfd p{uffd_.fd(), POLLIN, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & POLLIN) != 0;
+}
+
+void FaultEngine::give_way(Worker& w) {
+  // A fixed low priority slowed the pull by half on a busy machine; this
+  // one holds only while a demand fault is in the handlers' hands. Each
+  // change is one setpriority, at most once per completion reaped.
+  if (!can_give_way_) return;
+  const bool demand = demand_waiting();
+  if (demand == w.giving_way) return;
+  w.giving_way = demand;
+  ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), demand ? 19 : options_.puller_nice);
 }
 
 size_t FaultEngine::queue_pull_run(Worker& w, size_t cursor) {

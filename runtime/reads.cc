@@ -63,6 +63,11 @@ void FaultEngine::complete(Worker& w, const ReadCompletion& c) {
   const Worker::Slot s = live;
   live.busy = false;
   --w.in_flight;
+  if (s.kind == ReadKind::kDemand || s.kind == ReadKind::kOvertake) {
+    // Before the install: the puller may take the CPU back as soon as
+    // the page is on its way in.
+    w.demand_out.store(w.demand_out.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
+  }
   if (pulling_ && s.kind == ReadKind::kPull) {
     for (uint32_t i = 0; i < s.pages; ++i) {
       if (((s.owned >> i) & 1) != 0) pulling_[s.first + i].store(false, std::memory_order_relaxed);

@@ -97,7 +97,11 @@ struct Worker {
   PageCounts* counts = nullptr;  // this worker's slot in Completion
   Metrics metrics;
   PrefetchTable* streams = nullptr;
-  std::thread thread;  // last: starts once the rest exists
+  // Demand reads (and overtaking ones) out now: written by this worker's
+  // thread alone, read by the puller, which gives way while any are out.
+  alignas(64) std::atomic<uint32_t> demand_out{0};
+  bool giving_way = false;  // the puller: running at nice 19 for now
+  std::thread thread;       // last: starts once the rest exists
 };
 
 }  // namespace pagewire
