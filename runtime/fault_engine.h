@@ -184,6 +184,9 @@ class FaultEngine {
   std::unique_ptr<Worker> puller_;
   MigrationReport migration_;  // filled by precopy before the region is handed out
   bool can_give_way_ = false;  // the puller's: it may take its priority back after giving way
+  // Precopy takes pages back with the pull held: a thread running on
+  // another CPU makes every MADV_DONTNEED wait for a TLB shootdown there.
+  std::atomic<bool> pull_held_{false};
 };
 
 }  // namespace pagewire

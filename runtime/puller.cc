@@ -36,10 +36,13 @@ void FaultEngine::run_puller(Worker& w) {
       // threads faulted more) and left demand p99 no better. What helps
       // is the CPU: while a fault waits, the pull runs at nice 19.
       give_way(w);
-      while (!status_.failed() && !w.staging->empty() && cursor < total) cursor = queue_pull_run(w, cursor);
+      const bool held = pull_held_.load(std::memory_order_relaxed);
+      while (!held && !status_.failed() && !w.staging->empty() && cursor < total) cursor = queue_pull_run(w, cursor);
       if (!w.batch.empty()) post_batch(w);
       int timeout = -1;
-      if (w.in_flight == 0) {
+      if (held) {
+        timeout = 1;
+      } else if (w.in_flight == 0) {
         // Nothing of ours in flight: what is missing is in flight for a
         // handler, or was discarded since; look again shortly, and let the
         // completion owner look now.
