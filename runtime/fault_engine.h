@@ -67,6 +67,9 @@ class FaultEngine {
   // application cannot touch the region (before attach returns). Returns
   // how many pages (this side's) were taken back.
   size_t take_back_written(const ZeroMap& source_pages);
+  // Whether a page here holds a page the source wrote; how many do.
+  bool written_here(const ZeroMap& source_pages, size_t page) const;
+  size_t count_written_here(const ZeroMap& source_pages) const;
   // The region is not declared complete while held (set before any page
   // arrives when precopy is on).
   void hold_completion(bool held) { completion_->hold(held); }

@@ -27,16 +27,23 @@ void wait_all_present(const FaultEngine& e) {
 
 }  // namespace
 
+bool FaultEngine::written_here(const ZeroMap& source_pages, size_t page) const {
+  const uint64_t per = std::max<uint64_t>(1, desc_.page_size / transport_->region().page_size);
+  for (uint64_t s = page * per; s < (page + 1) * per; ++s) {
+    if (s / 64 < source_pages.size() && ((source_pages[s / 64] >> (s % 64)) & 1) != 0) return true;
+  }
+  return false;
+}
+
+size_t FaultEngine::count_written_here(const ZeroMap& source_pages) const {
+  size_t n = 0;
+  for (size_t p = 0; p < pages_.size(); ++p) n += written_here(source_pages, p) ? 1 : 0;
+  return n;
+}
+
 size_t FaultEngine::take_back_written(const ZeroMap& source_pages) {
-  const uint32_t source_page = transport_->region().page_size;
-  const uint64_t per = std::max<uint64_t>(1, desc_.page_size / source_page);
   PageCounts& mine = completion_->slot(static_cast<unsigned>(handlers_.size()) + 1);
-  const auto written = [&](size_t page) {
-    for (uint64_t s = page * per; s < (page + 1) * per; ++s) {
-      if (s / 64 < source_pages.size() && ((source_pages[s / 64] >> (s % 64)) & 1) != 0) return true;
-    }
-    return false;
-  };
+  const auto written = [&](size_t page) { return written_here(source_pages, page); };
   // Each stretch of present written pages is owned (in flight), discarded
   // in one call, and only then made missing for the pull to take. Shared
   // memory drops only the region's mapping of the page: the memfd keeps it
@@ -82,7 +89,6 @@ size_t FaultEngine::take_back_written(const ZeroMap& source_pages) {
 void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const PrecopyOptions& o) {
   MigrationReport& report = e.migration();
   const Clock::time_point began = Clock::now();  // the engine started a moment before
-  const uint32_t source_page = 4096;
   const unsigned max_rounds = std::max(1u, o.max_rounds);
   uint64_t round_pages = e.progress().pages_total;
   double bandwidth = 0;  // the best bytes per second a round moved
@@ -107,14 +113,17 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
     report.rounds.push_back(r);
     if (o.on_round) o.on_round(r);
     if (bytes > 0) bandwidth = std::max(bandwidth, static_cast<double>(bytes) / seconds);
-    const double wire_seconds_per_page = bandwidth > 0 ? source_page / bandwidth : 1;
-    const double needs_ms = static_cast<double>(w.count) * std::max(wire_seconds_per_page, take_back_seconds_per_page) *
+    // In this side's pages: with 2 MiB pages, one 4 KiB write takes back
+    // its whole 2 MiB page.
+    const uint64_t to_take = e.count_written_here(w.pages);
+    const double wire_seconds_per_page = bandwidth > 0 ? e.page_size() / bandwidth : 1;
+    const double needs_ms = static_cast<double>(to_take) * std::max(wire_seconds_per_page, take_back_seconds_per_page) *
                             1e3;
     if (needs_ms <= o.max_downtime_ms) {
       report.switched_because = "converged";
     } else if (round >= max_rounds) {
       report.switched_because = "round limit";
-    } else if (w.count * source_page >= round_pages * e.page_size()) {
+    } else if (to_take >= round_pages) {
       // More was written while the round ran than the round moved: another
       // round would not leave less. Postcopy takes the rest.
       report.switched_because = "writer outpaces the pull";

@@ -112,6 +112,7 @@ struct MigrationCase {
   WriteTracking tracking;
   AttachOptions::Memory memory;
   double writer_rate;  // pages/s; 0: as fast as it can; < 0: no writer
+  bool huge = false;   // 2 MiB pages here: a 4 KiB page written takes its whole 2 MiB page back
 };
 
 class Migration : public ::testing::TestWithParam<MigrationCase> {};
@@ -119,9 +120,13 @@ class Migration : public ::testing::TestWithParam<MigrationCase> {};
 TEST_P(Migration, EveryByteIsTheSourcesAtThePause) {
   SKIP_WITHOUT_THE_WIRE();
   const MigrationCase& c = GetParam();
+  if (c.huge) {
+    if (const std::string why = testing::reserve_huge_pages(kSize >> 21); !why.empty()) GTEST_SKIP() << why;
+  }
   LiveSource src(c.tracking, c.writer_rate);
   AttachOptions o;
   o.memory = c.memory;
+  o.huge_pages = c.huge;
   o.precopy.enabled = true;
   o.precopy.max_downtime_ms = 20;
   o.precopy.max_rounds = 8;
@@ -132,7 +137,7 @@ TEST_P(Migration, EveryByteIsTheSourcesAtThePause) {
   EXPECT_EQ(src.pauses.load(), 1);
   ASSERT_GE(rep.rounds.size(), 1u);
   EXPECT_EQ(rep.rounds.size(), rounds_seen);
-  EXPECT_EQ(rep.rounds[0].pages, kSize / kPage);
+  EXPECT_EQ(rep.rounds[0].pages, kSize / r.page_size());
   EXPECT_FALSE(rep.switched_because.empty());
   if (c.writer_rate < 0) {
     // Nothing written: one round moves the region once, and nothing is
@@ -161,7 +166,9 @@ INSTANTIATE_TEST_SUITE_P(
                       MigrationCase{"anonymous_slow", WriteTracking::kAuto, AttachOptions::Memory::kAnonymous, 20000},
                       MigrationCase{"anonymous_flat_out", WriteTracking::kAuto, AttachOptions::Memory::kAnonymous, 0},
                       MigrationCase{"shared_slow", WriteTracking::kAuto, AttachOptions::Memory::kShared, 20000},
-                      MigrationCase{"shared_flat_out", WriteTracking::kAuto, AttachOptions::Memory::kShared, 0}),
+                      MigrationCase{"shared_flat_out", WriteTracking::kAuto, AttachOptions::Memory::kShared, 0},
+                      MigrationCase{"anonymous_huge_slow", WriteTracking::kAuto, AttachOptions::Memory::kAnonymous,
+                                    20000, true}),
     case_name);
 #else
 INSTANTIATE_TEST_SUITE_P(
@@ -174,7 +181,10 @@ INSTANTIATE_TEST_SUITE_P(
         MigrationCase{"async_shared_flat_out", WriteTracking::kAsync, AttachOptions::Memory::kShared, 0},
         MigrationCase{"sync_anonymous_slow", WriteTracking::kSync, AttachOptions::Memory::kAnonymous, 20000},
         MigrationCase{"sync_anonymous_flat_out", WriteTracking::kSync, AttachOptions::Memory::kAnonymous, 0},
-        MigrationCase{"sync_shared_slow", WriteTracking::kSync, AttachOptions::Memory::kShared, 20000}),
+        MigrationCase{"sync_shared_slow", WriteTracking::kSync, AttachOptions::Memory::kShared, 20000},
+        MigrationCase{"async_anonymous_huge_slow", WriteTracking::kAsync, AttachOptions::Memory::kAnonymous, 20000,
+                      true},
+        MigrationCase{"sync_shared_huge_slow", WriteTracking::kSync, AttachOptions::Memory::kShared, 20000, true}),
     case_name);
 #endif
 
