@@ -122,7 +122,6 @@ std::unique_ptr<Worker> FaultEngine::make_worker(unsigned index, uint32_t slots,
   w->slots.resize(slots);
   w->batch.reserve(slots);
   w->channel->watch(stop_fd_.get(), kStopToken, WatchRole::kStop);  // also ends a reconnect
-  w->streams = &streams_;
   return w;
 }
 

@@ -14,7 +14,6 @@
 
 #include "runtime/completion.h"
 #include "runtime/metrics.h"
-#include "runtime/prefetch.h"
 #include "runtime/staging_pool.h"
 #include "transport/transport.h"
 
@@ -96,7 +95,6 @@ struct Worker {
   bool uffd_ready = true;        // read the uffd until it says EAGAIN
   PageCounts* counts = nullptr;  // this worker's slot in Completion
   Metrics metrics;
-  PrefetchTable* streams = nullptr;
   // Demand reads (and overtaking ones) out now: written by this worker's
   // thread alone, read by the puller, which gives way while any are out.
   alignas(64) std::atomic<uint32_t> demand_out{0};
