@@ -31,9 +31,12 @@ Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options
   // The first epoch closes before any page is fetched: every write after
   // it is reported by a later harvest.
   std::unique_ptr<SourceControl> control = transport->open_control();
-  const uint64_t epoch = control->written_since(wire::kNoEpoch).epoch;
-  auto engine = std::make_unique<FaultEngine>(std::move(transport), options);
-  run_precopy(*engine, *control, epoch, options.precopy);
+  // Epoch 0 is the export: pages written since may be zero in the map the
+  // connection brought (a write after the server's last harvest), so none
+  // of them is taken for a zero page.
+  const SourceControl::Written first = control->written_since(0);
+  auto engine = std::make_unique<FaultEngine>(std::move(transport), options, &first.pages);
+  run_precopy(*engine, *control, first.epoch, options.precopy);
   return Region(std::move(engine));
 }
 

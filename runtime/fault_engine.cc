@@ -78,7 +78,7 @@ void check_supported(const Transport& t, const Backing& b, const Userfaultfd& uf
 
 }  // namespace
 
-FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options)
+FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, const ZeroMap* not_zero)
     : options_(options),
       transport_(std::move(transport)),
       backing_(Backing::create(transport_->region().length, options)),
@@ -106,6 +106,11 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   uffd_.register_range(backing_.view.data(), backing_.view.size(), backing_.shared);
   backing_.populate();
   if (backing_.huge && !backing_.shared) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
+  if (not_zero != nullptr) {
+    for (size_t p = 0; p < pages_.size(); ++p) {
+      if (written_here(*not_zero, p)) clear_zero_page(desc_.zero_map, p);
+    }
+  }
   start_workers(options_.handler_threads != 0 ? options_.handler_threads : default_handler_threads());
 }
 

@@ -45,7 +45,9 @@ namespace pagewire {
 
 class FaultEngine {
  public:
-  FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options);
+  // `not_zero`: source pages known written since the zero-page map was
+  // made (precopy), never installed as zero pages.
+  FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, const ZeroMap* not_zero = nullptr);
   FaultEngine(const FaultEngine&) = delete;
   FaultEngine& operator=(const FaultEngine&) = delete;
   ~FaultEngine();
@@ -186,7 +188,6 @@ class FaultEngine {
   std::vector<std::unique_ptr<Worker>> handlers_;
   std::unique_ptr<Worker> puller_;
   MigrationReport migration_;  // filled by precopy before the region is handed out
-  bool can_give_way_ = false;  // the puller's: it may take its priority back after giving way
   // Precopy takes pages back with the pull held: a thread running on
   // another CPU makes every MADV_DONTNEED wait for a TLB shootdown there.
   std::atomic<bool> pull_held_{false};

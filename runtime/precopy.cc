@@ -3,6 +3,8 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <chrono>
+#include <string>
 #include <thread>
 
 #include "runtime/fault_engine.h"
@@ -15,12 +17,18 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Until the pull has every page again (or the region failed).
-void wait_all_present(const FaultEngine& e) {
+// Until the pull has every page again (or the region failed), telling
+// on_progress how far it is every 200 ms.
+void wait_all_present(const FaultEngine& e, const PrecopyOptions& o) {
+  Clock::time_point told = Clock::now();
   for (;;) {
     const Progress p = e.progress();
     if (p.failed) throw Error(Errc::kIo, "precopy: " + e.error());
     if (p.pages_present >= p.pages_total) return;
+    if (o.on_progress && Clock::now() - told >= std::chrono::milliseconds(200)) {
+      o.on_progress(p);
+      told = Clock::now();
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 }
@@ -103,7 +111,7 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
                                                std::chrono::duration<double>(e.progress().seconds));
   uint64_t bytes_before = 0;
   for (unsigned round = 1;; ++round) {
-    wait_all_present(e);
+    wait_all_present(e, o);
     const double seconds = std::max(seconds_since(start), 1e-6);
     const uint64_t bytes = e.stats().bytes_fetched - bytes_before;
     // What the owner wrote while this round ran (and since the round
@@ -141,9 +149,22 @@ void run_precopy(FaultEngine& e, SourceControl& control, uint64_t epoch, const P
   const Clock::time_point pause = Clock::now();
   control.pause();
   const double pause_ms = seconds_since(pause) * 1e3;
-  const SourceControl::Written last = control.written_since(epoch);
-  const double harvest_ms = seconds_since(pause) * 1e3 - pause_ms;
-  report.pages_written_at_switch = e.take_back_written(last.pages);
+  double harvest_ms = 0;
+  try {
+    const SourceControl::Written last = control.written_since(epoch);
+    harvest_ms = seconds_since(pause) * 1e3 - pause_ms;
+    report.pages_written_at_switch = e.take_back_written(last.pages);
+  } catch (...) {
+    // The source must not stay paused for a migration that will not
+    // happen: give it back to its owner if it can still be told.
+    try {
+      control.resume();
+    } catch (const std::exception& e2) {
+      spdlog::error("precopy: '{}' failed after pausing the source, which could not be resumed: {}", e.name(),
+                    e2.what());
+    }
+    throw;
+  }
   e.hold_completion(false);
   report.downtime_ms = seconds_since(pause) * 1e3;
   spdlog::info("precopy: '{}' switched over after {} rounds ({}), {:.1f} s; {} pages left to postcopy; downtime "

@@ -2,10 +2,13 @@
 // run on a bulk channel that the source serves behind demand reads, and
 // installs it. A fault on a page out in a run overtakes it: its handler
 // reads the page again on its own channel (anonymous memory).
+#include <linux/capability.h>
 #include <poll.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 
 #include "runtime/fault_engine.h"
@@ -13,15 +16,30 @@
 #include "spdlog/spdlog.h"
 
 namespace pagewire {
+namespace {
+
+// Whether this thread may set its nice back to `nice` after raising it to
+// 19: CAP_SYS_NICE, or an RLIMIT_NICE that allows it.
+bool may_raise_priority_to(int nice) {
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[2]{};
+  if (::syscall(SYS_capget, &header, data) == 0 &&
+      ((data[CAP_SYS_NICE / 32].effective >> (CAP_SYS_NICE % 32)) & 1) != 0) {
+    return true;
+  }
+  rlimit limit{};
+  return ::getrlimit(RLIMIT_NICE, &limit) == 0 && 20 - static_cast<int>(limit.rlim_cur) <= nice;
+}
+
+}  // namespace
 
 void FaultEngine::run_puller(Worker& w) {
   setup_fault_thread("pw-pull", options_.handler_cpu, options_.puller_nice);
   // Going back from nice 19 needs CAP_SYS_NICE or RLIMIT_NICE: without
   // either the pull keeps its priority and does not give way.
-  rlimit nice_limit{};
-  ::getrlimit(RLIMIT_NICE, &nice_limit);
-  can_give_way_ = options_.puller_nice < 19 &&
-                  (::geteuid() == 0 || 20 - static_cast<int>(nice_limit.rlim_cur) <= options_.puller_nice);
+  errno = 0;
+  w.own_nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
+  w.can_give_way = errno == 0 && w.own_nice < 19 && may_raise_priority_to(w.own_nice);
   const size_t total = pages_.size();
   size_t cursor = 0;
   try {
@@ -86,11 +104,18 @@ void FaultEngine::give_way(Worker& w) {
   // A fixed low priority slowed the pull by half on a busy machine; this
   // one holds only while a demand fault is in the handlers' hands. Each
   // change is one setpriority, at most once per completion reaped.
-  if (!can_give_way_) return;
+  if (!w.can_give_way) return;
   const bool demand = demand_waiting();
   if (demand == w.giving_way) return;
+  if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), demand ? 19 : w.own_nice) != 0) {
+    // Never stay low for good: stop giving way, at whatever priority the
+    // kernel left.
+    spdlog::warn("region '{}': the puller stops giving way to demand faults: setpriority: {}", desc_.name,
+                 std::strerror(errno));
+    w.can_give_way = false;
+    return;
+  }
   w.giving_way = demand;
-  ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), demand ? 19 : options_.puller_nice);
 }
 
 size_t FaultEngine::queue_pull_run(Worker& w, size_t cursor) {

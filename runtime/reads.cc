@@ -247,6 +247,7 @@ void FaultEngine::stop_worker_on_exception(Worker& w, const std::exception& e) {
   // install them, and their waiters would stay parked.
   const std::string why = std::string("a fault worker stopped: ") + e.what();
   status_.record_failure(why);
+  w.demand_out.store(0, std::memory_order_relaxed);  // the puller need not give way to it
   for (auto& slot : w.slots) {
     if (!slot.busy) continue;
     slot.busy = false;

@@ -98,7 +98,11 @@ struct Worker {
   // Demand reads (and overtaking ones) out now: written by this worker's
   // thread alone, read by the puller, which gives way while any are out.
   alignas(64) std::atomic<uint32_t> demand_out{0};
-  bool giving_way = false;  // the puller: running at nice 19 for now
+  // The puller: whether it gives way at all (it can take its priority
+  // back), the nice it takes back, and whether it runs at 19 now.
+  bool can_give_way = false;
+  int own_nice = 0;
+  bool giving_way = false;
   std::thread thread;       // last: starts once the rest exists
 };
 

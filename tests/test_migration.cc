@@ -63,9 +63,14 @@ std::string source_uri(const MemoryServer& server, const std::string& name) {
 #endif
 
 struct LiveSource {
-  LiveSource(WriteTracking tracking, double pages_per_second, size_t size = kSize)
-      : memory(Mapping::anonymous(size)), server(server_options()) {
+  LiveSource(WriteTracking tracking, double pages_per_second, size_t size = kSize) : memory(Mapping::anonymous(size)) {
     fill_pattern(memory.data(), 0, size, kSeed);
+    // The writer runs before the export (tracking starts with it) and
+    // outlives the server, whose threads may ask it to pause.
+    if (pages_per_second >= 0) {
+      writer = std::make_unique<LiveWriter>(memory.data(), size, kPage, kSeed, pages_per_second);
+    }
+    server = std::make_unique<MemoryServer>(server_options());
     ExportOptions e;
     e.track_writes = true;
     e.tracking = tracking;
@@ -74,18 +79,20 @@ struct LiveSource {
       if (writer) writer->pause();
       ++pauses;
     };
-    server.export_memory("live", memory.data(), size, e);
-    if (pages_per_second >= 0) {
-      writer = std::make_unique<LiveWriter>(memory.data(), size, kPage, kSeed, pages_per_second);
-    }
+    e.resume_writers = [this] {
+      if (writer) writer->resume();
+      ++resumes;
+    };
+    server->export_memory("live", memory.data(), size, e);
   }
-  std::string uri() const { return source_uri(server, "live"); }
+  std::string uri() const { return source_uri(*server, "live"); }
 
   Mapping memory;
   std::function<void()> before_pause;
   std::atomic<int> pauses{0};
-  MemoryServer server;
-  std::unique_ptr<LiveWriter> writer;  // last: stops before the export goes
+  std::atomic<int> resumes{0};
+  std::unique_ptr<LiveWriter> writer;
+  std::unique_ptr<MemoryServer> server;  // last: stops before the writer goes
 };
 
 bool written(const ZeroMap& pages, size_t p) { return ((pages[p / 64] >> (p % 64)) & 1) != 0; }
@@ -199,9 +206,9 @@ TEST(MigrationFailures, ConnectionsDroppedDuringARoundAndAtTheSwitchover) {
   // Mid-precopy: every connection (pull, handlers, control) drops after
   // round 1; at the switchover, again just before the writer pauses.
   o.precopy.on_round = [&](const PrecopyRound& r) {
-    if (r.round == 1) src.server.drop_connections();
+    if (r.round == 1) src.server->drop_connections();
   };
-  src.before_pause = [&] { src.server.drop_connections(); };
+  src.before_pause = [&] { src.server->drop_connections(); };
   Region r = attach(src.uri(), o);
   EXPECT_GE(r.migration().rounds.size(), 2u);
   EXPECT_EQ(pages_differing(r, src.memory), 0u);
@@ -344,6 +351,71 @@ TEST(MigrationFailures, AZeroPageWrittenAfterExportIsFetched) {
   };
   Region r = attach(source_uri(server, "half"), o);
   EXPECT_EQ(pages_differing(r, memory), 0u);
+}
+
+TEST(MigrationFailures, APageWrittenBeforeTheDestinationConnectedIsNotTakenForZero) {
+  // Written after the export but before any harvest: the zero-page map the
+  // connection brings still calls it zero, and it must be fetched anyway.
+  SKIP_WITHOUT_THE_WIRE();
+  Mapping memory = Mapping::anonymous(1 << 20);
+  MemoryServer server(server_options());
+  ExportOptions e;
+  e.track_writes = true;
+  e.pause_writers = [] {};
+  server.export_memory("zeros", memory.data(), memory.size(), e);
+  write_page_version(memory.data(), 5, kPage, kSeed, 1);
+  AttachOptions o;
+  o.precopy.enabled = true;
+  Region r = attach(source_uri(server, "zeros"), o);
+  EXPECT_EQ(pages_differing(r, memory), 0u);
+  EXPECT_EQ(page_version(r.data(), 5, kPage, kSeed), 1);
+}
+
+TEST(MigrationFailures, AWriteAfterThePauseRefusesEveryLaterQuestionUntilResumed) {
+  // The owner says it paused but writes on: every later question is
+  // refused (a retry must not find the region quiet and go on), until the
+  // failed migration gives the source back to its owner.
+  SKIP_WITHOUT_THE_WIRE();
+  Mapping memory = Mapping::anonymous(1 << 20);
+  fill_pattern(memory.data(), 0, memory.size(), kSeed);
+  std::atomic<int> resumes{0};
+  MemoryServer server(server_options());
+  ExportOptions e;
+  e.track_writes = true;
+  e.pause_writers = [] {};  // pauses nothing
+  e.resume_writers = [&] { ++resumes; };
+  server.export_memory("liar", memory.data(), memory.size(), e);
+  std::unique_ptr<Transport> t = connect_transport(source_uri(server, "liar"), TransportOptions{});
+  std::unique_ptr<SourceControl> control = t->open_control();
+  const uint64_t first = control->written_since(wire::kNoEpoch).epoch;
+  control->pause();
+  memory.data()[2 * kPage] = std::byte{7};
+  for (int i = 0; i < 2; ++i) {
+    try {
+      control->written_since(first);
+      FAIL() << "question " << i << " after a write after the pause was answered";
+    } catch (const Error& err) {
+      EXPECT_EQ(err.code(), Errc::kSourceChanged) << err.what();
+    }
+  }
+  control->resume();
+  EXPECT_EQ(resumes.load(), 1);
+  const SourceControl::Written w = control->written_since(first);
+  EXPECT_TRUE(written(w.pages, 2));
+}
+
+TEST(MigrationFailures, ALiveExportRefusesAFixedIdentity) {
+  Mapping memory = Mapping::anonymous(1 << 20);
+  MemoryServer server(testing::loopback_tcp());
+  ExportOptions e;
+  e.track_writes = true;
+  e.identity = 42;
+  try {
+    server.export_memory("fixed", memory.data(), memory.size(), e);
+    FAIL() << "a live export took a fixed identity";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.code(), Errc::kInvalidArgument) << err.what();
+  }
 }
 
 }  // namespace

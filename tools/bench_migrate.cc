@@ -7,7 +7,10 @@
 // run has a fresh source process (the pause is for good); the destination's
 // application touches every page in random order from the switchover on,
 // and the result is compared with the paused source byte for byte.
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>

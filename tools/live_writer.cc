@@ -40,7 +40,9 @@ LiveWriter::LiveWriter(std::byte* base, size_t size, uint32_t page_size, uint64_
       seed_(seed),
       rate_(pages_per_second),
       rng_(rng_seed | 1),
-      thread_([this] { run(); }) {}
+      thread_([this] { run(); }) {
+  // (run() returns at once for a region smaller than a page.)
+}
 
 LiveWriter::~LiveWriter() {
   {
@@ -70,6 +72,7 @@ void LiveWriter::resume() {
 }
 
 void LiveWriter::run() {
+  if (pages_ == 0) return;
   std::vector<uint64_t> versions(pages_, 0);
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();

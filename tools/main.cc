@@ -50,7 +50,6 @@ struct AttachCommand {
   WorkloadConfig workload{.verify = false, .progress_label = "faulting"};  // --verify turns verify on
   AttachOptions options{.background_pull = false};
   std::string json_path;
-  bool verify_source = false;  // --verify with no seed
 };
 
 struct DemoCommand {

@@ -1,8 +1,12 @@
 #include "tools/migrate.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "common/unique_fd.h"
@@ -49,7 +53,19 @@ int cmd_migrate(const MigrateCommand& m) {
   AttachOptions o = m.options;
   o.background_pull = true;
   o.precopy.enabled = true;
-  o.precopy.on_round = [](const PrecopyRound& r) {
+  // A progress line while a round runs (on a terminal), a line per round.
+  auto line = std::make_shared<std::unique_ptr<Progress>>();
+  unsigned round = 1;
+  o.precopy.on_progress = [line, &round](const pagewire::Progress& p) {
+    if (!*line) *line = std::make_unique<Progress>("round " + std::to_string(round), p.pages_total);
+    (*line)->update(p.pages_present);
+  };
+  o.precopy.on_round = [line, &round](const PrecopyRound& r) {
+    if (*line) {
+      (*line)->finish();
+      line->reset();
+    }
+    round = r.round + 1;
     std::printf("round %u: %llu pages, %s in %.2f s (%.1f MB/s); source wrote %.0f pages/s meanwhile\n", r.round,
                 static_cast<unsigned long long>(r.pages), format_bytes(r.bytes).c_str(), r.seconds,
                 r.seconds > 0 ? static_cast<double>(r.bytes) / 1e6 / r.seconds : 0.0, r.written_pages_per_second);

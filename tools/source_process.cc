@@ -44,27 +44,33 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
   } else if (rdma != "auto") {
     throw std::invalid_argument("--rdma must be auto, on or off");
   }
-  MemoryServer server(o);
+  // Writers go after the server (declared first): its threads may still
+  // ask one to pause until the server has stopped.
   std::vector<std::unique_ptr<LiveWriter>> writers;
-  writers.reserve(patterns.size());  // the pause callbacks point at its elements
+  MemoryServer server(o);
   for (size_t i = 0; i < patterns.size(); ++i) {
     if (live.live) {
-      // Tracked from before the first write; the writer pauses (and the
-      // server keeps serving) at a destination's switchover.
+      // The writer runs from before the export: tracking starts with the
+      // export, and what was written before is what destinations fetch.
+      LiveWriter* writer = nullptr;
+      if (live.writer_pages_per_second >= 0) {
+        writers.push_back(std::make_unique<LiveWriter>(memory[i].data(), patterns[i].size, 4096, patterns[i].seed,
+                                                       live.writer_pages_per_second, i + 1));
+        writer = writers.back().get();
+      }
       ExportOptions e;
       e.track_writes = true;
       e.tracking = live.tracking == "sync"    ? WriteTracking::kSync
                    : live.tracking == "async" ? WriteTracking::kAsync
                                               : WriteTracking::kAuto;
-      writers.push_back(nullptr);
-      std::unique_ptr<LiveWriter>* writer = &writers.back();
+      // The server keeps serving while the writer stands still.
       e.pause_writers = [writer] {
-        if (*writer) (*writer)->pause();
+        if (writer != nullptr) writer->pause();
+      };
+      e.resume_writers = [writer] {
+        if (writer != nullptr) writer->resume();
       };
       server.export_memory(patterns[i].name, memory[i].data(), patterns[i].size, e);
-      if (live.writer_pages_per_second < 0) continue;
-      *writer = std::make_unique<LiveWriter>(memory[i].data(), patterns[i].size, 4096, patterns[i].seed,
-                                             live.writer_pages_per_second, i + 1);
       continue;
     }
     // The bytes follow from seed and size: a source restarted with the same

@@ -23,7 +23,6 @@ void check_export(const std::string& name, uint32_t page_size) {
   }
 }
 
-// One step of splitmix64: mixes v into h.
 TrackingMode to_tracking_mode(WriteTracking t) {
   switch (t) {
     case WriteTracking::kAsync: return TrackingMode::kAsync;
@@ -33,6 +32,7 @@ TrackingMode to_tracking_mode(WriteTracking t) {
   return TrackingMode::kAuto;
 }
 
+// One step of splitmix64: mixes v into h.
 uint64_t mix(uint64_t h, uint64_t v) {
   uint64_t z = h + v + 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -77,6 +77,12 @@ std::unique_ptr<ExportedRegion> ExportTable::from_memory(const std::string& name
   uint64_t identity = options.identity;
   check_export(name, page_size);
   if (base == nullptr || length == 0) throw Error(Errc::kInvalidArgument, "export of empty memory");
+  if (options.track_writes && identity != 0) {
+    // Its write epochs start again at 0 with every instance: a destination
+    // reconnecting to a restarted source must not take them for the old
+    // ones, so a live export is always another region.
+    throw Error(Errc::kInvalidArgument, "a live export (track_writes) draws its own identity: leave identity 0");
+  }
   auto region = std::make_unique<ExportedRegion>();
   region->name = name;
   region->base = static_cast<const std::byte*>(base);
@@ -97,7 +103,8 @@ void ExportTable::make_live(const ExportedRegion& added, const ExportOptions& op
     }
     region = regions_[added.key].get();
   }
-  region->live = std::make_unique<LiveExport>(*region, to_tracking_mode(options.tracking), options.pause_writers);
+  region->live = std::make_unique<LiveExport>(*region, to_tracking_mode(options.tracking), options.pause_writers,
+                                              options.resume_writers);
   // Tracking first, then the map: a write while it is computed is reported
   // by the first harvest, which computes that page's bit again.
   std::lock_guard zero(region->zero_map_mu);

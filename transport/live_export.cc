@@ -1,5 +1,7 @@
 #include "transport/live_export.h"
 
+#include <string>
+
 #include "pagewire/error.h"
 #include "spdlog/spdlog.h"
 #include "transport/export_table.h"
@@ -7,9 +9,11 @@
 
 namespace pagewire {
 
-LiveExport::LiveExport(ExportedRegion& region, TrackingMode mode, std::function<void()> pause_writers)
+LiveExport::LiveExport(ExportedRegion& region, TrackingMode mode, std::function<void()> pause_writers,
+                       std::function<void()> resume_writers)
     : region_(region),
       pause_writers_(std::move(pause_writers)),
+      resume_writers_(std::move(resume_writers)),
       // The owner keeps its memory alive and writable; only pagewire's
       // serving side treats it as read-only.
       tracker_(const_cast<std::byte*>(region.base), region.length, region.page_size, mode),
@@ -40,10 +44,12 @@ LiveExport::Written LiveExport::written_since(uint64_t since) {
   if (paused_ && fresh > 0) {
     spdlog::error("server: '{}' was written after its writers paused ({} pages); refusing the harvest", region_.name,
                   fresh);
+    written_after_pause_ += fresh;
+  }
+  if (written_after_pause_ > 0) {
     throw Error(Errc::kSourceChanged, "'" + region_.name + "' was written after its writers paused (" +
-                                          std::to_string(fresh) +
-                                          " pages): the source must not change after "
-                                          "the switchover");
+                                          std::to_string(written_after_pause_) +
+                                          " pages): the source must not change after the switchover");
   }
   Written w;
   w.epoch = epoch_;
@@ -70,6 +76,18 @@ uint64_t LiveExport::pause() {
     spdlog::info("server: '{}' paused its writers at epoch {}", region_.name, epoch_);
   }
   return epoch_;
+}
+
+void LiveExport::resume() {
+  std::lock_guard lock(mu_);
+  if (!paused_) return;
+  if (!resume_writers_) {
+    throw Error(Errc::kUnsupported, "the owner of '" + region_.name + "' gave no way to resume its writers");
+  }
+  resume_writers_();
+  paused_ = false;
+  written_after_pause_ = 0;
+  spdlog::warn("server: '{}' resumed its writers: the migration that paused them failed", region_.name);
 }
 
 }  // namespace pagewire

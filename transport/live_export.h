@@ -24,7 +24,8 @@ class LiveExport {
   // Tracks writes to the region's memory from now on. `pause_writers` is
   // the owner's: it returns once its writers stand still (null: the owner
   // cannot pause, and a switchover is refused).
-  LiveExport(ExportedRegion& region, TrackingMode mode, std::function<void()> pause_writers);
+  LiveExport(ExportedRegion& region, TrackingMode mode, std::function<void()> pause_writers,
+             std::function<void()> resume_writers);
   LiveExport(const LiveExport&) = delete;
   LiveExport& operator=(const LiveExport&) = delete;
 
@@ -41,6 +42,10 @@ class LiveExport {
   // pause belong to the epoch it returns, and the region must not change
   // again. Throws Error(kUnsupported) when the owner cannot pause.
   uint64_t pause();
+  // A migration that failed after the pause gives the source back to its
+  // owner: the writers resume (where the owner said how) and the region
+  // may change again. Throws Error(kUnsupported) when the owner cannot.
+  void resume();
 
   TrackingMode mode() const { return tracker_.mode(); }
 
@@ -51,11 +56,15 @@ class LiveExport {
 
   ExportedRegion& region_;
   std::function<void()> pause_writers_;
+  std::function<void()> resume_writers_;
   std::mutex mu_;  // one harvest at a time; guards what follows
   WriteTracker tracker_;
   std::vector<uint64_t> written_in_;  // per page: the epoch it was last written in (0: never)
   uint64_t epoch_ = 0;                // epochs closed so far
   bool paused_ = false;
+  // A write was found after the pause: every later question is refused
+  // too (a retried one must not find the region quiet and go on).
+  size_t written_after_pause_ = 0;
 };
 
 }  // namespace pagewire

@@ -25,6 +25,7 @@ class RdmaServer {
                                         "pagewire is built without RDMA");
   }
   void add(const ExportedRegion&) {}
+  void remove(const std::string&) {}
   uint64_t connections_accepted() const { return 0; }
   uint64_t connections_active() const { return 0; }
   void drop_connections() {}
@@ -85,8 +86,14 @@ void MemoryServer::add(std::unique_ptr<ExportedRegion> region, const ExportOptio
     }
   }
   if (live != nullptr) {
-    exports_->make_live(r, *live);
-    exports_->publish(r);
+    try {
+      exports_->make_live(r, *live);
+      exports_->publish(r);
+    } catch (...) {
+      // No write tracking here (or a range it refuses): not exported at all.
+      if (rdma_) rdma_->remove(r.name);
+      throw;
+    }
   }
 }
 

@@ -77,6 +77,8 @@ enum class ControlOp : uint32_t {
   // from then on the region must not change (a harvest that finds a write
   // is refused with kSourceChanged). Replies with the epoch after it.
   kPause = 2,
+  // A migration that failed after kPause: the owner's writers go on.
+  kResume = 3,
 };
 inline constexpr uint64_t kNoEpoch = ~uint64_t{0};
 

@@ -133,6 +133,8 @@ class SourceControl {
   // Asks the source's owner to pause its writers; returns once they stand
   // still, with the epoch after the pause.
   virtual uint64_t pause() = 0;
+  // After a pause, when the migration failed: the owner's writers go on.
+  virtual void resume() = 0;
 };
 
 class Transport {

@@ -21,6 +21,8 @@ namespace pagewire {
 class Transport;
 class FaultEngine;
 
+struct Progress;
+
 // One precopy round, as the destination saw it.
 struct PrecopyRound {
   unsigned round = 0;  // 1: every page; then the pages written since
@@ -39,8 +41,10 @@ struct PrecopyOptions {
   unsigned max_downtime_ms = 50;
   // Switch over after this many rounds however much is still written.
   unsigned max_rounds = 30;
-  // Called after each round (from the attaching thread).
+  // Called after each round, and while a round runs every 200 ms with how
+  // many pages are here (both from the attaching thread).
   std::function<void(const PrecopyRound&)> on_round{};
+  std::function<void(const Progress&)> on_progress{};
 };
 
 // How a precopy migration went (Region::migration()).

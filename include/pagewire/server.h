@@ -47,6 +47,9 @@ struct ExportOptions {
   // must not change: a destination that finds a write is refused. Without
   // it a destination can only copy a live export, not switch over.
   std::function<void()> pause_writers{};
+  // A migration that fails after the pause (the destination says so, if
+  // it still can) gives the region back: the writers go on.
+  std::function<void()> resume_writers{};
 };
 
 struct ServerStats {
@@ -119,7 +122,9 @@ class MemoryServer {
   // Exports over TCP, and over RDMA where served (kAuto: TCP only when the
   // device will not take the region).
   // (ExportOptions given: a live export's tracking starts once the device
-  // has registered the memory, and destinations find it only then.)
+  // has registered the memory; TCP destinations and control connections
+  // find it only then. An RDMA destination that connects in between reads
+  // pages, but its questions about written pages wait for TCP to find it.)
   void add(std::unique_ptr<ExportedRegion> region, const ExportOptions* live = nullptr);
 
   std::unique_ptr<ExportTable> exports_;  // first: outlives the servers that read it

@@ -76,6 +76,11 @@ void RdmaServer::add(const ExportedRegion& region) {
   }
 }
 
+void RdmaServer::remove(const std::string& name) {
+  std::lock_guard lock(mu_);
+  regions_.erase(name);
+}
+
 void RdmaServer::drop_connections() {
   uint64_t one = 1;
   [[maybe_unused]] ssize_t w = ::write(drop_fd_.get(), &one, sizeof one);

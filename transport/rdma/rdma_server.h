@@ -35,6 +35,9 @@ class RdmaServer {
   ~RdmaServer();
 
   void add(const ExportedRegion& region);
+  // Takes a region added a moment ago out again (its export failed after
+  // the registration); peers that read it since see their reads fail.
+  void remove(const std::string& name);
   uint16_t port() const { return port_; }
   uint64_t connections_accepted() const { return accepted_.load(); }
   uint64_t connections_active() const { return active_.load(); }

@@ -1,5 +1,7 @@
 #include "transport/tcp/tcp_control.h"
 
+#include <string>
+
 #include "spdlog/spdlog.h"
 #include "transport/protocol.h"
 #include "transport/tcp/socket_util.h"
@@ -11,6 +13,7 @@ namespace {
 constexpr unsigned kControlTimeoutMs = 60000;
 // No honest bitmap is larger: one bit per 4 KiB page of a 1 PiB region.
 constexpr uint64_t kMaxPayload = uint64_t{1} << 35;
+constexpr uint64_t kMaxErrorText = 64 * 1024;
 
 struct Broken {};  // the connection failed: reconnect and ask again
 }  // namespace
@@ -29,7 +32,7 @@ void TcpControl::connect() {
   fd_.reset();
   std::string why;
   UniqueFd fd = connect_to(endpoint_, timeout_ms_, &why);
-  if (!fd) throw Error(Errc::kConnectFailed, "control connection to " + endpoint_.text + ": " + why);
+  if (!fd) throw Error(Errc::kConnectFailed, "control connection: " + why);
   const RegionDescriptor d = handshake(fd.get(), name_, timeout_ms_, endpoint_.text, wire::kHelloControl);
   if (d.identity != identity_ || d.length != length_ || d.page_size != page_size_) {
     throw Error(Errc::kProtocol, "region '" + name_ + "' on " + endpoint_.text + " is not the one attached");
@@ -49,13 +52,17 @@ uint64_t TcpControl::ask_once(wire::ControlOp op, uint64_t epoch, ZeroMap* pages
   }
   const auto status = static_cast<Errc>(reply.status);
   if (status != Errc::kOk) {
+    if (reply.payload_bytes > kMaxErrorText) {
+      fd_.reset();
+      throw Error(Errc::kProtocol, "control reply from " + endpoint_.text + " carries an error text too long");
+    }
     std::string text(reply.payload_bytes, '\0');
     if (!recv_all(fd_.get(), text.data(), text.size())) throw Broken{};
     throw Error(status, text.empty() ? std::string(to_string(status)) : text);
   }
   const uint64_t pages_total = (length_ + page_size_ - 1) / page_size_;
   const uint64_t expected = pages == nullptr ? 0 : (pages_total + 63) / 64 * 8;
-  if (reply.payload_bytes != expected && reply.payload_bytes != 0) {
+  if (reply.payload_bytes != expected) {
     fd_.reset();
     throw Error(Errc::kProtocol, "control reply from " + endpoint_.text + " has a bitmap of the wrong size");
   }
@@ -91,5 +98,7 @@ SourceControl::Written TcpControl::written_since(uint64_t since) {
 }
 
 uint64_t TcpControl::pause() { return ask(wire::ControlOp::kPause, 0, nullptr); }
+
+void TcpControl::resume() { ask(wire::ControlOp::kResume, 0, nullptr); }
 
 }  // namespace pagewire::tcp

@@ -20,6 +20,7 @@ class TcpControl final : public SourceControl {
 
   Written written_since(uint64_t since) override;
   uint64_t pause() override;
+  void resume() override;
 
  private:
   void connect();

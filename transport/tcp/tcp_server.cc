@@ -355,6 +355,7 @@ bool TcpServer::serve_control(int fd, const ExportedRegion& region, const std::s
           reply.epoch = written.epoch;
           break;
         case wire::ControlOp::kPause: reply.epoch = region.live->pause(); break;
+        case wire::ControlOp::kResume: region.live->resume(); break;
         default: throw Error(Errc::kInvalidArgument, "unknown control request " + std::to_string(req.op));
       }
     } catch (const Error& e) {
