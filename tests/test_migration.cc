@@ -114,6 +114,24 @@ size_t pages_differing(const Region& r, const Mapping& source) {
   return wrong;
 }
 
+// A live export with no writer of its own (the test writes), an owner
+// whose pause stops nothing, and a transport to ask it questions through.
+struct QuietExport {
+  explicit QuietExport(const std::string& name) : memory(Mapping::anonymous(1 << 20)), server(server_options()) {
+    fill_pattern(memory.data(), 0, memory.size(), kSeed);
+    ExportOptions e;
+    e.track_writes = true;
+    e.pause_writers = [] {};  // pauses nothing
+    e.resume_writers = [this] { ++resumes; };
+    server.export_memory(name, memory.data(), memory.size(), e);
+    transport = connect_transport(source_uri(server, name), TransportOptions{});
+  }
+  Mapping memory;
+  std::atomic<int> resumes{0};
+  MemoryServer server;
+  std::unique_ptr<Transport> transport;
+};
+
 struct MigrationCase {
   const char* name;
   WriteTracking tracking;
@@ -278,23 +296,16 @@ TEST(MigrationFailures, AWriteAfterThePauseIsRefused) {
   SKIP_WITHOUT_THE_WIRE();
   // The source's owner says it paused but keeps writing: the harvest after
   // the pause finds it and refuses, rather than hand out a stale page.
-  Mapping memory = Mapping::anonymous(1 << 20);
-  fill_pattern(memory.data(), 0, memory.size(), kSeed);
-  MemoryServer server(server_options());
-  ExportOptions e;
-  e.track_writes = true;
-  e.pause_writers = [] {};  // pauses nothing
-  server.export_memory("liar", memory.data(), memory.size(), e);
-  std::unique_ptr<Transport> t = connect_transport(source_uri(server, "liar"), TransportOptions{});
-  std::unique_ptr<SourceControl> control = t->open_control();
+  QuietExport src("liar");
+  std::unique_ptr<SourceControl> control = src.transport->open_control();
   const uint64_t first = control->written_since(wire::kNoEpoch).epoch;
-  std::memset(memory.data() + 5 * kPage, 1, 10);
+  std::memset(src.memory.data() + 5 * kPage, 1, 10);
   const uint64_t paused = control->pause();
   EXPECT_GT(paused, first);
   const SourceControl::Written w = control->written_since(first);
   EXPECT_EQ(w.count, 1u);
   EXPECT_TRUE(written(w.pages, 5));
-  std::memset(memory.data() + 9 * kPage, 1, 10);
+  std::memset(src.memory.data() + 9 * kPage, 1, 10);
   try {
     control->written_since(first);
     FAIL() << "a write after the pause went unnoticed";
@@ -307,19 +318,13 @@ TEST(MigrationFailures, WrittenSinceAnswersEveryDestinationFromItsOwnEpoch) {
   SKIP_WITHOUT_THE_WIRE();
   // Two destinations asking at different times each get every page
   // written after the epoch they name, however often the other asked.
-  Mapping memory = Mapping::anonymous(1 << 20);
-  fill_pattern(memory.data(), 0, memory.size(), kSeed);
-  MemoryServer server(server_options());
-  ExportOptions e;
-  e.track_writes = true;
-  server.export_memory("shared-epochs", memory.data(), memory.size(), e);
-  std::unique_ptr<Transport> t = connect_transport(source_uri(server, "shared-epochs"), TransportOptions{});
-  std::unique_ptr<SourceControl> a = t->open_control();
-  std::unique_ptr<SourceControl> b = t->open_control();
+  QuietExport src("shared-epochs");
+  std::unique_ptr<SourceControl> a = src.transport->open_control();
+  std::unique_ptr<SourceControl> b = src.transport->open_control();
   const uint64_t ea = a->written_since(wire::kNoEpoch).epoch;
-  memory.data()[3 * kPage] = std::byte{1};
+  src.memory.data()[3 * kPage] = std::byte{1};
   const uint64_t eb = b->written_since(wire::kNoEpoch).epoch;  // closes the epoch page 3 is in
-  memory.data()[7 * kPage] = std::byte{1};
+  src.memory.data()[7 * kPage] = std::byte{1};
   const SourceControl::Written wb = b->written_since(eb);
   EXPECT_EQ(wb.count, 1u);
   EXPECT_TRUE(written(wb.pages, 7));
@@ -376,20 +381,11 @@ TEST(MigrationFailures, AWriteAfterThePauseRefusesEveryLaterQuestionUntilResumed
   // refused (a retry must not find the region quiet and go on), until the
   // failed migration gives the source back to its owner.
   SKIP_WITHOUT_THE_WIRE();
-  Mapping memory = Mapping::anonymous(1 << 20);
-  fill_pattern(memory.data(), 0, memory.size(), kSeed);
-  std::atomic<int> resumes{0};
-  MemoryServer server(server_options());
-  ExportOptions e;
-  e.track_writes = true;
-  e.pause_writers = [] {};  // pauses nothing
-  e.resume_writers = [&] { ++resumes; };
-  server.export_memory("liar", memory.data(), memory.size(), e);
-  std::unique_ptr<Transport> t = connect_transport(source_uri(server, "liar"), TransportOptions{});
-  std::unique_ptr<SourceControl> control = t->open_control();
+  QuietExport src("liar");
+  std::unique_ptr<SourceControl> control = src.transport->open_control();
   const uint64_t first = control->written_since(wire::kNoEpoch).epoch;
   control->pause();
-  memory.data()[2 * kPage] = std::byte{7};
+  src.memory.data()[2 * kPage] = std::byte{7};
   for (int i = 0; i < 2; ++i) {
     try {
       control->written_since(first);
@@ -399,7 +395,7 @@ TEST(MigrationFailures, AWriteAfterThePauseRefusesEveryLaterQuestionUntilResumed
     }
   }
   control->resume();
-  EXPECT_EQ(resumes.load(), 1);
+  EXPECT_EQ(src.resumes.load(), 1);
   const SourceControl::Written w = control->written_since(first);
   EXPECT_TRUE(written(w.pages, 2));
 }
