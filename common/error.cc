@@ -20,6 +20,7 @@ std::string_view to_string(Errc code) {
     case Errc::kBusy: return "the server has all its connections in use";
     case Errc::kUnsupported: return "not supported here";
     case Errc::kSourceChanged: return "the source was written after it paused";
+    case Errc::kLeased: return "the region has another writer";
   }
   return "unknown error";
 }

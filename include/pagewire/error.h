@@ -27,6 +27,7 @@ enum class Errc : uint32_t {
   kBusy = 13,           // the server has all its connections in use
   kUnsupported = 14,    // the kernel or the peer lacks what this needs
   kSourceChanged = 15,  // a paused source was written (live migration)
+  kLeased = 16,         // another destination holds the region's writer lease
 };
 
 std::string_view to_string(Errc code);
