@@ -111,8 +111,11 @@ class MemoryServer {
   // TransportOptions::writer) as well as read. One destination at a time
   // holds the node's writer lease; readers share it freely. What was written
   // stays after the writer goes, for the next destination to read or
-  // write. Its identity is drawn fresh. Every other export is read-only: a
-  // write to it is refused and its connection dropped.
+  // write. Its identity is drawn fresh. A write is applied only once all of
+  // it has arrived; another destination reading the same page at that very
+  // moment may still see part of it (as threads sharing memory would): the
+  // writer's own reads are ordered after its writes. Every other export is
+  // read-only: a write to it is refused and its connection dropped.
   void export_node(const std::string& name, size_t length, uint32_t page_size = 4096);
 
   // The owner changed [offset, offset+length) of an exported region: its
