@@ -173,7 +173,8 @@ const ExportedRegion& ExportTable::add(std::unique_ptr<ExportedRegion> region, b
   if (findable) by_name_[region->name] = region->key;
   regions_.push_back(std::move(region));
   const ExportedRegion& r = *regions_.back();
-  spdlog::info("server: exporting '{}' ({} bytes, {} B pages)", r.name, r.length, r.page_size);
+  spdlog::info("server: exporting '{}' ({} bytes, {} B pages{})", r.name, r.length, r.page_size,
+               r.writable_base != nullptr ? ", a writable memory node" : "");
   return r;
 }
 

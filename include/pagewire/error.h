@@ -16,7 +16,7 @@ enum class Errc : uint32_t {
   kNotFound = 2,         // the server exports no region of that name
   kConnectFailed = 3,    // nothing answers at the address
   kProtocol = 4,         // the peer sent bytes that are not our protocol
-  kOutOfBounds = 5,      // a read outside the region
+  kOutOfBounds = 5,      // a read or write outside the region (or over the size limit)
   kIo = 6,               // a socket or device error
   kTimeout = 7,          // the peer stopped answering
   kClosed = 8,           // the peer closed the connection

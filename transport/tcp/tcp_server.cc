@@ -371,8 +371,7 @@ bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer
         const char* kind = is_write ? "write" : req.magic == wire::kReadMagic ? "read" : "request";
         const char* why = refuse == Errc::kUnsupported ? " (it is read-only: only memory nodes take writes)"
                           : refuse == Errc::kLeased    ? " (this connection does not hold the writer lease)"
-                          : refuse == Errc::kOutOfBounds && is_write ? " (outside the region, or over the size limit)"
-                                                                     : "";
+                                                       : "";
         spdlog::warn("server: {} sent a bad {} of '{}' ({}: offset {} length {} magic 0x{:08x}){}; dropping it", peer,
                      kind, region.name, to_string(refuse), req.offset, req.length, req.magic, why);
         break;
