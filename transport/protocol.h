@@ -1,8 +1,11 @@
-// The TCP wire protocol. Little-endian, fixed-size records.
+// The TCP wire protocol. Little-endian, fixed-size records, some followed
+// by a payload whose length they give.
 //
-//   client -> server  Hello{magic, version, name_len} + name
+//   client -> server  Hello{magic, version, name_len, flags} + name
+//                     [+ lease, with kHelloLease]
 //   server -> client  HelloReply{magic, status, key, page_size, length,
-//                     zero_map_bytes} + the zero-page bitmap
+//                     zero_map_bytes} + identity [+ lease, with
+//                     kHelloWriter] + the zero-page bitmap
 //   client -> server  ReadRequest ...          (any number, pipelined)
 //   server -> client  ReadReply + payload ...  (in request order)
 //
@@ -11,7 +14,9 @@
 //   client -> server  WriteRequest + `length` payload bytes
 //   server -> client  ReadReply{status, tag, length 0}  (in request order)
 // The server applies a write only once its whole payload has arrived, so a
-// connection that drops mid-payload leaves the region as it was.
+// connection that drops mid-payload leaves the region as it was. A write to
+// a read-only export is refused with kUnsupported, one on a connection
+// without the lease with kLeased, one out of bounds with kOutOfBounds.
 //
 // One writer at a time per region: the first writer hello is granted a
 // lease, a random nonzero uint64_t that follows the identity in its OK
