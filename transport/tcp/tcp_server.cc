@@ -390,22 +390,26 @@ bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer
       iovs = 0;
       replies[0] = r;
       answered = 1;
-      payload.resize(req.length);
       const size_t buffered = std::min<size_t>(have - pos, req.length);
-      std::memcpy(payload.data(), buf.data() + pos, buffered);
-      pos += buffered;
-      for (size_t got = buffered; got < req.length;) {
-        const ssize_t m = ::recv(fd, payload.data() + got, req.length - got, 0);
-        if (m < 0 && errno == EINTR) continue;
-        if (m <= 0) {
-          spdlog::warn("server: {} closed in the middle of a write to '{}' (offset {}, {} of {} bytes); none of it "
-                       "was applied",
-                       peer, region.name, req.offset, got, req.length);
-          return false;
+      const std::byte* whole = buf.data() + pos;  // where all of the payload lies once it is in
+      if (buffered < req.length) {
+        payload.resize(req.length);
+        std::memcpy(payload.data(), buf.data() + pos, buffered);
+        for (size_t got = buffered; got < req.length;) {
+          const ssize_t m = ::recv(fd, payload.data() + got, req.length - got, 0);
+          if (m < 0 && errno == EINTR) continue;
+          if (m <= 0) {
+            spdlog::warn("server: {} closed in the middle of a write to '{}' (offset {}, {} of {} bytes); none of it "
+                         "was applied",
+                         peer, region.name, req.offset, got, req.length);
+            return false;
+          }
+          got += static_cast<size_t>(m);
         }
-        got += static_cast<size_t>(m);
+        whole = payload.data();
       }
-      std::memcpy(region.writable_base + req.offset, payload.data(), req.length);
+      std::memcpy(region.writable_base + req.offset, whole, req.length);
+      pos += buffered;
       replies[0].length = 0;
       iov[iovs++] = {&replies[0], sizeof replies[0]};
       ++writes_;
