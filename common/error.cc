@@ -9,7 +9,7 @@ std::string_view to_string(Errc code) {
     case Errc::kNotFound: return "no such region";
     case Errc::kConnectFailed: return "connect failed";
     case Errc::kProtocol: return "protocol error";
-    case Errc::kOutOfBounds: return "read outside the region";
+    case Errc::kOutOfBounds: return "read or write outside the region";
     case Errc::kIo: return "I/O error";
     case Errc::kTimeout: return "timed out";
     case Errc::kClosed: return "connection closed";
@@ -20,6 +20,7 @@ std::string_view to_string(Errc code) {
     case Errc::kBusy: return "the server has all its connections in use";
     case Errc::kUnsupported: return "not supported here";
     case Errc::kSourceChanged: return "the source was written after it paused";
+    case Errc::kLeased: return "the region has another writer";
   }
   return "unknown error";
 }

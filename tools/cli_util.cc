@@ -98,6 +98,20 @@ PatternSpec parse_pattern_spec(const std::string& text, uint64_t default_seed) {
   return s;
 }
 
+NodeSpec parse_node_spec(const std::string& text) {
+  const size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0) throw std::invalid_argument("--memory wants NAME=SIZE, got '" + text + "'");
+  NodeSpec n;
+  n.name = text.substr(0, eq);
+  try {
+    n.size = parse_size(text.substr(eq + 1));
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument("--memory '" + text + "': " + e.what());
+  }
+  if (n.size == 0) throw std::invalid_argument("--memory size must be positive");
+  return n;
+}
+
 namespace {
 cpu_set_t cpus_for(int cpu) {
   cpu_set_t set;

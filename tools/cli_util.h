@@ -25,6 +25,13 @@ struct PatternSpec {
 };
 PatternSpec parse_pattern_spec(const std::string& text, uint64_t default_seed);
 
+// A memory node (writable, zeroed memory) given as NAME=SIZE.
+struct NodeSpec {
+  std::string name;
+  uint64_t size = 0;
+};
+NodeSpec parse_node_spec(const std::string& text);
+
 // Pins the calling thread (cpu >= 0) or leaves it free (cpu < 0).
 void pin_this_thread(int cpu);
 // Pins every thread of process `pid` (all of them, when cpu < 0, to every CPU).

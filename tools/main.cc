@@ -40,6 +40,7 @@ struct ServeCommand {
   uint16_t port = 7471;
   std::vector<std::string> files;     // NAME=PATH
   std::vector<std::string> patterns;  // NAME=SIZE[:SEED]
+  std::vector<std::string> nodes;     // NAME=SIZE
   int ready_fd = -1;
   std::string rdma = "auto";
   LiveSource live;
@@ -201,12 +202,16 @@ int cmd_demo(const DemoCommand& d) {
 int cmd_serve(const ServeCommand& c) {
   std::vector<PatternSpec> specs;
   for (const auto& p : c.patterns) specs.push_back(parse_pattern_spec(p, kDefaultSeed));
-  if (specs.empty() && c.files.empty()) throw std::invalid_argument("nothing to serve: give --file or --pattern");
+  std::vector<NodeSpec> nodes;
+  for (const auto& n : c.nodes) nodes.push_back(parse_node_spec(n));
+  if (specs.empty() && c.files.empty() && nodes.empty()) {
+    throw std::invalid_argument("nothing to serve: give --file, --pattern or --memory");
+  }
   if (c.ready_fd < 0) spdlog::set_level(std::min(spdlog::get_level(), spdlog::level::info));
   LiveSource live = c.live;
   live.live = live.writer_pages_per_second >= 0;
   if (live.live && specs.empty()) throw std::invalid_argument("--writer writes pattern regions: give --pattern too");
-  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0, live);
+  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0, live, nodes);
 }
 
 int cmd_bench(const BenchConfig& c) {
@@ -270,6 +275,9 @@ CLI::App* add_serve(CLI::App& app, ServeCommand& c) {
   cmd->add_option("--file", c.files, "export a file read-only: NAME=PATH (repeatable)");
   cmd->add_option("--pattern", c.patterns,
                   "export patterned memory: NAME=SIZE[:SEED], seed 0x5eed unless given (repeatable)");
+  cmd->add_option("--memory", c.nodes,
+                  "export a memory node, fresh zeroed memory that one destination at a time may write (over TCP) "
+                  "and others read: NAME=SIZE (repeatable)");
   cmd->add_option("--ready-fd", c.ready_fd, "write the port to this descriptor once listening");
   cmd->add_option("--rdma", c.rdma, "serve RDMA destinations too: auto (when a device exists), on, off")
       ->check(CLI::IsMember({"auto", "on", "off"}))

@@ -20,7 +20,7 @@ namespace pagewire::cli {
 
 int serve_forever(const std::string& bind, uint16_t port, const std::string& rdma,
                   const std::vector<std::string>& files, const std::vector<PatternSpec>& patterns, int ready_fd,
-                  bool quiet_stats, const LiveSource& live) {
+                  bool quiet_stats, const LiveSource& live, const std::vector<NodeSpec>& nodes) {
   // Signals are taken synchronously by sigwait below, so block them before
   // the server's threads exist (they inherit the mask).
   sigset_t stop_signals;
@@ -83,6 +83,7 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
     if (eq == std::string::npos || eq == 0) throw std::invalid_argument("--file wants NAME=PATH, got '" + f + "'");
     server.export_file(f.substr(0, eq), f.substr(eq + 1));
   }
+  for (const auto& n : nodes) server.export_node(n.name, n.size);
   if (ready_fd >= 0) {
     const std::string text = std::to_string(server.port()) + "\n";
     [[maybe_unused]] ssize_t w = ::write(ready_fd, text.data(), text.size());
@@ -102,6 +103,12 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
                 static_cast<unsigned long long>(s.connections_accepted),
                 static_cast<unsigned long long>(s.reads_refused),
                 static_cast<unsigned long long>(s.connections_dropped));
+    if (!nodes.empty()) {
+      std::printf("applied %llu writes (%s) to memory nodes; %llu refused, %llu writers refused\n",
+                  static_cast<unsigned long long>(s.writes_applied), format_bytes(s.bytes_written).c_str(),
+                  static_cast<unsigned long long>(s.writes_refused),
+                  static_cast<unsigned long long>(s.writers_refused));
+    }
   }
   return 0;
 }

@@ -44,9 +44,10 @@ class SourceProcess {
 
 // Serves every export until SIGINT/SIGTERM; writes the port number to
 // ready_fd (if >= 0) once listening. The body of `pagewire serve`.
-// rdma: "auto", "on" or "off" (see ServerOptions::rdma).
+// rdma: "auto", "on" or "off" (see ServerOptions::rdma). `nodes`: memory
+// nodes, fresh zeroed memory destinations may write (MemoryServer::export_node).
 int serve_forever(const std::string& bind, uint16_t port, const std::string& rdma,
                   const std::vector<std::string>& files, const std::vector<PatternSpec>& patterns, int ready_fd,
-                  bool quiet_stats, const LiveSource& live = {});
+                  bool quiet_stats, const LiveSource& live = {}, const std::vector<NodeSpec>& nodes = {});
 
 }  // namespace pagewire::cli

@@ -40,7 +40,36 @@ uint64_t mix(uint64_t h, uint64_t v) {
   return z ^ (z >> 31);
 }
 
+uint64_t fresh_id() {
+  uint64_t id = 0;
+  while (id == 0) id = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
+  return id;
+}
+
 }  // namespace
+
+uint64_t WriterLease::acquire(uint64_t presented) {
+  std::lock_guard lock(mu_);
+  if (holders_ > 0) {
+    if (presented == 0 || presented != lease_) return 0;
+  } else if (presented == 0) {
+    lease_ = fresh_id();
+  } else if (presented != lease_) {
+    return 0;  // not this server's lease (it restarted), or another writer came since
+  }
+  ++holders_;
+  return lease_;
+}
+
+void WriterLease::release() {
+  std::lock_guard lock(mu_);
+  if (holders_ > 0) --holders_;
+}
+
+bool WriterLease::holds(uint64_t lease) const {
+  std::lock_guard lock(mu_);
+  return holders_ > 0 && lease != 0 && lease == lease_;
+}
 
 ZeroMap ExportedRegion::zero_map_snapshot() const {
   std::lock_guard lock(zero_map_mu);
@@ -88,9 +117,24 @@ std::unique_ptr<ExportedRegion> ExportTable::from_memory(const std::string& name
   region->base = static_cast<const std::byte*>(base);
   region->length = length;
   region->page_size = page_size;
-  while (identity == 0) identity = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
-  region->identity = identity;
+  region->identity = identity != 0 ? identity : fresh_id();
   region->zero_map = compute_zero_map(region->base, region->length, page_size);
+  return region;
+}
+
+std::unique_ptr<ExportedRegion> ExportTable::node(const std::string& name, size_t length, uint32_t page_size) {
+  check_export(name, page_size);
+  if (length == 0) throw Error(Errc::kInvalidArgument, "memory node '" + name + "' of 0 bytes");
+  auto region = std::make_unique<ExportedRegion>();
+  region->name = name;
+  region->node_memory = Mapping::anonymous(length);  // zeroed by the kernel
+  region->writable_base = region->node_memory.data();
+  region->base = region->writable_base;
+  region->length = length;
+  region->page_size = page_size;
+  // Fresh every time: a node restarted is empty, not the bytes a destination
+  // wrote before.
+  region->identity = fresh_id();
   return region;
 }
 
@@ -129,7 +173,8 @@ const ExportedRegion& ExportTable::add(std::unique_ptr<ExportedRegion> region, b
   if (findable) by_name_[region->name] = region->key;
   regions_.push_back(std::move(region));
   const ExportedRegion& r = *regions_.back();
-  spdlog::info("server: exporting '{}' ({} bytes, {} B pages)", r.name, r.length, r.page_size);
+  spdlog::info("server: exporting '{}' ({} bytes, {} B pages{})", r.name, r.length, r.page_size,
+               r.writable_base != nullptr ? ", a writable memory node" : "");
   return r;
 }
 
@@ -155,7 +200,7 @@ void ExportTable::mark_changed(const std::string& name, uint64_t offset, uint64_
     r = find_locked(name);
   }
   if (r == nullptr) throw Error(Errc::kNotFound, "no region named '" + name + "' is exported");
-  if (length == 0 || offset >= r->length) return;
+  if (length == 0 || offset >= r->length || r->zero_map.empty()) return;
   const uint64_t end = offset + std::min(length, r->length - offset);  // no overflow
   std::lock_guard lock(r->zero_map_mu);
   update_zero_map(r->zero_map, r->base, r->length, r->page_size, offset / r->page_size,

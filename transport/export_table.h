@@ -20,6 +20,26 @@
 
 namespace pagewire {
 
+// The one-writer-at-a-time rule of a memory node: a writer's connections
+// share a lease id; the lease goes when the last of them closes.
+class WriterLease {
+ public:
+  // Admits a writer connection: `presented` 0 asks for a fresh lease (kLeased
+  // while another is held); nonzero is a lease this destination was given,
+  // admitted while it is held, or again once it went if no other writer came
+  // since (a reconnect after every connection dropped). Returns the lease
+  // id, or 0 when refused.
+  uint64_t acquire(uint64_t presented);
+  // A connection admitted by acquire() closed.
+  void release();
+  bool holds(uint64_t lease) const;
+
+ private:
+  mutable std::mutex mu_;
+  uint64_t lease_ = 0;  // the last lease granted; held while holders_ > 0
+  uint32_t holders_ = 0;
+};
+
 struct ExportedRegion {
   std::string name;
   const std::byte* base = nullptr;
@@ -28,6 +48,11 @@ struct ExportedRegion {
   uint32_t key = 0;       // its index in the table; names it on the wire
   uint64_t identity = 0;  // see MemoryServer::export_memory
   Mapping file_mapping;   // set for file-backed regions
+  // Memory nodes only (ExportTable::node): the zeroed memory the server owns
+  // and destinations write, through writable_base; null for read-only exports.
+  Mapping node_memory;
+  std::byte* writable_base = nullptr;
+  mutable WriterLease lease;  // who may write a node
   // Pages known to be zero. Updated in place under zero_map_mu when the
   // owner reports a change (the RDMA server has it registered for reads,
   // so it is never reallocated).
@@ -58,6 +83,11 @@ class ExportTable {
   // one. Its writes are not tracked yet: see make_live().
   static std::unique_ptr<ExportedRegion> from_memory(const std::string& name, const void* base, size_t length,
                                                      const ExportOptions& options);
+
+  // Fresh zeroed memory that destinations may write (a memory node), owned
+  // by the region, with a fresh identity. It advertises no zero-page map: a
+  // reader's copy would go stale as soon as a writer wrote.
+  static std::unique_ptr<ExportedRegion> node(const std::string& name, size_t length, uint32_t page_size);
 
   // Gives the region its key and, unless `findable` is false (publish()
   // later), makes it findable; throws when the name is taken. Its memory

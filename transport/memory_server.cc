@@ -71,6 +71,10 @@ void MemoryServer::export_memory(const std::string& name, void* base, size_t len
   add(ExportTable::from_memory(name, base, length, options), options.track_writes ? &options : nullptr);
 }
 
+void MemoryServer::export_node(const std::string& name, size_t length, uint32_t page_size) {
+  add(ExportTable::node(name, length, page_size));
+}
+
 void MemoryServer::add(std::unique_ptr<ExportedRegion> region, const ExportOptions* live) {
   const ExportedRegion& r = exports_->add(std::move(region), live == nullptr);
   if (rdma_) {

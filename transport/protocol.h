@@ -1,10 +1,32 @@
-// The TCP wire protocol. Little-endian, fixed-size records.
+// The TCP wire protocol. Little-endian, fixed-size records, some followed
+// by a payload whose length they give.
 //
-//   client -> server  Hello{magic, version, name_len} + name
+//   client -> server  Hello{magic, version, name_len, flags} + name
+//                     [+ lease, with kHelloLease]
 //   server -> client  HelloReply{magic, status, key, page_size, length,
-//                     zero_map_bytes} + the zero-page bitmap
+//                     zero_map_bytes} + identity [+ lease, with
+//                     kHelloWriter] + the zero-page bitmap
 //   client -> server  ReadRequest ...          (any number, pipelined)
 //   server -> client  ReadReply + payload ...  (in request order)
+//
+// A writer (Hello::flags kHelloWriter, to a memory node only; see
+// MemoryServer::export_node) also sends writes, mixed with its reads:
+//   client -> server  WriteRequest + `length` payload bytes
+//   server -> client  ReadReply{status, tag, length 0}  (in request order)
+// The server applies a write only once its whole payload has arrived, so a
+// connection that drops mid-payload leaves the region as it was. A write to
+// a read-only export is refused with kUnsupported, one on a connection
+// without the lease with kLeased, one out of bounds with kOutOfBounds.
+//
+// One writer at a time per region: the first writer hello is granted a
+// lease, a random nonzero uint64_t that follows the identity in its OK
+// HelloReply (only when kHelloWriter was asked). The same destination's
+// further connections, and its reconnects, set kHelloLease as well and send
+// that lease (a uint64_t after the name); they are admitted as writers. A
+// writer hello from anyone else while the lease is held is refused with
+// kLeased. The lease goes when the last connection holding it closes (a
+// reconnect presenting it again before another writer came still gets it).
+// Readers (no kHelloWriter) may always share a region with its writer.
 //
 // A control connection (Hello::flags kHelloControl) carries no reads but,
 // one at a time, questions about a live export (see ControlRequest):
@@ -23,14 +45,18 @@ inline constexpr uint32_t kHelloMagic = 0x50574831;    // "PWH1"
 inline constexpr uint32_t kReadMagic = 0x50575244;     // "PWRD"
 inline constexpr uint32_t kReplyMagic = 0x50575250;    // "PWRP"
 inline constexpr uint32_t kControlMagic = 0x50574354;  // "PWCT"
+inline constexpr uint32_t kWriteMagic = 0x50575752;    // "PWWR"
 // 3: the region identity follows an OK HelloReply. 4: control connections.
-inline constexpr uint16_t kVersion = 4;
+// 5: writes to memory nodes, the writer lease (kHelloWriter, kHelloLease).
+inline constexpr uint16_t kVersion = 5;
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 
 // Hello::flags
 inline constexpr uint8_t kHelloBulk = 1;     // background transfer: serve it after demand reads
 inline constexpr uint8_t kHelloControl = 2;  // control requests, not reads
+inline constexpr uint8_t kHelloWriter = 4;   // asks for the region's writer lease
+inline constexpr uint8_t kHelloLease = 8;    // a lease id follows the name (with kHelloWriter)
 
 struct Hello {
   uint32_t magic;
@@ -49,9 +75,21 @@ struct HelloReply {
   uint32_t server_version;  // with status kProtocol: the version the server speaks
 };
 // With status kOk, a HelloReply is followed by the region's identity (a
-// uint64_t; see MemoryServer::export_memory) and then its zero-page map.
+// uint64_t; see MemoryServer::export_memory), then, when the hello had
+// kHelloWriter, the writer lease (a uint64_t), and then its zero-page map.
 
 struct ReadRequest {
+  uint32_t magic;
+  uint32_t key;
+  uint64_t offset;
+  uint32_t length;
+  uint32_t tag;
+};
+
+// Followed by `length` payload bytes, written at `offset` once they have all
+// arrived; answered by a ReadReply with length 0. The same bounds as a read
+// (at most kMaxReadBytes).
+struct WriteRequest {
   uint32_t magic;
   uint32_t key;
   uint64_t offset;
@@ -101,5 +139,7 @@ static_assert(sizeof(ControlReply) == 24);
 static_assert(sizeof(HelloReply) == 32);
 static_assert(sizeof(ReadRequest) == 24);
 static_assert(sizeof(ReadReply) == 16);
+// The server tells a read from a write by its magic: both headers are one size.
+static_assert(sizeof(WriteRequest) == sizeof(ReadRequest));
 
 }  // namespace pagewire::wire

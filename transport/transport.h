@@ -35,6 +35,9 @@ struct RegionDescriptor {
   // another identity (restarted with other contents) is refused.
   uint64_t identity = 0;
   ZeroMap zero_map;  // pages known to be all zero; empty when unknown
+  // TCP, opened for writing: the writer lease the server granted, which
+  // every further connection presents. 0 for a reader.
+  uint64_t lease = 0;
 };
 
 struct TransportCapabilities {
@@ -57,6 +60,15 @@ struct ReadOp {
   uint64_t cookie = 0;       // returned in the completion
 };
 
+// A write to the region (a memory node; see TransportOptions::writer).
+struct WriteOp {
+  uint64_t remote_offset = 0;      // from the start of the region
+  uint32_t length = 0;             // at most max_read_bytes
+  const std::byte* src = nullptr;  // must stay valid until the op completes
+  uint64_t cookie = 0;             // returned in the completion
+};
+
+// Of a read or a write.
 struct ReadCompletion {
   uint64_t cookie = 0;
   Errc status = Errc::kOk;
@@ -100,6 +112,14 @@ class Channel {
   // and ones outside it complete with kOutOfBounds. Never blocks; the batch
   // must fit in the free outstanding slots.
   virtual void post(std::span<const ReadOp> ops) = 0;
+  // Queues a batch of writes; they complete through wait() like reads (a
+  // caller may mix the two), share the outstanding slots with them and are
+  // bounds-checked the same way. On a channel that keeps order (TCP), a read
+  // posted after a write reads what it wrote. Where the transport cannot
+  // write (RDMA and local, for now), every op completes with kUnsupported.
+  virtual void post_writes(std::span<const WriteOp> ops) {
+    for (const WriteOp& op : ops) refused_writes_.push_back({op.cookie, Errc::kUnsupported});
+  }
   // Submits what was posted and blocks until a completion or a watched
   // descriptor fires (timeout_ms < 0: no limit; 0: do not block).
   virtual void wait(WaitResult& out, int timeout_ms) = 0;
@@ -107,7 +127,15 @@ class Channel {
   virtual uint64_t reconnects() const { return 0; }
 
  protected:
+  // Moves the completions of writes refused by the default post_writes()
+  // into `out`: every wait() that keeps the default calls it first.
+  void take_refused_writes(WaitResult& out) {
+    out.completions.insert(out.completions.end(), refused_writes_.begin(), refused_writes_.end());
+    refused_writes_.clear();
+  }
+
   WatchSet watches_;  // polled by each transport's wait()
+  std::vector<ReadCompletion> refused_writes_;
 };
 
 // Questions to the source about a live export, whose owner keeps writing
@@ -164,6 +192,12 @@ struct TransportOptions {
   // TCP: drive sockets through io_uring. Off, or where the kernel lacks
   // io_uring or an operation it needs, plain syscalls do the same work.
   bool io_uring = true;
+  // Open the region for writing as well (a memory node, over TCP only for
+  // now): the transport asks for the region's writer lease and every
+  // channel presents it, reconnects included. Throws Error(kLeased) while
+  // another destination holds it, Error(kUnsupported) for a read-only
+  // export or an rdma:// URI.
+  bool writer = false;
 };
 
 // Parses `uri` and connects: tcp://HOST:PORT/NAME. Throws pagewire::Error.

@@ -16,7 +16,7 @@ enum class Errc : uint32_t {
   kNotFound = 2,         // the server exports no region of that name
   kConnectFailed = 3,    // nothing answers at the address
   kProtocol = 4,         // the peer sent bytes that are not our protocol
-  kOutOfBounds = 5,      // a read outside the region
+  kOutOfBounds = 5,      // a read or write outside the region (or over the size limit)
   kIo = 6,               // a socket or device error
   kTimeout = 7,          // the peer stopped answering
   kClosed = 8,           // the peer closed the connection
@@ -27,6 +27,7 @@ enum class Errc : uint32_t {
   kBusy = 13,           // the server has all its connections in use
   kUnsupported = 14,    // the kernel or the peer lacks what this needs
   kSourceChanged = 15,  // a paused source was written (live migration)
+  kLeased = 16,         // another destination holds the region's writer lease
 };
 
 std::string_view to_string(Errc code);

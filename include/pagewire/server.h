@@ -61,6 +61,10 @@ struct ServerStats {
   uint64_t reads_served = 0;
   uint64_t bytes_served = 0;
   uint64_t reads_refused = 0;
+  uint64_t writes_applied = 0;  // to memory nodes, over TCP
+  uint64_t bytes_written = 0;
+  uint64_t writes_refused = 0;   // out of bounds, read-only, or without the lease
+  uint64_t writers_refused = 0;  // writer hellos refused: another held the lease
 };
 
 class ExportTable;
@@ -102,6 +106,17 @@ class MemoryServer {
   // The same, with options: export_memory(name, p, n, {.track_writes = true,
   // .pause_writers = ...}) exports memory whose owner keeps writing.
   void export_memory(const std::string& name, void* base, size_t length, const ExportOptions& options);
+  // A memory node: `length` bytes of fresh zeroed memory, allocated and
+  // owned by the server, that destinations may write (over TCP; see
+  // TransportOptions::writer) as well as read. One destination at a time
+  // holds the node's writer lease; readers share it freely. What was written
+  // stays after the writer goes, for the next destination to read or
+  // write. Its identity is drawn fresh. A write is applied only once all of
+  // it has arrived; another destination reading the same page at that very
+  // moment may still see part of it (as threads sharing memory would): the
+  // writer's own reads are ordered after its writes. Every other export is
+  // read-only: a write to it is refused and its connection dropped.
+  void export_node(const std::string& name, size_t length, uint32_t page_size = 4096);
 
   // The owner changed [offset, offset+length) of an exported region: its
   // zero-page map is recomputed there. Destinations that connect later get

@@ -43,6 +43,7 @@ class LocalChannel final : public Channel {
     }
   }
   void wait(WaitResult& out, int timeout_ms) override {
+    take_refused_writes(out);
     take_due(out);
     // Look for the release of held reads every few milliseconds.
     if (!held_.empty()) timeout_ms = timeout_ms < 0 ? 5 : std::min(timeout_ms, 5);

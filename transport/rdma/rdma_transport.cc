@@ -63,6 +63,10 @@ std::unique_ptr<SourceControl> RdmaTransport::open_control() {
 
 RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::string& name, const TransportOptions& o)
     : endpoint_(resolve(host, port)), name_(name), options_(o) {
+  if (o.writer) {
+    throw Error(Errc::kUnsupported, "rdma://" + endpoint_.text + "/" + name +
+                                        ": writes to memory nodes go over TCP only for now; use tcp:// to write");
+  }
   if (name.empty() || name.size() > kMaxRdmaName) {
     throw Error(Errc::kBadUri, "an rdma:// region name must be 1.." + std::to_string(kMaxRdmaName) + " bytes");
   }
@@ -468,6 +472,7 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
   const size_t had = out.completions.size();
   out.completions.insert(out.completions.end(), local_.begin(), local_.end());
   local_.clear();
+  take_refused_writes(out);
   drain_cq(out);
   if (out.completions.size() == had && timeout_ms != 0 && posted_ > 0 && dead_ == Errc::kOk) {
     // Arm, then look again: a completion between the two would be missed.

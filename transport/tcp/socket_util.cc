@@ -124,14 +124,15 @@ bool recv_all(int fd, void* buf, size_t n) {
   return true;
 }
 
-RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer,
-                           uint8_t flags) {
+RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer, uint8_t flags,
+                           uint64_t lease) {
   if (name.empty() || name.size() > wire::kMaxNameLength) {
     throw Error(Errc::kBadUri, "region name must be 1.." + std::to_string(wire::kMaxNameLength) + " bytes");
   }
   set_io_timeout(fd, timeout_ms);
   wire::Hello hello{wire::kHelloMagic, wire::kVersion, static_cast<uint8_t>(name.size()), flags};
-  const bool sent = send_all(fd, &hello, sizeof hello) && send_all(fd, name.data(), name.size());
+  const bool sent = send_all(fd, &hello, sizeof hello) && send_all(fd, name.data(), name.size()) &&
+                    ((flags & wire::kHelloLease) == 0 || send_all(fd, &lease, sizeof lease));
   const int send_errno = errno;
   wire::HelloReply reply{};
   const bool replied = recv_all(fd, &reply, sizeof reply);
@@ -156,6 +157,17 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
                                      std::to_string(reply.server_version) + ", this side " +
                                      std::to_string(wire::kVersion));
   }
+  if (status == Errc::kLeased) {
+    throw Error(Errc::kLeased, "server " + peer + " refused to let this destination write '" + name +
+                                   "': the region has another writer" +
+                                   ((flags & wire::kHelloLease) != 0 ? " (this destination's lease is gone: the "
+                                                                       "server restarted, or another writer came)"
+                                                                     : ""));
+  }
+  if (status == Errc::kUnsupported && (flags & wire::kHelloWriter) != 0) {
+    throw Error(Errc::kUnsupported,
+                "server " + peer + " serves '" + name + "' read-only: only memory nodes (serve --memory) take writes");
+  }
   if (status != Errc::kOk) {
     throw Error(status, "server " + peer + " refused region '" + name + "': " + std::string(to_string(status)));
   }
@@ -167,8 +179,13 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
     throw Error(Errc::kProtocol, "server " + peer + " sent a zero-page map of the wrong size");
   }
   uint64_t identity = 0;
-  if (!recv_all(fd, &identity, sizeof identity)) {
+  uint64_t granted = 0;
+  if (!recv_all(fd, &identity, sizeof identity) ||
+      ((flags & wire::kHelloWriter) != 0 && !recv_all(fd, &granted, sizeof granted))) {
     throw Error(Errc::kProtocol, "server " + peer + " cut its hello reply short");
+  }
+  if ((flags & wire::kHelloWriter) != 0 && (granted == 0 || ((flags & wire::kHelloLease) != 0 && granted != lease))) {
+    throw Error(Errc::kProtocol, "server " + peer + " granted no valid writer lease for '" + name + "'");
   }
   ZeroMap zero_map(reply.zero_map_bytes / 8);
   if (!zero_map.empty() && !recv_all(fd, zero_map.data(), reply.zero_map_bytes)) {
@@ -182,6 +199,7 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   d.page_size = reply.page_size;
   d.key = reply.key;
   d.identity = identity;
+  d.lease = granted;
   return d;
 }
 

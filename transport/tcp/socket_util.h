@@ -40,9 +40,11 @@ bool send_all(int fd, const void* buf, size_t n);
 bool recv_all(int fd, void* buf, size_t n);
 
 // Says hello for region `name` and reads the descriptor. Throws Error with
-// the server's answer (kNotFound, kProtocol, ...).
+// the server's answer (kNotFound, kProtocol, kLeased, ...). With
+// wire::kHelloLease in `flags`, presents `lease`; with wire::kHelloWriter,
+// the descriptor carries the lease granted.
 RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer,
-                           uint8_t flags = 0);
+                           uint8_t flags = 0, uint64_t lease = 0);
 
 void set_io_timeout(int fd, unsigned timeout_ms);
 

@@ -117,6 +117,10 @@ ServerStats TcpServer::stats() const {
   s.reads_served = reads_.load();
   s.bytes_served = bytes_.load();
   s.reads_refused = refused_.load();
+  s.writes_applied = writes_.load();
+  s.bytes_written = bytes_written_.load();
+  s.writes_refused = writes_refused_.load();
+  s.writers_refused = writers_refused_.load();
   return s;
 }
 
@@ -233,7 +237,9 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     return finish(true);
   }
   std::string name(hello.name_length, '\0');
-  if (!tcp::recv_all(fd.get(), name.data(), name.size())) {
+  uint64_t presented_lease = 0;
+  if (!tcp::recv_all(fd.get(), name.data(), name.size()) ||
+      ((hello.flags & wire::kHelloLease) != 0 && !tcp::recv_all(fd.get(), &presented_lease, sizeof presented_lease))) {
     spdlog::warn("server: {} sent a truncated hello; dropping it", peer);
     return finish(true);
   }
@@ -254,6 +260,40 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     tcp::send_all(fd.get(), &reply, sizeof reply);
     return finish(false);
   }
+  const bool writer = (hello.flags & wire::kHelloWriter) != 0;
+  uint64_t lease = 0;
+  if (writer) {
+    Errc refuse = Errc::kOk;
+    if (region->writable_base == nullptr) {
+      refuse = Errc::kUnsupported;
+      spdlog::warn("server: {} asked to write '{}', which is read-only (only memory nodes take writes); refusing it",
+                   peer, name);
+    } else if ((lease = region->lease.acquire(presented_lease)) == 0) {
+      refuse = Errc::kLeased;
+      ++writers_refused_;
+      if (presented_lease != 0) {
+        spdlog::warn("server: {} asked to write '{}' with a lease this server does not hold for it (it restarted, or "
+                     "another writer came since); refusing it",
+                     peer, name);
+      } else {
+        spdlog::warn("server: {} asked to write '{}', but another destination holds its writer lease; refusing it",
+                     peer, name);
+      }
+    }
+    if (refuse != Errc::kOk) {
+      reply.status = static_cast<uint32_t>(refuse);
+      tcp::send_all(fd.get(), &reply, sizeof reply);
+      close_gracefully(fd.get());
+      return finish(false);
+    }
+  }
+  // Held until this connection's thread ends, whichever way it ends.
+  struct LeaseHold {
+    const ExportedRegion* region;
+    ~LeaseHold() {
+      if (region != nullptr) region->lease.release();
+    }
+  } hold{writer ? region : nullptr};
   reply.key = region->key;
   reply.page_size = region->page_size;
   reply.length = region->length;
@@ -261,6 +301,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   reply.zero_map_bytes = static_cast<uint32_t>(zero_map.size() * 8);
   if (!tcp::send_all(fd.get(), &reply, sizeof reply) ||
       !tcp::send_all(fd.get(), &region->identity, sizeof region->identity) ||
+      (writer && !tcp::send_all(fd.get(), &lease, sizeof lease)) ||
       !tcp::send_all(fd.get(), zero_map.data(), reply.zero_map_bytes)) {
     return finish(false);
   }
@@ -274,63 +315,113 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     // first (a woken nice-0 thread preempts this one at once).
     ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
   }
-  spdlog::debug("server: {} attached '{}'{}", peer, name, (hello.flags & wire::kHelloBulk) != 0 ? " (bulk)" : "");
+  spdlog::debug("server: {} attached '{}'{}{}", peer, name, (hello.flags & wire::kHelloBulk) != 0 ? " (bulk)" : "",
+                writer ? " (writer)" : "");
+  return finish(!serve_requests(fd.get(), *region, writer, peer));
+}
 
+bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer, const std::string& peer) {
+  // Reads and write headers are records of one size; a write's payload
+  // follows its header and may span many recvs.
+  constexpr size_t kRecord = sizeof(wire::ReadRequest);
   std::vector<std::byte> buf(kRecvBuffer);
-  std::vector<wire::ReadReply> replies(kRecvBuffer / sizeof(wire::ReadRequest));
+  std::vector<wire::ReadReply> replies(kRecvBuffer / kRecord);
   std::vector<iovec> iov(2 * replies.size());
+  std::vector<std::byte> payload;  // a write's bytes, whole before any reach the region
   size_t have = 0;
   for (;;) {
-    ssize_t n = ::recv(fd.get(), buf.data() + have, buf.size() - have, 0);
+    ssize_t n = ::recv(fd, buf.data() + have, buf.size() - have, 0);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       if (have > 0) {
-        spdlog::warn("server: {} closed with a truncated request ({} of {} bytes); dropped", peer, have,
-                     sizeof(wire::ReadRequest));
-        return finish(true);
+        spdlog::warn("server: {} closed with a truncated request ({} of {} bytes); dropped", peer, have, kRecord);
+        return false;
       }
-      return finish(false);
+      return true;
     }
     have += static_cast<size_t>(n);
-    const size_t count = have / sizeof(wire::ReadRequest);
+    size_t pos = 0;
     size_t iovs = 0;
+    size_t answered = 0;  // replies[] in use
     Errc refuse = Errc::kOk;
-    for (size_t i = 0; i < count; ++i) {
-      wire::ReadRequest req;
-      std::memcpy(&req, buf.data() + i * sizeof req, sizeof req);
-      wire::ReadReply& r = replies[i];
+    while (refuse == Errc::kOk && have - pos >= kRecord) {
+      wire::ReadRequest req;  // a WriteRequest has the same layout
+      std::memcpy(&req, buf.data() + pos, sizeof req);
+      wire::ReadReply& r = replies[answered++];
       r = {wire::kReplyMagic, static_cast<uint32_t>(Errc::kOk), req.tag, req.length};
-      if (req.magic != wire::kReadMagic) {
+      const bool is_write = req.magic == wire::kWriteMagic;
+      if (req.magic != wire::kReadMagic && !is_write) {
         refuse = Errc::kProtocol;
-      } else if (req.key != region->key) {
+      } else if (req.key != region.key) {
         refuse = Errc::kInvalidArgument;
-      } else if (!read_in_bounds(region->length, req.offset, req.length) || req.length > wire::kMaxReadBytes) {
+      } else if (!read_in_bounds(region.length, req.offset, req.length) || req.length > wire::kMaxReadBytes) {
         refuse = Errc::kOutOfBounds;
+      } else if (is_write && region.writable_base == nullptr) {
+        refuse = Errc::kUnsupported;
+      } else if (is_write && !writer) {
+        refuse = Errc::kLeased;
       }
       if (refuse != Errc::kOk) {
         // Answer what came before, then the refusal, then hang up: after a
         // bad request the stream cannot be trusted.
-        ++refused_;
+        ++(is_write ? writes_refused_ : refused_);
         r.status = static_cast<uint32_t>(refuse);
         r.length = 0;
         iov[iovs++] = {&r, sizeof r};
-        spdlog::warn("server: {} sent a bad read ({}: offset {} length {} magic 0x{:08x}); dropping it", peer,
-                     to_string(refuse), req.offset, req.length, req.magic);
+        const char* kind = is_write ? "write" : req.magic == wire::kReadMagic ? "read" : "request";
+        const char* why = refuse == Errc::kUnsupported ? " (it is read-only: only memory nodes take writes)"
+                          : refuse == Errc::kLeased    ? " (this connection does not hold the writer lease)"
+                                                       : "";
+        spdlog::warn("server: {} sent a bad {} of '{}' ({}: offset {} length {} magic 0x{:08x}){}; dropping it", peer,
+                     kind, region.name, to_string(refuse), req.offset, req.length, req.magic, why);
         break;
       }
-      iov[iovs++] = {&r, sizeof r};
-      iov[iovs++] = {const_cast<std::byte*>(region->base + req.offset), req.length};
-      ++reads_;
-      bytes_ += req.length;
+      pos += kRecord;
+      if (!is_write) {
+        iov[iovs++] = {&r, sizeof r};
+        iov[iovs++] = {const_cast<std::byte*>(region.base + req.offset), req.length};
+        ++reads_;
+        bytes_ += req.length;
+        continue;
+      }
+      // The replies queued so far read the region as it was: send them
+      // before this write changes it (sendmsg copies them out).
+      if (iovs > 0 && !send_iov(fd, iov.data(), iovs)) return true;
+      iovs = 0;
+      replies[0] = r;
+      answered = 1;
+      const size_t buffered = std::min<size_t>(have - pos, req.length);
+      const std::byte* whole = buf.data() + pos;  // where all of the payload lies once it is in
+      if (buffered < req.length) {
+        payload.resize(req.length);
+        std::memcpy(payload.data(), buf.data() + pos, buffered);
+        for (size_t got = buffered; got < req.length;) {
+          const ssize_t m = ::recv(fd, payload.data() + got, req.length - got, 0);
+          if (m < 0 && errno == EINTR) continue;
+          if (m <= 0) {
+            spdlog::warn("server: {} closed in the middle of a write to '{}' (offset {}, {} of {} bytes); none of it "
+                         "was applied",
+                         peer, region.name, req.offset, got, req.length);
+            return false;
+          }
+          got += static_cast<size_t>(m);
+        }
+        whole = payload.data();
+      }
+      std::memcpy(region.writable_base + req.offset, whole, req.length);
+      pos += buffered;
+      replies[0].length = 0;
+      iov[iovs++] = {&replies[0], sizeof replies[0]};
+      ++writes_;
+      bytes_written_ += req.length;
     }
-    if (iovs > 0 && !send_iov(fd.get(), iov.data(), iovs)) return finish(false);
+    if (iovs > 0 && !send_iov(fd, iov.data(), iovs)) return true;
     if (refuse != Errc::kOk) {
-      close_gracefully(fd.get());
-      return finish(true);
+      close_gracefully(fd);
+      return false;
     }
-    const size_t used = count * sizeof(wire::ReadRequest);
-    std::memmove(buf.data(), buf.data() + used, have - used);
-    have -= used;
+    std::memmove(buf.data(), buf.data() + pos, have - pos);
+    have -= pos;
   }
 }
 

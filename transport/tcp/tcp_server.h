@@ -43,6 +43,9 @@ class TcpServer {
   // A control connection: questions about a live export, one at a time.
   // Returns false when the peer broke the protocol.
   bool serve_control(int fd, const ExportedRegion& region, const std::string& peer);
+  // Reads and writes until the peer closes (false: it broke the protocol and
+  // was dropped). `writer`: the connection holds the region's writer lease.
+  bool serve_requests(int fd, const ExportedRegion& region, bool writer, const std::string& peer);
   void reap_finished();
 
   ServerOptions options_;
@@ -61,6 +64,10 @@ class TcpServer {
   std::atomic<uint64_t> reads_{0};
   std::atomic<uint64_t> bytes_{0};
   std::atomic<uint64_t> refused_{0};
+  std::atomic<uint64_t> writes_{0};
+  std::atomic<uint64_t> bytes_written_{0};
+  std::atomic<uint64_t> writes_refused_{0};
+  std::atomic<uint64_t> writers_refused_{0};
 
   std::thread accept_thread_;  // last: started once everything above exists
 };

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <mutex>
 #include <utility>
@@ -20,12 +21,26 @@ static_assert(TcpChannel::kMaxOutstanding + 16 < kRingEntries,
 static_assert((TcpChannel::kMaxOutstanding & (TcpChannel::kMaxOutstanding - 1)) == 0,
               "the in-flight FIFO is indexed by masking");
 constexpr uint64_t kMask = TcpChannel::kMaxOutstanding - 1;
+static_assert(2 * TcpChannel::kMaxOutstanding + 2 <= IOV_MAX, "a full window of writes fits one sendmsg");
 
 constexpr uint64_t user_data(uint64_t kind, uint64_t index = 0) { return (kind << 56) | index; }
 constexpr uint64_t kind_of(uint64_t data) { return data >> 56; }
 constexpr uint64_t index_of(uint64_t data) { return data & ((uint64_t{1} << 56) - 1); }
 
 std::once_flag io_mode_logged;
+
+// Moves msg's iovecs past `done` bytes sent.
+void advance(msghdr& msg, size_t done) {
+  while (done > 0 && msg.msg_iovlen > 0 && done >= msg.msg_iov->iov_len) {
+    done -= msg.msg_iov->iov_len;
+    ++msg.msg_iov;
+    --msg.msg_iovlen;
+  }
+  if (done > 0 && msg.msg_iovlen > 0) {
+    msg.msg_iov->iov_base = static_cast<char*>(msg.msg_iov->iov_base) + done;
+    msg.msg_iov->iov_len -= done;
+  }
+}
 
 }  // namespace
 
@@ -81,21 +96,26 @@ TcpTransport::TcpTransport(const std::string& host, uint16_t port, const std::st
   std::string why;
   first_connection_ = connect_to(endpoint_, t.reconnect_timeout_ms, &why);
   if (!first_connection_) throw Error(Errc::kConnectFailed, why + " (is `pagewire serve` running there?)");
-  desc_ = handshake(first_connection_.get(), name, t.reconnect_timeout_ms, endpoint_.text);
-  spdlog::info("tcp: attached '{}' at {}: {} bytes, {} B pages", name, endpoint_.text, desc_.length, desc_.page_size);
+  desc_ = handshake(first_connection_.get(), name, t.reconnect_timeout_ms, endpoint_.text,
+                    t.writer ? wire::kHelloWriter : 0);
+  spdlog::info("tcp: attached '{}' at {}{}: {} bytes, {} B pages", name, endpoint_.text, t.writer ? " for writing" : "",
+               desc_.length, desc_.page_size);
 }
 
 TransportCapabilities TcpTransport::capabilities() const { return {TcpChannel::kMaxOutstanding, wire::kMaxReadBytes}; }
 
 std::unique_ptr<Channel> TcpTransport::open_channel(ChannelUse use) {
-  const uint8_t flags = use == ChannelUse::kBulk ? wire::kHelloBulk : 0;
+  uint8_t flags = use == ChannelUse::kBulk ? wire::kHelloBulk : 0;
+  // A writer's every connection, and every reconnect, presents its lease.
+  if (timeouts_.writer) flags |= wire::kHelloWriter | wire::kHelloLease;
   UniqueFd fd;
   if (use == ChannelUse::kDemand) fd = std::move(first_connection_);
   if (!fd) {
     std::string why;
     fd = connect_to(endpoint_, timeouts_.reconnect_timeout_ms, &why);
     if (!fd) throw Error(Errc::kConnectFailed, why);
-    RegionDescriptor d = handshake(fd.get(), desc_.name, timeouts_.reconnect_timeout_ms, endpoint_.text, flags);
+    RegionDescriptor d = handshake(fd.get(), desc_.name, timeouts_.reconnect_timeout_ms, endpoint_.text, flags,
+                                   desc_.lease);
     if (d.length != desc_.length || d.page_size != desc_.page_size || d.identity != desc_.identity) {
       throw Error(Errc::kProtocol, "region '" + desc_.name + "' changed on " + endpoint_.text + " while attaching");
     }
@@ -115,6 +135,7 @@ TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor 
       timeouts_(options),
       sock_(std::move(connection)),
       ops_(kMaxOutstanding),
+      write_src_(kMaxOutstanding),
       requests_(kMaxOutstanding) {
   local_.reserve(kMaxOutstanding);
   std::string why = "io_uring turned off by option";
@@ -177,25 +198,44 @@ void TcpChannel::arm_watch(size_t index) {
   io_uring_sqe_set_data64(s, user_data(kWatch, index));
 }
 
+void TcpChannel::enqueue(uint32_t magic, uint64_t remote_offset, uint32_t length, std::byte* dst, const std::byte* src,
+                         uint64_t cookie) {
+  if (!read_in_bounds(desc_.length, remote_offset, length) || length > wire::kMaxReadBytes) {
+    local_.push_back({cookie, Errc::kOutOfBounds});
+    return;
+  }
+  if (dead_ != Errc::kOk) {
+    local_.push_back({cookie, dead_});
+    return;
+  }
+  if (tail_ - head_ >= kMaxOutstanding) {
+    // The caller sized its batch wrong; refuse rather than overwrite.
+    local_.push_back({cookie, Errc::kInvalidArgument});
+    return;
+  }
+  const uint64_t seq = tail_++;
+  ops_[seq & kMask] = {remote_offset, length, dst, cookie};
+  write_src_[seq & kMask] = src;
+  requests_[seq & kMask] = {magic, desc_.key, remote_offset, length, static_cast<uint32_t>(seq)};
+}
+
 void TcpChannel::post(std::span<const ReadOp> ops) {
   const bool was_idle = head_ == tail_;
-  for (const ReadOp& op : ops) {
-    if (!read_in_bounds(desc_.length, op.remote_offset, op.length) || op.length > wire::kMaxReadBytes) {
-      local_.push_back({op.cookie, Errc::kOutOfBounds});
+  for (const ReadOp& op : ops) enqueue(wire::kReadMagic, op.remote_offset, op.length, op.dst, nullptr, op.cookie);
+  if (was_idle && head_ != tail_) last_progress_ = last_reply_ = std::chrono::steady_clock::now();
+  queue_sends();
+  arm_recv();
+}
+
+void TcpChannel::post_writes(std::span<const WriteOp> ops) {
+  const bool was_idle = head_ == tail_;
+  for (const WriteOp& op : ops) {
+    if ((hello_flags_ & wire::kHelloWriter) == 0) {
+      // The server would refuse it and drop the connection: say so here.
+      local_.push_back({op.cookie, Errc::kLeased});
       continue;
     }
-    if (dead_ != Errc::kOk) {
-      local_.push_back({op.cookie, dead_});
-      continue;
-    }
-    if (tail_ - head_ >= kMaxOutstanding) {
-      // The caller sized its batch wrong; refuse rather than overwrite.
-      local_.push_back({op.cookie, Errc::kInvalidArgument});
-      continue;
-    }
-    const uint64_t seq = tail_++;
-    ops_[seq & kMask] = op;
-    requests_[seq & kMask] = {wire::kReadMagic, desc_.key, op.remote_offset, op.length, static_cast<uint32_t>(seq)};
+    enqueue(wire::kWriteMagic, op.remote_offset, op.length, nullptr, op.src, op.cookie);
   }
   if (was_idle && head_ != tail_) last_progress_ = last_reply_ = std::chrono::steady_clock::now();
   queue_sends();
@@ -204,48 +244,54 @@ void TcpChannel::post(std::span<const ReadOp> ops) {
 
 void TcpChannel::queue_sends() {
   if (sent_ == tail_ || !sock_ || send_inflight_) return;
-  // One sendmsg for everything not sent yet; two iovecs when it wraps.
+  // One sendmsg for everything not sent yet: runs of request records as
+  // they lie in the FIFO (cut where it wraps), and each write's payload
+  // right after its header.
   SendMsg& m = send_;
-  m = {};
-  const uint64_t first = sent_ & kMask;
-  const uint64_t count = tail_ - sent_;
-  const uint64_t run1 = std::min<uint64_t>(count, kMaxOutstanding - first);
-  m.iov[0] = {&requests_[first], run1 * sizeof(wire::ReadRequest)};
-  m.msg.msg_iovlen = 1;
-  if (run1 < count) {
-    m.iov[1] = {&requests_[0], (count - run1) * sizeof(wire::ReadRequest)};
-    m.msg.msg_iovlen = 2;
+  m.msg = {};
+  size_t iovs = 0;
+  size_t bytes = 0;
+  for (uint64_t seq = sent_; seq != tail_; ++seq) {
+    const uint64_t i = seq & kMask;
+    wire::ReadRequest* record = &requests_[i];
+    iovec* last = iovs > 0 ? &m.iov[iovs - 1] : nullptr;
+    if (last != nullptr && static_cast<char*>(last->iov_base) + last->iov_len == reinterpret_cast<char*>(record)) {
+      last->iov_len += sizeof *record;
+    } else {
+      m.iov[iovs++] = {record, sizeof *record};
+    }
+    bytes += sizeof *record;
+    if (write_src_[i] != nullptr) {
+      m.iov[iovs++] = {const_cast<std::byte*>(write_src_[i]), ops_[i].length};
+      bytes += ops_[i].length;
+    }
   }
-  m.msg.msg_iov = m.iov;
+  m.msg.msg_iov = m.iov.data();
+  m.msg.msg_iovlen = iovs;
   sent_ = tail_;
-  send_bytes_ = count * sizeof(wire::ReadRequest);
+  send_bytes_ = bytes;
   if (!ring_) {
     // Plain syscalls: a blocking sendmsg, resumed after partial writes.
-    size_t left = m.iov[0].iov_len + (m.msg.msg_iovlen == 2 ? m.iov[1].iov_len : 0);
-    while (left > 0) {
+    while (send_bytes_ > 0) {
       const ssize_t n = ::sendmsg(sock_.get(), &m.msg, MSG_NOSIGNAL);
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
         send_error_ = "send to " + endpoint_.text + ": " + std::strerror(n < 0 ? errno : EPIPE);
         break;
       }
-      left -= static_cast<size_t>(n);
-      auto done = static_cast<size_t>(n);
-      while (done > 0 && done >= m.msg.msg_iov->iov_len) {
-        done -= m.msg.msg_iov->iov_len;
-        ++m.msg.msg_iov;
-        --m.msg.msg_iovlen;
-      }
-      if (done > 0) {
-        m.msg.msg_iov->iov_base = static_cast<char*>(m.msg.msg_iov->iov_base) + done;
-        m.msg.msg_iov->iov_len -= done;
-      }
+      send_bytes_ -= static_cast<size_t>(n);
+      advance(m.msg, static_cast<size_t>(n));
     }
     return;
   }
+  submit_send();
+}
+
+void TcpChannel::submit_send() {
   io_uring_sqe* s = ring_->sqe();
-  // MSG_WAITALL makes io_uring finish a short send itself (6.0+).
-  io_uring_prep_sendmsg(s, sock_.get(), &m.msg, MSG_NOSIGNAL | MSG_WAITALL);
+  // MSG_WAITALL makes io_uring finish a short send itself (6.0+); before
+  // that, reap() submits the rest.
+  io_uring_prep_sendmsg(s, sock_.get(), &send_.msg, MSG_NOSIGNAL | MSG_WAITALL);
   io_uring_sqe_set_data64(s, user_data(kSend));
   ++socket_ops_;
   send_inflight_ = true;
@@ -260,7 +306,7 @@ void TcpChannel::arm_recv() {
   recv_iov_[1] = {op.dst, op.length};
   recv_msg_ = {};
   recv_msg_.msg_iov = recv_iov_;
-  recv_msg_.msg_iovlen = 2;
+  recv_msg_.msg_iovlen = write_src_[head_ & kMask] != nullptr ? 1 : 2;  // a write's reply has no payload
   io_uring_sqe* s = ring_->sqe();
   io_uring_prep_recvmsg(s, sock_.get(), &recv_msg_, MSG_WAITALL);
   io_uring_sqe_set_data64(s, user_data(kRecv));
@@ -332,7 +378,7 @@ void TcpChannel::wait_with_syscalls(WaitResult& out, int timeout_ms) {
     iovec iov[2] = {{&reply_, sizeof reply_}, {op.dst, op.length}};
     msghdr msg{};
     msg.msg_iov = iov;
-    msg.msg_iovlen = 2;
+    msg.msg_iovlen = write_src_[head_ & kMask] != nullptr ? 1 : 2;
     ssize_t n = ::recvmsg(sock_.get(), &msg, MSG_WAITALL);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -361,11 +407,16 @@ void TcpChannel::reap(WaitResult& out) {
       case kSend:
         --socket_ops_;
         send_inflight_ = false;
-        // A short send leaves the stream cut mid-record: as bad as an error.
         if (cqe->res < 0) {
           send_err = -cqe->res;
-        } else if (static_cast<size_t>(cqe->res) != send_bytes_) {
+        } else if (cqe->res == 0 && send_bytes_ > 0) {
           send_err = EPIPE;
+        } else if (static_cast<size_t>(cqe->res) < send_bytes_ && sock_ && dead_ == Errc::kOk) {
+          // A short send (a kernel without MSG_WAITALL for sends, or a
+          // signal): the rest goes next, before anything else is queued.
+          send_bytes_ -= static_cast<size_t>(cqe->res);
+          advance(send_.msg, static_cast<size_t>(cqe->res));
+          submit_send();
         }
         break;
       case kRecv:
@@ -421,7 +472,8 @@ void TcpChannel::on_recv(int res, WaitResult& out) {
     recover(Errc::kClosed, "server refused a read: " + std::string(to_string(status)), out);
     return;
   }
-  if (reply_.length != op.length || static_cast<size_t>(res) != sizeof reply_ + op.length) {
+  const uint32_t payload = write_src_[head_ & kMask] != nullptr ? 0 : op.length;
+  if (reply_.length != payload || static_cast<size_t>(res) != sizeof reply_ + payload) {
     recover(Errc::kClosed, "short reply from " + endpoint_.text, out);
     return;
   }
@@ -433,7 +485,7 @@ void TcpChannel::on_recv(int res, WaitResult& out) {
 
 void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   if (dead_ != Errc::kOk) return;
-  spdlog::warn("tcp: {} ({} reads outstanding); reconnecting", text, tail_ - head_);
+  spdlog::warn("tcp: {} ({} requests outstanding); reconnecting", text, tail_ - head_);
   // Break the connection and take back every op the kernel holds on it.
   ::shutdown(sock_.get(), SHUT_RDWR);
   if (ring_) drain_ring(out);
@@ -455,7 +507,7 @@ void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   }
   if (end == ReconnectEnd::kConnected) {
     ++reconnects_;
-    spdlog::info("tcp: reconnected to {}; resending {} reads", endpoint_.text, tail_ - head_);
+    spdlog::info("tcp: reconnected to {}; resending {} requests", endpoint_.text, tail_ - head_);
     for (uint64_t seq = head_; seq != tail_; ++seq) requests_[seq & kMask].key = desc_.key;
     sent_ = head_;
     last_progress_ = std::chrono::steady_clock::now();
@@ -482,7 +534,7 @@ ReconnectAttempt TcpChannel::try_reconnect(unsigned left_ms, std::string* why) {
   UniqueFd fd = connect_to(endpoint_, left_ms, why, watches_.stop_fd());
   if (!fd) return ReconnectAttempt::kRetry;
   try {
-    RegionDescriptor d = handshake(fd.get(), desc_.name, left_ms, endpoint_.text, hello_flags_);
+    RegionDescriptor d = handshake(fd.get(), desc_.name, left_ms, endpoint_.text, hello_flags_, desc_.lease);
     if (d.length != desc_.length || d.page_size != desc_.page_size) {
       *why = "region '" + desc_.name + "' changed shape on " + endpoint_.text;
       return ReconnectAttempt::kGiveUp;  // never read a different region into these pages
@@ -496,9 +548,12 @@ ReconnectAttempt TcpChannel::try_reconnect(unsigned left_ms, std::string* why) {
     if (!ring_) set_io_timeout(sock_.get(), timeouts_.request_timeout_ms);
     return ReconnectAttempt::kConnected;
   } catch (const Error& e) {
+    *why = e.what();
+    // Writes must never go to a region this destination no longer holds
+    // (the server restarted, or another writer took it).
+    if (e.code() == Errc::kLeased) return ReconnectAttempt::kGiveUp;
     // Not found is tried again too: a restarted source listens a moment
     // before it exports its regions.
-    *why = e.what();
     return ReconnectAttempt::kRetry;
   }
 }

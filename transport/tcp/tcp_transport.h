@@ -23,7 +23,9 @@ namespace pagewire::tcp {
 
 class TcpTransport final : public Transport {
  public:
-  // Connects and reads the region descriptor; throws pagewire::Error.
+  // Connects and reads the region descriptor; throws pagewire::Error. With
+  // t.writer, takes the region's writer lease (Error kLeased while another
+  // destination holds it).
   TcpTransport(const std::string& host, uint16_t port, const std::string& name, const TransportOptions& t);
 
   std::string_view name() const override { return "tcp"; }
@@ -35,7 +37,7 @@ class TcpTransport final : public Transport {
  private:
   Endpoint endpoint_;
   TransportOptions timeouts_;
-  RegionDescriptor desc_;
+  RegionDescriptor desc_;      // with the writer lease when opened for writing
   UniqueFd first_connection_;  // handed to the first channel
 };
 
@@ -65,6 +67,9 @@ class TcpChannel final : public Channel {
 
   LocalBuffer register_buffer(std::byte* base, size_t length) override { return {base, length, 0}; }
   void post(std::span<const ReadOp> ops) override;
+  // Header and payload go out in the same sendmsg as the reads around them.
+  // On a channel opened without the writer lease, writes complete kLeased.
+  void post_writes(std::span<const WriteOp> ops) override;
   void wait(WaitResult& out, int timeout_ms) override;
   uint64_t reconnects() const override { return reconnects_; }
 
@@ -72,12 +77,20 @@ class TcpChannel final : public Channel {
 
  private:
   enum Kind : uint64_t { kSend = 1, kRecv = 2, kWatch = 3 };
+  // Runs of request records, and each write's payload after its header.
+  static constexpr size_t kMaxSendIovs = 2 * kMaxOutstanding + 2;
   struct SendMsg {
     msghdr msg{};
-    iovec iov[2]{};
+    std::vector<iovec> iov = std::vector<iovec>(kMaxSendIovs);
   };
 
   void queue_sends();
+  // Queues one request (a read, or a write with `src`), or completes it here
+  // (out of bounds, dead channel, no free slot).
+  void enqueue(uint32_t magic, uint64_t remote_offset, uint32_t length, std::byte* dst, const std::byte* src,
+               uint64_t cookie);
+  // Submits what is left of send_ after `done` bytes went out.
+  void submit_send();
   void arm_recv();
   void reap(WaitResult& out);
   void on_recv(int res, WaitResult& out);
@@ -96,7 +109,7 @@ class TcpChannel final : public Channel {
   void wait_with_syscalls(WaitResult& out, int timeout_ms);
   void drain_ring(WaitResult& out);
 
-  uint8_t hello_flags_;  // said again on every reconnect
+  uint8_t hello_flags_;  // said again on every reconnect, with desc_.lease when writing
   Endpoint endpoint_;
   RegionDescriptor desc_;
   TransportOptions timeouts_;
@@ -106,18 +119,19 @@ class TcpChannel final : public Channel {
   // Reads in request order: the server answers in order, so a FIFO indexed
   // by sequence number is the whole in-flight table.
   std::vector<ReadOp> ops_;
-  std::vector<wire::ReadRequest> requests_;
-  uint64_t head_ = 0;                  // oldest unanswered
-  uint64_t sent_ = 0;                  // requests up to here are queued for sending
-  uint64_t tail_ = 0;                  // next sequence number
-  std::vector<ReadCompletion> local_;  // completions decided without the wire
+  std::vector<const std::byte*> write_src_;  // a write's payload; null for a read
+  std::vector<wire::ReadRequest> requests_;  // a wire::WriteRequest has the same layout
+  uint64_t head_ = 0;                        // oldest unanswered
+  uint64_t sent_ = 0;                        // requests up to here are queued for sending
+  uint64_t tail_ = 0;                        // next sequence number
+  std::vector<ReadCompletion> local_;        // completions decided without the wire
 
   // One send in flight at a time: io_uring does not order separate SQEs on
   // a socket, and two batches must never interleave on the stream. The
   // msghdr stays put until its completion.
   SendMsg send_;
   bool send_inflight_ = false;
-  size_t send_bytes_ = 0;
+  size_t send_bytes_ = 0;  // of send_ still to go out
   wire::ReadReply reply_{};
   iovec recv_iov_[2]{};
   msghdr recv_msg_{};
