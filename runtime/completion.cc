@@ -156,9 +156,8 @@ bool Completion::fetch_again(size_t page, PageCounts& mine) {
   // The owner may not have seen this page go: wait for its decision.
   { const std::lock_guard decide(decide_mu_); }
   if (!r_.status.complete()) return true;  // it saw, or stopped short: fetch
-  // The region is plain memory now (unregistering woke the fault): the
-  // page was discarded as the region completed, and reads as plain memory
-  // does. A read of it now could only fail to install, or, in shared
+  // The region is plain memory now: the page was discarded as the region
+  // completed, and reads as plain memory does (the caller wakes its fault). A read of it now could only fail to install, or, in shared
   // memory, land over what the application wrote since.
   if (r_.pages.settle(page, PageState::kPresent)) PageCounts::add(mine.present, 1);
   return false;

@@ -101,6 +101,9 @@ class FaultEngine {
   void handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns, uint32_t reserved);
   Take take_fault(Worker& w, size_t page);
   Take take_present(Worker& w, size_t page);
+  // For a page taken back from present: kFetch, or kNothing (and the
+  // fault woken) when the region became plain memory meanwhile.
+  Take take_back(Worker& w, size_t page);
   // Claims and queues the pages a prefetch plan names.
   void prefetch(Worker& w, uint32_t thread_id, size_t page, uint32_t reserved);
   uint32_t claim_run(size_t first, uint32_t max);

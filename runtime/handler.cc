@@ -173,14 +173,24 @@ FaultEngine::Take FaultEngine::take_present(Worker& w, size_t page) {
       return Take::kNothing;
     }
     // Punched out of the memfd: fetch it again.
-    return completion_->fetch_again(page, *w.counts) ? Take::kFetch : Take::kNothing;
+    return take_back(w, page);
   }
-  if (discarded(w, page)) return completion_->fetch_again(page, *w.counts) ? Take::kFetch : Take::kNothing;
+  if (discarded(w, page)) return take_back(w, page);
   if (pages_.get(page) == PageState::kPresent) {
     uffd_.wake(addr, desc_.page_size);  // the install raced with the fault
     return Take::kNothing;
   }
   return Take::kOvertake;  // reset to missing meanwhile (the completion sweep): look again
+}
+
+FaultEngine::Take FaultEngine::take_back(Worker& w, size_t page) {
+  if (completion_->fetch_again(page, *w.counts)) return Take::kFetch;
+  // The region became plain memory meanwhile. Unregistering wakes the
+  // faults already waiting, but the kernel wakes before it clears the
+  // registration, so a fault that queued in between (the one read here)
+  // waits for this wake: it then finds plain memory.
+  uffd_.wake(page_addr(page), desc_.page_size);
+  return Take::kNothing;
 }
 
 bool FaultEngine::discarded(Worker& w, size_t page) {
