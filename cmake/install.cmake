@@ -38,7 +38,7 @@ install(FILES ${PROJECT_BINARY_DIR}/pagewireConfig.cmake ${PROJECT_BINARY_DIR}/p
 # `pkg-config --libs` without --static reads only Requires and Libs: they go
 # there. A shared one has them recorded in itself: they go in the private
 # fields, which only a --static link reads.
-set(_pc_requires "spdlog liburing")
+set(_pc_requires "spdlog liburing libcrypto")
 if(PAGEWIRE_HAVE_RDMA)
   string(APPEND _pc_requires " libibverbs librdmacm")
 endif()

@@ -21,6 +21,7 @@ std::string_view to_string(Errc code) {
     case Errc::kUnsupported: return "not supported here";
     case Errc::kSourceChanged: return "the source was written after it paused";
     case Errc::kLeased: return "the region has another writer";
+    case Errc::kAuth: return "authentication failed";
   }
   return "unknown error";
 }

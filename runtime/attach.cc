@@ -42,6 +42,7 @@ Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options
 
 Region attach(std::string_view uri, const AttachOptions& options) {
   TransportOptions t{options.request_timeout_ms, options.reconnect_timeout_ms, options.io_uring};
+  t.key = AuthKey::from_option(options.key_file);
   return attach(connect_transport(uri, t), options);
 }
 

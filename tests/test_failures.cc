@@ -47,10 +47,7 @@ UniqueFd raw_connect(uint16_t port) {
 // Attaches region `name` by hand and returns the socket, ready for reads.
 UniqueFd raw_attach(uint16_t port, const std::string& name, wire::HelloReply* reply) {
   UniqueFd fd = raw_connect(port);
-  wire::Hello h{wire::kHelloMagic, wire::kVersion, static_cast<uint8_t>(name.size()), 0};
-  EXPECT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
-  EXPECT_TRUE(tcp::send_all(fd.get(), name.data(), name.size()));
-  EXPECT_TRUE(tcp::recv_all(fd.get(), reply, sizeof *reply));
+  EXPECT_TRUE(testing::raw_hello(fd.get(), name, 0, reply));
   if (reply->status != 0) return fd;
   uint64_t identity = 0;
   EXPECT_TRUE(tcp::recv_all(fd.get(), &identity, sizeof identity));
@@ -60,11 +57,6 @@ UniqueFd raw_attach(uint16_t port, const std::string& name, wire::HelloReply* re
 }
 
 // True once the server has closed the connection (recv sees EOF or reset).
-bool closed_by_peer(int fd) {
-  char c;
-  return ::recv(fd, &c, 1, 0) <= 0;
-}
-
 TEST(Failures, MalformedUri) {
   std::string what;
   EXPECT_EQ(attach_error("tcp//127.0.0.1:1/x", &what), Errc::kBadUri);
@@ -105,7 +97,7 @@ TEST(Failures, GarbageAndTruncatedRequestsAreDroppedOthersServed) {
     UniqueFd fd = raw_connect(port);
     const char junk[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     ASSERT_TRUE(tcp::send_all(fd.get(), junk, sizeof junk));
-    EXPECT_TRUE(closed_by_peer(fd.get()));
+    EXPECT_TRUE(testing::closed_by_peer(fd.get()));
   }
   {  // A valid hello, then garbage where reads belong.
     wire::HelloReply reply{};
@@ -118,7 +110,7 @@ TEST(Failures, GarbageAndTruncatedRequestsAreDroppedOthersServed) {
     wire::ReadReply rr{};
     ASSERT_TRUE(tcp::recv_all(fd.get(), &rr, sizeof rr));
     EXPECT_EQ(static_cast<Errc>(rr.status), Errc::kProtocol);
-    EXPECT_TRUE(closed_by_peer(fd.get()));
+    EXPECT_TRUE(testing::closed_by_peer(fd.get()));
   }
   {  // A truncated request, then the client hangs up.
     wire::HelloReply reply{};
@@ -160,7 +152,7 @@ TEST(Failures, ReadOutsideTheRegionIsRefusedByTheServer) {
   ASSERT_TRUE(tcp::recv_all(fd.get(), &rr, sizeof rr));
   EXPECT_EQ(static_cast<Errc>(rr.status), Errc::kOutOfBounds);
   EXPECT_EQ(rr.tag, 2u);
-  EXPECT_TRUE(closed_by_peer(fd.get()));
+  EXPECT_TRUE(testing::closed_by_peer(fd.get()));
   EXPECT_EQ(src.server().stats().reads_refused, 1u);
 }
 
@@ -241,7 +233,7 @@ TEST(Failures, AnotherProtocolVersionIsToldSo) {
   ASSERT_TRUE(tcp::recv_all(fd.get(), &reply, sizeof reply));
   EXPECT_EQ(static_cast<Errc>(reply.status), Errc::kProtocol);
   EXPECT_EQ(reply.server_version, wire::kVersion);
-  EXPECT_TRUE(closed_by_peer(fd.get()));
+  EXPECT_TRUE(testing::closed_by_peer(fd.get()));
 }
 
 TEST(Failures, ServerWatchesItsConnectionsForDeadPeers) {
@@ -275,7 +267,11 @@ TEST(Failures, ServerWatchesItsConnectionsForDeadPeers) {
 }
 
 TEST(Failures, ExportedNamesMustBeNameableByAUri) {
-  MemoryServer server(ServerOptions{"127.0.0.1", 0, 256, RdmaServing::kOff});
+  ServerOptions options;
+  options.bind_address = "127.0.0.1";
+  options.port = 0;
+  options.rdma = RdmaServing::kOff;
+  MemoryServer server(options);
   std::vector<std::byte> mem(4096);
   for (const std::string& bad : {std::string("a/b"), std::string("a b"), std::string(), std::string(256, 'x')}) {
     try {

@@ -389,11 +389,8 @@ UniqueFd raw_attach(uint16_t port, const std::string& name, uint8_t flags, Errc*
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
   for (;;) {
     UniqueFd fd = raw_connect(port);
-    wire::Hello h{wire::kHelloMagic, wire::kVersion, static_cast<uint8_t>(name.size()), flags};
-    EXPECT_TRUE(tcp::send_all(fd.get(), &h, sizeof h));
-    EXPECT_TRUE(tcp::send_all(fd.get(), name.data(), name.size()));
     wire::HelloReply reply{};
-    EXPECT_TRUE(tcp::recv_all(fd.get(), &reply, sizeof reply));
+    EXPECT_TRUE(testing::raw_hello(fd.get(), name, flags, &reply));
     *status = static_cast<Errc>(reply.status);
     *key = reply.key;
     if (*status == Errc::kLeased && std::chrono::steady_clock::now() < deadline) {
@@ -426,11 +423,6 @@ wire::ReadReply reply_of(int fd) {
   wire::ReadReply r{};
   EXPECT_TRUE(tcp::recv_all(fd, &r, sizeof r));
   return r;
-}
-
-bool closed_by_peer(int fd) {
-  char c;
-  return ::recv(fd, &c, 1, 0) <= 0;
 }
 
 // The node's bytes, read through a fresh reader.
@@ -514,7 +506,7 @@ TEST(MemoryNode, BadWritesAreRefusedTheConnectionDroppedAndOthersServed) {
     EXPECT_EQ(static_cast<Errc>(r.status), c.expect);
     EXPECT_EQ(r.tag, 5u);
     EXPECT_EQ(r.length, 0u);
-    EXPECT_TRUE(closed_by_peer(fd.get()));
+    EXPECT_TRUE(testing::closed_by_peer(fd.get()));
     if (c.magic == wire::kWriteMagic) ++refused;
     // The others are served all along.
     EXPECT_TRUE(all_zero(read_pages(*rch, 0, 2).data(), 2 * kPage));
@@ -553,7 +545,7 @@ TEST(MemoryNode, ReadOnlyExportsRefuseWriters) {
   ASSERT_TRUE(send_write(fd.get(), wire::kWriteMagic, key, 0, kPage, kPage, 0x00, 9));
   const wire::ReadReply r = reply_of(fd.get());
   EXPECT_EQ(static_cast<Errc>(r.status), Errc::kUnsupported);
-  EXPECT_TRUE(closed_by_peer(fd.get()));
+  EXPECT_TRUE(testing::closed_by_peer(fd.get()));
   EXPECT_EQ(server->stats().writes_refused, 1u);
   for (size_t i = 0; i < (1u << 20); ++i) ASSERT_EQ(memory.data()[i], std::byte{0x5a}) << "byte " << i;
   // Readers are still served.

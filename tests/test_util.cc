@@ -24,6 +24,7 @@
 #include "runtime/backing.h"
 #include "tools/pattern.h"
 #include "transport/protocol.h"
+#include "transport/tcp/socket_util.h"
 
 extern char** environ;
 
@@ -252,12 +253,49 @@ SilentServer::SilentServer(const std::string& name, uint64_t length) : name_(nam
       if (::recv(fd, &hello, sizeof hello, MSG_WAITALL) != sizeof hello) continue;
       std::string n(hello.name_length, '\0');
       if (::recv(fd, n.data(), n.size(), MSG_WAITALL) != static_cast<ssize_t>(n.size())) continue;
+      Nonce theirs{};
+      Mac proof{};
+      if (::recv(fd, theirs.data(), theirs.size(), MSG_WAITALL) != static_cast<ssize_t>(theirs.size())) continue;
+      const wire::Challenge challenge{wire::kChallengeMagic, 0, {}, {}};
+      ::send(fd, &challenge, sizeof challenge, MSG_NOSIGNAL);
+      if (::recv(fd, proof.data(), proof.size(), MSG_WAITALL) != static_cast<ssize_t>(proof.size())) continue;
       wire::HelloReply reply{wire::kHelloMagic, 0, 7, 4096, length_, 0, 0};
       const uint64_t identity = 1;
       ::send(fd, &reply, sizeof reply, MSG_NOSIGNAL);
       ::send(fd, &identity, sizeof identity, MSG_NOSIGNAL);
     }
   });
+}
+
+bool raw_hello(int fd, const std::string& name, uint8_t flags, wire::HelloReply* reply, const AuthKey* key,
+               uint64_t lease) {
+  const wire::Hello h{wire::kHelloMagic, wire::kVersion, static_cast<uint8_t>(name.size()), flags};
+  const Nonce mine = fresh_nonce();
+  if (!tcp::send_all(fd, &h, sizeof h) || !tcp::send_all(fd, name.data(), name.size()) ||
+      ((flags & wire::kHelloLease) != 0 && !tcp::send_all(fd, &lease, sizeof lease)) ||
+      !tcp::send_all(fd, mine.data(), mine.size())) {
+    return false;
+  }
+  wire::Challenge c{};
+  if (!tcp::recv_all(fd, &c.magic, sizeof c.magic)) return false;
+  if (c.magic == wire::kHelloMagic) {  // refused before the challenge
+    reply->magic = c.magic;
+    return tcp::recv_all(fd, reinterpret_cast<std::byte*>(reply) + sizeof c.magic, sizeof *reply - sizeof c.magic);
+  }
+  if (!tcp::recv_all(fd, reinterpret_cast<std::byte*>(&c) + sizeof c.magic, sizeof c - sizeof c.magic)) return false;
+  Nonce theirs{};
+  std::memcpy(theirs.data(), c.nonce, theirs.size());
+  const Mac proof = key != nullptr ? wire::client_proof(*key, name, flags, lease, mine, theirs) : Mac{};
+  return tcp::send_all(fd, proof.data(), proof.size()) && tcp::recv_all(fd, reply, sizeof *reply);
+}
+
+bool closed_by_peer(int fd) {
+  char c;
+  ssize_t n;
+  do {
+    n = ::recv(fd, &c, 1, 0);
+  } while (n < 0 && errno == EINTR);
+  return n == 0 || (n < 0 && errno == ECONNRESET);
 }
 
 SilentServer::~SilentServer() {

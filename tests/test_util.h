@@ -11,9 +11,11 @@
 #include <thread>
 #include <vector>
 
+#include "common/auth.h"
 #include "common/unique_fd.h"
 #include "pagewire/pagewire.h"
 #include "tools/signals.h"
+#include "transport/protocol.h"
 
 namespace pagewire::testing {
 
@@ -131,6 +133,18 @@ void restart_source(const std::vector<std::string>& serve_args, const std::vecto
 
 // A listener that accepts, answers the hello for one region, and then
 // never answers a read: a peer that went silent.
+// A hello by hand, for tests that speak the wire protocol themselves:
+// sends the hello (with `lease` after the name when flags has
+// wire::kHelloLease) and this side's nonce, answers the challenge (proving
+// `key` when given, else with zeros) and reads the HelloReply into *reply.
+// False when the server went away before it replied.
+bool raw_hello(int fd, const std::string& name, uint8_t flags, wire::HelloReply* reply, const AuthKey* key = nullptr,
+               uint64_t lease = 0);
+
+// Whether the peer of a socket closed it: a read finds the end, or a
+// reset; a signal is no answer (the read goes on), nor is the timeout.
+bool closed_by_peer(int fd);
+
 class SilentServer {
  public:
   SilentServer(const std::string& name, uint64_t length);

@@ -1,10 +1,12 @@
-// The pagewire command line: serve, attach, demo, bench, info.
+// The pagewire command line: serve, keygen, attach, demo, bench, info.
 #if PAGEWIRE_HAVE_RDMA
 #include <infiniband/verbs.h>
 #endif
+#include <fcntl.h>
 #include <liburing.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -16,6 +18,8 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "common/auth.h"
+#include "common/unique_fd.h"
 #include "pagewire/pagewire.h"
 #include "runtime/backing.h"
 #include "runtime/metrics.h"
@@ -44,6 +48,12 @@ struct ServeCommand {
   int ready_fd = -1;
   std::string rdma = "auto";
   LiveSource live;
+  std::string key_file;
+  double idle_timeout_s = 900;
+};
+
+struct KeygenCommand {
+  std::string path;
 };
 
 struct AttachCommand {
@@ -211,7 +221,29 @@ int cmd_serve(const ServeCommand& c) {
   LiveSource live = c.live;
   live.live = live.writer_pages_per_second >= 0;
   if (live.live && specs.empty()) throw std::invalid_argument("--writer writes pattern regions: give --pattern too");
-  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0, live, nodes);
+  ServeLimits limits;
+  limits.key_file = c.key_file;
+  limits.idle_timeout_ms = static_cast<unsigned>(c.idle_timeout_s * 1000);
+  return serve_forever(c.bind, c.port, c.rdma, c.files, specs, c.ready_fd, c.ready_fd >= 0, live, nodes, limits);
+}
+
+int cmd_keygen(const KeygenCommand& k) {
+  // Never over an existing file: it may be the key every peer holds.
+  UniqueFd fd(::open(k.path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (!fd) {
+    throw std::runtime_error("keygen: cannot create " + k.path + ": " + std::strerror(errno) +
+                             (errno == EEXIST ? " (it exists: remove it first, or pick another name)" : ""));
+  }
+  const std::string key = AuthKey::generate_hex() + "\n";
+  if (::write(fd.get(), key.data(), key.size()) != static_cast<ssize_t>(key.size()) || ::fsync(fd.get()) != 0) {
+    const std::string why = std::strerror(errno);
+    ::unlink(k.path.c_str());
+    throw std::runtime_error("keygen: writing " + k.path + ": " + why);
+  }
+  std::printf("wrote a new 256-bit key to %s (mode 0600); give it to serve and to every destination with "
+              "--key-file %s\n",
+              k.path.c_str(), k.path.c_str());
+  return 0;
 }
 
 int cmd_bench(const BenchConfig& c) {
@@ -289,6 +321,19 @@ CLI::App* add_serve(CLI::App& app, ServeCommand& c) {
   cmd->add_option("--tracking", c.live.tracking, "how --writer's writes are tracked: auto, async or sync")
       ->check(CLI::IsMember({"auto", "async", "sync"}))
       ->capture_default_str();
+  cmd->add_option("--idle-timeout", c.idle_timeout_s,
+                  "close a connection that sends nothing for this many seconds (destinations reconnect); 0: never")
+      ->check(CLI::Range(0.0, 30.0 * 24 * 3600))
+      ->capture_default_str();
+  cmd->add_option("--key-file", c.key_file,
+                  "serve only peers that prove they hold this key (pagewire keygen makes one; default: "
+                  "$PAGEWIRE_KEY_FILE, else serve anyone)");
+  return cmd;
+}
+
+CLI::App* add_keygen(CLI::App& app, KeygenCommand& k) {
+  auto* cmd = app.add_subcommand("keygen", "write a new random key for --key-file (mode 0600; never over a file)");
+  cmd->add_option("path", k.path, "file to create")->required();
   return cmd;
 }
 
@@ -310,6 +355,8 @@ CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
       ->default_str("0x5eed")
       ->each([&a](const std::string&) { a.workload.verify = true; });
   cmd->add_option("--json", a.json_path, "write the stats as JSON to this file");
+  cmd->add_option("--key-file", a.options.key_file,
+                  "prove this key to the server, and have it prove it back (default: $PAGEWIRE_KEY_FILE, else none)");
   cmd->add_flag("--pull", a.options.background_pull,
                 "pull every page in the background too (postcopy), and wait until all are present");
   cmd->add_flag_callback(
@@ -428,7 +475,9 @@ int main(int argc, char** argv) {
   AttachCommand attach;
   DemoCommand demo;
   BenchConfig bench;
+  KeygenCommand keygen;
   const CLI::App* serve_cmd = add_serve(app, serve);
+  const CLI::App* keygen_cmd = add_keygen(app, keygen);
   const CLI::App* attach_cmd = add_attach(app, attach);
   const CLI::App* demo_cmd = add_demo(app, demo);
   const CLI::App* bench_cmd = add_bench(app, bench);
@@ -439,6 +488,7 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("[%H:%M:%S.%e] [%^%l%$] %v");
   try {
     if (serve_cmd->parsed()) return cmd_serve(serve);
+    if (keygen_cmd->parsed()) return cmd_keygen(keygen);
     if (attach_cmd->parsed()) return cmd_attach(attach);
     if (demo_cmd->parsed()) return cmd_demo(demo);
     if (bench_cmd->parsed()) return cmd_bench(bench);

@@ -17,8 +17,11 @@
 
 namespace pagewire::cli {
 
-uint64_t pages_differing_from_source(const std::string& uri, const std::byte* data, size_t size, uint32_t page_size) {
-  std::unique_ptr<Transport> t = connect_transport(uri, TransportOptions{});
+uint64_t pages_differing_from_source(const std::string& uri, const std::byte* data, size_t size, uint32_t page_size,
+                                     const std::string& key_file) {
+  TransportOptions options;
+  options.key = AuthKey::from_option(key_file);
+  std::unique_ptr<Transport> t = connect_transport(uri, options);
   if (t->region().length != size) throw Error(Errc::kProtocol, uri + " is not the size of the region attached");
   std::unique_ptr<Channel> ch = t->open_channel(ChannelUse::kBulk);
   const size_t chunk = std::max<size_t>(
@@ -99,7 +102,7 @@ int cmd_migrate(const MigrateCommand& m) {
     return 1;
   }
   if (m.verify) {
-    const uint64_t wrong = pages_differing_from_source(m.uri, r.data(), r.size(), r.page_size());
+    const uint64_t wrong = pages_differing_from_source(m.uri, r.data(), r.size(), r.page_size(), o.key_file);
     if (wrong != 0) {
       std::printf("VERIFY FAILED: %llu pages differ from the paused source\n", static_cast<unsigned long long>(wrong));
       return 1;

@@ -14,7 +14,9 @@ namespace pagewire::cli {
 // Reads the whole region from the source at `uri` afresh and compares it
 // with `data` page by page; returns how many pages differ. The source must
 // stand still (paused after a switchover).
-uint64_t pages_differing_from_source(const std::string& uri, const std::byte* data, size_t size, uint32_t page_size);
+// `key_file` as AttachOptions::key_file.
+uint64_t pages_differing_from_source(const std::string& uri, const std::byte* data, size_t size, uint32_t page_size,
+                                     const std::string& key_file = "");
 
 struct MigrateCommand {
   std::string uri;

@@ -20,7 +20,8 @@ namespace pagewire::cli {
 
 int serve_forever(const std::string& bind, uint16_t port, const std::string& rdma,
                   const std::vector<std::string>& files, const std::vector<PatternSpec>& patterns, int ready_fd,
-                  bool quiet_stats, const LiveSource& live, const std::vector<NodeSpec>& nodes) {
+                  bool quiet_stats, const LiveSource& live, const std::vector<NodeSpec>& nodes,
+                  const ServeLimits& access) {
   // Signals are taken synchronously by sigwait below, so block them before
   // the server's threads exist (they inherit the mask).
   sigset_t stop_signals;
@@ -37,6 +38,8 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
   ServerOptions o;
   o.bind_address = bind;
   o.port = port;
+  o.key_file = access.key_file;
+  o.idle_timeout_ms = access.idle_timeout_ms;
   if (rdma == "on") {
     o.rdma = RdmaServing::kOn;
   } else if (rdma == "off") {
@@ -48,6 +51,12 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
   // ask one to pause until the server has stopped.
   std::vector<std::unique_ptr<LiveWriter>> writers;
   MemoryServer server(o);
+  if (!server.keyed() && !quiet_stats) {
+    spdlog::warn("serving without a key: anyone who can reach port {} may read every region here{}{}; make one "
+                 "with `pagewire keygen FILE` and give --key-file FILE to serve and to every destination",
+                 server.port(), nodes.empty() ? "" : ", write its memory nodes",
+                 live.live ? ", pause its writers" : "");
+  }
   for (size_t i = 0; i < patterns.size(); ++i) {
     if (live.live) {
       // The writer runs from before the export: tracking starts with the
@@ -103,6 +112,12 @@ int serve_forever(const std::string& bind, uint16_t port, const std::string& rdm
                 static_cast<unsigned long long>(s.connections_accepted),
                 static_cast<unsigned long long>(s.reads_refused),
                 static_cast<unsigned long long>(s.connections_dropped));
+    if (s.peers_refused_key > 0 || s.connections_refused > 0 || s.connections_idle_closed > 0) {
+      std::printf("refused %llu peers without the key and %llu connections over a limit; closed %llu idle\n",
+                  static_cast<unsigned long long>(s.peers_refused_key),
+                  static_cast<unsigned long long>(s.connections_refused),
+                  static_cast<unsigned long long>(s.connections_idle_closed));
+    }
     if (!nodes.empty()) {
       std::printf("applied %llu writes (%s) to memory nodes; %llu refused, %llu writers refused\n",
                   static_cast<unsigned long long>(s.writes_applied), format_bytes(s.bytes_written).c_str(),

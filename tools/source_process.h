@@ -15,6 +15,12 @@ namespace pagewire::cli {
 // A source whose owner keeps writing: each pattern region gets a writer
 // thread, and is exported live (writes tracked, the writer paused at a
 // migration's switchover).
+// Who may connect to `pagewire serve`, and for how long (ServerOptions).
+struct ServeLimits {
+  std::string key_file;
+  unsigned idle_timeout_ms = 15 * 60 * 1000;
+};
+
 struct LiveSource {
   bool live = false;                    // exported live (writes tracked, a pause at switchover)
   double writer_pages_per_second = -1;  // with live: < 0 no writer; 0 as fast as it can
@@ -46,8 +52,11 @@ class SourceProcess {
 // ready_fd (if >= 0) once listening. The body of `pagewire serve`.
 // rdma: "auto", "on" or "off" (see ServerOptions::rdma). `nodes`: memory
 // nodes, fresh zeroed memory destinations may write (MemoryServer::export_node).
+// access: who may connect (serving without a key is warned of unless
+// quiet_stats).
 int serve_forever(const std::string& bind, uint16_t port, const std::string& rdma,
                   const std::vector<std::string>& files, const std::vector<PatternSpec>& patterns, int ready_fd,
-                  bool quiet_stats, const LiveSource& live = {}, const std::vector<NodeSpec>& nodes = {});
+                  bool quiet_stats, const LiveSource& live = {}, const std::vector<NodeSpec>& nodes = {},
+                  const ServeLimits& access = {});
 
 }  // namespace pagewire::cli

@@ -1,5 +1,6 @@
 #include "pagewire/server.h"
 
+#include "common/auth.h"
 #include "pagewire/error.h"
 #include "spdlog/spdlog.h"
 #include "transport/export_table.h"
@@ -35,10 +36,21 @@ class RdmaServer {
 #endif
 
 MemoryServer::MemoryServer(const ServerOptions& options)
-    : exports_(std::make_unique<ExportTable>()),
-      tcp_(std::make_unique<TcpServer>(options, *exports_)),
+    : key_(AuthKey::from_option(options.key_file)),
+      exports_(std::make_unique<ExportTable>()),
+      tcp_(std::make_unique<TcpServer>(options, *exports_, key_)),
       rdma_mode_(options.rdma) {
   if (options.rdma == RdmaServing::kOff) return;
+  if (key_ != nullptr) {
+    // An RDMA connect request carries 56 bytes and is answered at once with
+    // the region's address and rkey: there is no room for a challenge and
+    // its response before them. Rather than hand those to a peer that has
+    // proved nothing, a keyed server serves TCP only.
+    const char* why = "RDMA peers cannot prove a key in the connection handshake yet; a keyed server serves TCP only";
+    if (options.rdma == RdmaServing::kOn) throw Error(Errc::kUnsupported, std::string("server: ") + why);
+    spdlog::warn("server: not serving RDMA: {} (auto:// destinations use TCP)", why);
+    return;
+  }
   if (options.rdma == RdmaServing::kAuto && !rdma::have_device()) {
     spdlog::info("server: no RDMA device; serving TCP only");
     return;
@@ -106,6 +118,7 @@ void MemoryServer::mark_changed(const std::string& name, uint64_t offset, uint64
 }
 
 uint16_t MemoryServer::port() const { return tcp_->port(); }
+bool MemoryServer::keyed() const { return key_ != nullptr; }
 ServerStats MemoryServer::stats() const {
   ServerStats s = tcp_->stats();
   if (rdma_) {

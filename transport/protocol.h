@@ -2,7 +2,10 @@
 // by a payload whose length they give.
 //
 //   client -> server  Hello{magic, version, name_len, flags} + name
-//                     [+ lease, with kHelloLease]
+//                     [+ lease, with kHelloLease] + the client's nonce
+//   server -> client  Challenge{magic, flags, the server's nonce, the
+//                     server's proof}
+//   client -> server  the client's proof
 //   server -> client  HelloReply{magic, status, key, page_size, length,
 //                     zero_map_bytes} + identity [+ lease, with
 //                     kHelloWriter] + the zero-page bitmap
@@ -35,20 +38,34 @@
 //
 // A reply whose status is not kOk carries no payload; the server then
 // closes the connection, so a client never has to resynchronise.
+//
+// Authentication (see common/auth.h). Each side sends a fresh 32-byte
+// nonce; a side that holds the key proves it with an HMAC-SHA-256 over
+// both nonces and the hello (server_proof(), client_proof() below); a
+// side without one sends zeros, and a server without one says so in the
+// challenge (kChallengeKeyed clear). A server with a key checks the
+// client's proof before it looks the region up or sends anything about it,
+// and answers a wrong one with a HelloReply of status kAuth. A client with
+// a key refuses a server that cannot prove it holds the same key.
 #pragma once
 
 #include <cstdint>
+#include <string_view>
+
+#include "common/auth.h"
 
 namespace pagewire::wire {
 
-inline constexpr uint32_t kHelloMagic = 0x50574831;    // "PWH1"
-inline constexpr uint32_t kReadMagic = 0x50575244;     // "PWRD"
-inline constexpr uint32_t kReplyMagic = 0x50575250;    // "PWRP"
-inline constexpr uint32_t kControlMagic = 0x50574354;  // "PWCT"
-inline constexpr uint32_t kWriteMagic = 0x50575752;    // "PWWR"
+inline constexpr uint32_t kHelloMagic = 0x50574831;      // "PWH1"
+inline constexpr uint32_t kReadMagic = 0x50575244;       // "PWRD"
+inline constexpr uint32_t kReplyMagic = 0x50575250;      // "PWRP"
+inline constexpr uint32_t kControlMagic = 0x50574354;    // "PWCT"
+inline constexpr uint32_t kWriteMagic = 0x50575752;      // "PWWR"
+inline constexpr uint32_t kChallengeMagic = 0x50574155;  // "PWAU"
 // 3: the region identity follows an OK HelloReply. 4: control connections.
 // 5: writes to memory nodes, the writer lease (kHelloWriter, kHelloLease).
-inline constexpr uint16_t kVersion = 5;
+// 6: the challenge and response.
+inline constexpr uint16_t kVersion = 6;
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 
@@ -63,6 +80,16 @@ struct Hello {
   uint16_t version;
   uint8_t name_length;
   uint8_t flags;
+};
+
+// Challenge::flags
+inline constexpr uint32_t kChallengeKeyed = 1;  // the server holds a key, and proved it
+
+struct Challenge {
+  uint32_t magic;
+  uint32_t flags;
+  uint8_t nonce[32];
+  uint8_t proof[32];  // zeros without kChallengeKeyed
 };
 
 struct HelloReply {
@@ -134,6 +161,7 @@ struct ControlReply {
 };
 
 static_assert(sizeof(Hello) == 8);
+static_assert(sizeof(Challenge) == 72);
 static_assert(sizeof(ControlRequest) == 16);
 static_assert(sizeof(ControlReply) == 24);
 static_assert(sizeof(HelloReply) == 32);
@@ -141,5 +169,17 @@ static_assert(sizeof(ReadRequest) == 24);
 static_assert(sizeof(ReadReply) == 16);
 // The server tells a read from a write by its magic: both headers are one size.
 static_assert(sizeof(WriteRequest) == sizeof(ReadRequest));
+
+// What each side's proof covers: both nonces, the region's name and the
+// hello's flags (and, from the client, the lease it presents), under
+// labels of their own, so that neither proof can stand for the other.
+inline Mac server_proof(const AuthKey& key, std::string_view name, uint8_t flags, const Nonce& client,
+                        const Nonce& server) {
+  return key.mac("pagewire/6 server", {bytes_of(name), bytes_of(flags), client, server});
+}
+inline Mac client_proof(const AuthKey& key, std::string_view name, uint8_t flags, uint64_t lease, const Nonce& client,
+                        const Nonce& server) {
+  return key.mac("pagewire/6 client", {bytes_of(name), bytes_of(flags), bytes_of(lease), client, server});
+}
 
 }  // namespace pagewire::wire

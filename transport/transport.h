@@ -18,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/auth.h"
 #include "pagewire/error.h"
 #include "transport/watch_set.h"
 #include "transport/zero_map.h"
@@ -198,6 +199,10 @@ struct TransportOptions {
   // another destination holds it, Error(kUnsupported) for a read-only
   // export or an rdma:// URI.
   bool writer = false;
+  // The secret this destination proves to the server, and which the server
+  // must prove back (see common/auth.h); null: none, and a server that asks
+  // for one refuses this destination with Error(kAuth).
+  std::shared_ptr<const AuthKey> key{};
 };
 
 // Parses `uri` and connects: tcp://HOST:PORT/NAME. Throws pagewire::Error.

@@ -28,6 +28,7 @@ enum class Errc : uint32_t {
   kUnsupported = 14,    // the kernel or the peer lacks what this needs
   kSourceChanged = 15,  // a paused source was written (live migration)
   kLeased = 16,         // another destination holds the region's writer lease
+  kAuth = 17,           // a peer without the key (or with another one)
 };
 
 std::string_view to_string(Errc code);

@@ -69,6 +69,10 @@ struct AttachOptions {
   // the missing pages are refused (faulting threads get SIGBUS, or SIGSEGV
   // where the kernel lacks UFFDIO_POISON).
   unsigned reconnect_timeout_ms = 3000;
+  // A file holding the secret this destination proves to the server (and
+  // the server to it); empty: the file $PAGEWIRE_KEY_FILE names, if set,
+  // else none. See ServerOptions::key_file.
+  std::string key_file{};
   // CPU to pin handler threads to; -1 leaves placement to the scheduler.
   int handler_cpu = -1;
   // TCP: drive sockets through io_uring (falls back to plain syscalls by

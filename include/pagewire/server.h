@@ -20,9 +20,28 @@ struct ServerOptions {
   std::string bind_address = "0.0.0.0";
   uint16_t port = 7471;            // 0 picks a free port; see MemoryServer::port()
   unsigned max_connections = 256;  // each, TCP and RDMA; more are refused
+  // Of those, at most this many from one address (a destination uses one
+  // per handler thread, one for the pull and one for a migration's control).
+  unsigned max_connections_per_peer = 64;
+  // TCP connections that have not yet finished the handshake (said hello
+  // and, with a key, proved it): at most this many at once, this many from
+  // one address, and each must finish within handshake_timeout_ms of
+  // connecting. They have a share of their own: sockets that connect and
+  // say nothing never keep a destination out.
+  unsigned max_handshakes = 32;
+  unsigned max_handshakes_per_peer = 8;
+  unsigned handshake_timeout_ms = 3000;
+  // A TCP connection past the handshake that sends nothing for this long is
+  // closed (a destination reconnects by itself when it next reads); 0:
+  // never.
+  unsigned idle_timeout_ms = 15 * 60 * 1000;
   // RDMA destinations connect to the same port number (the RDMA port space
   // is separate from TCP's).
   RdmaServing rdma = RdmaServing::kAuto;
+  // A file holding the secret that every peer must prove it holds (see
+  // the README's "Keys"); empty: the file $PAGEWIRE_KEY_FILE names, if
+  // set, else none, and anyone who reaches the port is served.
+  std::string key_file{};
 };
 
 // How a live export tracks its owner's writes (userfaultfd write-protect).
@@ -63,10 +82,14 @@ struct ServerStats {
   uint64_t reads_refused = 0;
   uint64_t writes_applied = 0;  // to memory nodes, over TCP
   uint64_t bytes_written = 0;
-  uint64_t writes_refused = 0;   // out of bounds, read-only, or without the lease
-  uint64_t writers_refused = 0;  // writer hellos refused: another held the lease
+  uint64_t writes_refused = 0;           // out of bounds, read-only, or without the lease
+  uint64_t writers_refused = 0;          // writer hellos refused: another held the lease
+  uint64_t peers_refused_key = 0;        // peers that did not prove the key
+  uint64_t connections_refused = 0;      // over a limit (max_connections, max_handshakes, per peer)
+  uint64_t connections_idle_closed = 0;  // idle for idle_timeout_ms
 };
 
+class AuthKey;
 class ExportTable;
 class TcpServer;
 struct ExportedRegion;
@@ -125,6 +148,8 @@ class MemoryServer {
   void mark_changed(const std::string& name, uint64_t offset, uint64_t length);
 
   uint16_t port() const;
+  // True when peers must prove a key (ServerOptions::key_file).
+  bool keyed() const;
   // True when RDMA destinations are served as well as TCP ones.
   bool serves_rdma() const;
   ServerStats stats() const;
@@ -142,6 +167,7 @@ class MemoryServer {
   // pages, but its questions about written pages wait for TCP to find it.)
   void add(std::unique_ptr<ExportedRegion> region, const ExportOptions* live = nullptr);
 
+  std::shared_ptr<const AuthKey> key_;    // null: serves anyone
   std::unique_ptr<ExportTable> exports_;  // first: outlives the servers that read it
   std::unique_ptr<TcpServer> tcp_;
   std::unique_ptr<rdma::RdmaServer> rdma_;  // null when not serving RDMA; stopped first

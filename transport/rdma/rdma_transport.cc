@@ -58,7 +58,7 @@ rdma_cm_event* expect(rdma_event_channel* ec, rdma_cm_event_type want, unsigned 
 }  // namespace
 
 std::unique_ptr<SourceControl> RdmaTransport::open_control() {
-  return std::make_unique<tcp::TcpControl>(endpoint_, desc_, options_.reconnect_timeout_ms);
+  return std::make_unique<tcp::TcpControl>(endpoint_, desc_, options_.reconnect_timeout_ms, options_.key);
 }
 
 RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::string& name, const TransportOptions& o)

@@ -124,26 +124,82 @@ bool recv_all(int fd, void* buf, size_t n) {
   return true;
 }
 
+namespace {
+
+// The challenge and response (protocol.h): checks the server's proof, sends
+// this side's. On return *reply holds a HelloReply the server sent instead
+// of a challenge (a refusal: busy, another protocol version), or magic 0.
+void prove(int fd, const std::string& name, uint8_t flags, uint64_t lease, const Nonce& mine, const AuthKey* key,
+           const std::string& peer, wire::HelloReply* reply) {
+  *reply = {};
+  uint32_t magic = 0;
+  if (!recv_all(fd, &magic, sizeof magic)) {
+    throw Error(Errc::kProtocol,
+                "no hello reply from " + peer + " (is it a pagewire server, and does it have a connection free?)");
+  }
+  if (magic == wire::kHelloMagic) {
+    reply->magic = magic;
+    if (!recv_all(fd, reinterpret_cast<std::byte*>(reply) + sizeof magic, sizeof *reply - sizeof magic)) {
+      throw Error(Errc::kProtocol, "server " + peer + " cut its hello reply short");
+    }
+    return;
+  }
+  if (magic != wire::kChallengeMagic) throw Error(Errc::kProtocol, peer + " does not speak the pagewire protocol");
+  wire::Challenge c{};
+  c.magic = magic;
+  if (!recv_all(fd, reinterpret_cast<std::byte*>(&c) + sizeof magic, sizeof c - sizeof magic)) {
+    throw Error(Errc::kProtocol, "server " + peer + " cut its challenge short");
+  }
+  Nonce theirs{};
+  std::memcpy(theirs.data(), c.nonce, theirs.size());
+  Mac proof{};
+  if (key != nullptr) {
+    if ((c.flags & wire::kChallengeKeyed) == 0) {
+      throw Error(Errc::kAuth, "server " + peer +
+                                   " serves without a key, and this destination has one: it cannot prove who it "
+                                   "is, so it is not trusted (give the server the key, or connect without one)");
+    }
+    Mac theirs_proof{};
+    std::memcpy(theirs_proof.data(), c.proof, theirs_proof.size());
+    if (!AuthKey::same(theirs_proof, wire::server_proof(*key, name, flags, mine, theirs))) {
+      throw Error(Errc::kAuth, "server " + peer +
+                                   " does not hold this destination's key (another key, or not the "
+                                   "server it claims to be)");
+    }
+    proof = wire::client_proof(*key, name, flags, lease, mine, theirs);
+  }
+  if (!send_all(fd, proof.data(), proof.size())) {
+    throw Error(Errc::kConnectFailed, "sending the key's proof to " + peer + ": " + std::strerror(errno));
+  }
+}
+
+}  // namespace
+
 RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer, uint8_t flags,
-                           uint64_t lease) {
+                           uint64_t lease, const AuthKey* key) {
   if (name.empty() || name.size() > wire::kMaxNameLength) {
     throw Error(Errc::kBadUri, "region name must be 1.." + std::to_string(wire::kMaxNameLength) + " bytes");
   }
   set_io_timeout(fd, timeout_ms);
   wire::Hello hello{wire::kHelloMagic, wire::kVersion, static_cast<uint8_t>(name.size()), flags};
+  const Nonce mine = fresh_nonce();
   const bool sent = send_all(fd, &hello, sizeof hello) && send_all(fd, name.data(), name.size()) &&
-                    ((flags & wire::kHelloLease) == 0 || send_all(fd, &lease, sizeof lease));
+                    ((flags & wire::kHelloLease) == 0 || send_all(fd, &lease, sizeof lease)) &&
+                    send_all(fd, mine.data(), mine.size());
   const int send_errno = errno;
   wire::HelloReply reply{};
-  const bool replied = recv_all(fd, &reply, sizeof reply);
-  if (!sent && (!replied || reply.magic != wire::kHelloMagic || reply.status == 0)) {
+  if (!sent) {
     // A server that refused at once (all connections in use) may have
     // closed before the hello arrived; its reply, if any, says why.
-    throw Error(Errc::kConnectFailed, "sending hello to " + peer + ": " + std::strerror(send_errno));
-  }
-  if (!replied) {
-    throw Error(Errc::kProtocol,
-                "no hello reply from " + peer + " (is it a pagewire server, and does it have a connection free?)");
+    const bool replied = recv_all(fd, &reply, sizeof reply);
+    if (!replied || reply.magic != wire::kHelloMagic || reply.status == 0) {
+      throw Error(Errc::kConnectFailed, "sending hello to " + peer + ": " + std::strerror(send_errno));
+    }
+  } else {
+    prove(fd, name, flags, lease, mine, key, peer, &reply);
+    if (reply.magic == 0 && !recv_all(fd, &reply, sizeof reply)) {
+      throw Error(Errc::kProtocol, "server " + peer + " sent no hello reply after the challenge");
+    }
   }
   if (reply.magic != wire::kHelloMagic) {
     throw Error(Errc::kProtocol, peer + " does not speak the pagewire protocol");
@@ -156,6 +212,12 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
     throw Error(Errc::kProtocol, "server " + peer + " speaks pagewire protocol version " +
                                      std::to_string(reply.server_version) + ", this side " +
                                      std::to_string(wire::kVersion));
+  }
+  if (status == Errc::kAuth) {
+    throw Error(Errc::kAuth, "server " + peer +
+                                 (key == nullptr ? " asks for a key, and this destination has none "
+                                                   "(--key-file, or PAGEWIRE_KEY_FILE)"
+                                                 : " refused this destination's key (another key)"));
   }
   if (status == Errc::kLeased) {
     throw Error(Errc::kLeased, "server " + peer + " refused to let this destination write '" + name +

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/auth.h"
 #include "common/unique_fd.h"
 #include "pagewire/error.h"
 #include "transport/endpoint.h"
@@ -39,12 +40,13 @@ void watch_liveness(int fd);
 bool send_all(int fd, const void* buf, size_t n);
 bool recv_all(int fd, void* buf, size_t n);
 
-// Says hello for region `name` and reads the descriptor. Throws Error with
-// the server's answer (kNotFound, kProtocol, kLeased, ...). With
+// Says hello for region `name`, proves `key` (and checks the server's
+// proof) when given, and reads the descriptor. Throws Error with the
+// server's answer (kNotFound, kProtocol, kLeased, kAuth, ...). With
 // wire::kHelloLease in `flags`, presents `lease`; with wire::kHelloWriter,
 // the descriptor carries the lease granted.
 RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms, const std::string& peer,
-                           uint8_t flags = 0, uint64_t lease = 0);
+                           uint8_t flags = 0, uint64_t lease = 0, const AuthKey* key = nullptr);
 
 void set_io_timeout(int fd, unsigned timeout_ms);
 

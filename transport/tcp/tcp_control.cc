@@ -18,13 +18,15 @@ constexpr uint64_t kMaxErrorText = 64 * 1024;
 struct Broken {};  // the connection failed: reconnect and ask again
 }  // namespace
 
-TcpControl::TcpControl(Endpoint endpoint, const RegionDescriptor& region, unsigned timeout_ms)
+TcpControl::TcpControl(Endpoint endpoint, const RegionDescriptor& region, unsigned timeout_ms,
+                       std::shared_ptr<const AuthKey> key)
     : endpoint_(std::move(endpoint)),
       name_(region.name),
       identity_(region.identity),
       length_(region.length),
       page_size_(region.page_size),
-      timeout_ms_(timeout_ms) {
+      timeout_ms_(timeout_ms),
+      key_(std::move(key)) {
   connect();
 }
 
@@ -33,7 +35,8 @@ void TcpControl::connect() {
   std::string why;
   UniqueFd fd = connect_to(endpoint_, timeout_ms_, &why);
   if (!fd) throw Error(Errc::kConnectFailed, "control connection: " + why);
-  const RegionDescriptor d = handshake(fd.get(), name_, timeout_ms_, endpoint_.text, wire::kHelloControl);
+  const RegionDescriptor d = handshake(fd.get(), name_, timeout_ms_, endpoint_.text, wire::kHelloControl, 0,
+                                       key_.get());
   if (d.identity != identity_ || d.length != length_ || d.page_size != page_size_) {
     throw Error(Errc::kProtocol, "region '" + name_ + "' on " + endpoint_.text + " is not the one attached");
   }

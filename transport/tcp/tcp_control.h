@@ -3,8 +3,10 @@
 // the page bytes still move by RDMA READ.
 #pragma once
 
+#include <memory>
 #include <string>
 
+#include "common/auth.h"
 #include "common/unique_fd.h"
 #include "transport/endpoint.h"
 #include "transport/protocol.h"
@@ -16,7 +18,8 @@ class TcpControl final : public SourceControl {
  public:
   // Connects and checks that the region there is the one attached (its
   // identity); throws Error.
-  TcpControl(Endpoint endpoint, const RegionDescriptor& region, unsigned timeout_ms);
+  TcpControl(Endpoint endpoint, const RegionDescriptor& region, unsigned timeout_ms,
+             std::shared_ptr<const AuthKey> key);
 
   Written written_since(uint64_t since) override;
   uint64_t pause() override;
@@ -34,6 +37,7 @@ class TcpControl final : public SourceControl {
   uint64_t length_ = 0;
   uint32_t page_size_ = 0;
   unsigned timeout_ms_ = 0;
+  std::shared_ptr<const AuthKey> key_;
   UniqueFd fd_;
 };
 

@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstring>
@@ -23,14 +24,37 @@ namespace pagewire {
 namespace {
 
 constexpr size_t kRecvBuffer = 64 * 1024;
-constexpr unsigned kHandshakeTimeoutMs = 5000;
 
+// The peer's address alone (what the per-peer limits count by), and with
+// its port (what the log names).
+std::string peer_address(const sockaddr_storage& a) {
+  char host[NI_MAXHOST] = "?";
+  ::getnameinfo(reinterpret_cast<const sockaddr*>(&a), sizeof a, host, sizeof host, nullptr, 0, NI_NUMERICHOST);
+  return host;
+}
 std::string peer_name(const sockaddr_storage& a) {
   char host[NI_MAXHOST] = "?";
   char port[NI_MAXSERV] = "?";
   ::getnameinfo(reinterpret_cast<const sockaddr*>(&a), sizeof a, host, sizeof host, port, sizeof port,
                 NI_NUMERICHOST | NI_NUMERICSERV);
   return std::string(host) + ":" + port;
+}
+
+// recv_all, by a deadline for all of it: a peer that sends a byte at a
+// time cannot stretch its handshake past the deadline.
+bool recv_before(int fd, void* buf, size_t n, std::chrono::steady_clock::time_point deadline) {
+  auto* p = static_cast<char*>(buf);
+  while (n > 0) {
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    if (left <= 0) return false;
+    tcp::set_io_timeout(fd, static_cast<unsigned>(left));
+    const ssize_t r = ::recv(fd, p, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
 }
 
 // Writes the whole iovec array, resuming after partial writes.
@@ -86,7 +110,8 @@ void refuse_busy(int fd) {
 
 }  // namespace
 
-TcpServer::TcpServer(const ServerOptions& options, const ExportTable& exports) : options_(options), exports_(exports) {
+TcpServer::TcpServer(const ServerOptions& options, const ExportTable& exports, std::shared_ptr<const AuthKey> key)
+    : options_(options), exports_(exports), key_(std::move(key)) {
   tcp::Endpoint ep = tcp::resolve(options.bind_address, options.port);
   listen_fd_.reset(::socket(ep.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!listen_fd_) throw_errno("socket");
@@ -104,7 +129,7 @@ TcpServer::TcpServer(const ServerOptions& options, const ExportTable& exports) :
   stop_fd_.reset(::eventfd(0, EFD_CLOEXEC));
   if (!stop_fd_) throw_errno("eventfd");
   accept_thread_ = std::thread([this] { accept_loop(); });
-  spdlog::info("server: listening on {}:{}", options.bind_address, port_);
+  spdlog::info("server: listening on {}:{}{}", options.bind_address, port_, key_ ? " (peers must prove the key)" : "");
 }
 
 TcpServer::~TcpServer() { stop(); }
@@ -121,6 +146,9 @@ ServerStats TcpServer::stats() const {
   s.bytes_written = bytes_written_.load();
   s.writes_refused = writes_refused_.load();
   s.writers_refused = writers_refused_.load();
+  s.peers_refused_key = auth_refused_.load();
+  s.connections_refused = limit_refused_.load();
+  s.connections_idle_closed = idle_closed_.load();
   return s;
 }
 
@@ -188,15 +216,19 @@ void TcpServer::accept_loop() {
     }
     ++accepted_;
     std::string peer = peer_name(addr);
+    std::string address = peer_address(addr);
     std::lock_guard lock(mu_);
-    if (active_.load() >= options_.max_connections) {
-      spdlog::warn("server: refusing {}: {} connections open already", peer, options_.max_connections);
+    if (!admit_locked(address)) {
+      log_refusal_locked(peer, "connections still in their handshake (" + std::to_string(handshakes_) +
+                                   " in all; at most " + std::to_string(options_.max_handshakes) + ", " +
+                                   std::to_string(options_.max_handshakes_per_peer) + " from one address)");
       refuse_busy(fd.get());
       continue;
     }
     ++active_;
     Connection& c = connections_.emplace_back();
     c.fd = fd.get();
+    c.addr = std::move(address);
     try {
       c.thread = std::thread(
           [this, &c, f = std::move(fd), p = std::move(peer)]() mutable { serve(&c, std::move(f), std::move(p)); });
@@ -206,11 +238,16 @@ void TcpServer::accept_loop() {
       c.fd = -1;
       c.done.store(true);
       --active_;
+      PeerLoad& load = peers_[c.addr];
+      --load.handshakes;
+      --handshakes_;
+      if (load.handshakes == 0 && load.established == 0) peers_.erase(c.addr);
     }
   }
 }
 
 void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
+  bool established = false;
   auto finish = [&](bool dropped) {
     if (dropped) ++dropped_;
     {
@@ -218,6 +255,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
       conn->fd = -1;  // no shutdown() on a descriptor number that may be reused
     }
     fd.reset();
+    release(conn->addr, established);
     --active_;
     conn->done.store(true);
   };
@@ -225,10 +263,10 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   tcp::watch_liveness(fd.get());  // a destination that vanishes does not hold its thread for good
 
-  // Handshake: a client that says nothing for a while is dropped.
-  tcp::set_io_timeout(fd.get(), kHandshakeTimeoutMs);
+  // Handshake: all of it within the deadline, or the peer is dropped.
+  const auto deadline = Clock::now() + std::chrono::milliseconds(options_.handshake_timeout_ms);
   wire::Hello hello{};
-  if (!tcp::recv_all(fd.get(), &hello, sizeof hello)) {
+  if (!recv_before(fd.get(), &hello, sizeof hello, deadline)) {
     spdlog::warn("server: {} sent no hello; dropping it", peer);
     return finish(true);
   }
@@ -238,8 +276,9 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   }
   std::string name(hello.name_length, '\0');
   uint64_t presented_lease = 0;
-  if (!tcp::recv_all(fd.get(), name.data(), name.size()) ||
-      ((hello.flags & wire::kHelloLease) != 0 && !tcp::recv_all(fd.get(), &presented_lease, sizeof presented_lease))) {
+  if (!recv_before(fd.get(), name.data(), name.size(), deadline) ||
+      ((hello.flags & wire::kHelloLease) != 0 &&
+       !recv_before(fd.get(), &presented_lease, sizeof presented_lease, deadline))) {
     spdlog::warn("server: {} sent a truncated hello; dropping it", peer);
     return finish(true);
   }
@@ -252,6 +291,22 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     close_gracefully(fd.get());
     return finish(true);
   }
+  // Nothing about the region, not even whether it exists, before the peer
+  // has proved the key.
+  if (!authenticate(fd.get(), name, hello.flags, presented_lease, peer, deadline)) return finish(true);
+  // Past the handshake: counted against max_connections (and per peer).
+  if (!establish(conn->addr)) {
+    {
+      std::lock_guard lock(mu_);
+      log_refusal_locked(peer, "connections open (" + std::to_string(options_.max_connections) + " in all, " +
+                                   std::to_string(options_.max_connections_per_peer) + " from one address at most)");
+    }
+    wire::HelloReply busy{wire::kHelloMagic, static_cast<uint32_t>(Errc::kBusy), 0, 0, 0, 0, wire::kVersion};
+    tcp::send_all(fd.get(), &busy, sizeof busy);
+    close_gracefully(fd.get());
+    return finish(false);
+  }
+  established = true;
   const ExportedRegion* region = exports_.find(name);
   wire::HelloReply reply{wire::kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0, 0};
   if (region == nullptr) {
@@ -305,7 +360,8 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
       !tcp::send_all(fd.get(), zero_map.data(), reply.zero_map_bytes)) {
     return finish(false);
   }
-  tcp::set_io_timeout(fd.get(), 0);
+  // From here a connection that sends nothing for idle_timeout_ms is closed.
+  tcp::set_io_timeout(fd.get(), options_.idle_timeout_ms);
   if ((hello.flags & wire::kHelloControl) != 0) {
     spdlog::debug("server: {} controls '{}'", peer, name);
     return finish(!serve_control(fd.get(), *region, peer));
@@ -320,6 +376,92 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   return finish(!serve_requests(fd.get(), *region, writer, peer));
 }
 
+bool TcpServer::authenticate(int fd, const std::string& name, uint8_t flags, uint64_t lease, const std::string& peer,
+                             Clock::time_point deadline) {
+  Nonce theirs{};
+  if (!recv_before(fd, theirs.data(), theirs.size(), deadline)) {
+    spdlog::warn("server: {} sent a truncated hello; dropping it", peer);
+    return false;
+  }
+  const Nonce mine = fresh_nonce();
+  wire::Challenge c{wire::kChallengeMagic, key_ ? wire::kChallengeKeyed : 0, {}, {}};
+  std::memcpy(c.nonce, mine.data(), mine.size());
+  if (key_) {
+    const Mac proof = wire::server_proof(*key_, name, flags, theirs, mine);
+    std::memcpy(c.proof, proof.data(), proof.size());
+  }
+  Mac answer{};
+  if (!tcp::send_all(fd, &c, sizeof c) || !recv_before(fd, answer.data(), answer.size(), deadline)) {
+    spdlog::warn("server: {} closed at the challenge (it may not trust this server's key, or has none); dropping it",
+                 peer);
+    return false;
+  }
+  if (!key_ || AuthKey::same(answer, wire::client_proof(*key_, name, flags, lease, theirs, mine))) return true;
+  ++auth_refused_;
+  const bool none = std::all_of(answer.begin(), answer.end(), [](uint8_t b) { return b == 0; });
+  spdlog::warn("server: {} {}; refusing it", peer,
+               none ? "holds no key" : "failed to prove the key (another key, or a replayed answer)");
+  wire::HelloReply no{wire::kHelloMagic, static_cast<uint32_t>(Errc::kAuth), 0, 0, 0, 0, wire::kVersion};
+  tcp::send_all(fd, &no, sizeof no);
+  close_gracefully(fd);
+  return false;
+}
+
+bool TcpServer::admit_locked(const std::string& addr) {
+  PeerLoad& load = peers_[addr];
+  if (handshakes_ >= options_.max_handshakes || load.handshakes >= options_.max_handshakes_per_peer) {
+    if (load.handshakes == 0 && load.established == 0) peers_.erase(addr);
+    ++limit_refused_;
+    return false;
+  }
+  ++load.handshakes;
+  ++handshakes_;
+  return true;
+}
+
+bool TcpServer::establish(const std::string& addr) {
+  std::lock_guard lock(mu_);
+  PeerLoad& load = peers_[addr];  // there: this connection's handshake is counted
+  if (established_ >= options_.max_connections || load.established >= options_.max_connections_per_peer) {
+    ++limit_refused_;
+    return false;  // still counted as a handshake, until release()
+  }
+  --load.handshakes;
+  --handshakes_;
+  ++load.established;
+  ++established_;
+  return true;
+}
+
+void TcpServer::release(const std::string& addr, bool established) {
+  std::lock_guard lock(mu_);
+  const auto it = peers_.find(addr);
+  if (it == peers_.end()) return;  // never counted (cannot happen: admit_locked() counted it)
+  if (established) {
+    --established_;
+    --it->second.established;
+  } else {
+    --handshakes_;
+    --it->second.handshakes;
+  }
+  if (it->second.handshakes == 0 && it->second.established == 0) peers_.erase(it);
+}
+
+void TcpServer::log_refusal_locked(const std::string& peer, const std::string& why) {
+  const auto now = Clock::now();
+  if (now - last_refusal_log_ < std::chrono::seconds(1)) {
+    ++refusals_unlogged_;
+    return;
+  }
+  spdlog::warn("server: refusing {}: too many {}{}", peer, why,
+               refusals_unlogged_ > 0 ? " (and " + std::to_string(refusals_unlogged_) +
+                                            " more refused since the last "
+                                            "such line)"
+                                      : "");
+  last_refusal_log_ = now;
+  refusals_unlogged_ = 0;
+}
+
 bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer, const std::string& peer) {
   // Reads and write headers are records of one size; a write's payload
   // follows its header and may span many recvs.
@@ -332,6 +474,12 @@ bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer
   for (;;) {
     ssize_t n = ::recv(fd, buf.data() + have, buf.size() - have, 0);
     if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && have == 0) {
+      ++idle_closed_;
+      spdlog::info("server: {} sent nothing for {} ms; closing its connection (it reconnects when it reads again)",
+                   peer, options_.idle_timeout_ms);
+      return true;
+    }
     if (n <= 0) {
       if (have > 0) {
         spdlog::warn("server: {} closed with a truncated request ({} of {} bytes); dropped", peer, have, kRecord);
@@ -428,7 +576,10 @@ bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer
 bool TcpServer::serve_control(int fd, const ExportedRegion& region, const std::string& peer) {
   for (;;) {
     wire::ControlRequest req{};
-    if (!tcp::recv_all(fd, &req, sizeof req)) return true;  // the peer is done
+    if (!tcp::recv_all(fd, &req, sizeof req)) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) ++idle_closed_;  // idle_timeout_ms passed
+      return true;                                                  // the peer is done
+    }
     if (req.magic != wire::kControlMagic) {
       spdlog::warn("server: {} sent a malformed control request (magic 0x{:08x}); dropping it", peer, req.magic);
       return false;

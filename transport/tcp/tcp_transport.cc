@@ -97,7 +97,7 @@ TcpTransport::TcpTransport(const std::string& host, uint16_t port, const std::st
   first_connection_ = connect_to(endpoint_, t.reconnect_timeout_ms, &why);
   if (!first_connection_) throw Error(Errc::kConnectFailed, why + " (is `pagewire serve` running there?)");
   desc_ = handshake(first_connection_.get(), name, t.reconnect_timeout_ms, endpoint_.text,
-                    t.writer ? wire::kHelloWriter : 0);
+                    t.writer ? wire::kHelloWriter : 0, 0, t.key.get());
   spdlog::info("tcp: attached '{}' at {}{}: {} bytes, {} B pages", name, endpoint_.text, t.writer ? " for writing" : "",
                desc_.length, desc_.page_size);
 }
@@ -115,7 +115,7 @@ std::unique_ptr<Channel> TcpTransport::open_channel(ChannelUse use) {
     fd = connect_to(endpoint_, timeouts_.reconnect_timeout_ms, &why);
     if (!fd) throw Error(Errc::kConnectFailed, why);
     RegionDescriptor d = handshake(fd.get(), desc_.name, timeouts_.reconnect_timeout_ms, endpoint_.text, flags,
-                                   desc_.lease);
+                                   desc_.lease, timeouts_.key.get());
     if (d.length != desc_.length || d.page_size != desc_.page_size || d.identity != desc_.identity) {
       throw Error(Errc::kProtocol, "region '" + desc_.name + "' changed on " + endpoint_.text + " while attaching");
     }
@@ -124,7 +124,7 @@ std::unique_ptr<Channel> TcpTransport::open_channel(ChannelUse use) {
 }
 
 std::unique_ptr<SourceControl> TcpTransport::open_control() {
-  return std::make_unique<TcpControl>(endpoint_, desc_, timeouts_.reconnect_timeout_ms);
+  return std::make_unique<TcpControl>(endpoint_, desc_, timeouts_.reconnect_timeout_ms, timeouts_.key);
 }
 
 TcpChannel::TcpChannel(UniqueFd connection, Endpoint endpoint, RegionDescriptor desc, TransportOptions options,
@@ -534,7 +534,8 @@ ReconnectAttempt TcpChannel::try_reconnect(unsigned left_ms, std::string* why) {
   UniqueFd fd = connect_to(endpoint_, left_ms, why, watches_.stop_fd());
   if (!fd) return ReconnectAttempt::kRetry;
   try {
-    RegionDescriptor d = handshake(fd.get(), desc_.name, left_ms, endpoint_.text, hello_flags_, desc_.lease);
+    RegionDescriptor d = handshake(fd.get(), desc_.name, left_ms, endpoint_.text, hello_flags_, desc_.lease,
+                                   timeouts_.key.get());
     if (d.length != desc_.length || d.page_size != desc_.page_size) {
       *why = "region '" + desc_.name + "' changed shape on " + endpoint_.text;
       return ReconnectAttempt::kGiveUp;  // never read a different region into these pages
