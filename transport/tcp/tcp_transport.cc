@@ -485,7 +485,13 @@ void TcpChannel::on_recv(int res, WaitResult& out) {
 
 void TcpChannel::recover(Errc why, const std::string& text, WaitResult& out) {
   if (dead_ != Errc::kOk) return;
-  spdlog::warn("tcp: {} ({} requests outstanding); reconnecting", text, tail_ - head_);
+  if (head_ == tail_) {
+    // Nothing lost: most likely the server closed it for idleness
+    // (ServerOptions::idle_timeout_ms).
+    spdlog::info("tcp: {} with no request outstanding; reconnecting", text);
+  } else {
+    spdlog::warn("tcp: {} ({} requests outstanding); reconnecting", text, tail_ - head_);
+  }
   // Break the connection and take back every op the kernel holds on it.
   ::shutdown(sock_.get(), SHUT_RDWR);
   if (ring_) drain_ring(out);
