@@ -64,5 +64,8 @@ std::span<const uint8_t> bytes_of(const T& v) {
 inline std::span<const uint8_t> bytes_of(std::string_view s) {
   return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
 }
+// Not the object's bytes (a pointer among them): its text, through
+// string_view.
+std::span<const uint8_t> bytes_of(const std::string&) = delete;
 
 }  // namespace pagewire

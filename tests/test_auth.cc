@@ -240,6 +240,59 @@ TEST(Auth, TheSecretNeverCrossesTheWire) {
   }
 }
 
+TEST(Auth, AServerThatSkipsTheChallengeIsNotTrusted) {
+  // A peer that answers the hello with a descriptor straight away (as a
+  // server of protocol 5 did, or one that has no key to prove) is never
+  // read from, with a key or without.
+  for (const bool with_key : {true, false}) {
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    UniqueFd client(sv[0]);
+    UniqueFd server(sv[1]);
+    std::thread peer([&] {
+      std::vector<char> hello(sizeof(wire::Hello) + 6 + 32);
+      tcp::recv_all(server.get(), hello.data(), hello.size());
+      const wire::HelloReply ok{wire::kHelloMagic, static_cast<uint32_t>(Errc::kOk), 7, 4096, 1 << 20, 0, 0};
+      const uint64_t identity = 1;
+      tcp::send_all(server.get(), &ok, sizeof ok);
+      tcp::send_all(server.get(), &identity, sizeof identity);
+    });
+    const auto k = AuthKey::from_bytes(kSecret);
+    try {
+      tcp::handshake(client.get(), "region", 5000, "the peer", 0, 0, with_key ? k.get() : nullptr);
+      ADD_FAILURE() << "a descriptor sent without the challenge was taken";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), with_key ? Errc::kAuth : Errc::kProtocol) << e.what();
+      EXPECT_NE(std::string(e.what()).find("without the challenge"), std::string::npos) << e.what();
+    }
+    peer.join();
+  }
+}
+
+TEST(Auth, NoRdmaPeerIsTrustedWithAKey) {
+  // No RDMA server can prove a key yet: rdma:// with a key is refused
+  // before anything is sent, and auto:// takes TCP.
+  KeyFile key(kSecret);
+  TransportOptions t;
+  t.key = AuthKey::load(key.path());
+  try {
+    connect_transport("rdma://127.0.0.1:1/k", t);
+    ADD_FAILURE() << "rdma:// with a key was let through";
+  } catch (const Error& e) {
+#if PAGEWIRE_HAVE_RDMA
+    EXPECT_EQ(e.code(), Errc::kUnsupported) << e.what();
+    EXPECT_NE(std::string(e.what()).find("cannot prove a key"), std::string::npos) << e.what();
+#else
+    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+#endif
+  }
+  PatternServer src("k", 1 << 20, kSeed, keyed(key.path()));
+  const std::string uri = "auto://127.0.0.1:" + std::to_string(src.server().port()) + "/k";
+  Region r = attach(uri, with_key(key.path()));
+  EXPECT_EQ(r.transport(), "tcp");
+  EXPECT_EQ(check_pattern(r.data(), 0, 64 * 4096, kSeed), -1);
+}
+
 TEST(Auth, KeyFilesAreChecked) {
   const auto refused = [](const std::string& path) {
     try {
@@ -353,7 +406,7 @@ UniqueFd connect_from(const char* source, uint16_t port) {
 TEST(ServerLimits, IdleSocketsDoNotKeepAKeyedDestinationOut) {
   KeyFile key(kSecret);
   ServerOptions o = keyed(key.path());
-  o.handshake_timeout_ms = 1000;
+  o.handshake_timeout_ms = 2000;
   PatternServer src("k", 1 << 20, kSeed, o);
   // 300 sockets that connect and say nothing, and a few that say hello and
   // then never answer the challenge, all from one other host.
@@ -402,6 +455,9 @@ TEST(ServerLimits, AHandshakeSentAByteAtATimeMeetsItsDeadline) {
     if (std::chrono::steady_clock::now() - start > std::chrono::seconds(3)) break;
   }
   EXPECT_TRUE(testing::closed_by_peer(fd.get()));
+  // Cut at the deadline (500 ms), not after the last byte plus a read
+  // timeout.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(2500));
   EXPECT_GE(src.server().stats().connections_dropped, 1u);
 }
 
@@ -456,6 +512,40 @@ TEST(ServerLimits, IdleConnectionsAreClosedAndDestinationsComeBack) {
   std::this_thread::sleep_for(std::chrono::milliseconds(800));
   EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
   EXPECT_FALSE(r.failed()) << r.error();
+  EXPECT_GE(r.stats().reconnects, 1u);
+}
+
+TEST(ServerLimits, AnIdleWriterKeepsItsLease) {
+  // Closing every connection of an idle writer would free its lease for
+  // another destination: a writer's connections are never closed as idle.
+  ServerOptions o = loopback_tcp();
+  o.idle_timeout_ms = 200;
+  MemoryServer node(o);
+  node.export_node("node", 1 << 20);
+  TransportOptions t;
+  t.writer = true;
+  t.reconnect_timeout_ms = 1000;
+  auto writer = connect_transport(loopback_uri(node, "node"), t);
+  auto ch = writer->open_channel(ChannelUse::kDemand);
+  std::vector<std::byte> page(4096, std::byte{0x33});
+  const auto write_once = [&](uint64_t cookie) {
+    const WriteOp op{0, 4096, page.data(), cookie};
+    ch->post_writes({&op, 1});
+    WaitResult w;
+    for (int i = 0; i < 100 && w.completions.empty(); ++i) ch->wait(w, 100);
+    return w.completions.empty() ? Errc::kTimeout : w.completions[0].status;
+  };
+  ASSERT_EQ(write_once(1), Errc::kOk);
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  try {
+    connect_transport(loopback_uri(node, "node"), t);
+    ADD_FAILURE() << "a second writer took the lease of an idle one";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kLeased) << e.what();
+  }
+  EXPECT_EQ(write_once(2), Errc::kOk);
+  EXPECT_EQ(writer->open_channel(ChannelUse::kBulk) != nullptr, true);
+  EXPECT_EQ(node.stats().writes_applied, 2u);
 }
 
 // Runs the command line; returns its exit status and, in *out, what it

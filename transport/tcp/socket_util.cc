@@ -142,6 +142,12 @@ void prove(int fd, const std::string& name, uint8_t flags, uint64_t lease, const
     if (!recv_all(fd, reinterpret_cast<std::byte*>(reply) + sizeof magic, sizeof *reply - sizeof magic)) {
       throw Error(Errc::kProtocol, "server " + peer + " cut its hello reply short");
     }
+    // Only a refusal (busy, another version) may come before the challenge:
+    // a descriptor sent without one is from a peer that proved nothing.
+    if (reply->status == static_cast<uint32_t>(Errc::kOk)) {
+      throw Error(key != nullptr ? Errc::kAuth : Errc::kProtocol,
+                  "server " + peer + " answered without the challenge: not a pagewire server this side can trust");
+    }
     return;
   }
   if (magic != wire::kChallengeMagic) throw Error(Errc::kProtocol, peer + " does not speak the pagewire protocol");

@@ -85,9 +85,15 @@ bool send_iov(int fd, iovec* iov, size_t count) {
 // reply before its reader saw it.
 void close_gracefully(int fd) {
   ::shutdown(fd, SHUT_WR);
-  tcp::set_io_timeout(fd, 200);
+  // At most 200 ms in all, however the peer paces what it sends: a peer
+  // that dribbles bytes must not hold the connection (and its place among
+  // the handshakes) any longer.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
   char sink[4096];
   for (size_t drained = 0; drained < (1u << 20);) {
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now()).count();
+    if (left <= 0) break;
+    tcp::set_io_timeout(fd, static_cast<unsigned>(left));
     const ssize_t n = ::recv(fd, sink, sizeof sink, 0);
     if (n <= 0) break;
     drained += static_cast<size_t>(n);
@@ -294,6 +300,9 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   // Nothing about the region, not even whether it exists, before the peer
   // has proved the key.
   if (!authenticate(fd.get(), name, hello.flags, presented_lease, peer, deadline)) return finish(true);
+  // Proved: the reply (a zero map may be megabytes) goes out at the pace
+  // of an established connection, not in what is left of the handshake.
+  tcp::set_io_timeout(fd.get(), options_.idle_timeout_ms);
   // Past the handshake: counted against max_connections (and per peer).
   if (!establish(conn->addr)) {
     {
@@ -360,8 +369,10 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
       !tcp::send_all(fd.get(), zero_map.data(), reply.zero_map_bytes)) {
     return finish(false);
   }
-  // From here a connection that sends nothing for idle_timeout_ms is closed.
-  tcp::set_io_timeout(fd.get(), options_.idle_timeout_ms);
+  // From here a connection that sends nothing for idle_timeout_ms is closed,
+  // except a writer's: closing all of a writer's connections would free its
+  // lease for another destination while it still holds written pages.
+  tcp::set_io_timeout(fd.get(), writer ? 0 : options_.idle_timeout_ms);
   if ((hello.flags & wire::kHelloControl) != 0) {
     spdlog::debug("server: {} controls '{}'", peer, name);
     return finish(!serve_control(fd.get(), *region, peer));
@@ -378,6 +389,16 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
 
 bool TcpServer::authenticate(int fd, const std::string& name, uint8_t flags, uint64_t lease, const std::string& peer,
                              Clock::time_point deadline) {
+  try {
+    return prove_peer(fd, name, flags, lease, peer, deadline);
+  } catch (const std::exception& e) {  // no random bytes, or no HMAC: refuse, and go on serving
+    spdlog::error("server: authenticating {}: {}; dropping it", peer, e.what());
+    return false;
+  }
+}
+
+bool TcpServer::prove_peer(int fd, const std::string& name, uint8_t flags, uint64_t lease, const std::string& peer,
+                           Clock::time_point deadline) {
   Nonce theirs{};
   if (!recv_before(fd, theirs.data(), theirs.size(), deadline)) {
     spdlog::warn("server: {} sent a truncated hello; dropping it", peer);
@@ -576,6 +597,7 @@ bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer
 bool TcpServer::serve_control(int fd, const ExportedRegion& region, const std::string& peer) {
   for (;;) {
     wire::ControlRequest req{};
+    errno = 0;  // an orderly close leaves it unset
     if (!tcp::recv_all(fd, &req, sizeof req)) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) ++idle_closed_;  // idle_timeout_ms passed
       return true;                                                  // the peer is done

@@ -56,6 +56,8 @@ class TcpServer {
   // has been told, and logged).
   bool authenticate(int fd, const std::string& name, uint8_t flags, uint64_t lease, const std::string& peer,
                     Clock::time_point deadline);
+  bool prove_peer(int fd, const std::string& name, uint8_t flags, uint64_t lease, const std::string& peer,
+                  Clock::time_point deadline);
   // The limits (ServerOptions): whether a connection from `addr` may start
   // its handshake (counted if so), and whether one that finished it may
   // stay (moved from the handshakes to the established if so). Under mu_.
