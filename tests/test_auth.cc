@@ -23,6 +23,7 @@
 #include "tools/pattern.h"
 #include "transport/protocol.h"
 #include "transport/tcp/socket_util.h"
+#include "transport/tickets.h"
 #include "transport/transport.h"
 
 namespace pagewire {
@@ -36,27 +37,7 @@ using testing::PatternServer;
 constexpr const char* kSecret = "a shared secret of 32 bytes, ok!";
 constexpr const char* kOtherSecret = "another secret, also long enough";
 
-// A key file in a fresh directory of its own, removed at the end.
-class KeyFile {
- public:
-  explicit KeyFile(const std::string& contents, mode_t mode = 0600) {
-    char dir[] = "/tmp/pagewire-key-XXXXXX";
-    if (::mkdtemp(dir) == nullptr) throw std::runtime_error("mkdtemp");
-    dir_ = dir;
-    path_ = dir_ + "/key";
-    std::ofstream(path_) << contents;
-    ::chmod(path_.c_str(), mode);
-  }
-  ~KeyFile() {
-    ::unlink(path_.c_str());
-    ::rmdir(dir_.c_str());
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string dir_;
-  std::string path_;
-};
+using testing::KeyFile;
 
 ServerOptions keyed(const std::string& key_file) {
   ServerOptions o = loopback_tcp();
@@ -269,28 +250,36 @@ TEST(Auth, AServerThatSkipsTheChallengeIsNotTrusted) {
   }
 }
 
-TEST(Auth, NoRdmaPeerIsTrustedWithAKey) {
-  // No RDMA server can prove a key yet: rdma:// with a key is refused
-  // before anything is sent, and auto:// takes TCP.
+TEST(Auth, TicketsForRdmaAreGoodOnceForTheirRegionAndNotForLong) {
+  TicketBook book(std::chrono::milliseconds(200));
+  const uint64_t a = book.issue("a");
+  const uint64_t b = book.issue("a");
+  ASSERT_NE(a, 0u);
+  EXPECT_NE(a, b);
+  EXPECT_FALSE(book.redeem(a, "other"));  // another region's: refused, and used up
+  EXPECT_FALSE(book.redeem(a, "a"));
+  EXPECT_TRUE(book.redeem(b, "a"));
+  EXPECT_FALSE(book.redeem(b, "a"));  // once
+  EXPECT_FALSE(book.redeem(12345, "a"));
+  const uint64_t c = book.issue("a");
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_FALSE(book.redeem(c, "a"));  // expired
+}
+
+TEST(Auth, ATicketIsIssuedOnlyToAPeerThatProvedTheKey) {
   KeyFile key(kSecret);
-  TransportOptions t;
-  t.key = AuthKey::load(key.path());
-  try {
-    connect_transport("rdma://127.0.0.1:1/k", t);
-    ADD_FAILURE() << "rdma:// with a key was let through";
-  } catch (const Error& e) {
-#if PAGEWIRE_HAVE_RDMA
-    EXPECT_EQ(e.code(), Errc::kUnsupported) << e.what();
-    EXPECT_NE(std::string(e.what()).find("cannot prove a key"), std::string::npos) << e.what();
-#else
-    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
-#endif
-  }
   PatternServer src("k", 1 << 20, kSeed, keyed(key.path()));
-  const std::string uri = "auto://127.0.0.1:" + std::to_string(src.server().port()) + "/k";
-  Region r = attach(uri, with_key(key.path()));
-  EXPECT_EQ(r.transport(), "tcp");
-  EXPECT_EQ(check_pattern(r.data(), 0, 64 * 4096, kSeed), -1);
+  const auto k = AuthKey::load(key.path());
+  UniqueFd fd = connect_loopback(src.server().port());
+  const RegionDescriptor d = tcp::handshake(fd.get(), "k", 2000, "the server", wire::kHelloTicket, 0, k.get());
+  EXPECT_NE(d.ticket, 0u);
+  EXPECT_TRUE(d.zero_map.empty());  // a ticket connection carries no zero map
+  EXPECT_TRUE(testing::closed_by_peer(fd.get()));
+  // Without the key: refused like any other hello.
+  UniqueFd bare = connect_loopback(src.server().port());
+  wire::HelloReply reply{};
+  ASSERT_TRUE(testing::raw_hello(bare.get(), "k", wire::kHelloTicket, &reply));
+  EXPECT_EQ(static_cast<Errc>(reply.status), Errc::kAuth);
 }
 
 TEST(Auth, KeyFilesAreChecked) {

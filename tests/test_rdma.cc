@@ -120,6 +120,53 @@ TEST_F(Rdma, NothingListening) {
   EXPECT_FALSE(what.empty());
 }
 
+TEST_F(Rdma, KeyedServerServesAKeyedDestinationThroughTickets) {
+  // Every RDMA connection (each handler's, the pull's, and each reconnect)
+  // brings a ticket it got over TCP by proving the key.
+  testing::KeyFile key("a shared secret of 32 bytes, ok!");
+  ServerOptions o = rdma_server();
+  o.key_file = key.path();
+  PatternServer src("keyed", 8 << 20, kSeed, o);
+  ASSERT_TRUE(src.server().serves_rdma());
+  AttachOptions a = handlers(2);
+  a.key_file = key.path();
+  a.background_pull = true;
+  a.reconnect_timeout_ms = 2000;
+  Region r = attach(uri("rdma", src.server().port(), "keyed"), a);
+  EXPECT_EQ(r.transport(), "rdma");
+  EXPECT_EQ(check_pattern(r.data(), 0, 64 * kPage, kSeed), -1);
+  src.server().drop_connections();
+  ASSERT_TRUE(r.wait_complete(std::chrono::seconds(60))) << r.error();
+  EXPECT_EQ(check_pattern(r.data(), 0, r.size(), kSeed), -1);
+  EXPECT_GE(src.server().stats().rdma_connections_accepted, 3u);
+  // auto:// with the key picks RDMA too.
+  Region over_auto = attach(uri("auto", src.server().port(), "keyed"), a);
+  EXPECT_EQ(over_auto.transport(), "rdma");
+  EXPECT_EQ(check_pattern(over_auto.data(), 0, 16 * kPage, kSeed), -1);
+}
+
+TEST_F(Rdma, PeerWithoutTheKeyIsRefusedBeforeItLearnsTheRegion) {
+  testing::KeyFile key("a shared secret of 32 bytes, ok!");
+  testing::KeyFile other("another secret, also long enough");
+  ServerOptions o = rdma_server();
+  o.key_file = key.path();
+  PatternServer src("keyed", 1 << 20, kSeed, o);
+  // No key: the RDMA connect brings no ticket, and is rejected with kAuth
+  // (the reject's private data holds a status and zeros).
+  std::string what;
+  EXPECT_EQ(testing::attach_error(uri("rdma", src.server().port(), "keyed"), &what, 1000), Errc::kAuth) << what;
+  // Another key: the TCP proof fails, so no ticket is ever issued.
+  AttachOptions a = handlers(1);
+  a.key_file = other.path();
+  try {
+    attach(uri("rdma", src.server().port(), "keyed"), a);
+    ADD_FAILURE() << "a destination with another key was let in over RDMA";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kAuth) << e.what();
+  }
+  EXPECT_EQ(src.server().stats().rdma_connections_accepted, 0u);
+}
+
 TEST_F(Rdma, TooLongNameIsABadUri) {
   EXPECT_EQ(testing::attach_error(uri("rdma", 1, std::string(60, 'x')), nullptr, 1000), Errc::kBadUri);
 }

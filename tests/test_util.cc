@@ -7,6 +7,7 @@
 #include <spawn.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -287,6 +288,20 @@ bool raw_hello(int fd, const std::string& name, uint8_t flags, wire::HelloReply*
   std::memcpy(theirs.data(), c.nonce, theirs.size());
   const Mac proof = key != nullptr ? wire::client_proof(*key, name, flags, lease, mine, theirs) : Mac{};
   return tcp::send_all(fd, proof.data(), proof.size()) && tcp::recv_all(fd, reply, sizeof *reply);
+}
+
+KeyFile::KeyFile(const std::string& contents, mode_t mode) {
+  char dir[] = "/tmp/pagewire-key-XXXXXX";
+  if (::mkdtemp(dir) == nullptr) throw std::runtime_error("mkdtemp");
+  dir_ = dir;
+  path_ = dir_ + "/key";
+  std::ofstream(path_) << contents;
+  ::chmod(path_.c_str(), mode);
+}
+
+KeyFile::~KeyFile() {
+  ::unlink(path_.c_str());
+  ::rmdir(dir_.c_str());
 }
 
 bool closed_by_peer(int fd) {

@@ -141,6 +141,21 @@ void restart_source(const std::vector<std::string>& serve_args, const std::vecto
 bool raw_hello(int fd, const std::string& name, uint8_t flags, wire::HelloReply* reply, const AuthKey* key = nullptr,
                uint64_t lease = 0);
 
+// A key file (ServerOptions::key_file) in a fresh directory of its own,
+// mode 0600 unless told; removed at the end.
+class KeyFile {
+ public:
+  explicit KeyFile(const std::string& contents, mode_t mode = 0600);
+  ~KeyFile();
+  KeyFile(const KeyFile&) = delete;
+  KeyFile& operator=(const KeyFile&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string dir_;
+  std::string path_;
+};
+
 // Whether the peer of a socket closed it: a read finds the end, or a
 // reset; a signal is no answer (the read goes on), nor is the timeout.
 bool closed_by_peer(int fd);

@@ -4,6 +4,7 @@
 #include "pagewire/error.h"
 #include "spdlog/spdlog.h"
 #include "transport/export_table.h"
+#include "transport/tickets.h"
 #if PAGEWIRE_HAVE_RDMA
 #include "transport/rdma/rdma_server.h"
 #endif
@@ -37,26 +38,20 @@ class RdmaServer {
 
 MemoryServer::MemoryServer(const ServerOptions& options)
     : key_(AuthKey::from_option(options.key_file)),
+      tickets_(std::make_unique<TicketBook>()),
       exports_(std::make_unique<ExportTable>()),
-      tcp_(std::make_unique<TcpServer>(options, *exports_, key_)),
+      tcp_(std::make_unique<TcpServer>(options, *exports_, key_, *tickets_)),
       rdma_mode_(options.rdma) {
   if (options.rdma == RdmaServing::kOff) return;
-  if (key_ != nullptr) {
-    // An RDMA connect request carries 56 bytes and is answered at once with
-    // the region's address and rkey: there is no room for a challenge and
-    // its response before them. Rather than hand those to a peer that has
-    // proved nothing, a keyed server serves TCP only.
-    const char* why = "RDMA peers cannot prove a key in the connection handshake yet; a keyed server serves TCP only";
-    if (options.rdma == RdmaServing::kOn) throw Error(Errc::kUnsupported, std::string("server: ") + why);
-    spdlog::warn("server: not serving RDMA: {} (auto:// destinations use TCP)", why);
-    return;
-  }
   if (options.rdma == RdmaServing::kAuto && !rdma::have_device()) {
     spdlog::info("server: no RDMA device; serving TCP only");
     return;
   }
   try {
-    rdma_ = std::make_unique<rdma::RdmaServer>(options.bind_address, tcp_->port(), options.max_connections);
+    // With a key, an RDMA peer must bring a ticket it got over TCP by
+    // proving the key (transport/tickets.h).
+    rdma_ = std::make_unique<rdma::RdmaServer>(options.bind_address, tcp_->port(), options.max_connections,
+                                               key_ ? tickets_.get() : nullptr);
   } catch (const std::exception& e) {
     if (options.rdma == RdmaServing::kOn) throw;
     spdlog::warn("server: not serving RDMA: {}", e.what());

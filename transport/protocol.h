@@ -74,6 +74,10 @@ inline constexpr uint8_t kHelloBulk = 1;     // background transfer: serve it af
 inline constexpr uint8_t kHelloControl = 2;  // control requests, not reads
 inline constexpr uint8_t kHelloWriter = 4;   // asks for the region's writer lease
 inline constexpr uint8_t kHelloLease = 8;    // a lease id follows the name (with kHelloWriter)
+// Asks for a ticket for an RDMA connect (see transport/tickets.h): the OK
+// reply carries it (a uint64_t) after the identity and sends no zero-page
+// map; the server then closes the connection.
+inline constexpr uint8_t kHelloTicket = 16;
 
 struct Hello {
   uint32_t magic;
@@ -103,7 +107,8 @@ struct HelloReply {
 };
 // With status kOk, a HelloReply is followed by the region's identity (a
 // uint64_t; see MemoryServer::export_memory), then, when the hello had
-// kHelloWriter, the writer lease (a uint64_t), and then its zero-page map.
+// kHelloWriter, the writer lease (a uint64_t), with kHelloTicket the ticket
+// (a uint64_t), and then its zero-page map.
 
 struct ReadRequest {
   uint32_t magic;

@@ -22,12 +22,6 @@ std::unique_ptr<Transport> connect_transport(std::string_view uri, const Transpo
     spdlog::info("transport: tcp, chosen by URI scheme for {}", uri);
   }
 #else
-  if (u.scheme == "rdma" && t.key != nullptr) {
-    // No RDMA server can prove a key yet (a keyed one does not serve RDMA):
-    // never trust one that cannot.
-    throw Error(Errc::kUnsupported,
-                std::string(uri) + ": RDMA peers cannot prove a key yet; with a key, use tcp:// or auto://");
-  }
   if (u.scheme == "rdma") {
     spdlog::info("transport: rdma, chosen by URI scheme for {}", uri);
     return std::make_unique<rdma::RdmaTransport>(u.host, u.port, u.name, t);
@@ -35,8 +29,6 @@ std::unique_ptr<Transport> connect_transport(std::string_view uri, const Transpo
   if (u.scheme == "auto") {
     if (t.writer) {
       spdlog::info("transport: tcp for {} (auto: writes go over TCP only)", uri);
-    } else if (t.key != nullptr) {
-      spdlog::info("transport: tcp for {} (auto: only TCP peers can prove a key)", uri);
     } else if (!rdma::have_device()) {
       spdlog::info("transport: tcp for {} (auto: no RDMA device here)", uri);
     } else {

@@ -39,6 +39,8 @@ struct RegionDescriptor {
   // TCP, opened for writing: the writer lease the server granted, which
   // every further connection presents. 0 for a reader.
   uint64_t lease = 0;
+  // A ticket for one RDMA connect, when the handshake asked for one.
+  uint64_t ticket = 0;
 };
 
 struct TransportCapabilities {

@@ -91,6 +91,7 @@ struct ServerStats {
 
 class AuthKey;
 class ExportTable;
+class TicketBook;
 class TcpServer;
 struct ExportedRegion;
 namespace rdma {
@@ -108,7 +109,7 @@ class MemoryServer {
 
   // Region names are what a URI can carry: 1..255 bytes, no '/', space or
   // control character (Error kInvalidArgument otherwise; rdma:// names are
-  // at most 48 bytes). Under RdmaServing::kAuto a region that the RDMA
+  // at most 40 bytes). Under RdmaServing::kAuto a region that the RDMA
   // device will not register (a memlock limit, say) is served over TCP
   // only, and auto:// destinations fall back to TCP for it.
   //
@@ -168,6 +169,7 @@ class MemoryServer {
   void add(std::unique_ptr<ExportedRegion> region, const ExportOptions* live = nullptr);
 
   std::shared_ptr<const AuthKey> key_;    // null: serves anyone
+  std::unique_ptr<TicketBook> tickets_;   // for RDMA connects, issued over TCP
   std::unique_ptr<ExportTable> exports_;  // first: outlives the servers that read it
   std::unique_ptr<TcpServer> tcp_;
   std::unique_ptr<rdma::RdmaServer> rdma_;  // null when not serving RDMA; stopped first

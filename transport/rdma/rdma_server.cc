@@ -13,8 +13,8 @@
 
 namespace pagewire::rdma {
 
-RdmaServer::RdmaServer(const std::string& bind_address, uint16_t port, unsigned max_connections)
-    : max_connections_(max_connections) {
+RdmaServer::RdmaServer(const std::string& bind_address, uint16_t port, unsigned max_connections, TicketBook* tickets)
+    : max_connections_(max_connections), tickets_(tickets) {
   if (!have_device()) throw Error(Errc::kConnectFailed, "no RDMA device");
   events_ = make_event_channel();
   rdma_cm_id* raw = nullptr;
@@ -131,6 +131,14 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
     return refuse(Errc::kBusy);
   }
   const std::string name(hello.name, hello.name_length);
+  // Nothing about the region, not even whether it exists, to a peer that
+  // has not proved the key over TCP.
+  if (tickets_ != nullptr && ((hello.flags & kRdmaTicket) == 0 || !tickets_->redeem(hello.ticket, name))) {
+    spdlog::warn("server: RDMA peer for '{}' brought {}; rejected", name,
+                 (hello.flags & kRdmaTicket) == 0 ? "no ticket (this server asks for a key)"
+                                                  : "a ticket this server did not issue, or used or expired");
+    return refuse(Errc::kAuth);
+  }
   const ExportedRegion* region = nullptr;
   uint32_t rkey = 0;
   {

@@ -16,6 +16,7 @@
 #include "common/unique_fd.h"
 #include "pagewire/server.h"
 #include "transport/rdma/verbs.h"
+#include "transport/tickets.h"
 
 namespace pagewire {
 
@@ -28,8 +29,10 @@ class RdmaServer {
   // Listens on bind_address:port in the RDMA port space; throws when no
   // RDMA device can listen there.
   // At most `max_connections` destinations at once; more are rejected
-  // with Errc::kBusy.
-  RdmaServer(const std::string& bind_address, uint16_t port, unsigned max_connections);
+  // with Errc::kBusy. With `tickets` (a keyed server), a connect request
+  // must carry a ticket issued there (transport/tickets.h), or it is
+  // rejected with Errc::kAuth before anything of the region is sent.
+  RdmaServer(const std::string& bind_address, uint16_t port, unsigned max_connections, TicketBook* tickets = nullptr);
   RdmaServer(const RdmaServer&) = delete;
   RdmaServer& operator=(const RdmaServer&) = delete;
   ~RdmaServer();
@@ -76,6 +79,7 @@ class RdmaServer {
   std::atomic<uint64_t> accepted_{0};
   std::atomic<uint64_t> active_{0};
   unsigned max_connections_;
+  TicketBook* tickets_;
   bool stopped_ = false;
   std::thread thread_;  // last: starts once the rest exists
 };

@@ -10,6 +10,8 @@
 
 #include "common/unique_fd.h"
 #include "spdlog/spdlog.h"
+#include "transport/protocol.h"
+#include "transport/tcp/socket_util.h"
 #include "transport/tcp/tcp_control.h"
 
 namespace pagewire::rdma {
@@ -195,6 +197,10 @@ Connection RdmaTransport::connect_one() {
   hello.magic = kHelloMagic;
   hello.version = kRdmaVersion;
   hello.name_length = static_cast<uint8_t>(name_.size());
+  if (options_.key != nullptr) {
+    hello.flags = kRdmaTicket;
+    hello.ticket = ticket(timeout);
+  }
   std::memcpy(hello.name, name_.data(), name_.size());
   rdma_conn_param param{};
   param.private_data = &hello;
@@ -214,6 +220,20 @@ Connection RdmaTransport::connect_one() {
   }
   c.id = std::move(id);
   return c;
+}
+
+uint64_t RdmaTransport::ticket(unsigned timeout_ms) {
+  // Proves the key over TCP (and has the server prove it back); the server
+  // answers with a ticket good for one RDMA connect, within seconds.
+  std::string why;
+  UniqueFd fd = tcp::connect_to(endpoint_, timeout_ms, &why);
+  if (!fd) throw Error(Errc::kConnectFailed, "asking for an RDMA ticket over TCP: " + why);
+  const RegionDescriptor d = tcp::handshake(fd.get(), name_, timeout_ms, endpoint_.text, wire::kHelloTicket, 0,
+                                            options_.key.get());
+  if (desc_.identity != 0 && d.identity != desc_.identity) {
+    throw Error(Errc::kProtocol, "region '" + name_ + "' on " + endpoint_.text + " is not the one attached");
+  }
+  return d.ticket;
 }
 
 std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {

@@ -48,15 +48,21 @@ using CmId = std::unique_ptr<rdma_cm_id, CmIdDeleter>;
 // The private data of the connection handshake. A REQ carries at most 56
 // bytes of it, an accept or a reject 148 or more.
 inline constexpr uint32_t kHelloMagic = 0x50575248;  // "PWRH"
-inline constexpr size_t kMaxRdmaName = 48;
+inline constexpr size_t kMaxRdmaName = 40;
 
-// 2: the reply carries the region identity.
-inline constexpr uint16_t kRdmaVersion = 2;
+// 2: the reply carries the region identity. 3: a ticket (for a keyed
+// server; transport/tickets.h), names of at most 40 bytes.
+inline constexpr uint16_t kRdmaVersion = 3;
+
+// Hello::flags
+inline constexpr uint8_t kRdmaTicket = 1;  // `ticket` holds one, got over TCP by proving the key
 
 struct Hello {
   uint32_t magic;
   uint16_t version;
   uint8_t name_length;
+  uint8_t flags;
+  uint64_t ticket;
   char name[kMaxRdmaName];
 };
 static_assert(sizeof(Hello) <= 56);

@@ -248,9 +248,14 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   }
   uint64_t identity = 0;
   uint64_t granted = 0;
+  uint64_t ticket = 0;
   if (!recv_all(fd, &identity, sizeof identity) ||
-      ((flags & wire::kHelloWriter) != 0 && !recv_all(fd, &granted, sizeof granted))) {
+      ((flags & wire::kHelloWriter) != 0 && !recv_all(fd, &granted, sizeof granted)) ||
+      ((flags & wire::kHelloTicket) != 0 && !recv_all(fd, &ticket, sizeof ticket))) {
     throw Error(Errc::kProtocol, "server " + peer + " cut its hello reply short");
+  }
+  if ((flags & wire::kHelloTicket) != 0 && ticket == 0) {
+    throw Error(Errc::kBusy, "server " + peer + " issued no ticket for an RDMA connect (too many outstanding)");
   }
   if ((flags & wire::kHelloWriter) != 0 && (granted == 0 || ((flags & wire::kHelloLease) != 0 && granted != lease))) {
     throw Error(Errc::kProtocol, "server " + peer + " granted no valid writer lease for '" + name + "'");
@@ -268,6 +273,7 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
   d.key = reply.key;
   d.identity = identity;
   d.lease = granted;
+  d.ticket = ticket;
   return d;
 }
 

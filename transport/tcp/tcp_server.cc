@@ -116,8 +116,9 @@ void refuse_busy(int fd) {
 
 }  // namespace
 
-TcpServer::TcpServer(const ServerOptions& options, const ExportTable& exports, std::shared_ptr<const AuthKey> key)
-    : options_(options), exports_(exports), key_(std::move(key)) {
+TcpServer::TcpServer(const ServerOptions& options, const ExportTable& exports, std::shared_ptr<const AuthKey> key,
+                     TicketBook& tickets)
+    : options_(options), exports_(exports), key_(std::move(key)), tickets_(tickets) {
   tcp::Endpoint ep = tcp::resolve(options.bind_address, options.port);
   listen_fd_.reset(::socket(ep.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!listen_fd_) throw_errno("socket");
@@ -361,12 +362,22 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   reply.key = region->key;
   reply.page_size = region->page_size;
   reply.length = region->length;
-  const ZeroMap zero_map = region->zero_map_snapshot();
+  // A ticket for an RDMA connect (transport/tickets.h): the descriptor,
+  // the ticket, and nothing more on this connection.
+  const bool ticket_only = (hello.flags & wire::kHelloTicket) != 0;
+  const uint64_t ticket = ticket_only ? tickets_.issue(name) : 0;
+  const ZeroMap zero_map = ticket_only ? ZeroMap{} : region->zero_map_snapshot();
   reply.zero_map_bytes = static_cast<uint32_t>(zero_map.size() * 8);
   if (!tcp::send_all(fd.get(), &reply, sizeof reply) ||
       !tcp::send_all(fd.get(), &region->identity, sizeof region->identity) ||
       (writer && !tcp::send_all(fd.get(), &lease, sizeof lease)) ||
+      (ticket_only && !tcp::send_all(fd.get(), &ticket, sizeof ticket)) ||
       !tcp::send_all(fd.get(), zero_map.data(), reply.zero_map_bytes)) {
+    return finish(false);
+  }
+  if (ticket_only) {
+    spdlog::debug("server: {} was given a ticket for an RDMA connect to '{}'", peer, name);
+    close_gracefully(fd.get());
     return finish(false);
   }
   // From here a connection that sends nothing for idle_timeout_ms is closed,

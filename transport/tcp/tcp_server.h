@@ -18,6 +18,7 @@
 #include "common/unique_fd.h"
 #include "pagewire/server.h"
 #include "transport/export_table.h"
+#include "transport/tickets.h"
 
 namespace pagewire {
 
@@ -25,7 +26,9 @@ class TcpServer {
  public:
   // Serves the regions of `exports`, which outlives the server. With a
   // `key`, only to peers that prove they hold it.
-  TcpServer(const ServerOptions& options, const ExportTable& exports, std::shared_ptr<const AuthKey> key);
+  // Tickets for RDMA connects are issued from `tickets`, which outlives it.
+  TcpServer(const ServerOptions& options, const ExportTable& exports, std::shared_ptr<const AuthKey> key,
+            TicketBook& tickets);
   TcpServer(const TcpServer&) = delete;
   TcpServer& operator=(const TcpServer&) = delete;
   ~TcpServer();
@@ -79,6 +82,7 @@ class TcpServer {
   ServerOptions options_;
   const ExportTable& exports_;
   std::shared_ptr<const AuthKey> key_;
+  TicketBook& tickets_;
   UniqueFd listen_fd_;
   UniqueFd stop_fd_;
   uint16_t port_ = 0;

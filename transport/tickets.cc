@@ -1,0 +1,36 @@
+#include "transport/tickets.h"
+
+#include <cstring>
+
+#include "common/auth.h"
+
+namespace pagewire {
+
+uint64_t TicketBook::issue(const std::string& name) {
+  const Nonce random = fresh_nonce();
+  uint64_t ticket = 0;
+  std::memcpy(&ticket, random.data(), sizeof ticket);
+  if (ticket == 0) ticket = 1;  // 0 means none
+  const auto now = Clock::now();
+  std::lock_guard lock(mu_);
+  forget_expired_locked(now);
+  if (entries_.size() >= kMaxOutstanding) return 0;
+  entries_[ticket] = {name, now + lifetime_};
+  return ticket;
+}
+
+bool TicketBook::redeem(uint64_t ticket, const std::string& name) {
+  const auto now = Clock::now();
+  std::lock_guard lock(mu_);
+  const auto it = entries_.find(ticket);
+  if (it == entries_.end()) return false;
+  const bool good = it->second.name == name && now < it->second.expires;
+  entries_.erase(it);
+  return good;
+}
+
+void TicketBook::forget_expired_locked(Clock::time_point now) {
+  std::erase_if(entries_, [now](const auto& e) { return e.second.expires <= now; });
+}
+
+}  // namespace pagewire
