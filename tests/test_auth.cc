@@ -275,6 +275,11 @@ TEST(Auth, ATicketIsIssuedOnlyToAPeerThatProvedTheKey) {
   EXPECT_NE(d.ticket, 0u);
   EXPECT_TRUE(d.zero_map.empty());  // a ticket connection carries no zero map
   EXPECT_TRUE(testing::closed_by_peer(fd.get()));
+  // Never together with a lease or control (it would take and drop one).
+  UniqueFd mixed = connect_loopback(src.server().port());
+  wire::HelloReply refused{};
+  ASSERT_TRUE(testing::raw_hello(mixed.get(), "k", wire::kHelloTicket | wire::kHelloControl, &refused, k.get()));
+  EXPECT_EQ(static_cast<Errc>(refused.status), Errc::kInvalidArgument);
   // Without the key: refused like any other hello.
   UniqueFd bare = connect_loopback(src.server().port());
   wire::HelloReply reply{};

@@ -64,8 +64,8 @@ inline constexpr uint32_t kWriteMagic = 0x50575752;      // "PWWR"
 inline constexpr uint32_t kChallengeMagic = 0x50574155;  // "PWAU"
 // 3: the region identity follows an OK HelloReply. 4: control connections.
 // 5: writes to memory nodes, the writer lease (kHelloWriter, kHelloLease).
-// 6: the challenge and response.
-inline constexpr uint16_t kVersion = 6;
+// 6: the challenge and response. 7: tickets for RDMA connects.
+inline constexpr uint16_t kVersion = 7;
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 
@@ -180,11 +180,11 @@ static_assert(sizeof(WriteRequest) == sizeof(ReadRequest));
 // labels of their own, so that neither proof can stand for the other.
 inline Mac server_proof(const AuthKey& key, std::string_view name, uint8_t flags, const Nonce& client,
                         const Nonce& server) {
-  return key.mac("pagewire/6 server", {bytes_of(name), bytes_of(flags), client, server});
+  return key.mac("pagewire/7 server", {bytes_of(name), bytes_of(flags), client, server});
 }
 inline Mac client_proof(const AuthKey& key, std::string_view name, uint8_t flags, uint64_t lease, const Nonce& client,
                         const Nonce& server) {
-  return key.mac("pagewire/6 client", {bytes_of(name), bytes_of(flags), bytes_of(lease), client, server});
+  return key.mac("pagewire/7 client", {bytes_of(name), bytes_of(flags), bytes_of(lease), client, server});
 }
 
 }  // namespace pagewire::wire

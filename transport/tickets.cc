@@ -7,16 +7,22 @@
 namespace pagewire {
 
 uint64_t TicketBook::issue(const std::string& name) {
-  const Nonce random = fresh_nonce();
-  uint64_t ticket = 0;
-  std::memcpy(&ticket, random.data(), sizeof ticket);
-  if (ticket == 0) ticket = 1;  // 0 means none
-  const auto now = Clock::now();
-  std::lock_guard lock(mu_);
-  forget_expired_locked(now);
-  if (entries_.size() >= kMaxOutstanding) return 0;
-  entries_[ticket] = {name, now + lifetime_};
-  return ticket;
+  // Never throws: it runs on a server's connection thread, and no ticket
+  // (0) is an answer the destination reports.
+  try {
+    const Nonce random = fresh_nonce();
+    uint64_t ticket = 0;
+    std::memcpy(&ticket, random.data(), sizeof ticket);
+    if (ticket == 0) ticket = 1;  // 0 means none
+    const auto now = Clock::now();
+    std::lock_guard lock(mu_);
+    forget_expired_locked(now);
+    if (entries_.size() >= kMaxOutstanding) return 0;
+    entries_[ticket] = {name, now + lifetime_};
+    return ticket;
+  } catch (const std::exception&) {
+    return 0;
+  }
 }
 
 bool TicketBook::redeem(uint64_t ticket, const std::string& name) {

@@ -24,7 +24,8 @@ class TicketBook {
 
   explicit TicketBook(std::chrono::milliseconds lifetime = kLifetime) : lifetime_(lifetime) {}
 
-  // A fresh ticket for `name`; 0 when the book is full.
+  // A fresh ticket for `name`; 0 when the book is full (or no random bytes
+  // came).
   uint64_t issue(const std::string& name);
   // True once for a ticket issued for `name` and not yet expired; the
   // ticket is used up either way.

@@ -126,10 +126,6 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
     spdlog::warn("server: RDMA peer speaks protocol version {}, this server {}; rejected", hello.version, kRdmaVersion);
     return refuse(Errc::kProtocol);
   }
-  if (active_.load() >= max_connections_) {
-    spdlog::warn("server: refusing an RDMA peer: {} connections open already", max_connections_);
-    return refuse(Errc::kBusy);
-  }
   const std::string name(hello.name, hello.name_length);
   // Nothing about the region, not even whether it exists, to a peer that
   // has not proved the key over TCP.
@@ -138,6 +134,12 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
                  (hello.flags & kRdmaTicket) == 0 ? "no ticket (this server asks for a key)"
                                                   : "a ticket this server did not issue, or used or expired");
     return refuse(Errc::kAuth);
+  }
+  // (After the ticket, which is used up either way: a connect refused as
+  // busy leaves no ticket behind for someone else to use.)
+  if (active_.load() >= max_connections_) {
+    spdlog::warn("server: refusing an RDMA peer: {} connections open already", max_connections_);
+    return refuse(Errc::kBusy);
   }
   const ExportedRegion* region = nullptr;
   uint32_t rkey = 0;

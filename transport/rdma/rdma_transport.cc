@@ -197,9 +197,11 @@ Connection RdmaTransport::connect_one() {
   hello.magic = kHelloMagic;
   hello.version = kRdmaVersion;
   hello.name_length = static_cast<uint8_t>(name_.size());
+  RegionDescriptor proved;  // what the TCP handshake that proved the key said
   if (options_.key != nullptr) {
+    proved = ticket(timeout);
     hello.flags = kRdmaTicket;
-    hello.ticket = ticket(timeout);
+    hello.ticket = proved.ticket;
   }
   std::memcpy(hello.name, name_.data(), name_.size());
   rdma_conn_param param{};
@@ -218,11 +220,16 @@ Connection RdmaTransport::connect_one() {
   if (!ok || c.reply.magic != kHelloMagic || c.reply.status != 0) {
     throw Error(Errc::kProtocol, endpoint_.text + " does not speak the pagewire RDMA protocol");
   }
+  if (options_.key != nullptr && (c.reply.identity != proved.identity || c.reply.length != proved.length ||
+                                  c.reply.page_size != proved.page_size)) {
+    throw Error(Errc::kProtocol,
+                endpoint_.text + " answered over RDMA for another region than the one it proved " + "over TCP");
+  }
   c.id = std::move(id);
   return c;
 }
 
-uint64_t RdmaTransport::ticket(unsigned timeout_ms) {
+RegionDescriptor RdmaTransport::ticket(unsigned timeout_ms) {
   // Proves the key over TCP (and has the server prove it back); the server
   // answers with a ticket good for one RDMA connect, within seconds.
   std::string why;
@@ -233,7 +240,7 @@ uint64_t RdmaTransport::ticket(unsigned timeout_ms) {
   if (desc_.identity != 0 && d.identity != desc_.identity) {
     throw Error(Errc::kProtocol, "region '" + name_ + "' on " + endpoint_.text + " is not the one attached");
   }
-  return d.ticket;
+  return d;
 }
 
 std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {

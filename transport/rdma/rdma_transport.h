@@ -65,9 +65,10 @@ class RdmaTransport final : public Transport {
 
  private:
   Connection connect_one();
-  // With a key: proves it over TCP and returns the server's ticket for one
-  // RDMA connect (transport/tickets.h).
-  uint64_t ticket(unsigned timeout_ms);
+  // With a key: proves it over TCP and returns the region as the server
+  // described it there, with its ticket for one RDMA connect
+  // (transport/tickets.h).
+  RegionDescriptor ticket(unsigned timeout_ms);
   // One RDMA READ of the server's zero-page bitmap into desc_.zero_map.
   void fetch_zero_map(Connection& c);
 

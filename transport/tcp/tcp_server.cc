@@ -325,6 +325,15 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     tcp::send_all(fd.get(), &reply, sizeof reply);
     return finish(false);
   }
+  const bool ticket_only = (hello.flags & wire::kHelloTicket) != 0;
+  if (ticket_only && (hello.flags & (wire::kHelloWriter | wire::kHelloLease | wire::kHelloControl)) != 0) {
+    // A ticket connection ends at once: it must not take (and drop) a lease.
+    spdlog::warn("server: {} asked for a ticket together with a lease or control; refusing it", peer);
+    reply.status = static_cast<uint32_t>(Errc::kInvalidArgument);
+    tcp::send_all(fd.get(), &reply, sizeof reply);
+    close_gracefully(fd.get());
+    return finish(true);
+  }
   const bool writer = (hello.flags & wire::kHelloWriter) != 0;
   uint64_t lease = 0;
   if (writer) {
@@ -364,7 +373,6 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   reply.length = region->length;
   // A ticket for an RDMA connect (transport/tickets.h): the descriptor,
   // the ticket, and nothing more on this connection.
-  const bool ticket_only = (hello.flags & wire::kHelloTicket) != 0;
   const uint64_t ticket = ticket_only ? tickets_.issue(name) : 0;
   const ZeroMap zero_map = ticket_only ? ZeroMap{} : region->zero_map_snapshot();
   reply.zero_map_bytes = static_cast<uint32_t>(zero_map.size() * 8);
