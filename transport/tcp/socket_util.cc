@@ -9,6 +9,7 @@
 #include <sys/time.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -122,6 +123,46 @@ bool recv_all(int fd, void* buf, size_t n) {
     n -= static_cast<size_t>(r);
   }
   return true;
+}
+
+namespace {
+
+// Sets the socket's timeouts to what is left until `deadline`; false when
+// nothing is.
+bool timeout_until(int fd, std::chrono::steady_clock::time_point deadline) {
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+  if (left <= 0) return false;
+  set_io_timeout(fd, static_cast<unsigned>(left));
+  return true;
+}
+
+}  // namespace
+
+bool recv_before(int fd, void* buf, size_t n, std::chrono::steady_clock::time_point deadline) {
+  auto* p = static_cast<char*>(buf);
+  while (n > 0) {
+    if (!timeout_until(fd, deadline)) return false;
+    const ssize_t r = ::recv(fd, p, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+void close_gracefully(int fd) {
+  ::shutdown(fd, SHUT_WR);
+  // At most 200 ms in all, however the peer paces what it sends: a peer
+  // that dribbles bytes must not hold the connection (and its place among
+  // the handshakes) any longer.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+  char sink[4096];
+  for (size_t drained = 0; drained < (1u << 20) && timeout_until(fd, until);) {
+    const ssize_t n = ::recv(fd, sink, sizeof sink, 0);
+    if (n <= 0) break;
+    drained += static_cast<size_t>(n);
+  }
 }
 
 namespace {

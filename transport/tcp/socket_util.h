@@ -4,6 +4,7 @@
 
 #include <sys/socket.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -49,5 +50,15 @@ RegionDescriptor handshake(int fd, const std::string& name, unsigned timeout_ms,
                            uint8_t flags = 0, uint64_t lease = 0, const AuthKey* key = nullptr);
 
 void set_io_timeout(int fd, unsigned timeout_ms);
+
+// recv_all, by a deadline for all of it: a peer that sends a byte at a time
+// cannot stretch a handshake past the deadline.
+bool recv_before(int fd, void* buf, size_t n, std::chrono::steady_clock::time_point deadline);
+
+// Hangs up after a refusal so that the refusal arrives: closing with
+// unread input would send a reset, and the peer's kernel could drop the
+// reply before its reader saw it. Drains what the peer still sends for at
+// most 200 ms in all.
+void close_gracefully(int fd);
 
 }  // namespace pagewire::tcp

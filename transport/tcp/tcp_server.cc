@@ -40,23 +40,6 @@ std::string peer_name(const sockaddr_storage& a) {
   return std::string(host) + ":" + port;
 }
 
-// recv_all, by a deadline for all of it: a peer that sends a byte at a
-// time cannot stretch its handshake past the deadline.
-bool recv_before(int fd, void* buf, size_t n, std::chrono::steady_clock::time_point deadline) {
-  auto* p = static_cast<char*>(buf);
-  while (n > 0) {
-    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
-    if (left <= 0) return false;
-    tcp::set_io_timeout(fd, static_cast<unsigned>(left));
-    const ssize_t r = ::recv(fd, p, n, 0);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
 // Writes the whole iovec array, resuming after partial writes.
 bool send_iov(int fd, iovec* iov, size_t count) {
   while (count > 0) {
@@ -78,26 +61,6 @@ bool send_iov(int fd, iovec* iov, size_t count) {
     }
   }
   return true;
-}
-
-// Hangs up after a refusal so that the refusal arrives: closing with
-// unread input would send a reset, and the peer's kernel could drop the
-// reply before its reader saw it.
-void close_gracefully(int fd) {
-  ::shutdown(fd, SHUT_WR);
-  // At most 200 ms in all, however the peer paces what it sends: a peer
-  // that dribbles bytes must not hold the connection (and its place among
-  // the handshakes) any longer.
-  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
-  char sink[4096];
-  for (size_t drained = 0; drained < (1u << 20);) {
-    const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now()).count();
-    if (left <= 0) break;
-    tcp::set_io_timeout(fd, static_cast<unsigned>(left));
-    const ssize_t n = ::recv(fd, sink, sizeof sink, 0);
-    if (n <= 0) break;
-    drained += static_cast<size_t>(n);
-  }
 }
 
 // Tells a destination the server is full, without stalling the accept
@@ -273,7 +236,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   // Handshake: all of it within the deadline, or the peer is dropped.
   const auto deadline = Clock::now() + std::chrono::milliseconds(options_.handshake_timeout_ms);
   wire::Hello hello{};
-  if (!recv_before(fd.get(), &hello, sizeof hello, deadline)) {
+  if (!tcp::recv_before(fd.get(), &hello, sizeof hello, deadline)) {
     spdlog::warn("server: {} sent no hello; dropping it", peer);
     return finish(true);
   }
@@ -283,9 +246,9 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   }
   std::string name(hello.name_length, '\0');
   uint64_t presented_lease = 0;
-  if (!recv_before(fd.get(), name.data(), name.size(), deadline) ||
+  if (!tcp::recv_before(fd.get(), name.data(), name.size(), deadline) ||
       ((hello.flags & wire::kHelloLease) != 0 &&
-       !recv_before(fd.get(), &presented_lease, sizeof presented_lease, deadline))) {
+       !tcp::recv_before(fd.get(), &presented_lease, sizeof presented_lease, deadline))) {
     spdlog::warn("server: {} sent a truncated hello; dropping it", peer);
     return finish(true);
   }
@@ -295,7 +258,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
                  wire::kVersion);
     wire::HelloReply no{wire::kHelloMagic, static_cast<uint32_t>(Errc::kProtocol), 0, 0, 0, 0, wire::kVersion};
     tcp::send_all(fd.get(), &no, sizeof no);
-    close_gracefully(fd.get());
+    tcp::close_gracefully(fd.get());
     return finish(true);
   }
   // Nothing about the region, not even whether it exists, before the peer
@@ -313,7 +276,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     }
     wire::HelloReply busy{wire::kHelloMagic, static_cast<uint32_t>(Errc::kBusy), 0, 0, 0, 0, wire::kVersion};
     tcp::send_all(fd.get(), &busy, sizeof busy);
-    close_gracefully(fd.get());
+    tcp::close_gracefully(fd.get());
     return finish(false);
   }
   established = true;
@@ -331,7 +294,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     spdlog::warn("server: {} asked for a ticket together with a lease or control; refusing it", peer);
     reply.status = static_cast<uint32_t>(Errc::kInvalidArgument);
     tcp::send_all(fd.get(), &reply, sizeof reply);
-    close_gracefully(fd.get());
+    tcp::close_gracefully(fd.get());
     return finish(true);
   }
   const bool writer = (hello.flags & wire::kHelloWriter) != 0;
@@ -357,7 +320,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     if (refuse != Errc::kOk) {
       reply.status = static_cast<uint32_t>(refuse);
       tcp::send_all(fd.get(), &reply, sizeof reply);
-      close_gracefully(fd.get());
+      tcp::close_gracefully(fd.get());
       return finish(false);
     }
   }
@@ -385,7 +348,7 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   }
   if (ticket_only) {
     spdlog::debug("server: {} was given a ticket for an RDMA connect to '{}'", peer, name);
-    close_gracefully(fd.get());
+    tcp::close_gracefully(fd.get());
     return finish(false);
   }
   // From here a connection that sends nothing for idle_timeout_ms is closed,
@@ -404,102 +367,6 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   spdlog::debug("server: {} attached '{}'{}{}", peer, name, (hello.flags & wire::kHelloBulk) != 0 ? " (bulk)" : "",
                 writer ? " (writer)" : "");
   return finish(!serve_requests(fd.get(), *region, writer, peer));
-}
-
-bool TcpServer::authenticate(int fd, const std::string& name, uint8_t flags, uint64_t lease, const std::string& peer,
-                             Clock::time_point deadline) {
-  try {
-    return prove_peer(fd, name, flags, lease, peer, deadline);
-  } catch (const std::exception& e) {  // no random bytes, or no HMAC: refuse, and go on serving
-    spdlog::error("server: authenticating {}: {}; dropping it", peer, e.what());
-    return false;
-  }
-}
-
-bool TcpServer::prove_peer(int fd, const std::string& name, uint8_t flags, uint64_t lease, const std::string& peer,
-                           Clock::time_point deadline) {
-  Nonce theirs{};
-  if (!recv_before(fd, theirs.data(), theirs.size(), deadline)) {
-    spdlog::warn("server: {} sent a truncated hello; dropping it", peer);
-    return false;
-  }
-  const Nonce mine = fresh_nonce();
-  wire::Challenge c{wire::kChallengeMagic, key_ ? wire::kChallengeKeyed : 0, {}, {}};
-  std::memcpy(c.nonce, mine.data(), mine.size());
-  if (key_) {
-    const Mac proof = wire::server_proof(*key_, name, flags, theirs, mine);
-    std::memcpy(c.proof, proof.data(), proof.size());
-  }
-  Mac answer{};
-  if (!tcp::send_all(fd, &c, sizeof c) || !recv_before(fd, answer.data(), answer.size(), deadline)) {
-    spdlog::warn("server: {} closed at the challenge (it may not trust this server's key, or has none); dropping it",
-                 peer);
-    return false;
-  }
-  if (!key_ || AuthKey::same(answer, wire::client_proof(*key_, name, flags, lease, theirs, mine))) return true;
-  ++auth_refused_;
-  const bool none = std::all_of(answer.begin(), answer.end(), [](uint8_t b) { return b == 0; });
-  spdlog::warn("server: {} {}; refusing it", peer,
-               none ? "holds no key" : "failed to prove the key (another key, or a replayed answer)");
-  wire::HelloReply no{wire::kHelloMagic, static_cast<uint32_t>(Errc::kAuth), 0, 0, 0, 0, wire::kVersion};
-  tcp::send_all(fd, &no, sizeof no);
-  close_gracefully(fd);
-  return false;
-}
-
-bool TcpServer::admit_locked(const std::string& addr) {
-  PeerLoad& load = peers_[addr];
-  if (handshakes_ >= options_.max_handshakes || load.handshakes >= options_.max_handshakes_per_peer) {
-    if (load.handshakes == 0 && load.established == 0) peers_.erase(addr);
-    ++limit_refused_;
-    return false;
-  }
-  ++load.handshakes;
-  ++handshakes_;
-  return true;
-}
-
-bool TcpServer::establish(const std::string& addr) {
-  std::lock_guard lock(mu_);
-  PeerLoad& load = peers_[addr];  // there: this connection's handshake is counted
-  if (established_ >= options_.max_connections || load.established >= options_.max_connections_per_peer) {
-    ++limit_refused_;
-    return false;  // still counted as a handshake, until release()
-  }
-  --load.handshakes;
-  --handshakes_;
-  ++load.established;
-  ++established_;
-  return true;
-}
-
-void TcpServer::release(const std::string& addr, bool established) {
-  std::lock_guard lock(mu_);
-  const auto it = peers_.find(addr);
-  if (it == peers_.end()) return;  // never counted (cannot happen: admit_locked() counted it)
-  if (established) {
-    --established_;
-    --it->second.established;
-  } else {
-    --handshakes_;
-    --it->second.handshakes;
-  }
-  if (it->second.handshakes == 0 && it->second.established == 0) peers_.erase(it);
-}
-
-void TcpServer::log_refusal_locked(const std::string& peer, const std::string& why) {
-  const auto now = Clock::now();
-  if (now - last_refusal_log_ < std::chrono::seconds(1)) {
-    ++refusals_unlogged_;
-    return;
-  }
-  spdlog::warn("server: refusing {}: too many {}{}", peer, why,
-               refusals_unlogged_ > 0 ? " (and " + std::to_string(refusals_unlogged_) +
-                                            " more refused since the last "
-                                            "such line)"
-                                      : "");
-  last_refusal_log_ = now;
-  refusals_unlogged_ = 0;
 }
 
 bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer, const std::string& peer) {
@@ -605,7 +472,7 @@ bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer
     }
     if (iovs > 0 && !send_iov(fd, iov.data(), iovs)) return true;
     if (refuse != Errc::kOk) {
-      close_gracefully(fd);
+      tcp::close_gracefully(fd);
       return false;
     }
     std::memmove(buf.data(), buf.data() + pos, have - pos);
