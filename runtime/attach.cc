@@ -22,6 +22,7 @@ bool Region::wait_complete(std::chrono::milliseconds timeout) const { return eng
 bool Region::failed() const { return engine_->failed(); }
 std::string Region::error() const { return engine_->error(); }
 const MigrationReport& Region::migration() const { return engine_->migration(); }
+FlushReport Region::flush() { return engine_->flush(); }
 
 Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options) {
   if (!options.precopy.enabled) return Region(std::make_unique<FaultEngine>(std::move(transport), options));
@@ -43,6 +44,8 @@ Region attach(std::unique_ptr<Transport> transport, const AttachOptions& options
 Region attach(std::string_view uri, const AttachOptions& options) {
   TransportOptions t{options.request_timeout_ms, options.reconnect_timeout_ms, options.io_uring};
   t.key = AuthKey::from_option(options.key_file);
+  // A bounded cache writes back: it holds the node's writer lease.
+  t.writer = options.cache_bytes > 0;
   return attach(connect_transport(uri, t), options);
 }
 

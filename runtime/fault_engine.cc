@@ -45,8 +45,8 @@ uint64_t minor_features(const Backing& b) {
 // faults for shared memory, and the munmap / mremap events that tell it
 // when part of the region stops being the region's.
 uint64_t wanted_features(const Backing& b) {
-  return UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP |
-         minor_features(b) | (b.huge ? UFFD_FEATURE_EXACT_ADDRESS : 0);
+  return UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_UNMAP |
+         UFFD_FEATURE_EVENT_REMAP | minor_features(b) | (b.huge ? UFFD_FEATURE_EXACT_ADDRESS : 0);
 }
 
 // The prefetch window in this side's pages: given in 4 KiB pages, and two
@@ -54,6 +54,24 @@ uint64_t wanted_features(const Backing& b) {
 uint32_t prefetch_window(const AttachOptions& o, uint32_t page_size) {
   const uint32_t pages = std::max(1u, o.prefetch_max_pages);
   return page_size == kSmallPage ? pages : std::min(pages, 2u);
+}
+
+// A bounded cache: what it needs of the region and the options.
+void check_cache(const AttachOptions& o, const Transport& t, const Backing& b, uint32_t page_size) {
+  if (o.cache_bytes == 0) return;
+  if (b.shared || b.huge) {
+    throw Error(Errc::kInvalidArgument, "a bounded cache (cache_bytes) needs anonymous memory in 4 KiB pages");
+  }
+  if (o.precopy.enabled) throw Error(Errc::kInvalidArgument, "a bounded cache cannot take a precopy migration");
+  if (o.cache_bytes < 16 * uint64_t{page_size}) {
+    throw Error(Errc::kInvalidArgument, "a bounded cache of " + std::to_string(o.cache_bytes) +
+                                            " bytes is too small: at least 16 pages (" +
+                                            std::to_string(16 * page_size) + " bytes)");
+  }
+  if (t.region().lease == 0) {
+    throw Error(Errc::kInvalidArgument, "a bounded cache writes written pages back to a memory node: the region '" +
+                                            t.region().name + "' was not opened as the node's writer");
+  }
 }
 
 void check_supported(const Transport& t, const Backing& b, const Userfaultfd& uffd) {
@@ -93,6 +111,16 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
       refusal_(uffd_, pages_, status_, backing_.view.data(), desc_.page_size, desc_.name) {
   if (!stop_fd_) throw_errno("eventfd");
   check_supported(*transport_, backing_, uffd_);
+  check_cache(options_, *transport_, backing_, desc_.page_size);
+  if (options_.cache_bytes > 0) {
+    // Far memory: the region is never all here, so nothing pulls it whole.
+    options_.background_pull = false;
+    // Evicting single pages out of a transparent huge page would split it
+    // each time; keep the region at 4 KiB.
+    if (::madvise(backing_.view.data(), backing_.view.size(), MADV_NOHUGEPAGE) != 0) {
+      throw_errno("madvise(MADV_NOHUGEPAGE)");
+    }
+  }
   // A child forked later would see zero-filled memory where pages were
   // still missing (its copy is not registered): keep the region out of it.
   if (::madvise(backing_.view.data(), backing_.view.size(), MADV_DONTFORK) != 0) throw_errno("madvise(MADV_DONTFORK)");
@@ -103,9 +131,15 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
   // faults for holes; both are resolved by filling the page through the
   // alias and mapping it with UFFDIO_CONTINUE.
   name_view();
-  uffd_.register_range(backing_.view.data(), backing_.view.size(), backing_.shared);
+  if (options_.cache_bytes > 0) {
+    uffd_.register_missing_and_wp(backing_.view.data(), backing_.view.size());
+  } else {
+    uffd_.register_range(backing_.view.data(), backing_.view.size(), backing_.shared);
+  }
   backing_.populate();
-  if (backing_.huge && !backing_.shared) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
+  if ((backing_.huge && !backing_.shared) || options_.cache_bytes > 0) {
+    zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
+  }
   if (not_zero != nullptr) {
     for (size_t p = 0; p < pages_.size(); ++p) {
       if (written_here(*not_zero, p)) clear_zero_page(desc_.zero_map, p);
@@ -164,9 +198,19 @@ void FaultEngine::start_workers(unsigned n) {
   }
   completion_ = std::make_unique<Completion>(Completion::Region{pages_, residency_, uffd_, backing_.view.data(),
                                                                 desc_.page_size, status_, desc_.name, started_},
-                                             n + 2);
-  // Slot n + 1 counts for precopy, which takes pages back between rounds.
+                                             n + 3);
+  // Slot n + 1 counts for precopy, which takes pages back between rounds,
+  // and n + 2 for the cache's eviction.
   if (options_.precopy.enabled) completion_->hold(true);
+  if (options_.cache_bytes > 0) {
+    // Never complete: pages keep going and coming back.
+    completion_->hold(true);
+    Completion* c = completion_.get();
+    cache_ = std::make_unique<Cache>(
+        Cache::Region{pages_, uffd_, backing_.view.data(), desc_.page_size, desc_.length, desc_.zero_map, status_,
+                      desc_.name, completion_->slot(n + 2), [c] { return c->pages_present(); }},
+        *transport_, options_, stop_fd_.get());
+  }
   for (auto& h : handlers_) h->counts = &completion_->slot(h->index);
   if (puller_) puller_->counts = &completion_->slot(n);
   for (auto& h : handlers_) {
@@ -174,19 +218,25 @@ void FaultEngine::start_workers(unsigned n) {
     raw->thread = std::thread([this, raw] { run_handler(*raw); });
   }
   if (puller_) puller_->thread = std::thread([this] { run_puller(*puller_); });
+  if (cache_) cache_->start();
   completion_->start(stop_fd_.get());
   spdlog::info("attach: '{}' over {}: {} MiB in {} KiB pages of {} ({} zero pages known), {} handler threads, {} "
-               "reads in flight each, pull {}, prefetch {}",
+               "reads in flight each, pull {}, prefetch {}{}",
                desc_.name, transport_->name(), desc_.length >> 20, desc_.page_size >> 10,
                backing_.shared ? (backing_.huge ? "hugetlbfs shared memory, installed in place"
                                                 : "shared memory, installed in place")
                                : (backing_.huge ? "anonymous hugetlb memory" : "anonymous memory"),
-               count_zero_pages(desc_.zero_map), n, depth, puller_ ? "on" : "off", options_.prefetch ? "on" : "off");
+               count_zero_pages(desc_.zero_map), n, depth, puller_ ? "on" : "off", options_.prefetch ? "on" : "off",
+               cache_ ? fmt::format(", cache {} MiB ({}; written pages tracked by write-protect faults)",
+                                    options_.cache_bytes >> 20,
+                                    options_.eviction == AttachOptions::Eviction::kClock ? "clock" : "fifo")
+                      : std::string());
 }
 
 FaultEngine::~FaultEngine() {
   uint64_t one = 1;
   [[maybe_unused]] ssize_t w = ::write(stop_fd_.get(), &one, sizeof one);
+  if (cache_) cache_->stop();  // frees handlers waiting for room
   if (puller_ && puller_->thread.joinable()) puller_->thread.join();
   for (auto& h : handlers_) {
     if (h->thread.joinable()) h->thread.join();
@@ -217,9 +267,15 @@ Stats FaultEngine::stats() const {
   s.pages_present = completion_->pages_present();
   s.pages_unmapped = completion_->pages_gone();
   s.complete = status_.complete();
+  if (cache_) cache_->add_stats(s);
   for (const auto& h : handlers_) s.reconnects += h->channel->reconnects();
   if (puller_) s.reconnects += puller_->channel->reconnects();
   return s;
+}
+
+FlushReport FaultEngine::flush() {
+  if (!cache_) throw Error(Errc::kInvalidArgument, "flush: region '" + desc_.name + "' has no bounded cache");
+  return cache_->flush();
 }
 
 Progress FaultEngine::progress() const {

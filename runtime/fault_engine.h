@@ -13,6 +13,8 @@
 //   refusal.*       a page that cannot be fetched is refused, never zeroed
 //   residency.*     asking the kernel whether a page is still there
 //   threads.*       names, CPU placement and priority of the fault threads
+//   cache.*         a bounded cache (far memory): written pages, eviction,
+//                   write-back to the memory node, flush
 //
 // Per fault: a handler reads the event, claims the page in the page table,
 // posts a read into one of its staging slots (plus reads ahead of a
@@ -31,6 +33,7 @@
 #include "common/unique_fd.h"
 #include "pagewire/region.h"
 #include "runtime/backing.h"
+#include "runtime/cache.h"
 #include "runtime/completion.h"
 #include "runtime/page_table.h"
 #include "runtime/prefetch.h"
@@ -77,6 +80,8 @@ class FaultEngine {
   void hold_completion(bool held) { completion_->hold(held); }
   const MigrationReport& migration() const { return migration_; }
   MigrationReport& migration() { return migration_; }
+  // A bounded cache's flush (see Region::flush()).
+  FlushReport flush();
 
  private:
   // What a handler does about a fault it read.
@@ -125,7 +130,7 @@ class FaultEngine {
   // `first_part` (a byte offset into a one-page read) is read first and the
   // rest after: the faulting 4 KiB of a 2 MiB page goes out first.
   void queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns, uint64_t owned = 0,
-                  uint32_t first_part = 0);
+                  uint32_t first_part = 0, bool write = false);
   // Hands the queued batch to the channel and stamps each read's post time.
   void post_batch(Worker& w);
   // Where a read of pages from `first` lands: the slot's staging buffer, or
@@ -137,12 +142,15 @@ class FaultEngine {
   // A run whose install found part of its range unmapped: page by page.
   void install_around_a_hole(Worker& w, size_t first, uint32_t count, std::byte* src);
   // Installs [page, page+count) from where their read landed; 0 or errno.
-  int install(Worker& w, std::byte* src, size_t page, uint32_t count);
-  // Installs a claimed zero page without a transfer.
-  void install_zero(Worker& w, size_t page);
+  // `protect`: write-protected (a bounded cache, for a page not written).
+  int install(Worker& w, std::byte* src, size_t page, uint32_t count, bool protect);
+  // Installs a claimed zero page without a transfer (`write`: for a write
+  // fault, which a bounded cache installs writable and marks written).
+  void install_zero(Worker& w, size_t page, bool write);
   // Records installed pages present, counts them, and only then wakes the
   // threads parked on them (installs never wake by themselves).
-  void publish(Worker& w, size_t first, uint32_t count);
+  // `written`: installed for a write fault (a bounded cache marks them).
+  void publish(Worker& w, size_t first, uint32_t count, bool written = false);
   void refuse_page(Worker& w, size_t page, Errc why, const std::string& text);
   void stop_worker_on_exception(Worker& w, const std::exception& e);
   // True when a page the table calls present was discarded by the
@@ -174,7 +182,9 @@ class FaultEngine {
   std::unique_ptr<Transport> transport_;
   Backing backing_;
   RegionDescriptor desc_;  // the source's, in this side's pages (4 KiB or 2 MiB)
-  Mapping zero_source_;    // anonymous 2 MiB pages: hugetlb has no UFFDIO_ZEROPAGE
+  // Anonymous 2 MiB pages (hugetlb has no UFFDIO_ZEROPAGE), and a bounded
+  // cache's (UFFDIO_ZEROPAGE cannot write-protect): zeros to copy from.
+  Mapping zero_source_;
   Userfaultfd uffd_;
   PageTable pages_;
   // Anonymous memory with a pull: per page, whether a pull run has it out
@@ -190,6 +200,7 @@ class FaultEngine {
   std::string view_name_;  // the anonymous view's name in /proc/self/maps; empty: unnamed
   std::vector<std::unique_ptr<Worker>> handlers_;
   std::unique_ptr<Worker> puller_;
+  std::unique_ptr<Cache> cache_;  // AttachOptions::cache_bytes; stopped before the handlers are joined
   MigrationReport migration_;  // filled by precopy before the region is handed out
   // Precopy takes pages back with the pull held: a thread running on
   // another CPU makes every MADV_DONTNEED wait for a TLB shootdown there.

@@ -101,13 +101,19 @@ void FaultEngine::handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns,
   }
   const uint64_t at = address - base;
   const size_t page = at / desc_.page_size;
+  if (cache_ && (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0) {
+    cache_->on_write_fault(page, *w.counts);
+    return;
+  }
   const Take take = take_fault(w, page);
   if (take == Take::kNothing) {
     Metrics::bump(w.metrics.duplicate_faults);
     return;
   }
+  const bool write = (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+  if (cache_) cache_->wait_for_room();  // only while the cache is full
   if (zero(page)) {
-    install_zero(w, page);
+    install_zero(w, page, write);
     return;
   }
   // Every message read was sized to a free slot, so this one has one.
@@ -121,7 +127,7 @@ void FaultEngine::handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns,
     w.demand_out.store(w.demand_out.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     return;
   }
-  queue_read(w, page, 1, ReadKind::kDemand, read_ns, 0, fault_part);
+  queue_read(w, page, 1, ReadKind::kDemand, read_ns, 0, fault_part, write);
   w.demand_out.store(w.demand_out.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   // Prefetch must leave a slot for each fault still to handle in this batch.
   if (options_.prefetch) prefetch(w, msg.arg.pagefault.feat.ptid, page, reserved);
@@ -211,6 +217,7 @@ uint32_t FaultEngine::claim_run(size_t first, uint32_t max) {
 }
 
 void FaultEngine::prefetch(Worker& w, uint32_t thread_id, size_t page, uint32_t reserved) {
+  if (cache_ && cache_->over_high()) return;  // no room to spare for pages nobody asked for yet
   const PrefetchPlan plan = streams_.on_fault(thread_id, page);
   if (plan.used > 0) Metrics::bump(w.metrics.prefetch_used, plan.used);
   if (plan.wasted > 0) Metrics::bump(w.metrics.prefetch_wasted, plan.wasted);

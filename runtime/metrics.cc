@@ -146,6 +146,12 @@ std::string format_stats(const Stats& s) {
          (s.complete ? ", complete (plain memory now)" : "") + "\n";
   out += "installed by copy " + std::to_string(s.bytes_copied >> 20) + " MiB (UFFDIO_COPY from staging), in place " +
          std::to_string(s.pages_continued) + " pages (UFFDIO_CONTINUE, no copy)\n";
+  if (s.pages_evicted > 0 || s.write_faults > 0 || s.max_resident_pages > 0) {
+    out += "cache: at most " + std::to_string(s.max_resident_pages) + " pages resident, evicted " +
+           std::to_string(s.pages_evicted) + " (written back first " + std::to_string(s.pages_written_back) + ", " +
+           std::to_string(s.bytes_written_back >> 20) + " MiB), write faults " + std::to_string(s.write_faults) +
+           ", write-backs failed " + std::to_string(s.writeback_failures) + "\n";
+  }
   const auto& l = s.fault_latency;
   out += "handler fault latency (us): p50 " + us(l.p50_ns) + "  p99 " + us(l.p99_ns) + "  p99.9 " + us(l.p999_ns) +
          "  max " + us(l.max_ns) + "  mean " + us(static_cast<uint64_t>(l.mean_ns)) +
@@ -203,6 +209,12 @@ std::string stats_to_json(const Stats& s) {
                       {"pages_present", s.pages_present},
                       {"pages_total", s.pages_total},
                       {"pages_unmapped", s.pages_unmapped},
+                      {"pages_evicted", s.pages_evicted},
+                      {"pages_written_back", s.pages_written_back},
+                      {"bytes_written_back", s.bytes_written_back},
+                      {"write_faults", s.write_faults},
+                      {"writeback_failures", s.writeback_failures},
+                      {"max_resident_pages", s.max_resident_pages},
                       {"fault_latency", latency_json(s.fault_latency)},
                       {"stages", stages_json(s.stages)}};
   return j.dump(2);

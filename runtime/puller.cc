@@ -122,7 +122,7 @@ size_t FaultEngine::queue_pull_run(Worker& w, size_t cursor) {
   const size_t total = pages_.size();
   if (pages_.get(cursor) != PageState::kMissing) return cursor + 1;
   if (zero(cursor)) {
-    if (pages_.claim(cursor)) install_zero(w, cursor);
+    if (pages_.claim(cursor)) install_zero(w, cursor, false);
     return cursor + 1;
   }
   // A span from this missing page: claim what is missing in the next

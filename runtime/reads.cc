@@ -15,7 +15,7 @@ std::byte* FaultEngine::landing(Worker& w, uint32_t slot, size_t first) const {
 }
 
 void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind kind, uint64_t start_ns, uint64_t owned,
-                             uint32_t first_part) {
+                             uint32_t first_part, bool write) {
   const uint32_t slot = w.staging->acquire();
   // The last page of a region whose length is not page aligned is read
   // short; the rest of it lies past the end of the source and reads zero.
@@ -45,7 +45,7 @@ void FaultEngine::queue_read(Worker& w, size_t first, uint32_t pages, ReadKind k
   } else {
     read(0, len);
   }
-  w.slots[slot] = {first, pages, mask, kind, start_ns, 0, true, parts, Errc::kOk};
+  w.slots[slot] = {first, pages, mask, kind, start_ns, 0, true, parts, Errc::kOk, write};
   ++w.in_flight;
 }
 
@@ -130,10 +130,13 @@ void FaultEngine::install_run(Worker& w, const Worker::Slot& s, std::byte* src) 
   // One install per stretch of owned pages (the whole run, normally). A
   // stretch that fails is refused and the others still go in: a page left
   // in flight would park its threads for good.
+  // A bounded cache protects what comes in, but for a write fault's page:
+  // the first write to a protected page tells it the page is written.
+  const bool protect = cache_ && !s.write;
   for_each_stretch(s.owned, s.pages, [&](uint32_t i, uint32_t n) {
-    const int rc = install(w, src + uint64_t{i} * desc_.page_size, s.first + i, n);
+    const int rc = install(w, src + uint64_t{i} * desc_.page_size, s.first + i, n, protect);
     if (rc == 0) {
-      publish(w, s.first + i, n);
+      publish(w, s.first + i, n, !protect && cache_);
       return;
     }
     if (rc == ENOENT) {
@@ -157,7 +160,7 @@ void FaultEngine::install_around_a_hole(Worker& w, size_t first, uint32_t count,
   // mapped go in, and the rest are gone; the threads that faulted on those
   // fault again on whatever is there now.
   for (uint32_t k = 0; k < count; ++k) {
-    const int rc = install(w, src + uint64_t{k} * desc_.page_size, first + k, 1);
+    const int rc = install(w, src + uint64_t{k} * desc_.page_size, first + k, 1, static_cast<bool>(cache_));
     if (rc == 0) {
       publish(w, first + k, 1);
     } else if (rc == ENOENT) {
@@ -169,7 +172,7 @@ void FaultEngine::install_around_a_hole(Worker& w, size_t first, uint32_t count,
   }
 }
 
-int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count) {
+int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count, bool protect) {
   std::byte* dst = page_addr(page);
   const uint64_t bytes = uint64_t{count} * desc_.page_size;
   uint64_t retries = 0;
@@ -182,7 +185,7 @@ int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count)
     rc = uffd_.map_in_place(dst, bytes, desc_.page_size, &retries, &existed);
     if (rc == 0) Metrics::bump(w.metrics.pages_continued, count);
   } else {
-    rc = uffd_.copy(dst, src, bytes, desc_.page_size, &retries, &existed);
+    rc = uffd_.copy(dst, src, bytes, desc_.page_size, &retries, &existed, protect);
     if (rc == 0) Metrics::bump(w.metrics.bytes_copied, bytes);
   }
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
@@ -190,7 +193,7 @@ int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count)
   return rc;
 }
 
-void FaultEngine::install_zero(Worker& w, size_t page) {
+void FaultEngine::install_zero(Worker& w, size_t page, bool write) {
   uint64_t retries = 0;
   uint64_t existed = 0;
   std::byte* dst = page_addr(page);
@@ -201,8 +204,8 @@ void FaultEngine::install_zero(Worker& w, size_t page) {
     std::memset(backing_.alias.data() + page * desc_.page_size, 0, desc_.page_size);
     rc = uffd_.map_in_place(dst, desc_.page_size, desc_.page_size, &retries, &existed);
     how = "UFFDIO_CONTINUE: ";
-  } else if (backing_.huge) {
-    rc = uffd_.copy(dst, zero_source_.data(), desc_.page_size, desc_.page_size, &retries, &existed);
+  } else if (backing_.huge || cache_) {
+    rc = uffd_.copy(dst, zero_source_.data(), desc_.page_size, desc_.page_size, &retries, &existed, cache_ && !write);
     how = "UFFDIO_COPY: ";
   } else {
     rc = uffd_.zeropage(dst, desc_.page_size, desc_.page_size, &retries, &existed);
@@ -215,17 +218,18 @@ void FaultEngine::install_zero(Worker& w, size_t page) {
     refuse_page(w, page, Errc::kIo, how + std::string(std::strerror(rc)));
   } else {
     Metrics::bump(w.metrics.pages_zero);
-    publish(w, page, 1);
+    publish(w, page, 1, cache_ && write);
   }
 }
 
-void FaultEngine::publish(Worker& w, size_t first, uint32_t count) {
+void FaultEngine::publish(Worker& w, size_t first, uint32_t count, bool written) {
   // Present in the table before anyone waiting on these pages runs: a woken
   // thread that discards its page and faults again must find it present.
   // A page unmapped meanwhile stays gone (and was counted so).
   int64_t settled = 0;
   for (uint32_t k = 0; k < count; ++k) settled += pages_.settle(first + k, PageState::kPresent) ? 1 : 0;
   PageCounts::add(w.counts->present, settled);
+  if (cache_) cache_->installed(first, count, written);
   uffd_.wake(page_addr(first), uint64_t{count} * desc_.page_size);
 }
 

@@ -81,6 +81,17 @@ void Userfaultfd::register_range(void* addr, size_t len, bool minor) {
   }
 }
 
+void Userfaultfd::register_missing_and_wp(void* addr, size_t len) {
+  uffdio_register reg{};
+  reg.range.start = reinterpret_cast<uint64_t>(addr);
+  reg.range.len = len;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP;
+  if (::ioctl(fd_.get(), UFFDIO_REGISTER, &reg) != 0) throw_errno("UFFDIO_REGISTER (missing and write-protect faults)");
+  if ((reg.ioctls & (1ull << _UFFDIO_WRITEPROTECT)) == 0 || (reg.ioctls & (1ull << _UFFDIO_COPY)) == 0) {
+    throw Error(Errc::kUffdUnavailable, "UFFDIO_WRITEPROTECT is not offered for this range");
+  }
+}
+
 void Userfaultfd::unregister(void* addr, size_t len) {
   uffdio_range range{reinterpret_cast<uint64_t>(addr), len};
   if (::ioctl(fd_.get(), UFFDIO_UNREGISTER, &range) != 0) throw_errno("UFFDIO_UNREGISTER");
@@ -136,13 +147,14 @@ int install_pages(size_t len, size_t page, uint64_t* retries, uint64_t* existed,
 
 void set_thread_pending_events(PendingEvents* reader) { tl_pending_events = reader; }
 
-int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
+int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed,
+                      bool protect) {
   return install_pages(len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
     uffdio_copy c{};
     c.dst = reinterpret_cast<uint64_t>(dst) + at;
     c.src = reinterpret_cast<uint64_t>(src) + at;
     c.len = n;
-    c.mode = UFFDIO_COPY_MODE_DONTWAKE;
+    c.mode = UFFDIO_COPY_MODE_DONTWAKE | (protect ? UFFDIO_COPY_MODE_WP : 0);
     if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
     *done = c.copy;
     return errno;
@@ -176,6 +188,20 @@ int Userfaultfd::map_in_place(void* addr, size_t len, size_t page, uint64_t* ret
 int Userfaultfd::wake(void* addr, size_t len) const {
   uffdio_range range{reinterpret_cast<uint64_t>(addr), len};
   return ::ioctl(fd_.get(), UFFDIO_WAKE, &range) == 0 ? 0 : errno;
+}
+
+int Userfaultfd::write_protect(void* addr, size_t len, bool on) {
+  uffdio_writeprotect wp{};
+  wp.range.start = reinterpret_cast<uint64_t>(addr);
+  wp.range.len = len;
+  // (DONTWAKE is only valid when lifting: protecting wakes nobody.)
+  wp.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
+  for (;;) {
+    if (::ioctl(fd_.get(), UFFDIO_WRITEPROTECT, &wp) == 0) return 0;
+    if (errno != EAGAIN) return errno;
+    if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
+    sched_yield();
+  }
 }
 
 int Userfaultfd::refuse(void* addr, size_t len) {

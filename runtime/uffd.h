@@ -52,6 +52,10 @@ class Userfaultfd {
   // mapped here); throws on failure, or when the range does not offer the
   // ioctl that resolves them (UFFDIO_COPY, or UFFDIO_CONTINUE for minor).
   void register_range(void* addr, size_t len, bool minor);
+  // Registers [addr, addr+len) for MISSING and write-protect faults
+  // (anonymous memory with a bounded cache: a write to a protected page
+  // raises a fault with UFFD_PAGEFAULT_FLAG_WP). Throws on failure.
+  void register_missing_and_wp(void* addr, size_t len);
   void unregister(void* addr, size_t len);
 
   // Reads up to msgs.size() events; returns how many (0 when none queued).
@@ -65,13 +69,19 @@ class Userfaultfd {
   // page found present already (EEXIST) is skipped (counted in *existed);
   // EAGAIN is retried here (counted in *retries). Returns 0 or the errno
   // that stopped it.
-  int copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
+  // `protect`: the pages go in write-protected (UFFDIO_COPY_MODE_WP; the
+  // range must be registered for write-protect faults).
+  int copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed,
+           bool protect = false);
   // Installs zero pages over [addr, addr+len), with the same outcomes.
   int zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
   // Maps the page-cache pages already behind [addr, addr+len) (UFFDIO_CONTINUE),
   // with the same outcomes and without waking.
   int map_in_place(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
   int wake(void* addr, size_t len) const;
+  // Write-protects [addr, addr+len), or removes the protection, without
+  // waking (UFFDIO_WRITEPROTECT; EAGAIN retried). Returns 0 or errno.
+  int write_protect(void* addr, size_t len, bool on);
   // Makes the range raise SIGBUS on access (UFFDIO_POISON) where the kernel
   // has it, else PROT_NONE (SIGSEGV); then wakes the waiters either way.
   int refuse(void* addr, size_t len);

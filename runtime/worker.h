@@ -72,6 +72,7 @@ struct Worker {
     // memory pull run one per stretch of pages it owns.
     uint8_t parts = 1;
     Errc status = Errc::kOk;
+    bool write = false;  // a demand read for a write fault (a bounded cache installs it writable)
   };
 
   unsigned index = 0;

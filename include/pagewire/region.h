@@ -131,6 +131,33 @@ struct AttachOptions {
   // still and every page here is either the source's at the pause or
   // missing (fetched on demand and by the pull). Needs background_pull.
   PrecopyOptions precopy{};
+
+  // Far memory: keep at most this many bytes of the region resident here
+  // (0: no limit). The region must come from a memory node, opened for
+  // writing (pagewire::attach asks for the node's writer lease), in
+  // anonymous 4 KiB pages; the background pull is off. A thread of its
+  // own evicts from a high watermark (95% of the cache) down to a low one
+  // (90%), off the fault path: a fault waits for it only while the cache
+  // is full. Clean pages are dropped and fetched again on their next touch;
+  // written pages are written back to the node first, and dropped only once
+  // the node has acknowledged them (see Region::flush()).
+  size_t cache_bytes = 0;
+  // Which resident page goes first.
+  //  kClock: a CLOCK over pages in the order they were faulted in, where a
+  //    page earns another lap by what the kernel tells of its use: a write
+  //    to it (a write-protect fault), or a fault on it soon after it was
+  //    evicted (it was evicted too early).
+  //  kFifo: the oldest page faulted in goes first.
+  enum class Eviction { kClock, kFifo };
+  Eviction eviction = Eviction::kClock;
+};
+
+// What Region::flush() saved.
+struct FlushReport {
+  uint64_t pages_written = 0;  // written back, and acknowledged by the node
+  uint64_t pages_unsaved = 0;  // written here and not on the node (it failed); still resident
+  std::string error;           // why pages are unsaved; empty when none are
+  bool ok() const { return pages_unsaved == 0; }
 };
 
 // How far a region has arrived.
@@ -169,6 +196,13 @@ class Region {
   std::string error() const;
   // A region attached with precopy: its rounds and downtime (empty otherwise).
   const MigrationReport& migration() const;
+  // A region with a bounded cache (AttachOptions::cache_bytes): writes
+  // back every page written here and not yet on the node, and returns once
+  // the node has acknowledged them all, or has failed (the report counts
+  // what is not saved; those pages stay resident). Throws Error
+  // (kInvalidArgument) for a region without a cache. Safe to call from any
+  // thread, while other threads keep touching the region.
+  FlushReport flush();
 
  private:
   friend Region attach(std::unique_ptr<Transport>, const AttachOptions&);

@@ -54,6 +54,16 @@ struct Stats {
   // Pages of the region the application unmapped (or moved away with
   // mremap): no longer the region's, and not waited for to complete it.
   uint64_t pages_unmapped = 0;
+  // A bounded cache (AttachOptions::cache_bytes): pages evicted (dropped
+  // here), of those written back first, the bytes that took, write faults
+  // (a first write to a page that came in clean), and the most pages that
+  // were resident at once.
+  uint64_t pages_evicted = 0;
+  uint64_t pages_written_back = 0;
+  uint64_t bytes_written_back = 0;
+  uint64_t write_faults = 0;
+  uint64_t writeback_failures = 0;  // write-backs the node did not acknowledge
+  uint64_t max_resident_pages = 0;
   // Time from reading the fault event to the page being installed, measured
   // by the handler thread (the faulting thread also waits for the wake-up).
   // Counters are exact once a faulting thread resumes; the latency sample of

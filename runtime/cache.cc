@@ -1,0 +1,347 @@
+#include "runtime/cache.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/worker.h"
+#include "spdlog/spdlog.h"
+
+namespace pagewire {
+namespace {
+
+// Pages evicted per pass of the hand, and how often the evicting thread
+// looks when nobody nudges it.
+constexpr size_t kBatch = 64;
+constexpr auto kTick = std::chrono::milliseconds(5);
+
+}  // namespace
+
+Cache::Cache(Region region, Transport& transport, const AttachOptions& options, int stop_fd)
+    : region_(std::move(region)),
+      policy_(options.eviction),
+      capacity_(std::max<uint64_t>(1, options.cache_bytes / region_.page_size)),
+      high_(std::max<uint64_t>(1, capacity_ * 95 / 100)),
+      low_(capacity_ * 90 / 100),
+      flags_(std::make_unique<std::atomic<uint8_t>[]>(region_.pages.size())),
+      evicted_at_(std::make_unique<std::atomic<uint32_t>[]>(region_.pages.size())) {
+  channel_ = transport.open_channel(ChannelUse::kDemand);
+  channel_->watch(stop_fd, kStopToken, WatchRole::kStop);
+  depth_ = std::clamp<uint32_t>(transport.capabilities().max_outstanding_reads, 1, kBatch);
+  staging_ = std::make_unique<StagingPool>(*channel_, depth_, region_.page_size);
+  // A cache that holds the whole region never needs to evict.
+  if (capacity_ >= region_.pages.size()) high_ = low_ = capacity_ = region_.pages.size() + 1;
+}
+
+Cache::~Cache() { stop(); }
+
+void Cache::start() {
+  thread_ = std::thread([this] { run(); });
+}
+
+void Cache::stop() {
+  {
+    std::lock_guard g(mu_);
+    stopping_ = true;
+  }
+  wake_cv_.notify_all();
+  room_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Cache::nudge() {
+  {
+    std::lock_guard g(mu_);
+    nudged_ = true;
+  }
+  wake_cv_.notify_one();
+}
+
+void Cache::installed(size_t first, uint32_t count, bool written) {
+  const uint32_t now = evictions_.load(std::memory_order_relaxed);
+  for (size_t p = first; p < first + count; ++p) {
+    uint8_t add = kInRing;
+    if (written) {
+      add |= kWritten | kCredit;
+      clear_zero_page(region_.zero_map, p);
+    }
+    // Faulted in again soon after it went: it was evicted too early.
+    const uint32_t at = evicted_at_[p].load(std::memory_order_relaxed);
+    if (at != 0 && now - at < capacity_) add |= kCredit;
+    const uint8_t old = flags_[p].fetch_or(add, std::memory_order_acq_rel);
+    if ((old & kInRing) == 0) {
+      std::lock_guard g(ring_mu_);
+      ring_.push_back(static_cast<uint32_t>(p));
+    }
+  }
+  const uint64_t resident = region_.present();
+  uint64_t seen = max_resident_.load(std::memory_order_relaxed);
+  while (resident > seen && !max_resident_.compare_exchange_weak(seen, resident, std::memory_order_relaxed)) {
+  }
+  if (resident >= high_) nudge();
+}
+
+void Cache::on_write_fault(size_t page, PageCounts& mine) {
+  write_faults_.fetch_add(1, std::memory_order_relaxed);
+  std::byte* a = addr(page);
+  if (!region_.pages.transition(page, PageState::kPresent, PageState::kInFlight)) {
+    // Owned by the evicting thread for a moment, or dropped, refused or
+    // unmapped since the fault: the writer tries again and faults on
+    // whatever is there now.
+    region_.uffd.wake(a, region_.page_size);
+    return;
+  }
+  PageCounts::add(mine.present, -1);
+  // Marked before the protection goes: from the moment the writer can
+  // write, an eviction sees the page as written.
+  flags_[page].fetch_or(kWritten | kCredit, std::memory_order_acq_rel);
+  clear_zero_page(region_.zero_map, page);
+  const int rc = region_.uffd.write_protect(a, region_.page_size, false);
+  if (rc != 0 && rc != ENOENT) {
+    region_.status.record_failure(std::string("UFFDIO_WRITEPROTECT (lifting): ") + std::strerror(rc));
+  }
+  if (region_.pages.settle(page, PageState::kPresent)) PageCounts::add(mine.present, 1);
+  region_.uffd.wake(a, region_.page_size);
+}
+
+void Cache::wait_for_room() {
+  if (region_.present() < capacity_) return;
+  nudge();
+  std::unique_lock lk(mu_);
+  while (!stopping_ && !failed_.load() && !stuck_.load() && region_.present() >= capacity_) {
+    room_cv_.wait_for(lk, kTick);
+  }
+}
+
+void Cache::requeue(size_t page) {
+  const uint8_t old = flags_[page].fetch_or(kInRing, std::memory_order_acq_rel);
+  if ((old & kInRing) != 0) return;
+  std::lock_guard g(ring_mu_);
+  ring_.push_back(static_cast<uint32_t>(page));
+}
+
+void Cache::pick(std::vector<size_t>& victims, size_t max) {
+  std::lock_guard g(ring_mu_);
+  // Two laps at most: every page the hand passes either goes, or loses its
+  // credit and goes round once more.
+  for (size_t scanned = 0, laps = 2 * ring_.size(); victims.size() < max && scanned < laps && !ring_.empty();
+       ++scanned) {
+    const size_t p = ring_.front();
+    ring_.pop_front();
+    const PageState s = region_.pages.get(p);
+    if (s == PageState::kInFlight) {
+      ring_.push_back(static_cast<uint32_t>(p));  // a write fault has it this moment
+      continue;
+    }
+    if (s != PageState::kPresent) {
+      flags_[p].fetch_and(static_cast<uint8_t>(~kInRing), std::memory_order_acq_rel);
+      continue;
+    }
+    if (policy_ == AttachOptions::Eviction::kClock && (flags(p) & kCredit) != 0) {
+      flags_[p].fetch_and(static_cast<uint8_t>(~kCredit), std::memory_order_acq_rel);
+      ring_.push_back(static_cast<uint32_t>(p));
+      continue;
+    }
+    flags_[p].fetch_and(static_cast<uint8_t>(~kInRing), std::memory_order_acq_rel);
+    victims.push_back(p);
+  }
+}
+
+bool Cache::drop(size_t page) {
+  if (!region_.pages.transition(page, PageState::kPresent, PageState::kInFlight)) return false;
+  PageCounts::add(region_.counts.present, -1);
+  std::byte* a = addr(page);
+  // Written since it was chosen (or since its write-back was copied): it
+  // stays, and goes back on the ring.
+  if ((flags(page) & kWritten) != 0 || ::madvise(a, region_.page_size, MADV_DONTNEED) != 0) {
+    if (region_.pages.settle(page, PageState::kPresent)) PageCounts::add(region_.counts.present, 1);
+    requeue(page);
+    return false;
+  }
+  evicted_at_[page].store(evictions_.fetch_add(1, std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  region_.pages.settle(page, PageState::kMissing);  // false: unmapped meanwhile, and counted gone
+  // A fault that came in between found the page owned: it looks again now.
+  region_.uffd.wake(a, region_.page_size);
+  pages_evicted_.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+bool Cache::take_copy(size_t page, std::byte* slot) {
+  if (!region_.pages.transition(page, PageState::kPresent, PageState::kInFlight)) return false;
+  PageCounts::add(region_.counts.present, -1);
+  std::byte* a = addr(page);
+  // Cleared before the protection goes on: a write after it faults and
+  // marks the page written again; one before it is in the copy (the
+  // protection returns only once no CPU can still write through a stale
+  // mapping).
+  flags_[page].fetch_and(static_cast<uint8_t>(~kWritten), std::memory_order_acq_rel);
+  const int rc = region_.uffd.write_protect(a, region_.page_size, true);
+  if (rc == 0) std::memcpy(slot, a, region_.page_size);
+  if (rc != 0) flags_[page].fetch_or(kWritten, std::memory_order_acq_rel);
+  const bool present = region_.pages.settle(page, PageState::kPresent);
+  if (present) PageCounts::add(region_.counts.present, 1);
+  return rc == 0 && present;
+}
+
+uint64_t Cache::write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* failed, uint64_t* dropped) {
+  uint64_t acked = 0;
+  std::vector<size_t> in_slot(depth_);
+  size_t next = 0;
+  uint32_t out = 0;
+  std::vector<WriteOp> ops;
+  while (next < pages.size() || out > 0) {
+    ops.clear();
+    while (next < pages.size() && !staging_->empty()) {
+      const size_t p = pages[next++];
+      const uint32_t slot = staging_->acquire();
+      if (!take_copy(p, staging_->at(slot))) {
+        staging_->release(slot);
+        requeue(p);
+        continue;
+      }
+      in_slot[slot] = p;
+      const uint64_t offset = uint64_t{p} * region_.page_size;
+      const auto len = static_cast<uint32_t>(std::min<uint64_t>(region_.page_size, region_.length - offset));
+      ops.push_back({offset, len, staging_->at(slot), slot});
+    }
+    if (!ops.empty()) {
+      channel_->post_writes(ops);
+      out += static_cast<uint32_t>(ops.size());
+    }
+    if (out == 0) break;
+    result_.clear();
+    channel_->wait(result_, 100);
+    for (const ReadCompletion& c : result_.completions) {
+      const auto slot = static_cast<uint32_t>(c.cookie);
+      const size_t p = in_slot[slot];
+      staging_->release(slot);
+      --out;
+      if (c.status == Errc::kOk) {
+        ++acked;
+        pages_written_back_.fetch_add(1, std::memory_order_relaxed);
+        if (then_drop && drop(p)) ++*dropped;
+        if (!then_drop) requeue(p);
+        continue;
+      }
+      // Not on the node: it is still written, and stays.
+      flags_[p].fetch_or(kWritten, std::memory_order_acq_rel);
+      requeue(p);
+      ++*failed;
+      writeback_failures_.fetch_add(1, std::memory_order_relaxed);
+      if (!failed_.exchange(true)) {
+        const std::string why = result_.channel_error_text.empty() ? std::string(to_string(c.status))
+                                                                   : result_.channel_error_text;
+        {
+          std::lock_guard g(mu_);
+          error_ = "writing back to the node failed: " + why;
+        }
+        spdlog::error("region '{}': {}; written pages stay resident, and eviction stops", region_.name,
+                      "writing back to the node failed: " + why);
+        room_cv_.notify_all();
+      }
+    }
+    if (result_.channel_error != Errc::kOk && !failed_.exchange(true)) {
+      std::lock_guard g(mu_);
+      error_ = "writing back to the node failed: " + result_.channel_error_text;
+    }
+  }
+  return acked;
+}
+
+bool Cache::evict_down_to(uint64_t target) {
+  std::vector<size_t> victims;
+  std::vector<size_t> written;
+  bool freed_any = false;
+  while (region_.present() > target && !failed_.load()) {
+    {
+      std::lock_guard g(mu_);
+      if (stopping_) break;
+    }
+    victims.clear();
+    written.clear();
+    pick(victims, std::min<uint64_t>(kBatch, region_.present() - target));
+    if (victims.empty()) break;
+    uint64_t dropped = 0;
+    for (size_t p : victims) {
+      if ((flags(p) & kWritten) != 0) {
+        written.push_back(p);
+      } else if (drop(p)) {
+        ++dropped;
+      }
+    }
+    uint64_t failed = 0;
+    if (!written.empty()) write_back(written, true, &failed, &dropped);
+    if (dropped == 0) break;  // this batch could not go: look again at the next tick
+    freed_any = true;
+    room_cv_.notify_all();
+  }
+  return freed_any;
+}
+
+void Cache::run() {
+  ::pthread_setname_np(::pthread_self(), "pw-evict");
+  std::unique_lock lk(mu_);
+  while (!stopping_) {
+    wake_cv_.wait_for(lk, kTick, [this] { return stopping_ || nudged_; });
+    nudged_ = false;
+    if (stopping_) break;
+    if (region_.present() < high_ || failed_.load() || region_.status.failed()) continue;
+    lk.unlock();
+    bool freed = false;
+    try {
+      const std::lock_guard io(io_mu_);
+      freed = evict_down_to(low_);
+    } catch (const std::exception& e) {
+      region_.status.record_failure(std::string("eviction: ") + e.what());
+      failed_ = true;
+    }
+    // Nothing could go (every page owned or written with the node failing):
+    // faults stop waiting for room, and the cache grows past its size.
+    if (stuck_.exchange(!freed) != !freed && !freed) {
+      spdlog::warn("region '{}': the cache is full and nothing can be evicted; faults go on past its size",
+                   region_.name);
+    }
+    room_cv_.notify_all();
+    lk.lock();
+  }
+}
+
+FlushReport Cache::flush() {
+  FlushReport report;
+  const std::lock_guard io(io_mu_);
+  std::vector<size_t> written;
+  for (size_t p = 0; p < region_.pages.size(); ++p) {
+    if ((flags(p) & kWritten) != 0 && region_.pages.get(p) == PageState::kPresent) written.push_back(p);
+  }
+  uint64_t failed = 0;
+  uint64_t dropped = 0;
+  // A page a write fault owned for a moment is not copied on this pass:
+  // passes go on while some of these are still written.
+  for (int pass = 0; pass < 8 && !written.empty() && !failed_.load(); ++pass) {
+    report.pages_written += write_back(written, false, &failed, &dropped);
+    std::erase_if(written, [this](size_t p) {
+      return (flags(p) & kWritten) == 0 || region_.pages.get(p) != PageState::kPresent;
+    });
+  }
+  if (failed_.load()) {
+    // Every page written before this call and not on the node.
+    report.pages_unsaved = written.size();
+    std::lock_guard g(mu_);
+    report.error = error_.empty() ? "the node did not acknowledge every write" : error_;
+  }
+  return report;
+}
+
+void Cache::add_stats(Stats& s) const {
+  s.pages_evicted = pages_evicted_.load(std::memory_order_relaxed);
+  s.pages_written_back = pages_written_back_.load(std::memory_order_relaxed);
+  s.bytes_written_back = s.pages_written_back * region_.page_size;
+  s.write_faults = write_faults_.load(std::memory_order_relaxed);
+  s.writeback_failures = writeback_failures_.load(std::memory_order_relaxed);
+  s.max_resident_pages = max_resident_.load(std::memory_order_relaxed);
+}
+
+}  // namespace pagewire
