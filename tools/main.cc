@@ -61,6 +61,7 @@ struct AttachCommand {
   WorkloadConfig workload{.verify = false, .progress_label = "faulting"};  // --verify turns verify on
   AttachOptions options{.background_pull = false};
   std::string json_path;
+  bool flush = false;
 };
 
 struct DemoCommand {
@@ -141,6 +142,9 @@ void print_touch_report(const WorkloadResult& res, const Stats& s, uint32_t page
 }
 
 int cmd_attach(const AttachCommand& a) {
+  if (a.flush && a.options.cache_bytes == 0) {
+    throw Error(Errc::kInvalidArgument, "--flush writes back what a bounded cache holds: give --cache too");
+  }
   if (a.options.precopy.enabled) {
     MigrateCommand m{a.uri, a.options, a.workload.threads, a.workload.verify, a.json_path};
     return cmd_migrate(m);
@@ -153,7 +157,24 @@ int cmd_attach(const AttachCommand& a) {
   std::printf("attached %s over %s: %s in %s pages of %s memory\n", uri.c_str(), std::string(r.transport()).c_str(),
               format_bytes(r.size()).c_str(), format_bytes(r.page_size()).c_str(),
               o.memory == AttachOptions::Memory::kShared ? "shared (memfd, minor faults, no copy)" : "anonymous");
+  if (o.cache_bytes > 0) {
+    std::printf("cache: %s resident at most (%s eviction), written pages written back to the node\n",
+                format_bytes(o.cache_bytes).c_str(), o.eviction == AttachOptions::Eviction::kClock ? "clock" : "fifo");
+  }
   WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), w);
+  int status = 0;
+  if (a.flush) {
+    const FlushReport f = r.flush();
+    if (f.ok()) {
+      std::printf("flush: %llu written pages written back; the node has every write\n",
+                  static_cast<unsigned long long>(f.pages_written));
+    } else {
+      std::printf("FLUSH FAILED: %llu written pages are not on the node (%s); %llu were written back\n",
+                  static_cast<unsigned long long>(f.pages_unsaved), f.error.c_str(),
+                  static_cast<unsigned long long>(f.pages_written));
+      status = 1;
+    }
+  }
   if (pull) {
     Progress progress("pulling", r.size() / r.page_size());
     while (!r.wait_complete(std::chrono::milliseconds(200)) && !r.failed()) {
@@ -170,7 +191,6 @@ int cmd_attach(const AttachCommand& a) {
   if (!a.json_path.empty()) {
     std::ofstream(a.json_path) << stats_to_json(s) << "\n";
   }
-  int status = 0;
   if (w.verify && res.wrong_pages != 0) {
     std::printf("VERIFY FAILED: %llu pages differ from the pattern of seed 0x%llx (first found at offset %lld)%s\n",
                 static_cast<unsigned long long>(res.wrong_pages), static_cast<unsigned long long>(w.seed),
@@ -380,6 +400,21 @@ CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
   cmd->add_option("--max-rounds", a.options.precopy.max_rounds, "precopy: switch over after this many rounds")
       ->check(CLI::Range(1u, 10000u))
       ->capture_default_str();
+  cmd->add_option("--cache", a.options.cache_bytes,
+                  "far memory: keep at most SIZE of a memory node's region here (serve --memory), evicting the "
+                  "rest and writing written pages back")
+      ->transform(size_arg());
+  cmd->add_option("--eviction", a.options.eviction, "with --cache: which page goes first, clock or fifo")
+      ->transform(one_of<AttachOptions::Eviction>(
+          {{"clock", AttachOptions::Eviction::kClock}, {"fifo", AttachOptions::Eviction::kFifo}}))
+      ->default_str("clock");
+  cmd->add_option("--write", a.workload.write_seed,
+                  "write every page touched with the pattern of this seed instead of reading it (a memory node; "
+                  "a later attach --verify SEED checks what it kept)")
+      ->transform(seed_arg())
+      ->each([&a](const std::string&) { a.workload.write = true; });
+  cmd->add_flag("--flush", a.flush,
+                "with --cache: before exiting, write back every written page and report what the node took");
   cmd->add_flag_callback(
       "--no-io-uring", [&a] { a.options.io_uring = false; },
       "drive TCP sockets with plain syscalls instead of io_uring");

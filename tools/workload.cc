@@ -73,7 +73,7 @@ void show_progress(const std::string& label, size_t pages, const std::atomic<uns
 
 }  // namespace
 
-WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_size, const WorkloadConfig& c) {
+WorkloadResult run_workload(std::byte* base, size_t size, uint32_t page_size, const WorkloadConfig& c) {
   const size_t pages = (size + page_size - 1) / page_size;
   const unsigned threads = std::max(1u, c.threads);
   const std::vector<std::vector<size_t>> plans = plan_all(c, pages, threads);
@@ -93,7 +93,13 @@ WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_si
       const uint64_t off = uint64_t{p} * page_size;
       const auto* addr = reinterpret_cast<const volatile std::byte*>(base + off);
       const auto t0 = std::chrono::steady_clock::now();
-      (void)*addr;  // the first touch: a fault on a missing page
+      if (c.write) {
+        // The first touch is a write: a fault on a missing page, then the
+        // whole page overwritten.
+        fill_pattern(base + off, off, std::min<size_t>(page_size, size - off), c.write_seed);
+      } else {
+        (void)*addr;  // the first touch: a fault on a missing page
+      }
       const auto t1 = std::chrono::steady_clock::now();
       mine.push_back(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
       if (c.verify) {

@@ -20,6 +20,10 @@ struct WorkloadConfig {
   int cpu = -1;  // pin the touching threads; -1 leaves them free
   bool verify = true;
   uint64_t seed = 0;  // pattern seed to verify against
+  // Write each page instead of reading it: the pattern of write_seed (a
+  // later attach --verify with that seed checks what the node kept).
+  bool write = false;
+  uint64_t write_seed = 0;
   uint64_t order_seed = 1;
   std::string progress_label;  // empty: no progress line
 };
@@ -33,6 +37,6 @@ struct WorkloadResult {
   double seconds = 0;
 };
 
-WorkloadResult run_workload(const std::byte* base, size_t size, uint32_t page_size, const WorkloadConfig& config);
+WorkloadResult run_workload(std::byte* base, size_t size, uint32_t page_size, const WorkloadConfig& config);
 
 }  // namespace pagewire::cli
