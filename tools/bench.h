@@ -42,6 +42,8 @@ struct BenchConfig {
   // --suite scaling: the grid of handler threads x faulting threads.
   std::vector<unsigned> scaling_handlers = {1, 2, 4};
   std::vector<unsigned> scaling_threads = {1, 2, 4, 64};
+  // --suite farmem: measured seconds per run.
+  double farmem_seconds = 2.0;
 };
 
 // The bench's source: a process it started (exporting a pattern of
@@ -95,5 +97,7 @@ int run_scaling_bench(const BenchConfig& config);
 int run_backings_bench(const BenchConfig& config);
 // --suite migrate: precopy, postcopy and stop-and-copy against a source that keeps writing.
 int run_migrate_bench(const BenchConfig& config);
+// --suite farmem: a bounded cache over a memory node, against no limit.
+int run_farmem_bench(const BenchConfig& config);
 
 }  // namespace pagewire::cli

@@ -271,6 +271,7 @@ int cmd_bench(const BenchConfig& c) {
   if (c.suite == "scaling") return run_scaling_bench(c);
   if (c.suite == "backings") return run_backings_bench(c);
   if (c.suite == "migrate") return run_migrate_bench(c);
+  if (c.suite == "farmem") return run_farmem_bench(c);
   return run_bench(c);
 }
 
@@ -431,12 +432,14 @@ CLI::App* add_demo(CLI::App& app, DemoCommand& d) {
 
 // The options that say what to run and on what.
 void add_bench_setup(CLI::App* cmd, BenchConfig& bc) {
-  cmd->add_option("--suite", bc.suite,
-                  "faults: fault latency against its floors; postcopy: pull, prefetch, demand priority, zero pages; "
-                  "scaling: faults/s against handler and faulting threads; backings: shared memory (no copy) "
-                  "against anonymous, 2 MiB faults against the raw 2 MiB read; migrate: precopy, postcopy and "
-                  "stop-and-copy from a source that keeps writing")
-      ->check(CLI::IsMember({"faults", "postcopy", "scaling", "backings", "migrate"}))
+  cmd->add_option(
+         "--suite", bc.suite,
+         "faults: fault latency against its floors; postcopy: pull, prefetch, demand priority, zero pages; "
+         "scaling: faults/s against handler and faulting threads; backings: shared memory (no copy) "
+         "against anonymous, 2 MiB faults against the raw 2 MiB read; migrate: precopy, postcopy and "
+         "stop-and-copy from a source that keeps writing; farmem: a bounded cache over a memory node (eviction, "
+         "write-back) against no limit")
+      ->check(CLI::IsMember({"faults", "postcopy", "scaling", "backings", "migrate", "farmem"}))
       ->capture_default_str();
   cmd->add_option("--uri", bc.uri, "benchmark this region (default: start a local source process)");
   cmd->add_option("--size", bc.size, "region size when the bench starts its own source")
@@ -480,6 +483,9 @@ void add_bench_shape(CLI::App* cmd, BenchConfig& bc) {
   cmd->add_option("--scaling-handlers", bc.scaling_handlers, "scaling suite: handler thread counts (rows)")
       ->delimiter(',')
       ->check(count_range())
+      ->capture_default_str();
+  cmd->add_option("--farmem-seconds", bc.farmem_seconds, "farmem suite: measured seconds per run")
+      ->check(CLI::Range(0.1, 600.0))
       ->capture_default_str();
   cmd->add_option("--scaling-threads", bc.scaling_threads, "scaling suite: faulting thread counts (columns)")
       ->delimiter(',')
