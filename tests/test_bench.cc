@@ -85,7 +85,13 @@ TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
       {"attach --verify abc tcp://127.0.0.1:1/x", "'abc' is not a seed"},
       {"bench --size -5G", "'-5G' is not a size"},
       // Enum-like options are checked by the parser, before anything runs.
-      {"bench --suite fastest", "--suite: fastest not in {faults,postcopy,scaling,backings,migrate}"},
+      {"bench --suite fastest", "--suite: fastest not in {faults,postcopy,scaling,backings,migrate,farmem}"},
+      {"bench --suite farmem --uri tcp://127.0.0.1:1/x", "--suite farmem starts its own memory node"},
+      {"bench --suite farmem --size 1M", "--suite farmem needs --size of at least 4M"},
+      {"bench --suite farmem --farmem-seconds 0", "--farmem-seconds: Value 0 not in range"},
+      {"attach --cache 1M --eviction lru tcp://127.0.0.1:1/x", "--eviction: lru not in {clock,fifo}"},
+      {"attach --cache lots tcp://127.0.0.1:1/x", "'lots' is not a size"},
+      {"attach --flush tcp://127.0.0.1:1/x", "--flush writes back what a bounded cache holds"},
       {"bench --placement everywhere", "--placement: everywhere not in {same,split,free,all}"},
       {"bench --transport udp", "--transport: udp not in {tcp,rdma,auto}"},
       {"bench --access backwards", "--access: backwards not in {random,sequential,strided}"},
@@ -202,6 +208,26 @@ TEST(Bench, ScalingSuiteReportsFaultsPerSecondByHandlersAndThreads) {
   EXPECT_EQ(count(report, "\"threads_2\": "), 2u) << report;
   EXPECT_EQ(count(report, "\"threads_64\": "), 2u) << report;
   EXPECT_EQ(count(report, "\"wrong_pages\": 0"), 4u) << report;
+}
+
+TEST(Bench, FarmemSuiteReportsEveryRunVerifiedAndBounded) {
+  const std::string json = ::testing::TempDir() + "/bench-farmem.json";
+  std::remove(json.c_str());
+  const CliRun r = run_cli("bench --suite farmem --size 8M --farmem-seconds 0.2 --json " + json);
+  ASSERT_EQ(r.status, 0) << r.out;  // 1: a page read back wrong, or a cache past 1.1x its size
+  const std::string report = read_file(json);
+  // 3 cache sizes x 2 accesses x 2 write shares x 2 policies, 4 references,
+  // and the 4 ratios judged (cache 50%, Zipf: 2 write shares x 2 policies).
+  EXPECT_EQ(count(report, "\"policy\": \"clock\""), 12u + 4u + 2u) << report;
+  EXPECT_EQ(count(report, "\"policy\": \"fifo\""), 12u + 2u) << report;
+  EXPECT_EQ(count(report, "\"fault_p50_ratio\": "), 4u) << report;
+  EXPECT_EQ(count(report, "\"wrong_pages\": 0"), 28u) << report;
+  for (const char* key : {"cache_share", "access", "touches_per_second", "fault_p50_ns", "fault_p99_ns",
+                          "pages_evicted", "bytes_written_back", "max_resident_bytes"}) {
+    EXPECT_EQ(count(report, "\"" + std::string(key) + "\": "), 28u) << key;
+  }
+  EXPECT_TRUE(has(r.out, "ok   wrong_pages 0 in every run")) << r.out;
+  EXPECT_TRUE(has(r.out, "ok   max_resident_bytes at most 1.1x the cache in every run")) << r.out;
 }
 
 }  // namespace
