@@ -17,6 +17,8 @@ namespace {
 // looks when nobody nudges it.
 constexpr size_t kBatch = 64;
 constexpr auto kTick = std::chrono::milliseconds(5);
+// The longest a fault waits for room before it goes past the cache's size.
+constexpr auto kMaxRoomWait = std::chrono::milliseconds(200);
 
 }  // namespace
 
@@ -99,8 +101,10 @@ void Cache::on_write_fault(size_t page, PageCounts& mine) {
   // write, an eviction sees the page as written.
   flags_[page].fetch_or(kWritten | kCredit, std::memory_order_acq_rel);
   clear_zero_page(region_.zero_map, page);
+  // EAGAIN (the address space still changing): the writer faults again
+  // and is looked at again.
   const int rc = region_.uffd.write_protect(a, region_.page_size, false);
-  if (rc != 0 && rc != ENOENT) {
+  if (rc != 0 && rc != ENOENT && rc != EAGAIN) {
     region_.status.record_failure(std::string("UFFDIO_WRITEPROTECT (lifting): ") + std::strerror(rc));
   }
   if (region_.pages.settle(page, PageState::kPresent)) PageCounts::add(mine.present, 1);
@@ -110,8 +114,13 @@ void Cache::on_write_fault(size_t page, PageCounts& mine) {
 void Cache::wait_for_room() {
   if (region_.present() < capacity_) return;
   nudge();
+  // Bounded: eviction makes room in milliseconds, but it cannot while an
+  // address-space event waits for a handler to read it (an munmap of part
+  // of the region stalls every write-protect change until then).
+  const auto until = std::chrono::steady_clock::now() + kMaxRoomWait;
   std::unique_lock lk(mu_);
-  while (!stopping_ && !failed_.load() && !stuck_.load() && region_.present() >= capacity_) {
+  while (!stopping_ && !failed_.load() && !stuck_.load() && region_.present() >= capacity_ &&
+         std::chrono::steady_clock::now() < until) {
     room_cv_.wait_for(lk, kTick);
   }
 }

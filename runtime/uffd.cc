@@ -196,9 +196,12 @@ int Userfaultfd::write_protect(void* addr, size_t len, bool on) {
   wp.range.len = len;
   // (DONTWAKE is only valid when lifting: protecting wakes nobody.)
   wp.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
-  for (;;) {
+  // EAGAIN: an address-space event is pending. A thread that reads events
+  // reads it here; any other gives up after a while (the caller retries
+  // later) rather than wait on a reader that may be waiting on it.
+  for (int tries = 0;; ++tries) {
     if (::ioctl(fd_.get(), UFFDIO_WRITEPROTECT, &wp) == 0) return 0;
-    if (errno != EAGAIN) return errno;
+    if (errno != EAGAIN || tries == 1000) return errno;
     if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
     sched_yield();
   }

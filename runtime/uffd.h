@@ -80,7 +80,7 @@ class Userfaultfd {
   int map_in_place(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
   int wake(void* addr, size_t len) const;
   // Write-protects [addr, addr+len), or removes the protection, without
-  // waking (UFFDIO_WRITEPROTECT; EAGAIN retried). Returns 0 or errno.
+  // waking (UFFDIO_WRITEPROTECT; EAGAIN retried a while). Returns 0 or errno.
   int write_protect(void* addr, size_t len, bool on);
   // Makes the range raise SIGBUS on access (UFFDIO_POISON) where the kernel
   // has it, else PROT_NONE (SIGSEGV); then wakes the waiters either way.
