@@ -79,6 +79,9 @@ void Cache::installed(size_t first, uint32_t count, bool written) {
       ring_.push_back(static_cast<uint32_t>(p));
     }
   }
+}
+
+void Cache::note_resident() {
   const uint64_t resident = region_.present();
   uint64_t seen = max_resident_.load(std::memory_order_relaxed);
   while (resident > seen && !max_resident_.compare_exchange_weak(seen, resident, std::memory_order_relaxed)) {
@@ -86,13 +89,21 @@ void Cache::installed(size_t first, uint32_t count, bool written) {
   if (resident >= high_) nudge();
 }
 
+void Cache::lift(uint64_t address) {
+  auto* a = reinterpret_cast<std::byte*>(address);
+  region_.uffd.write_protect(a, kSmallPage, false);
+  region_.uffd.wake(a, kSmallPage);
+}
+
 void Cache::on_write_fault(size_t page, PageCounts& mine) {
   write_faults_.fetch_add(1, std::memory_order_relaxed);
   std::byte* a = addr(page);
   if (!region_.pages.transition(page, PageState::kPresent, PageState::kInFlight)) {
-    // Owned by the evicting thread for a moment, or dropped, refused or
-    // unmapped since the fault: the writer tries again and faults on
-    // whatever is there now.
+    // Owned by the evicting thread for a moment, or dropped or refused
+    // since the fault: the writer tries again and faults on whatever is
+    // there now. A page no longer the region's (mremap moved another
+    // here) keeps no protection of ours.
+    if (region_.pages.get(page) == PageState::kGone) region_.uffd.write_protect(a, region_.page_size, false);
     region_.uffd.wake(a, region_.page_size);
     return;
   }
@@ -114,6 +125,9 @@ void Cache::on_write_fault(size_t page, PageCounts& mine) {
 void Cache::wait_for_room() {
   if (region_.present() < capacity_) return;
   nudge();
+  // Eviction cannot run during a flush, nor once the region failed: the
+  // cache goes past its size rather than stall every fault.
+  if (flushing_.load() || region_.status.failed()) return;
   // Bounded: eviction makes room in milliseconds, but it cannot while an
   // address-space event waits for a handler to read it (an munmap of part
   // of the region stalls every write-protect change until then).
@@ -160,7 +174,11 @@ void Cache::pick(std::vector<size_t>& victims, size_t max) {
 }
 
 bool Cache::drop(size_t page) {
-  if (!region_.pages.transition(page, PageState::kPresent, PageState::kInFlight)) return false;
+  if (!region_.pages.transition(page, PageState::kPresent, PageState::kInFlight)) {
+    // A write fault has it this moment: it stays, and goes round again.
+    if (region_.pages.get(page) == PageState::kInFlight) requeue(page);
+    return false;
+  }
   PageCounts::add(region_.counts.present, -1);
   std::byte* a = addr(page);
   // Written since it was chosen (or since its write-back was copied): it
@@ -188,14 +206,20 @@ bool Cache::take_copy(size_t page, std::byte* slot) {
   // mapping).
   flags_[page].fetch_and(static_cast<uint8_t>(~kWritten), std::memory_order_acq_rel);
   const int rc = region_.uffd.write_protect(a, region_.page_size, true);
-  if (rc == 0) std::memcpy(slot, a, region_.page_size);
+  // A page the application discarded (MADV_DONTNEED) is not read here: the
+  // copy would fault on a page this thread owns. Its bytes are gone by the
+  // application's own hand, and its next touch fetches the node's.
+  const bool held = rc == 0 && region_.residency.resident(page);
+  if (held) std::memcpy(slot, a, region_.page_size);
   if (rc != 0) flags_[page].fetch_or(kWritten, std::memory_order_acq_rel);
   const bool present = region_.pages.settle(page, PageState::kPresent);
   if (present) PageCounts::add(region_.counts.present, 1);
-  return rc == 0 && present;
+  region_.uffd.wake(a, region_.page_size);  // a fault meanwhile looks again
+  return held && present;
 }
 
-uint64_t Cache::write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* failed, uint64_t* dropped) {
+uint64_t Cache::write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* failed, uint64_t* dropped,
+                           std::vector<size_t>* acked_pages) {
   uint64_t acked = 0;
   std::vector<size_t> in_slot(depth_);
   size_t next = 0;
@@ -230,6 +254,7 @@ uint64_t Cache::write_back(const std::vector<size_t>& pages, bool then_drop, uin
       --out;
       if (c.status == Errc::kOk) {
         ++acked;
+        if (acked_pages != nullptr) acked_pages->push_back(p);
         pages_written_back_.fetch_add(1, std::memory_order_relaxed);
         if (then_drop && drop(p)) ++*dropped;
         if (!then_drop) requeue(p);
@@ -297,7 +322,12 @@ void Cache::run() {
     wake_cv_.wait_for(lk, kTick, [this] { return stopping_ || nudged_; });
     nudged_ = false;
     if (stopping_) break;
-    if (region_.present() < high_ || failed_.load() || region_.status.failed()) continue;
+    if (region_.present() < high_) continue;
+    if (failed_.load() || region_.status.failed()) {
+      stuck_ = true;  // no eviction now: faults stop waiting for room
+      room_cv_.notify_all();
+      continue;
+    }
     lk.unlock();
     bool freed = false;
     try {
@@ -320,26 +350,37 @@ void Cache::run() {
 
 FlushReport Cache::flush() {
   FlushReport report;
+  flushing_ = true;
+  room_cv_.notify_all();
   const std::lock_guard io(io_mu_);
-  std::vector<size_t> written;
+  // Every page written before this call: present, or owned this moment by
+  // a write fault.
+  std::vector<size_t> before;
   for (size_t p = 0; p < region_.pages.size(); ++p) {
-    if ((flags(p) & kWritten) != 0 && region_.pages.get(p) == PageState::kPresent) written.push_back(p);
+    const PageState st = region_.pages.get(p);
+    if ((flags(p) & kWritten) != 0 && (st == PageState::kPresent || st == PageState::kInFlight)) before.push_back(p);
   }
+  std::vector<size_t> acked;
+  std::vector<size_t> left = before;
   uint64_t failed = 0;
   uint64_t dropped = 0;
-  // A page a write fault owned for a moment is not copied on this pass:
-  // passes go on while some of these are still written.
-  for (int pass = 0; pass < 8 && !written.empty() && !failed_.load(); ++pass) {
-    report.pages_written += write_back(written, false, &failed, &dropped);
-    std::erase_if(written, [this](size_t p) {
-      return (flags(p) & kWritten) == 0 || region_.pages.get(p) != PageState::kPresent;
-    });
+  // A page owned a moment by a write fault is not copied on one pass:
+  // passes go on while such pages are left.
+  for (int pass = 0; pass < 8 && !left.empty() && !failed_.load(); ++pass) {
+    report.pages_written += write_back(left, false, &failed, &dropped, &acked);
+    std::sort(acked.begin(), acked.end());
+    std::erase_if(left, [&](size_t p) { return std::binary_search(acked.begin(), acked.end(), p); });
+    if (!left.empty()) std::this_thread::yield();
   }
-  if (failed_.load()) {
-    // Every page written before this call and not on the node.
-    report.pages_unsaved = written.size();
+  flushing_ = false;
+  // Unsaved: written before the call, and no copy of it acknowledged since.
+  report.pages_unsaved = left.size();
+  if (!left.empty()) {
     std::lock_guard g(mu_);
-    report.error = error_.empty() ? "the node did not acknowledge every write" : error_;
+    report.error = !error_.empty() ? error_
+                                   : std::to_string(left.size()) +
+                                         " written pages could not be copied for write-back (the address space "
+                                         "kept changing)";
   }
   return report;
 }

@@ -41,6 +41,7 @@
 #include "runtime/completion.h"
 #include "runtime/page_table.h"
 #include "runtime/region_status.h"
+#include "runtime/residency.h"
 #include "runtime/staging_pool.h"
 #include "runtime/uffd.h"
 #include "transport/transport.h"
@@ -58,6 +59,7 @@ class Cache {
     ZeroMap& zero_map;  // a written page is known zero no more
     RegionStatus& status;
     std::string name;
+    const Residency& residency;         // whether a page is still mapped here
     PageCounts& counts;                 // the evicting thread's own slot
     std::function<uint64_t()> present;  // pages resident now (all slots summed)
   };
@@ -73,12 +75,17 @@ class Cache {
   // before the handlers are joined.
   void stop();
 
-  // Handlers. Pages just installed and settled present, before their
-  // threads are woken; `written`: by a write fault (installed writable).
+  // Handlers. Pages just installed, before they are settled present and
+  // their threads woken; `written`: by a write fault (installed writable).
   void installed(size_t first, uint32_t count, bool written);
+  // After they are settled: records the most pages resident, nudges eviction.
+  void note_resident();
   // A write-protect fault on `page`: the page is marked written, its
   // protection lifted, and the writer woken (`mine`: the handler's counts).
   void on_write_fault(size_t page, PageCounts& mine);
+  // A write-protect fault outside the region (a page mremap moved away):
+  // the protection is lifted and the writer woken.
+  void lift(uint64_t address);
   // Before a missing page is fetched: waits while the cache is full (and
   // eviction can still make room).
   void wait_for_room();
@@ -102,7 +109,9 @@ class Cache {
   bool drop(size_t page);
   // Writes `pages` back (steps 1 to 3); `then_drop` on eviction, not on a
   // flush. Returns how many the node acknowledged; appends failures' count.
-  uint64_t write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* failed, uint64_t* dropped);
+  // `acked`, if given, collects the pages the node acknowledged.
+  uint64_t write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* failed, uint64_t* dropped,
+                      std::vector<size_t>* acked = nullptr);
   // Step 1 for one page into `slot`: false when it cannot go now.
   bool take_copy(size_t page, std::byte* slot);
   void nudge();
@@ -136,9 +145,10 @@ class Cache {
   std::condition_variable room_cv_;  // handlers waiting for room
   bool nudged_ = false;
   bool stopping_ = false;
-  std::atomic<bool> stuck_{false};   // the last pass freed nothing
-  std::atomic<bool> failed_{false};  // a write-back failed: no more eviction
-  std::string error_;                // under mu_
+  std::atomic<bool> stuck_{false};     // the last pass freed nothing
+  std::atomic<bool> failed_{false};    // a write-back failed: no more eviction
+  std::atomic<bool> flushing_{false};  // faults do not wait for room meanwhile
+  std::string error_;                  // under mu_
 
   std::atomic<uint64_t> pages_evicted_{0};
   std::atomic<uint64_t> pages_written_back_{0};

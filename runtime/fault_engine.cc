@@ -208,7 +208,7 @@ void FaultEngine::start_workers(unsigned n) {
     Completion* c = completion_.get();
     cache_ = std::make_unique<Cache>(
         Cache::Region{pages_, uffd_, backing_.view.data(), desc_.page_size, desc_.length, desc_.zero_map, status_,
-                      desc_.name, completion_->slot(n + 2), [c] { return c->pages_present(); }},
+                      desc_.name, residency_, completion_->slot(n + 2), [c] { return c->pages_present(); }},
         *transport_, options_, stop_fd_.get());
   }
   for (auto& h : handlers_) h->counts = &completion_->slot(h->index);

@@ -95,16 +95,23 @@ void FaultEngine::handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns,
   Metrics::bump(w.metrics.faults);
   const uint64_t address = msg.arg.pagefault.address;
   const auto base = reinterpret_cast<uint64_t>(backing_.view.data());
-  if (address < base || address - base >= backing_.view.size()) {
+  const bool inside = address >= base && address - base < backing_.view.size();
+  if (cache_ && (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0) {
+    // A write to a protected page: never refused. Outside the region (a
+    // page mremap moved away keeps its protection) it is simply lifted.
+    if (inside) {
+      cache_->on_write_fault((address - base) / desc_.page_size, *w.counts);
+    } else {
+      cache_->lift(address & ~uint64_t{kSmallPage - 1});
+    }
+    return;
+  }
+  if (!inside) {
     on_fault_outside(w, address);
     return;
   }
   const uint64_t at = address - base;
   const size_t page = at / desc_.page_size;
-  if (cache_ && (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0) {
-    cache_->on_write_fault(page, *w.counts);
-    return;
-  }
   const Take take = take_fault(w, page);
   if (take == Take::kNothing) {
     Metrics::bump(w.metrics.duplicate_faults);

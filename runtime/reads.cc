@@ -226,10 +226,13 @@ void FaultEngine::publish(Worker& w, size_t first, uint32_t count, bool written)
   // Present in the table before anyone waiting on these pages runs: a woken
   // thread that discards its page and faults again must find it present.
   // A page unmapped meanwhile stays gone (and was counted so).
+  // A bounded cache marks them first: a page written the moment it is
+  // present is never taken for a clean one.
+  if (cache_) cache_->installed(first, count, written);
   int64_t settled = 0;
   for (uint32_t k = 0; k < count; ++k) settled += pages_.settle(first + k, PageState::kPresent) ? 1 : 0;
   PageCounts::add(w.counts->present, settled);
-  if (cache_) cache_->installed(first, count, written);
+  if (cache_) cache_->note_resident();
   uffd_.wake(page_addr(first), uint64_t{count} * desc_.page_size);
 }
 

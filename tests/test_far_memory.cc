@@ -4,6 +4,7 @@
 // or by a second destination after a flush) is checked byte for byte
 // against the generation last written to it.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -327,6 +328,38 @@ TEST(FarMemoryFailure, ADestinationKilledMidWriteBackLeavesNoTornPage) {
   }
   EXPECT_EQ(torn, 0u);
   EXPECT_GT(second, 0u);
+}
+
+TEST(FarMemoryApplication, DiscardingOrMovingPagesNeverHangsAFlushOrAWriter) {
+  ON_THE_OLDER_KERNEL_ONLY();
+  constexpr size_t kPages = 1024;
+  Node node(kPages * kPage);
+  Region r = attach_cached(node.uri(), cached(64 * kPage));
+  // A written page the application then discards: a flush skips it (its
+  // bytes went by the application's hand) and returns.
+  fill(r.data() + 5 * kPage, 5, 1);
+  fill(r.data() + 6 * kPage, 6, 1);
+  ASSERT_EQ(::madvise(r.data() + 5 * kPage, kPage, MADV_DONTNEED), 0);
+  auto f = std::async(std::launch::async, [&] { return r.flush(); });
+  ASSERT_EQ(f.wait_for(std::chrono::seconds(20)), std::future_status::ready) << "flush hangs";
+  const FlushReport report = f.get();
+  EXPECT_EQ(report.pages_written, 1u);  // page 6
+  EXPECT_TRUE(holds(r.data() + 6 * kPage, 6, 1));
+  // A clean page (write-protected) moved out of the region by mremap: a
+  // write to it completes, and is not refused.
+  ASSERT_TRUE(holds(r.data() + 7 * kPage, 7, 0));
+  void* dst = ::mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(dst, MAP_FAILED);
+  void* moved = ::mremap(r.data() + 7 * kPage, kPage, kPage, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+  ASSERT_EQ(moved, dst);
+  auto w = std::async(std::launch::async, [&] {
+    return testing::run_catching_signals([&] { static_cast<volatile char*>(moved)[0] = 42; });
+  });
+  ASSERT_EQ(w.wait_for(std::chrono::seconds(20)), std::future_status::ready) << "the write never completes";
+  EXPECT_EQ(w.get(), 0);
+  EXPECT_EQ(static_cast<volatile char*>(moved)[0], 42);
+  ::munmap(moved, kPage);
+  EXPECT_FALSE(r.failed()) << r.error();
 }
 
 TEST(FarMemoryOptions, BadCachesAreRefusedClearly) {
