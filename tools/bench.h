@@ -44,6 +44,9 @@ struct BenchConfig {
   std::vector<unsigned> scaling_threads = {1, 2, 4, 64};
   // --suite farmem: measured seconds per run.
   double farmem_seconds = 2.0;
+  // --suite farmem: also Linux swapping to zram in a memory cgroup, where
+  // the machine allows it.
+  bool farmem_memcg_zram = true;
 };
 
 // The bench's source: a process it started (exporting a pattern of

@@ -7,6 +7,10 @@
 // page against the generation last written to it. For reference, in the
 // same run: the same access with no cache limit (every page faulted once).
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/swap.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -14,6 +18,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <functional>
 #include <random>
 #include <string>
 #include <thread>
@@ -101,19 +107,24 @@ struct RunResult {
   uint64_t unsaved_pages = 0;
 };
 
+// What the touching threads keep about each page: the generation last
+// written, and a lock so that one thread writes a page at a time.
+struct Pages {
+  explicit Pages(size_t n) : count(n), generation(n), locks(n) {}
+  size_t count;
+  std::vector<std::atomic<uint32_t>> generation;
+  std::vector<std::atomic<bool>> locks;
+};
+
 struct Farm {
-  Farm(uint64_t size, const std::string& addr) : server(ServerOptions{.bind_address = addr, .port = 0}) {
+  Farm(uint64_t size, const std::string& addr)
+      : server(ServerOptions{.bind_address = addr, .port = 0}), pages(size / kPage) {
     server.export_node("farmem", size);
     uri = "tcp://" + addr + ":" + std::to_string(server.port()) + "/farmem";
-    pages = size / kPage;
-    generation = std::vector<std::atomic<uint32_t>>(pages);
-    locks = std::vector<std::atomic<bool>>(pages);
   }
   MemoryServer server;
   std::string uri;
-  size_t pages = 0;
-  std::vector<std::atomic<uint32_t>> generation;  // last written to each page
-  std::vector<std::atomic<bool>> locks;           // one writer of a page at a time
+  Pages pages;
 };
 
 // Generation 1 of every page, written straight to the node.
@@ -126,8 +137,8 @@ void fill_node(Farm& f) {
   Mapping buf = Mapping::anonymous(kBatch * kPage);
   ch->register_buffer(buf.data(), buf.size());
   WaitResult w;
-  for (size_t first = 0; first < f.pages; first += kBatch) {
-    const size_t n = std::min(kBatch, f.pages - first);
+  for (size_t first = 0; first < f.pages.count; first += kBatch) {
+    const size_t n = std::min(kBatch, f.pages.count - first);
     std::vector<WriteOp> ops;
     for (size_t i = 0; i < n; ++i) {
       fill(buf.data() + i * kPage, first + i, 1);
@@ -144,7 +155,7 @@ void fill_node(Farm& f) {
       if (w.channel_error != Errc::kOk) throw Error(w.channel_error, w.channel_error_text);
     }
   }
-  for (auto& g : f.generation) g.store(1);
+  for (auto& g : f.pages.generation) g.store(1);
 }
 
 // A touch that took this long faulted (a resident page takes well under a
@@ -160,14 +171,14 @@ struct Touches {
 // quickly) until `warm_pages` are resident. Then `seconds` of touches drawn
 // by `s`, each timed at its first access (a one-byte read, or a one-byte
 // write before the rest of the page is written).
-Touches touch(Farm& f, Region& r, const Sampler& s, const RunSpec& spec, bool bump, uint64_t warm_pages,
-              double seconds) {
+Touches touch(Pages& f, std::byte* base, const std::function<uint64_t()>& resident, const Sampler& s,
+              const RunSpec& spec, bool bump, uint64_t warm_pages, double seconds) {
   std::atomic<int> phase{warm_pages > 0 ? 0 : 1};  // 0 warm-up, 1 measured, 2 stop
   std::vector<Touches> mine(kThreads);
   auto worker = [&](unsigned t) {
     uint64_t sink = 0;
-    for (size_t p = t * (f.pages / kThreads); p < f.pages && phase.load(std::memory_order_relaxed) == 0; ++p) {
-      sink += static_cast<uint64_t>(*reinterpret_cast<volatile const std::byte*>(r.data() + p * kPage));
+    for (size_t p = t * (f.count / kThreads); p < f.count && phase.load(std::memory_order_relaxed) == 0; ++p) {
+      sink += static_cast<uint64_t>(*reinterpret_cast<volatile const std::byte*>(base + p * kPage));
     }
     while (phase.load() == 0) std::this_thread::yield();
     std::mt19937_64 rng(0x5eed + t * 7919);
@@ -177,7 +188,7 @@ Touches touch(Farm& f, Region& r, const Sampler& s, const RunSpec& spec, bool bu
     while (phase.load(std::memory_order_relaxed) == 1) {
       for (int k = 0; k < 16; ++k) {
         const size_t p = s.draw(rng);
-        std::byte* a = r.data() + p * kPage;
+        std::byte* a = base + p * kPage;
         uint64_t took = 0;
         if (coin(rng) < spec.write_share) {
           while (f.locks[p].exchange(true, std::memory_order_acquire)) std::this_thread::yield();
@@ -205,7 +216,7 @@ Touches touch(Farm& f, Region& r, const Sampler& s, const RunSpec& spec, bool bu
   std::vector<std::thread> ts;
   for (unsigned t = 0; t < kThreads; ++t) ts.emplace_back(worker, t);
   const auto w0 = std::chrono::steady_clock::now();
-  while (phase.load() == 0 && r.stats().pages_present < warm_pages &&
+  while (phase.load() == 0 && resident() < warm_pages &&
          std::chrono::steady_clock::now() - w0 < std::chrono::seconds(60)) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
@@ -232,7 +243,9 @@ uint64_t verify_node(const Farm& f) {
       Region r = attach(f.uri, o);
       if (!r.wait_complete(std::chrono::minutes(5))) throw Error(Errc::kIo, "verifying: " + r.error());
       uint64_t wrong = 0;
-      for (size_t p = 0; p < f.pages; ++p) wrong += holds(r.data() + p * kPage, p, f.generation[p].load()) ? 0 : 1;
+      for (size_t p = 0; p < f.pages.count; ++p) {
+        wrong += holds(r.data() + p * kPage, p, f.pages.generation[p].load()) ? 0 : 1;
+      }
       return wrong;
     } catch (const Error& e) {
       if (e.code() != Errc::kLeased || std::chrono::steady_clock::now() > deadline) throw;
@@ -249,7 +262,7 @@ RunResult run_one(Farm& f, const Sampler& s, const RunSpec& spec, double seconds
   o.prefetch = true;  // random touches pay nothing for it; the warm-up's sweep fills the cache with it
   o.handler_threads = 2;
   o.eviction = spec.policy;
-  res.cache_bytes = spec.cache_share > 0 ? static_cast<uint64_t>(spec.cache_share * f.pages) * kPage : 0;
+  res.cache_bytes = spec.cache_share > 0 ? static_cast<uint64_t>(spec.cache_share * f.pages.count) * kPage : 0;
   o.cache_bytes = res.cache_bytes;
   Region r = [&] {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -265,8 +278,9 @@ RunResult run_one(Farm& f, const Sampler& s, const RunSpec& spec, double seconds
   const bool cached = res.cache_bytes > 0;
   // The no-limit reference starts cold (every page faulted once); a cache
   // starts full, so that the measured touches evict.
-  const uint64_t warm_pages = cached ? std::min<uint64_t>(res.cache_bytes / kPage, f.pages) * 9 / 10 : 0;
-  Touches t = touch(f, r, s, spec, cached, warm_pages, seconds);
+  const uint64_t warm_pages = cached ? std::min<uint64_t>(res.cache_bytes / kPage, f.pages.count) * 9 / 10 : 0;
+  Touches t = touch(
+      f.pages, r.data(), [&r] { return r.stats().pages_present; }, s, spec, cached, warm_pages, seconds);
   res.touches = t.count;
   res.touches_per_second = static_cast<double>(res.touches) / seconds;
   res.faults = summarize_samples(t.fault_ns);
@@ -301,14 +315,146 @@ nlohmann::json to_json(const RunResult& r) {
           {"wrong_pages", r.wrong_pages}};
 }
 
-void print_row(const RunResult& r, const char* label) {
+void print_row(const RunResult& r, const char* label, const char* policy = nullptr) {
   std::printf("%-9s %-8s %5.2f  %-5s %12.0f %10.1f %10.1f %10llu %10s %10s %6llu\n", label, name(r.spec.access),
               r.spec.write_share,
-              r.spec.cache_share == 0 ? "-" : (r.spec.policy == AttachOptions::Eviction::kClock ? "clock" : "fifo"),
+              policy != nullptr                                  ? policy
+              : r.spec.cache_share == 0                          ? "-"
+              : r.spec.policy == AttachOptions::Eviction::kClock ? "clock"
+                                                                 : "fifo",
               r.touches_per_second, r.faults.p50_ns / 1e3, r.faults.p99_ns / 1e3,
               static_cast<unsigned long long>(r.pages_evicted), format_bytes(r.bytes_written_back).c_str(),
               format_bytes(r.max_resident_bytes).c_str(), static_cast<unsigned long long>(r.wrong_pages));
   std::fflush(stdout);
+}
+
+// The kernel's own answer, for reference: the same access to the same
+// bytes in plain anonymous memory, in a child process inside a memory
+// cgroup limited to the cache's size, swapping to a zram device. Needs
+// root, zram and the cgroup memory controller; says why not otherwise.
+class SwapReference {
+ public:
+  // Sets up a zram swap device of `bytes`; null (and *why) where it cannot.
+  static std::unique_ptr<SwapReference> open(uint64_t bytes, std::string* why) {
+    if (::geteuid() != 0) {
+      *why = "needs root (a zram swap device and a memory cgroup)";
+      return nullptr;
+    }
+    if (::access(kCgroup, W_OK) != 0) {
+      *why = std::string("no cgroup v1 memory controller at ") + kCgroup;
+      return nullptr;
+    }
+    std::ifstream add("/sys/class/zram-control/hot_add");
+    int n = -1;
+    if (!(add >> n) || n < 0) {
+      *why = "no zram (/sys/class/zram-control)";
+      return nullptr;
+    }
+    auto ref = std::unique_ptr<SwapReference>(new SwapReference(n));
+    const std::string dev = "/dev/zram" + std::to_string(n);
+    if (!write_file("/sys/block/zram" + std::to_string(n) + "/disksize", std::to_string(bytes)) ||
+        std::system(("mkswap " + dev + " >/dev/null 2>&1").c_str()) != 0 || ::swapon(dev.c_str(), 0) != 0) {
+      *why = "cannot set up " + dev + " as swap (" + std::strerror(errno) + ")";
+      return nullptr;
+    }
+    ref->swapped_on_ = true;
+    return ref;
+  }
+  SwapReference(const SwapReference&) = delete;
+  SwapReference& operator=(const SwapReference&) = delete;
+  ~SwapReference() {
+    const std::string dev = "/dev/zram" + std::to_string(device_);
+    if (swapped_on_) ::swapoff(dev.c_str());
+    write_file("/sys/block/zram" + std::to_string(device_) + "/reset", "1");
+    write_file("/sys/class/zram-control/hot_remove", std::to_string(device_));
+  }
+
+  // One run in a child limited to `limit` bytes: fills `pages` pages (each
+  // page's generation 1), then touches them as a pagewire run does.
+  RunResult run(const Sampler& s, const RunSpec& spec, size_t pages, uint64_t limit, double seconds) {
+    RunResult res;
+    res.spec = spec;
+    res.cache_bytes = limit;
+    const std::string group = std::string(kCgroup) + "/pagewire-farmem-" + std::to_string(::getpid());
+    if (::mkdir(group.c_str(), 0755) != 0 && errno != EEXIST) throw_errno("mkdir " + group);
+    struct Out {
+      uint64_t touches, faults, p50, p99, wrong, max_usage;
+    } out{};
+    int fds[2];
+    if (::pipe(fds) != 0) throw_errno("pipe");
+    // Limited before the child joins, so that it never holds more.
+    const bool limited = write_file(group + "/memory.limit_in_bytes", std::to_string(limit));
+    const pid_t child = limited ? ::fork() : -1;
+    if (child == 0) {
+      ::close(fds[0]);
+      Out o{};
+      if (write_file(group + "/cgroup.procs", std::to_string(::getpid()))) {
+        auto* base = static_cast<std::byte*>(
+            ::mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+        if (base != MAP_FAILED) {
+          ::madvise(base, pages * kPage, MADV_NOHUGEPAGE);
+          Pages mine(pages);
+          for (size_t p = 0; p < pages; ++p) {
+            fill(base + p * kPage, p, 1);
+            mine.generation[p].store(1);
+          }
+          Touches t = touch(
+              mine, base, [] { return uint64_t{0}; }, s, spec, true, 0, seconds);
+          const LatencySummary l = summarize_samples(t.fault_ns);
+          o.touches = t.count;
+          o.faults = l.count;
+          o.p50 = l.p50_ns;
+          o.p99 = l.p99_ns;
+          for (size_t p = 0; p < pages; ++p) o.wrong += holds(base + p * kPage, p, mine.generation[p].load()) ? 0 : 1;
+          std::ifstream(group + "/memory.max_usage_in_bytes") >> o.max_usage;
+        }
+      }
+      [[maybe_unused]] ssize_t w = ::write(fds[1], &o, sizeof o);
+      ::_exit(0);
+    }
+    ::close(fds[1]);
+    const bool got = child > 0 && ::read(fds[0], &out, sizeof out) == static_cast<ssize_t>(sizeof out);
+    ::close(fds[0]);
+    if (child > 0) ::waitpid(child, nullptr, 0);
+    ::rmdir(group.c_str());
+    if (!got || out.touches == 0) throw std::runtime_error("the memory-cgroup child measured nothing");
+    res.touches = out.touches;
+    res.touches_per_second = static_cast<double>(out.touches) / seconds;
+    res.faults.count = out.faults;
+    res.faults.p50_ns = out.p50;
+    res.faults.p99_ns = out.p99;
+    res.wrong_pages = out.wrong;
+    res.max_resident_bytes = out.max_usage;
+    return res;
+  }
+
+ private:
+  static constexpr const char* kCgroup = "/sys/fs/cgroup/memory";
+  explicit SwapReference(int device) : device_(device) {}
+  static bool write_file(const std::string& path, const std::string& text) {
+    std::ofstream f(path);
+    f << text;
+    f.flush();
+    return static_cast<bool>(f);
+  }
+  int device_;
+  bool swapped_on_ = false;
+};
+
+nlohmann::json memcg_json(const std::vector<RunResult>& runs, const std::string& why) {
+  nlohmann::json j = {{"ran", !runs.empty()}};
+  if (runs.empty()) {
+    j["why_not"] = why;
+    return j;
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  for (const RunResult& r : runs) {
+    nlohmann::json row = to_json(r);
+    row["policy"] = "linux";
+    rows.push_back(row);
+  }
+  j["runs"] = rows;
+  return j;
 }
 
 }  // namespace
@@ -332,8 +478,29 @@ int run_farmem_bench(const BenchConfig& c) {
               "touches/s", "p50 us", "p99 us", "evicted", "written", "resident", "wrong");
   std::vector<RunResult> refs;
   std::vector<RunResult> runs;
+  std::vector<RunResult> swapped;
+  std::string no_swap_why = "not asked for (--no-memcg-zram)";
+  std::unique_ptr<SwapReference> swap = c.farmem_memcg_zram ? SwapReference::open(size, &no_swap_why) : nullptr;
   for (Access a : accesses) {
-    const Sampler s(f.pages, a);
+    const Sampler s(f.pages.count, a);
+    if (swap) {
+      for (double share : {0.25, 0.5}) {
+        for (double w : writes) {
+          try {
+            swapped.push_back(swap->run(s, {share, a, w, AttachOptions::Eviction::kClock}, f.pages.count,
+                                        static_cast<uint64_t>(share * static_cast<double>(size)), seconds));
+            char label[16];
+            std::snprintf(label, sizeof label, "%.0f%% swap", share * 100);
+            print_row(swapped.back(), label, "linux");
+          } catch (const std::exception& e) {
+            no_swap_why = e.what();
+            swap.reset();
+            break;
+          }
+        }
+        if (!swap) break;
+      }
+    }
     for (double w : writes) {
       refs.push_back(run_one(f, s, {0, a, w, AttachOptions::Eviction::kClock}, seconds));
       print_row(refs.back(), "no limit");
@@ -378,8 +545,13 @@ int run_farmem_bench(const BenchConfig& c) {
   }
   std::printf("\n");
   const bool ok = print_marks(marks);
-  std::printf("\nmemcg + zram reference: not run by this bench (it needs a zram swap device and a memory cgroup "
-              "set up by root; see the README)\n");
+  if (swapped.empty()) {
+    std::printf("\nmemcg + zram reference: not run (%s)\n", no_swap_why.c_str());
+  } else {
+    std::printf("\nmemcg + zram reference (rows \"swap\"): Linux swapping the same access in a memory cgroup "
+                "limited to the cache size, to zram; not a bar\n");
+  }
+  swap.reset();
   nlohmann::json jr = nlohmann::json::array();
   for (const auto& r : runs) jr.push_back(to_json(r));
   nlohmann::json jref = nlohmann::json::array();
@@ -392,7 +564,7 @@ int run_farmem_bench(const BenchConfig& c) {
                                {"runs", jr},
                                {"no_limit", jref},
                                {"zipf_50_fault_p50_ratio", ratios},
-                               {"memcg_zram", {{"ran", false}}}}}});
+                               {"memcg_zram", memcg_json(swapped, no_swap_why)}}}});
   // Exit status 1 for a wrong page or an unbounded cache; the timed bar is
   // printed (MISS) but, timings being what they are here, not an error.
   (void)ok;

@@ -487,6 +487,10 @@ void add_bench_shape(CLI::App* cmd, BenchConfig& bc) {
   cmd->add_option("--farmem-seconds", bc.farmem_seconds, "farmem suite: measured seconds per run")
       ->check(CLI::Range(0.1, 600.0))
       ->capture_default_str();
+  cmd->add_flag_callback(
+      "--no-memcg-zram", [&bc] { bc.farmem_memcg_zram = false; },
+      "farmem suite: skip the reference of Linux swapping to zram in a memory cgroup (it needs root and sets "
+      "up a zram swap device for the run)");
   cmd->add_option("--scaling-threads", bc.scaling_threads, "scaling suite: faulting thread counts (columns)")
       ->delimiter(',')
       ->check(count_range())
