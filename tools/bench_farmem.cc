@@ -480,7 +480,11 @@ int run_farmem_bench(const BenchConfig& c) {
   std::vector<RunResult> runs;
   std::vector<RunResult> swapped;
   std::string no_swap_why = "not asked for (--no-memcg-zram)";
-  std::unique_ptr<SwapReference> swap = c.farmem_memcg_zram ? SwapReference::open(size, &no_swap_why) : nullptr;
+  // A cgroup of a few MiB would hold less than the child's own memory.
+  const bool big_enough = size / 4 >= (64u << 20);
+  if (c.farmem_memcg_zram && !big_enough) no_swap_why = "the region is too small (under 256 MiB)";
+  std::unique_ptr<SwapReference> swap = c.farmem_memcg_zram && big_enough ? SwapReference::open(size, &no_swap_why)
+                                                                          : nullptr;
   for (Access a : accesses) {
     const Sampler s(f.pages.count, a);
     if (swap) {
