@@ -178,6 +178,9 @@ TEST_P(FarMemory, ReadsOfCleanPagesAreDroppedWithNoTrafficAndFetchedAgain) {
     for (size_t p = 0; p < kPages; ++p) fill(w.data() + p * kPage, p, 3);
     ASSERT_TRUE(w.flush().ok());
     EXPECT_EQ(w.stats().pages_evicted, 0u);
+    // A fresh node tells its writer every page is zero: nothing was fetched.
+    EXPECT_EQ(w.stats().bytes_fetched, 0u);
+    EXPECT_EQ(w.stats().pages_zero, kPages);
     for (auto& g : want) g = 3;
   }
   Region r = attach_cached(node.uri(), cached(kCachePages * kPage, GetParam()));

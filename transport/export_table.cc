@@ -76,6 +76,21 @@ ZeroMap ExportedRegion::zero_map_snapshot() const {
   return zero_map;
 }
 
+ZeroMap ExportedRegion::unwritten_map() const {
+  const size_t pages = (length + page_size - 1) / page_size;
+  ZeroMap map((pages + 63) / 64, 0);
+  for (size_t w = 0; w < map.size(); ++w) map[w] = ~written[w].load(std::memory_order_acquire);
+  if (pages % 64 != 0) map.back() &= (uint64_t{1} << (pages % 64)) - 1;
+  return map;
+}
+
+void ExportedRegion::mark_written(uint64_t offset, uint64_t n) const {
+  if (!written || n == 0) return;
+  for (uint64_t p = offset / page_size; p <= (offset + n - 1) / page_size; ++p) {
+    written[p / 64].fetch_or(uint64_t{1} << (p % 64), std::memory_order_acq_rel);
+  }
+}
+
 std::unique_ptr<ExportedRegion> ExportTable::from_file(const std::string& name, const std::string& path,
                                                        uint32_t page_size) {
   check_export(name, page_size);
@@ -132,6 +147,7 @@ std::unique_ptr<ExportedRegion> ExportTable::node(const std::string& name, size_
   region->base = region->writable_base;
   region->length = length;
   region->page_size = page_size;
+  region->written = std::make_unique<std::atomic<uint64_t>[]>(((length + page_size - 1) / page_size + 63) / 64);
   // Fresh every time: a node restarted is empty, not the bytes a destination
   // wrote before.
   region->identity = fresh_id();

@@ -5,6 +5,7 @@
 // (which pages were written) belongs here too.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -53,6 +54,11 @@ struct ExportedRegion {
   Mapping node_memory;
   std::byte* writable_base = nullptr;
   mutable WriterLease lease;  // who may write a node
+  // A node's pages ever written, one bit each (set before a write is
+  // applied). Its complement is the node's zero-page map, which only the
+  // writer is given: a reader's copy would go stale with the next write,
+  // while the writer's own writes are the only ones there are.
+  std::unique_ptr<std::atomic<uint64_t>[]> written;
   // Pages known to be zero. Updated in place under zero_map_mu when the
   // owner reports a change (the RDMA server has it registered for reads,
   // so it is never reallocated).
@@ -65,6 +71,10 @@ struct ExportedRegion {
 
   // A copy of the zero-page map, to send without holding its lock.
   ZeroMap zero_map_snapshot() const;
+  // A node: the pages never written, for its writer.
+  ZeroMap unwritten_map() const;
+  // A node: marks the pages a write to [offset, offset+length) touches.
+  void mark_written(uint64_t offset, uint64_t length) const;
 };
 
 class ExportTable {

@@ -337,7 +337,11 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
   // A ticket for an RDMA connect (transport/tickets.h): the descriptor,
   // the ticket, and nothing more on this connection.
   const uint64_t ticket = ticket_only ? tickets_.issue(name) : 0;
-  const ZeroMap zero_map = ticket_only ? ZeroMap{} : region->zero_map_snapshot();
+  // A node's writer learns which pages were never written (only it writes
+  // them from now on); readers of a node get no map at all.
+  const ZeroMap zero_map = ticket_only                            ? ZeroMap{}
+                           : writer && region->written != nullptr ? region->unwritten_map()
+                                                                  : region->zero_map_snapshot();
   reply.zero_map_bytes = static_cast<uint32_t>(zero_map.size() * 8);
   if (!tcp::send_all(fd.get(), &reply, sizeof reply) ||
       !tcp::send_all(fd.get(), &region->identity, sizeof region->identity) ||
@@ -463,6 +467,7 @@ bool TcpServer::serve_requests(int fd, const ExportedRegion& region, bool writer
         }
         whole = payload.data();
       }
+      region.mark_written(req.offset, req.length);  // before the bytes: a map drawn meanwhile calls them written
       std::memcpy(region.writable_base + req.offset, whole, req.length);
       pos += buffered;
       replies[0].length = 0;
