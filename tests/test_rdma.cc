@@ -3,6 +3,7 @@
 // interface it is bound to in PAGEWIRE_RDMA_ADDR; skips with the reason
 // otherwise, and fails instead when PAGEWIRE_REQUIRE_RDMA=1.
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
 
 #include <algorithm>
@@ -15,9 +16,12 @@
 #include <thread>
 #include <vector>
 
+#include "common/auth.h"
 #include "tests/test_util.h"
 #include "tools/pattern.h"
+#include "transport/endpoint.h"
 #include "transport/rdma/verbs.h"
+#include "transport/tcp/socket_util.h"
 
 namespace pagewire {
 namespace {
@@ -168,6 +172,101 @@ TEST_F(Rdma, PeerWithoutTheKeyIsRefusedBeforeItLearnsTheRegion) {
     EXPECT_EQ(e.code(), Errc::kAuth) << e.what();
   }
   EXPECT_EQ(src.server().stats().rdma_connections_accepted, 0u);
+}
+
+// An RDMA connect with a hello of the test's own making: the status the
+// server answered (kOk: accepted, and disconnected again at once).
+Errc raw_rdma_connect(const std::string& addr, uint16_t port, const std::string& name, uint8_t flags, uint64_t ticket) {
+  // Declared so that the id (and its QP) goes first, then the CQ and the
+  // PD, and the event channel last.
+  rdma::EventChannel events = rdma::make_event_channel();
+  rdma::Pd pd;
+  rdma::Cq cq;
+  rdma_cm_id* raw = nullptr;
+  if (rdma_create_id(events.get(), &raw, nullptr, RDMA_PS_TCP) != 0) return Errc::kIo;
+  rdma::CmId id(raw);
+  auto next = [&](rdma_cm_event_type want, rdma_cm_event** out) {
+    pollfd pfd{events->fd, POLLIN, 0};
+    if (::poll(&pfd, 1, 5000) <= 0 || rdma_get_cm_event(events.get(), out) != 0) return false;
+    if ((*out)->event == want) return true;
+    rdma_ack_cm_event(*out);  // the id waits for every event to be acked
+    return false;
+  };
+  Endpoint ep = resolve(addr, port);
+  rdma_cm_event* ev = nullptr;
+  if (rdma_resolve_addr(id.get(), nullptr, reinterpret_cast<sockaddr*>(&ep.addr), 2000) != 0 ||
+      !next(RDMA_CM_EVENT_ADDR_RESOLVED, &ev)) {
+    return Errc::kConnectFailed;
+  }
+  rdma_ack_cm_event(ev);
+  if (rdma_resolve_route(id.get(), 2000) != 0 || !next(RDMA_CM_EVENT_ROUTE_RESOLVED, &ev)) return Errc::kConnectFailed;
+  rdma_ack_cm_event(ev);
+  pd.reset(ibv_alloc_pd(id->verbs));
+  cq.reset(ibv_create_cq(id->verbs, 2, nullptr, nullptr, 0));
+  ibv_qp_init_attr qa{};
+  qa.send_cq = cq.get();
+  qa.recv_cq = cq.get();
+  qa.qp_type = IBV_QPT_RC;
+  qa.cap.max_send_wr = 1;
+  qa.cap.max_recv_wr = 1;
+  qa.cap.max_send_sge = 1;
+  qa.cap.max_recv_sge = 1;
+  if (!pd || !cq || rdma_create_qp(id.get(), pd.get(), &qa) != 0) return Errc::kIo;
+  rdma::Hello hello{};
+  hello.magic = rdma::kHelloMagic;
+  hello.version = rdma::kRdmaVersion;
+  hello.name_length = static_cast<uint8_t>(name.size());
+  hello.flags = flags;
+  hello.ticket = ticket;
+  std::memcpy(hello.name, name.data(), name.size());
+  rdma_conn_param param{};
+  param.private_data = &hello;
+  param.private_data_len = sizeof hello;
+  param.initiator_depth = 1;
+  param.retry_count = 7;
+  param.rnr_retry_count = 7;
+  if (rdma_connect(id.get(), &param) != 0) return Errc::kConnectFailed;
+  pollfd pfd{events->fd, POLLIN, 0};
+  if (::poll(&pfd, 1, 5000) <= 0 || rdma_get_cm_event(events.get(), &ev) != 0) return Errc::kTimeout;
+  Errc status = Errc::kProtocol;
+  if (ev->event == RDMA_CM_EVENT_ESTABLISHED) {
+    status = Errc::kOk;
+  } else if (ev->event == RDMA_CM_EVENT_REJECTED && ev->param.conn.private_data != nullptr &&
+             ev->param.conn.private_data_len >= sizeof(rdma::HelloReply)) {
+    rdma::HelloReply reply{};
+    std::memcpy(&reply, ev->param.conn.private_data, sizeof reply);
+    status = static_cast<Errc>(reply.status);
+  }
+  rdma_ack_cm_event(ev);
+  if (status == Errc::kOk) rdma_disconnect(id.get());
+  return status;
+}
+
+TEST_F(Rdma, ForgedAndReplayedTicketsAreRefused) {
+  testing::KeyFile key("a shared secret of 32 bytes, ok!");
+  ServerOptions o = rdma_server();
+  o.key_file = key.path();
+  PatternServer src("keyed", 1 << 20, kSeed, o);
+  // No ticket, and a made-up one: refused, before any rkey or address.
+  EXPECT_EQ(raw_rdma_connect(addr_, src.server().port(), "keyed", 0, 0), Errc::kAuth);
+  EXPECT_EQ(raw_rdma_connect(addr_, src.server().port(), "keyed", rdma::kRdmaTicket, 0x1234567890abcdefull),
+            Errc::kAuth);
+  // A real ticket, got over TCP by proving the key: good once, for its own
+  // region only, then never again.
+  const auto k = AuthKey::load(key.path());
+  auto get_ticket = [&] {
+    std::string why;
+    UniqueFd fd = tcp::connect_to(tcp::resolve("127.0.0.1", src.server().port()), 2000, &why);
+    EXPECT_TRUE(fd) << why;
+    return tcp::handshake(fd.get(), "keyed", 2000, "the server", wire::kHelloTicket, 0, k.get()).ticket;
+  };
+  const uint64_t ticket = get_ticket();
+  ASSERT_NE(ticket, 0u);
+  EXPECT_EQ(raw_rdma_connect(addr_, src.server().port(), "keyed", rdma::kRdmaTicket, ticket), Errc::kOk);
+  EXPECT_EQ(raw_rdma_connect(addr_, src.server().port(), "keyed", rdma::kRdmaTicket, ticket), Errc::kAuth);
+  const uint64_t other = get_ticket();
+  EXPECT_EQ(raw_rdma_connect(addr_, src.server().port(), "another", rdma::kRdmaTicket, other), Errc::kAuth);
+  EXPECT_EQ(src.server().stats().rdma_connections_accepted, 1u);
 }
 
 TEST_F(Rdma, TooLongNameIsABadUri) {
