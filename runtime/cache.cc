@@ -218,7 +218,7 @@ bool Cache::take_copy(size_t page, std::byte* slot) {
   return held && present;
 }
 
-uint64_t Cache::write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* failed, uint64_t* dropped,
+uint64_t Cache::write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* dropped,
                            std::vector<size_t>* acked_pages) {
   uint64_t acked = 0;
   std::vector<size_t> in_slot(depth_);
@@ -256,33 +256,30 @@ uint64_t Cache::write_back(const std::vector<size_t>& pages, bool then_drop, uin
         ++acked;
         if (acked_pages != nullptr) acked_pages->push_back(p);
         pages_written_back_.fetch_add(1, std::memory_order_relaxed);
-        if (then_drop && drop(p)) ++*dropped;
+        if (then_drop && drop(p) && dropped != nullptr) ++*dropped;
         if (!then_drop) requeue(p);
         continue;
       }
       // Not on the node: it is still written, and stays.
       flags_[p].fetch_or(kWritten, std::memory_order_acq_rel);
       requeue(p);
-      ++*failed;
       writeback_failures_.fetch_add(1, std::memory_order_relaxed);
-      if (!failed_.exchange(true)) {
-        const std::string why = result_.channel_error_text.empty() ? std::string(to_string(c.status))
-                                                                   : result_.channel_error_text;
-        {
-          std::lock_guard g(mu_);
-          error_ = "writing back to the node failed: " + why;
-        }
-        spdlog::error("region '{}': {}; written pages stay resident, and eviction stops", region_.name,
-                      "writing back to the node failed: " + why);
-        room_cv_.notify_all();
-      }
+      fail(result_.channel_error_text.empty() ? std::string(to_string(c.status)) : result_.channel_error_text);
     }
-    if (result_.channel_error != Errc::kOk && !failed_.exchange(true)) {
-      std::lock_guard g(mu_);
-      error_ = "writing back to the node failed: " + result_.channel_error_text;
-    }
+    if (result_.channel_error != Errc::kOk) fail(result_.channel_error_text);
   }
   return acked;
+}
+
+void Cache::fail(const std::string& why) {
+  if (failed_.exchange(true)) return;  // the first reason is the one kept
+  const std::string text = "writing back to the node failed: " + why;
+  {
+    std::lock_guard g(mu_);
+    error_ = text;
+  }
+  spdlog::error("region '{}': {}; written pages stay resident, and eviction stops", region_.name, text);
+  room_cv_.notify_all();
 }
 
 bool Cache::evict_down_to(uint64_t target) {
@@ -306,8 +303,7 @@ bool Cache::evict_down_to(uint64_t target) {
         ++dropped;
       }
     }
-    uint64_t failed = 0;
-    if (!written.empty()) write_back(written, true, &failed, &dropped);
+    if (!written.empty()) write_back(written, true, &dropped);
     if (dropped == 0) break;  // this batch could not go: look again at the next tick
     freed_any = true;
     room_cv_.notify_all();
@@ -355,19 +351,16 @@ FlushReport Cache::flush() {
   const std::lock_guard io(io_mu_);
   // Every page written before this call: present, or owned this moment by
   // a write fault.
-  std::vector<size_t> before;
+  std::vector<size_t> left;
   for (size_t p = 0; p < region_.pages.size(); ++p) {
     const PageState st = region_.pages.get(p);
-    if ((flags(p) & kWritten) != 0 && (st == PageState::kPresent || st == PageState::kInFlight)) before.push_back(p);
+    if ((flags(p) & kWritten) != 0 && (st == PageState::kPresent || st == PageState::kInFlight)) left.push_back(p);
   }
   std::vector<size_t> acked;
-  std::vector<size_t> left = before;
-  uint64_t failed = 0;
-  uint64_t dropped = 0;
   // A page owned a moment by a write fault is not copied on one pass:
   // passes go on while such pages are left.
   for (int pass = 0; pass < 8 && !left.empty() && !failed_.load(); ++pass) {
-    report.pages_written += write_back(left, false, &failed, &dropped, &acked);
+    report.pages_written += write_back(left, false, nullptr, &acked);
     std::sort(acked.begin(), acked.end());
     std::erase_if(left, [&](size_t p) { return std::binary_search(acked.begin(), acked.end(), p); });
     if (!left.empty()) std::this_thread::yield();

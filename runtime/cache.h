@@ -107,11 +107,13 @@ class Cache {
   void requeue(size_t page);
   // Drops a clean page: true when it went.
   bool drop(size_t page);
-  // Writes `pages` back (steps 1 to 3); `then_drop` on eviction, not on a
-  // flush. Returns how many the node acknowledged; appends failures' count.
-  // `acked`, if given, collects the pages the node acknowledged.
-  uint64_t write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* failed, uint64_t* dropped,
+  // Writes `pages` back (steps 1 to 3); `then_drop` on eviction (counting
+  // the pages dropped in *dropped), not on a flush. Returns how many the
+  // node acknowledged; `acked`, if given, collects them.
+  uint64_t write_back(const std::vector<size_t>& pages, bool then_drop, uint64_t* dropped,
                       std::vector<size_t>* acked = nullptr);
+  // A write-back failed: eviction stops, and the first reason is kept.
+  void fail(const std::string& why);
   // Step 1 for one page into `slot`: false when it cannot go now.
   bool take_copy(size_t page, std::byte* slot);
   void nudge();

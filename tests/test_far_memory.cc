@@ -20,6 +20,7 @@
 #include "runtime/uffd.h"
 #include "runtime/uffd_compat.h"
 #include "tests/test_util.h"
+#include "tools/pattern.h"
 
 namespace pagewire {
 namespace {
@@ -40,27 +41,13 @@ constexpr size_t kPage = 4096;
 #define ON_THE_OLDER_KERNEL_ONLY()
 #endif
 
-// A page's content for a generation: it names the page and the generation,
-// so a page landing in the wrong place, an old generation or a torn write
-// reads wrong. Generation 0 is the node's zeros.
-void fill(std::byte* p, uint64_t page, uint64_t generation) {
-  if (generation == 0) {
-    std::memset(p, 0, kPage);
-    return;
-  }
-  uint64_t x = page * 0x9e3779b97f4a7c15ull ^ generation * 0xbf58476d1ce4e5b9ull ^ 1;
-  for (size_t i = 0; i < kPage; i += 8) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    std::memcpy(p + i, &x, 8);
-  }
-}
+// A page's bytes for a generation (tools/pattern.h): they name the page
+// and the generation, so a page landing in the wrong place, an old
+// generation or a torn write reads wrong. Generation 0 is the node's zeros.
+void fill(std::byte* p, uint64_t page, uint64_t generation) { fill_generation(p, page * kPage, kPage, generation); }
 
 bool holds(const std::byte* p, uint64_t page, uint64_t generation) {
-  std::byte want[kPage];
-  fill(want, page, generation);
-  return std::memcmp(p, want, kPage) == 0;
+  return holds_generation(p, page * kPage, kPage, generation);
 }
 
 // Which generation of `page` these bytes are, among 0..max; -1: none (torn).

@@ -31,6 +31,7 @@
 #include "runtime/metrics.h"
 #include "tools/bench.h"
 #include "tools/cli_util.h"
+#include "tools/pattern.h"
 #include "transport/transport.h"
 
 namespace pagewire::cli {
@@ -39,21 +40,12 @@ namespace {
 constexpr size_t kPage = 4096;
 constexpr unsigned kThreads = 2;
 
-// A page's bytes for a generation: they name the page and the generation.
-void fill(std::byte* p, uint64_t page, uint32_t generation) {
-  uint64_t x = page * 0x9e3779b97f4a7c15ull ^ uint64_t { generation } * 0xbf58476d1ce4e5b9ull ^ 1;
-  for (size_t i = 0; i < kPage; i += 8) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    std::memcpy(p + i, &x, 8);
-  }
-}
+// A page's bytes for a generation (tools/pattern.h): they name the page
+// and the generation.
+void fill(std::byte* p, uint64_t page, uint32_t generation) { fill_generation(p, page * kPage, kPage, generation); }
 
 bool holds(const std::byte* p, uint64_t page, uint32_t generation) {
-  alignas(64) std::byte want[kPage];
-  fill(want, page, generation);
-  return std::memcmp(p, want, kPage) == 0;
+  return holds_generation(p, page * kPage, kPage, generation);
 }
 
 enum class Access { kUniform, kZipf };

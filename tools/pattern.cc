@@ -38,4 +38,20 @@ int64_t check_pattern(const std::byte* data, uint64_t offset, size_t len, uint64
   return -1;
 }
 
+void fill_generation(std::byte* dst, uint64_t offset, size_t len, uint64_t generation) {
+  if (generation == 0) {
+    std::memset(dst, 0, len);
+  } else {
+    fill_pattern(dst, offset, len, generation);
+  }
+}
+
+bool holds_generation(const std::byte* data, uint64_t offset, size_t len, uint64_t generation) {
+  if (generation != 0) return check_pattern(data, offset, len, generation) == -1;
+  for (size_t i = 0; i < len; ++i) {
+    if (data[i] != std::byte{0}) return false;
+  }
+  return true;
+}
+
 }  // namespace pagewire

@@ -26,4 +26,10 @@ void fill_pattern(std::byte* dst, uint64_t offset, size_t len, uint64_t seed);
 // or -1 when the range matches.
 int64_t check_pattern(const std::byte* data, uint64_t offset, size_t len, uint64_t seed);
 
+// A page written again and again (a memory node's): generation g of the
+// bytes at [offset, offset+len) is the pattern of seed g, so it names both
+// the place and the generation; generation 0 is zeros, as a node starts.
+void fill_generation(std::byte* dst, uint64_t offset, size_t len, uint64_t generation);
+bool holds_generation(const std::byte* data, uint64_t offset, size_t len, uint64_t generation);
+
 }  // namespace pagewire
