@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <random>
@@ -21,6 +22,9 @@
 #include "runtime/uffd_compat.h"
 #include "tests/test_util.h"
 #include "tools/pattern.h"
+#ifdef PAGEWIRE_GUEST_SUITE
+#include "transport/rdma/verbs.h"
+#endif
 
 namespace pagewire {
 namespace {
@@ -58,9 +62,36 @@ int generation_of(const std::byte* p, uint64_t page, uint64_t max) {
   return -1;
 }
 
+// In the guest's binary, where an RDMA device is bound to
+// PAGEWIRE_RDMA_ADDR, nodes are reached over RDMA: the cache writes back by
+// RDMA WRITE into its staging ring on the node, and pages come by RDMA READ.
+std::string rdma_addr() {
+#ifdef PAGEWIRE_GUEST_SUITE
+  const char* addr = std::getenv("PAGEWIRE_RDMA_ADDR");
+  if (addr != nullptr && *addr != '\0' && rdma::have_device()) return addr;
+#endif
+  return {};
+}
+
 struct Node {
-  explicit Node(size_t bytes) : server(loopback_tcp()) { server.export_node("node", bytes); }
-  std::string uri() const { return loopback_uri(server, "node"); }
+  // `tcp_only`: reached over TCP even where RDMA is.
+  explicit Node(size_t bytes, bool tcp_only = false) : addr(tcp_only ? std::string() : rdma_addr()), server(options()) {
+    server.export_node("node", bytes);
+  }
+  ServerOptions options() const {
+    if (addr.empty()) return loopback_tcp();
+    ServerOptions o;
+    o.bind_address = "0.0.0.0";
+    o.port = 0;
+    o.rdma = RdmaServing::kOn;
+    return o;
+  }
+  std::string transport() const { return addr.empty() ? "tcp" : "rdma"; }
+  std::string uri() const {
+    if (addr.empty()) return loopback_uri(server, "node");
+    return "rdma://" + addr + ":" + std::to_string(server.port()) + "/node";
+  }
+  std::string addr;
   MemoryServer server;
 };
 
@@ -113,6 +144,7 @@ TEST_P(FarMemory, WritesSurviveEvictionAndASecondDestinationReadsThemAfterAFlush
   std::vector<uint64_t> want(kPages, 0);
   {
     Region r = attach_cached(node.uri(), cached(kCachePages * kPage, GetParam()));
+    EXPECT_EQ(r.transport(), node.transport());
     // Two threads write every page (each its half), four times the cache.
     auto writer = [&](size_t from, size_t to, uint64_t gen) {
       for (size_t p = from; p < to; ++p) fill(r.data() + p * kPage, p, gen);
@@ -268,7 +300,10 @@ TEST(FarMemoryFailure, ADestinationKilledMidWriteBackLeavesNoTornPage) {
   ON_THE_OLDER_KERNEL_ONLY();
   constexpr size_t kPages = 2048;
   constexpr size_t kCachePages = 128;
-  Node node(kPages * kPage);
+  // Over TCP everywhere: the child is forked, and rdma-core does not carry
+  // a process's RDMA state across fork(). (Over RDMA a node applies only
+  // writes whose every byte arrived in its staging slot; test_rdma.cc.)
+  Node node(kPages * kPage, /*tcp_only=*/true);
   const std::string uri = node.uri();
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);

@@ -568,21 +568,6 @@ TEST(MemoryNode, TransportsThatCannotWriteCompleteWritesUnsupported) {
   ASSERT_EQ(done.count(3), 1u);
   EXPECT_EQ(done.at(3), Errc::kUnsupported);
   EXPECT_EQ(memory[0], std::byte{0});
-
-  // An rdma:// destination that asks to write is told to use TCP.
-  Node node;
-  const std::string rdma_uri = "rdma://127.0.0.1:" + std::to_string(node.server.port()) + "/node";
-  try {
-    connect_transport(rdma_uri, writer_options());
-    ADD_FAILURE() << "an rdma:// writer was admitted";
-  } catch (const Error& e) {
-#if PAGEWIRE_HAVE_RDMA
-    EXPECT_EQ(e.code(), Errc::kUnsupported) << e.what();
-    EXPECT_NE(std::string(e.what()).find("TCP only"), std::string::npos) << e.what();
-#else
-    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
-#endif
-  }
 }
 
 // ---- The command line -------------------------------------------------------

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <future>
+#include <map>
 #include <numeric>
 #include <random>
 #include <thread>
@@ -267,6 +268,132 @@ TEST_F(Rdma, ForgedAndReplayedTicketsAreRefused) {
   const uint64_t other = get_ticket();
   EXPECT_EQ(raw_rdma_connect(addr_, src.server().port(), "another", rdma::kRdmaTicket, other), Errc::kAuth);
   EXPECT_EQ(src.server().stats().rdma_connections_accepted, 1u);
+}
+
+// A node's writer connects over RDMA with a ticket that names its lease,
+// got over TCP. No ticket, a forged one or a reader's makes no writer, and
+// a read-only export takes none; while a writer holds the lease, others are
+// refused over RDMA and TCP alike; a reader's channel cannot write.
+TEST_F(Rdma, OnlyTheLeaseholderWritesANode) {
+  MemoryServer server(rdma_server());
+  server.export_node("node", 1 << 20);
+  Mapping ro = Mapping::anonymous(1 << 20);
+  server.export_memory("ro", ro.data(), ro.size());
+  const uint16_t port = server.port();
+  auto ticket = [&](const std::string& name, uint8_t flags) {
+    std::string why;
+    UniqueFd fd = tcp::connect_to(tcp::resolve("127.0.0.1", port), 2000, &why);
+    EXPECT_TRUE(fd) << why;
+    return tcp::handshake(fd.get(), name, 2000, "the server", flags, 0, nullptr).ticket;
+  };
+  const uint8_t writer = rdma::kRdmaTicket | rdma::kRdmaWriter;
+  EXPECT_EQ(raw_rdma_connect(addr_, port, "node", rdma::kRdmaWriter, 0), Errc::kAuth);
+  EXPECT_EQ(raw_rdma_connect(addr_, port, "node", writer, 0x1234567890abcdefull), Errc::kAuth);
+  EXPECT_EQ(raw_rdma_connect(addr_, port, "node", writer, ticket("node", wire::kHelloTicket)), Errc::kLeased);
+  EXPECT_EQ(raw_rdma_connect(addr_, port, "node", writer, ticket("node", wire::kHelloTicket | wire::kHelloWriter)),
+            Errc::kOk);
+  try {
+    ticket("ro", wire::kHelloTicket | wire::kHelloWriter);
+    ADD_FAILURE() << "a read-only export granted a writer's ticket";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kUnsupported) << e.what();
+  }
+  // A cache over RDMA holds the lease: nobody else writes.
+  AttachOptions o = handlers(1);
+  o.cache_bytes = 256 << 10;
+  o.reconnect_timeout_ms = 500;
+  Region held = [&] {
+    for (int tries = 0;; ++tries) {  // the raw writer's lease goes a moment after its disconnect
+      try {
+        return attach(uri("rdma", port, "node"), o);
+      } catch (const Error& e) {
+        if (e.code() != Errc::kLeased || tries > 200) throw;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+  }();
+  EXPECT_EQ(held.transport(), "rdma");
+  for (const char* scheme : {"rdma", "tcp"}) {
+    try {
+      Region other = attach(uri(scheme, port, "node"), o);
+      ADD_FAILURE() << "a second writer attached over " << scheme;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Errc::kLeased) << scheme << ": " << e.what();
+    }
+  }
+  // A reader shares the node, and its writes are refused.
+  auto reader = connect_transport(uri("rdma", port, "node"), TransportOptions{});
+  auto channel = reader->open_channel();
+  Mapping page = Mapping::anonymous(kPage);
+  channel->register_buffer(page.data(), page.size());
+  const WriteOp op{0, static_cast<uint32_t>(kPage), page.data(), 7};
+  channel->post_writes({&op, 1});
+  WaitResult out;
+  channel->wait(out, 1000);
+  ASSERT_EQ(out.completions.size(), 1u);
+  EXPECT_EQ(out.completions[0].status, Errc::kLeased);
+  EXPECT_EQ(server.stats().writes_applied, 0u);
+}
+
+// More writes than the node has staging slots, posted at once: every one
+// is applied whole and acked, a read after its ack finds it, and writes
+// out of bounds or larger than a slot are refused without touching the
+// node.
+TEST_F(Rdma, AWritersPagesLandWholeAndReadBack) {
+  constexpr size_t kPages = 256;
+  MemoryServer server(rdma_server());
+  server.export_node("node", kPages * kPage);
+  TransportOptions t;
+  t.writer = true;
+  auto w = connect_transport(uri("rdma", server.port(), "node"), t);
+  ASSERT_NE(w->region().lease, 0u);
+  // A fresh node: its writer is told every page is zero.
+  ASSERT_EQ(w->region().zero_map.size(), kPages / 64);
+  for (uint64_t word : w->region().zero_map) EXPECT_EQ(word, ~uint64_t{0});
+  auto channel = w->open_channel();
+  Mapping buf = Mapping::anonymous(kPages * kPage);
+  channel->register_buffer(buf.data(), buf.size());
+  constexpr size_t kWrites = 3 * rdma::kWriteSlots / 2;
+  std::vector<WriteOp> ops;
+  for (size_t p = 0; p < kWrites; ++p) {
+    fill_generation(buf.data() + p * kPage, p * kPage, kPage, 1);
+    ops.push_back({p * kPage, static_cast<uint32_t>(kPage), buf.data() + p * kPage, p});
+  }
+  ops.push_back({kPages * kPage, static_cast<uint32_t>(kPage), buf.data(), 1000});  // past the end
+  ops.push_back({0, static_cast<uint32_t>(2 * kPage), buf.data(), 1001});           // more than a slot
+  channel->post_writes(ops);
+  std::map<uint64_t, Errc> done;
+  WaitResult out;
+  for (int i = 0; i < 200 && done.size() < ops.size(); ++i) {
+    out.clear();
+    channel->wait(out, 100);
+    ASSERT_EQ(out.channel_error, Errc::kOk) << out.channel_error_text;
+    for (const ReadCompletion& c : out.completions) EXPECT_TRUE(done.emplace(c.cookie, c.status).second);
+  }
+  ASSERT_EQ(done.size(), ops.size());
+  for (size_t p = 0; p < kWrites; ++p) EXPECT_EQ(done[p], Errc::kOk) << p;
+  EXPECT_EQ(done[1000], Errc::kOutOfBounds);
+  EXPECT_EQ(done[1001], Errc::kInvalidArgument);
+  EXPECT_EQ(server.stats().writes_applied, kWrites);
+  // Read back by the same channel, after the acks, and by a reader.
+  std::memset(buf.data(), 0xee, buf.size());
+  std::vector<ReadOp> reads;
+  for (size_t p = 0; p < kPages; ++p)
+    reads.push_back({p * kPage, static_cast<uint32_t>(kPage), buf.data() + p * kPage, p});
+  size_t read = 0;
+  for (size_t from = 0; from < reads.size(); from += 64) {
+    channel->post({reads.data() + from, std::min<size_t>(64, reads.size() - from)});
+    const size_t want = read + std::min<size_t>(64, reads.size() - from);
+    for (int i = 0; i < 200 && read < want; ++i) {
+      out.clear();
+      channel->wait(out, 100);
+      for (const ReadCompletion& c : out.completions) read += c.status == Errc::kOk ? 1 : 0;
+    }
+  }
+  ASSERT_EQ(read, kPages);
+  for (size_t p = 0; p < kPages; ++p) {
+    EXPECT_TRUE(holds_generation(buf.data() + p * kPage, p * kPage, kPage, p < kWrites ? 1 : 0)) << p;
+  }
 }
 
 TEST_F(Rdma, TooLongNameIsABadUri) {

@@ -48,17 +48,32 @@ uint64_t fresh_id() {
 
 }  // namespace
 
+uint64_t WriterLease::admit_locked(uint64_t presented) {
+  if (holders_ > 0) return presented != 0 && presented == lease_ ? lease_ : 0;
+  if (presented == 0) {
+    if (std::chrono::steady_clock::now() < reserved_until_) return 0;  // kept for the writer it was granted to
+    lease_ = fresh_id();
+    return lease_;
+  }
+  // Not this server's lease (it restarted), or another writer came since.
+  return presented == lease_ ? lease_ : 0;
+}
+
 uint64_t WriterLease::acquire(uint64_t presented) {
   std::lock_guard lock(mu_);
-  if (holders_ > 0) {
-    if (presented == 0 || presented != lease_) return 0;
-  } else if (presented == 0) {
-    lease_ = fresh_id();
-  } else if (presented != lease_) {
-    return 0;  // not this server's lease (it restarted), or another writer came since
+  const uint64_t lease = admit_locked(presented);
+  if (lease != 0) {
+    ++holders_;
+    reserved_until_ = {};
   }
-  ++holders_;
-  return lease_;
+  return lease;
+}
+
+uint64_t WriterLease::reserve(uint64_t presented, std::chrono::milliseconds hold) {
+  std::lock_guard lock(mu_);
+  const uint64_t lease = admit_locked(presented);
+  if (lease != 0 && holders_ == 0) reserved_until_ = std::chrono::steady_clock::now() + hold;
+  return lease;
 }
 
 void WriterLease::release() {

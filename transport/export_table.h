@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -31,14 +32,22 @@ class WriterLease {
   // since (a reconnect after every connection dropped). Returns the lease
   // id, or 0 when refused.
   uint64_t acquire(uint64_t presented);
+  // The same answer as acquire(), for a writer that will connect again
+  // within `hold` (over RDMA, with a ticket): nothing is held, but a fresh
+  // lease granted here stays reserved for it that long, so that no other
+  // writer takes the node in between.
+  uint64_t reserve(uint64_t presented, std::chrono::milliseconds hold);
   // A connection admitted by acquire() closed.
   void release();
   bool holds(uint64_t lease) const;
 
  private:
+  uint64_t admit_locked(uint64_t presented);
+
   mutable std::mutex mu_;
   uint64_t lease_ = 0;  // the last lease granted; held while holders_ > 0
   uint32_t holders_ = 0;
+  std::chrono::steady_clock::time_point reserved_until_{};
 };
 
 struct ExportedRegion {

@@ -30,6 +30,7 @@ class RdmaServer {
   void remove(const std::string&) {}
   uint64_t connections_accepted() const { return 0; }
   uint64_t connections_active() const { return 0; }
+  uint64_t writes_applied() const { return 0; }
   void drop_connections() {}
   void stop() {}
 };
@@ -49,9 +50,9 @@ MemoryServer::MemoryServer(const ServerOptions& options)
   }
   try {
     // With a key, an RDMA peer must bring a ticket it got over TCP by
-    // proving the key (transport/tickets.h).
-    rdma_ = std::make_unique<rdma::RdmaServer>(options.bind_address, tcp_->port(), options.max_connections,
-                                               key_ ? tickets_.get() : nullptr);
+    // proving the key (transport/tickets.h); a writer always does.
+    rdma_ = std::make_unique<rdma::RdmaServer>(options.bind_address, tcp_->port(), options.max_connections, *tickets_,
+                                               key_ != nullptr);
   } catch (const std::exception& e) {
     if (options.rdma == RdmaServing::kOn) throw;
     spdlog::warn("server: not serving RDMA: {}", e.what());
@@ -119,6 +120,7 @@ ServerStats MemoryServer::stats() const {
   if (rdma_) {
     s.rdma_connections_accepted = rdma_->connections_accepted();
     s.rdma_connections_active = rdma_->connections_active();
+    s.writes_applied += rdma_->writes_applied();
   }
   return s;
 }

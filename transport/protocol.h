@@ -64,8 +64,9 @@ inline constexpr uint32_t kWriteMagic = 0x50575752;      // "PWWR"
 inline constexpr uint32_t kChallengeMagic = 0x50574155;  // "PWAU"
 // 3: the region identity follows an OK HelloReply. 4: control connections.
 // 5: writes to memory nodes, the writer lease (kHelloWriter, kHelloLease).
-// 6: the challenge and response. 7: tickets for RDMA connects.
-inline constexpr uint16_t kVersion = 7;
+// 6: the challenge and response. 7: tickets for RDMA connects. 8: tickets
+// for writers.
+inline constexpr uint16_t kVersion = 8;
 inline constexpr uint16_t kMaxNameLength = 255;
 inline constexpr uint32_t kMaxReadBytes = 4u << 20;
 
@@ -75,8 +76,10 @@ inline constexpr uint8_t kHelloControl = 2;  // control requests, not reads
 inline constexpr uint8_t kHelloWriter = 4;   // asks for the region's writer lease
 inline constexpr uint8_t kHelloLease = 8;    // a lease id follows the name (with kHelloWriter)
 // Asks for a ticket for an RDMA connect (see transport/tickets.h): the OK
-// reply carries it (a uint64_t) after the identity and sends no zero-page
-// map; the server then closes the connection.
+// reply carries it (a uint64_t) after the identity (and the lease) and
+// sends no zero-page map, but to a writer; the server then closes the
+// connection. With kHelloWriter the ticket names the lease, which stays
+// reserved for the RDMA connect (WriterLease::reserve) and is held by it.
 inline constexpr uint8_t kHelloTicket = 16;
 
 struct Hello {

@@ -24,17 +24,20 @@ class TicketBook {
 
   explicit TicketBook(std::chrono::milliseconds lifetime = kLifetime) : lifetime_(lifetime) {}
 
-  // A fresh ticket for `name`; 0 when the book is full (or no random bytes
+  std::chrono::milliseconds lifetime() const { return lifetime_; }
+  // A fresh ticket for `name`, issued to the holder of its writer lease
+  // `lease` (0: to a reader); 0 when the book is full (or no random bytes
   // came).
-  uint64_t issue(const std::string& name);
-  // True once for a ticket issued for `name` and not yet expired; the
-  // ticket is used up either way.
-  bool redeem(uint64_t ticket, const std::string& name);
+  uint64_t issue(const std::string& name, uint64_t lease = 0);
+  // True once for a ticket issued for `name` and not yet expired, with the
+  // lease it was issued with in *lease; the ticket is used up either way.
+  bool redeem(uint64_t ticket, const std::string& name, uint64_t* lease = nullptr);
 
  private:
   using Clock = std::chrono::steady_clock;
   struct Entry {
     std::string name;
+    uint64_t lease = 0;
     Clock::time_point expires;
   };
   void forget_expired_locked(Clock::time_point now);

@@ -27,9 +27,7 @@ std::unique_ptr<Transport> connect_transport(std::string_view uri, const Transpo
     return std::make_unique<rdma::RdmaTransport>(u.host, u.port, u.name, t);
   }
   if (u.scheme == "auto") {
-    if (t.writer) {
-      spdlog::info("transport: tcp for {} (auto: writes go over TCP only)", uri);
-    } else if (!rdma::have_device()) {
+    if (!rdma::have_device()) {
       spdlog::info("transport: tcp for {} (auto: no RDMA device here)", uri);
     } else {
       try {

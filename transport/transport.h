@@ -118,8 +118,10 @@ class Channel {
   // Queues a batch of writes; they complete through wait() like reads (a
   // caller may mix the two), share the outstanding slots with them and are
   // bounds-checked the same way. On a channel that keeps order (TCP), a read
-  // posted after a write reads what it wrote. Where the transport cannot
-  // write (RDMA and local, for now), every op completes with kUnsupported.
+  // posted after a write reads what it wrote; on RDMA a read posted after a
+  // write has completed does. A write is applied whole or not at all. On a
+  // channel without the writer lease every op completes with kLeased, and
+  // where the transport cannot write (local) with kUnsupported.
   virtual void post_writes(std::span<const WriteOp> ops) {
     for (const WriteOp& op : ops) refused_writes_.push_back({op.cookie, Errc::kUnsupported});
   }
@@ -195,11 +197,11 @@ struct TransportOptions {
   // TCP: drive sockets through io_uring. Off, or where the kernel lacks
   // io_uring or an operation it needs, plain syscalls do the same work.
   bool io_uring = true;
-  // Open the region for writing as well (a memory node, over TCP only for
-  // now): the transport asks for the region's writer lease and every
-  // channel presents it, reconnects included. Throws Error(kLeased) while
-  // another destination holds it, Error(kUnsupported) for a read-only
-  // export or an rdma:// URI.
+  // Open the region for writing as well (a memory node): the transport
+  // asks for the region's writer lease and every channel presents it,
+  // reconnects included (over RDMA, through a ticket got over TCP). Throws
+  // Error(kLeased) while another destination holds it, Error(kUnsupported)
+  // for a read-only export.
   bool writer = false;
   // The secret this destination proves to the server, and which the server
   // must prove back (see common/auth.h); null: none, and a server that asks

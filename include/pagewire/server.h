@@ -80,7 +80,7 @@ struct ServerStats {
   uint64_t reads_served = 0;
   uint64_t bytes_served = 0;
   uint64_t reads_refused = 0;
-  uint64_t writes_applied = 0;  // to memory nodes, over TCP
+  uint64_t writes_applied = 0;  // to memory nodes, over TCP and RDMA
   uint64_t bytes_written = 0;
   uint64_t writes_refused = 0;           // out of bounds, read-only, or without the lease
   uint64_t writers_refused = 0;          // writer hellos refused: another held the lease

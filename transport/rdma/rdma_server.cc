@@ -13,8 +13,9 @@
 
 namespace pagewire::rdma {
 
-RdmaServer::RdmaServer(const std::string& bind_address, uint16_t port, unsigned max_connections, TicketBook* tickets)
-    : max_connections_(max_connections), tickets_(tickets) {
+RdmaServer::RdmaServer(const std::string& bind_address, uint16_t port, unsigned max_connections, TicketBook& tickets,
+                       bool keyed)
+    : max_connections_(max_connections), tickets_(tickets), keyed_(keyed) {
   if (!have_device()) throw Error(Errc::kConnectFailed, "no RDMA device");
   events_ = make_event_channel();
   rdma_cm_id* raw = nullptr;
@@ -104,7 +105,9 @@ void RdmaServer::stop() {
 
 void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   rdma_cm_id* id = ev->id;
-  HelloReply reply{kHelloMagic, static_cast<uint32_t>(Errc::kOk), 0, 0, 0, 0, 0, 0, 0, 0};
+  HelloReply reply{};
+  reply.magic = kHelloMagic;
+  reply.status = static_cast<uint32_t>(Errc::kOk);
   Hello hello{};
   const bool well_formed = ev->param.conn.private_data != nullptr && ev->param.conn.private_data_len >= sizeof hello &&
                            (std::memcpy(&hello, ev->param.conn.private_data, sizeof hello), true) &&
@@ -127,11 +130,14 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
     return refuse(Errc::kProtocol);
   }
   const std::string name(hello.name, hello.name_length);
+  const bool writer = (hello.flags & kRdmaWriter) != 0;
   // Nothing about the region, not even whether it exists, to a peer that
-  // has not proved the key over TCP.
-  if (tickets_ != nullptr && ((hello.flags & kRdmaTicket) == 0 || !tickets_->redeem(hello.ticket, name))) {
-    spdlog::warn("server: RDMA peer for '{}' brought {}; rejected", name,
-                 (hello.flags & kRdmaTicket) == 0 ? "no ticket (this server asks for a key)"
+  // has not proved the key over TCP. A writer's ticket also names its lease.
+  uint64_t lease = 0;
+  if ((keyed_ || writer) && ((hello.flags & kRdmaTicket) == 0 || !tickets_.redeem(hello.ticket, name, &lease))) {
+    spdlog::warn("server: RDMA {} for '{}' brought {}; rejected", writer ? "writer" : "peer", name,
+                 (hello.flags & kRdmaTicket) == 0 ? (writer ? "no ticket (a writer gets one over TCP with its lease)"
+                                                            : "no ticket (this server asks for a key)")
                                                   : "a ticket this server did not issue, or used or expired");
     return refuse(Errc::kAuth);
   }
@@ -170,20 +176,30 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   }
   ibv_device_attr attr{};
   ibv_query_device(id->verbs, &attr);
-  // The passive side only answers reads: a tiny send queue will do.
   Peer peer;
-  ibv_cq* cq = ibv_create_cq(id->verbs, 2, nullptr, nullptr, 0);
+  if (writer) {
+    if (const Errc why = admit_writer(*region, lease, id, pd, peer); why != Errc::kOk) return refuse(why);
+  }
+  // The passive side only answers reads, and a writer's acks.
+  ibv_cq* cq = ibv_create_cq(id->verbs, peer.writer ? peer.writer->cq_entries() : 2, nullptr,
+                             peer.writer ? peer.writer->channel() : nullptr, 0);
   ibv_qp_init_attr qa{};
   qa.send_cq = cq;
   qa.recv_cq = cq;
   qa.qp_type = IBV_QPT_RC;
-  qa.cap.max_send_wr = 1;
-  qa.cap.max_recv_wr = 1;
+  qa.cap.max_send_wr = peer.writer ? peer.writer->send_depth() : 1;
+  qa.cap.max_recv_wr = peer.writer ? peer.writer->recv_depth() : 1;
   qa.cap.max_send_sge = 1;
   qa.cap.max_recv_sge = 1;
   if (cq == nullptr || pd == nullptr || rdma_create_qp(id, pd, &qa) != 0) {
     spdlog::error("server: cannot set up an RDMA queue pair: {}", std::strerror(errno));
     if (cq != nullptr) ibv_destroy_cq(cq);
+    return refuse(Errc::kIo);
+  }
+  if (peer.writer && !peer.writer->start(id->qp, cq)) {
+    spdlog::error("server: cannot post a writer's receives: {}", std::strerror(errno));
+    rdma_destroy_qp(id);
+    ibv_destroy_cq(cq);
     return refuse(Errc::kIo);
   }
   peer.cq.reset(cq);
@@ -193,6 +209,7 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   reply.length = region->length;
   reply.remote_addr = reinterpret_cast<uint64_t>(region->base);
   reply.identity = region->identity;
+  if (peer.writer) peer.writer->describe(reply);
   rdma_conn_param param{};
   param.private_data = &reply;
   param.private_data_len = sizeof reply;
@@ -207,18 +224,58 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   ++accepted_;
   ++active_;
   peers_.emplace(id, std::move(peer));
-  spdlog::debug("server: RDMA peer attached '{}'", name);
+  spdlog::debug("server: RDMA peer attached '{}'{}", name, writer ? " (writer)" : "");
+}
+
+Errc RdmaServer::admit_writer(const ExportedRegion& region, uint64_t lease, rdma_cm_id* id, ibv_pd* pd, Peer& peer) {
+  if (region.writable_base == nullptr) {
+    spdlog::warn("server: an RDMA peer asked to write '{}', which is read-only (only memory nodes take writes); "
+                 "rejected",
+                 region.name);
+    return Errc::kUnsupported;
+  }
+  if (lease == 0 || region.lease.acquire(lease) == 0) {
+    spdlog::warn("server: an RDMA peer asked to write '{}' without its writer lease (its ticket was a reader's, or "
+                 "another writer came since); rejected",
+                 region.name);
+    return Errc::kLeased;
+  }
+  try {
+    peer.writer = std::make_unique<NodeWriter>(id->verbs, pd, region, writes_applied_);  // holds the lease now
+  } catch (const std::exception& e) {
+    region.lease.release();
+    spdlog::error("server: cannot set up a staging ring for a writer of '{}': {}", region.name, e.what());
+    return Errc::kIo;
+  }
+  return Errc::kOk;
+}
+
+void RdmaServer::drop_peer(rdma_cm_id* id) {
+  if (peers_.erase(id) > 0) --active_;
 }
 
 void RdmaServer::run() {
+  std::vector<pollfd> fds;
+  std::vector<rdma_cm_id*> writers;  // fds[3 + i] is writers[i]'s completion channel
   for (;;) {
-    pollfd fds[3] = {{events_->fd, POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}, {drop_fd_.get(), POLLIN, 0}};
-    if (::poll(fds, 3, -1) < 0 && errno != EINTR) return;
+    fds.assign({{events_->fd, POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}, {drop_fd_.get(), POLLIN, 0}});
+    writers.clear();
+    for (auto& [id, peer] : peers_) {
+      if (!peer.writer) continue;
+      fds.push_back({peer.writer->channel()->fd, POLLIN, 0});
+      writers.push_back(id);
+    }
+    if (::poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR) return;
     if (fds[1].revents != 0) return;
     if (fds[2].revents != 0) {
       uint64_t v;
       [[maybe_unused]] ssize_t r = ::read(drop_fd_.get(), &v, sizeof v);
       for (auto& [id, peer] : peers_) rdma_disconnect(id);
+    }
+    for (size_t i = 0; i < writers.size(); ++i) {
+      if (fds[3 + i].revents == 0) continue;
+      auto it = peers_.find(writers[i]);
+      if (it != peers_.end() && !it->second.writer->on_completions()) rdma_disconnect(it->first);
     }
     rdma_cm_event* ev = nullptr;
     while (rdma_get_cm_event(events_.get(), &ev) == 0) {
@@ -233,7 +290,7 @@ void RdmaServer::run() {
         case RDMA_CM_EVENT_DEVICE_REMOVAL: {
           rdma_cm_id* id = ev->id;
           rdma_ack_cm_event(ev);  // before destroying the id, which waits for acks
-          if (peers_.erase(id) > 0) --active_;
+          drop_peer(id);
           break;
         }
         default: rdma_ack_cm_event(ev); break;

@@ -289,9 +289,8 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
     return finish(false);
   }
   const bool ticket_only = (hello.flags & wire::kHelloTicket) != 0;
-  if (ticket_only && (hello.flags & (wire::kHelloWriter | wire::kHelloLease | wire::kHelloControl)) != 0) {
-    // A ticket connection ends at once: it must not take (and drop) a lease.
-    spdlog::warn("server: {} asked for a ticket together with a lease or control; refusing it", peer);
+  if (ticket_only && (hello.flags & wire::kHelloControl) != 0) {
+    spdlog::warn("server: {} asked for a ticket together with control; refusing it", peer);
     reply.status = static_cast<uint32_t>(Errc::kInvalidArgument);
     tcp::send_all(fd.get(), &reply, sizeof reply);
     tcp::close_gracefully(fd.get());
@@ -305,7 +304,8 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
       refuse = Errc::kUnsupported;
       spdlog::warn("server: {} asked to write '{}', which is read-only (only memory nodes take writes); refusing it",
                    peer, name);
-    } else if ((lease = region->lease.acquire(presented_lease)) == 0) {
+    } else if ((lease = ticket_only ? region->lease.reserve(presented_lease, tickets_.lifetime())
+                                    : region->lease.acquire(presented_lease)) == 0) {
       refuse = Errc::kLeased;
       ++writers_refused_;
       if (presented_lease != 0) {
@@ -324,22 +324,24 @@ void TcpServer::serve(Connection* conn, UniqueFd fd, std::string peer) {
       return finish(false);
     }
   }
-  // Held until this connection's thread ends, whichever way it ends.
+  // Held until this connection's thread ends, whichever way it ends. A
+  // ticket connection ends at once: the lease is only reserved for the
+  // RDMA connect its ticket is for, which holds it from then on.
   struct LeaseHold {
     const ExportedRegion* region;
     ~LeaseHold() {
       if (region != nullptr) region->lease.release();
     }
-  } hold{writer ? region : nullptr};
+  } hold{writer && !ticket_only ? region : nullptr};
   reply.key = region->key;
   reply.page_size = region->page_size;
   reply.length = region->length;
   // A ticket for an RDMA connect (transport/tickets.h): the descriptor,
   // the ticket, and nothing more on this connection.
-  const uint64_t ticket = ticket_only ? tickets_.issue(name) : 0;
+  const uint64_t ticket = ticket_only ? tickets_.issue(name, lease) : 0;
   // A node's writer learns which pages were never written (only it writes
   // them from now on); readers of a node get no map at all.
-  const ZeroMap zero_map = ticket_only                            ? ZeroMap{}
+  const ZeroMap zero_map = ticket_only && !writer                 ? ZeroMap{}
                            : writer && region->written != nullptr ? region->unwritten_map()
                                                                   : region->zero_map_snapshot();
   reply.zero_map_bytes = static_cast<uint32_t>(zero_map.size() * 8);
