@@ -396,6 +396,49 @@ TEST_F(Rdma, AWritersPagesLandWholeAndReadBack) {
   }
 }
 
+// The node drops every connection while a writer has writes out: the
+// channel connects again (a new ticket, the same lease), posts every write
+// not acked on the new queue pair, and each is acked once, whole.
+TEST_F(Rdma, WritesOutWhenTheConnectionDropsAreSentAgain) {
+  constexpr size_t kPages = 128;
+  MemoryServer server(rdma_server());
+  server.export_node("node", kPages * kPage);
+  TransportOptions t;
+  t.writer = true;
+  t.reconnect_timeout_ms = 3000;
+  auto w = connect_transport(uri("rdma", server.port(), "node"), t);
+  auto channel = w->open_channel();
+  Mapping buf = Mapping::anonymous(kPages * kPage);
+  channel->register_buffer(buf.data(), buf.size());
+  std::map<uint64_t, Errc> done;
+  WaitResult out;
+  for (uint64_t gen = 1; gen <= 3; ++gen) {
+    std::vector<WriteOp> ops;
+    for (size_t p = 0; p < kPages; ++p) {
+      fill_generation(buf.data() + p * kPage, p * kPage, kPage, gen);
+      ops.push_back({p * kPage, static_cast<uint32_t>(kPage), buf.data() + p * kPage, gen * kPages + p});
+    }
+    channel->post_writes(ops);
+    server.drop_connections();
+    done.clear();
+    for (int i = 0; i < 300 && done.size() < ops.size(); ++i) {
+      out.clear();
+      channel->wait(out, 100);
+      ASSERT_EQ(out.channel_error, Errc::kOk) << out.channel_error_text;
+      for (const ReadCompletion& c : out.completions) EXPECT_TRUE(done.emplace(c.cookie, c.status).second);
+    }
+    ASSERT_EQ(done.size(), ops.size()) << "generation " << gen;
+    for (const auto& [cookie, status] : done) EXPECT_EQ(status, Errc::kOk) << cookie;
+  }
+  EXPECT_GE(channel->reconnects(), 1u);
+  // What a reader finds is the last generation, every page whole.
+  AttachOptions o = handlers(2);
+  o.background_pull = true;
+  Region r = attach(uri("rdma", server.port(), "node"), o);
+  ASSERT_TRUE(r.wait_complete(std::chrono::seconds(60)));
+  for (size_t p = 0; p < kPages; ++p) EXPECT_TRUE(holds_generation(r.data() + p * kPage, p * kPage, kPage, 3)) << p;
+}
+
 TEST_F(Rdma, TooLongNameIsABadUri) {
   EXPECT_EQ(testing::attach_error(uri("rdma", 1, std::string(60, 'x')), nullptr, 1000), Errc::kBadUri);
 }
