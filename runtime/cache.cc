@@ -30,7 +30,7 @@ Cache::Cache(Region region, Transport& transport, const AttachOptions& options, 
       low_(capacity_ * 90 / 100),
       flags_(std::make_unique<std::atomic<uint8_t>[]>(region_.pages.size())),
       evicted_at_(std::make_unique<std::atomic<uint32_t>[]>(region_.pages.size())) {
-  channel_ = transport.open_channel(ChannelUse::kDemand);
+  channel_ = transport.open_channel(ChannelUse::kWrite);
   channel_->watch(stop_fd, kStopToken, WatchRole::kStop);
   depth_ = std::clamp<uint32_t>(transport.capabilities().max_outstanding_reads, 1, kBatch);
   staging_ = std::make_unique<StagingPool>(*channel_, depth_, region_.page_size);

@@ -350,7 +350,7 @@ TEST_F(Rdma, AWritersPagesLandWholeAndReadBack) {
   // A fresh node: its writer is told every page is zero.
   ASSERT_EQ(w->region().zero_map.size(), kPages / 64);
   for (uint64_t word : w->region().zero_map) EXPECT_EQ(word, ~uint64_t{0});
-  auto channel = w->open_channel();
+  auto channel = w->open_channel(ChannelUse::kWrite);
   Mapping buf = Mapping::anonymous(kPages * kPage);
   channel->register_buffer(buf.data(), buf.size());
   constexpr size_t kWrites = 3 * rdma::kWriteSlots / 2;
@@ -375,7 +375,16 @@ TEST_F(Rdma, AWritersPagesLandWholeAndReadBack) {
   EXPECT_EQ(done[1000], Errc::kOutOfBounds);
   EXPECT_EQ(done[1001], Errc::kInvalidArgument);
   EXPECT_EQ(server.stats().writes_applied, kWrites);
-  // Read back by the same channel, after the acks, and by a reader.
+  // The write channel's queue pair reaches the staging ring alone: it
+  // cannot read. A read channel of the same destination reads it all back.
+  const ReadOp stray{0, static_cast<uint32_t>(kPage), buf.data(), 77};
+  channel->post({&stray, 1});
+  out.clear();
+  channel->wait(out, 1000);
+  ASSERT_EQ(out.completions.size(), 1u);
+  EXPECT_EQ(out.completions[0].status, Errc::kUnsupported);
+  channel = w->open_channel();
+  channel->register_buffer(buf.data(), buf.size());
   std::memset(buf.data(), 0xee, buf.size());
   std::vector<ReadOp> reads;
   for (size_t p = 0; p < kPages; ++p)
@@ -407,7 +416,7 @@ TEST_F(Rdma, WritesOutWhenTheConnectionDropsAreSentAgain) {
   t.writer = true;
   t.reconnect_timeout_ms = 3000;
   auto w = connect_transport(uri("rdma", server.port(), "node"), t);
-  auto channel = w->open_channel();
+  auto channel = w->open_channel(ChannelUse::kWrite);
   Mapping buf = Mapping::anonymous(kPages * kPage);
   channel->register_buffer(buf.data(), buf.size());
   std::map<uint64_t, Errc> done;

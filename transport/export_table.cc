@@ -72,7 +72,9 @@ uint64_t WriterLease::acquire(uint64_t presented) {
 uint64_t WriterLease::reserve(uint64_t presented, std::chrono::milliseconds hold) {
   std::lock_guard lock(mu_);
   const uint64_t lease = admit_locked(presented);
-  if (lease != 0 && holders_ == 0) reserved_until_ = std::chrono::steady_clock::now() + hold;
+  // Even while held: the connections holding it now may all be gone by the
+  // time the one this is for connects.
+  if (lease != 0) reserved_until_ = std::chrono::steady_clock::now() + hold;
   return lease;
 }
 

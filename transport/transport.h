@@ -91,7 +91,10 @@ struct WaitResult {
   }
 };
 
-enum class ChannelUse { kDemand, kBulk };
+// kWrite: a writer's channel for writes (write-back, a snapshot). Over TCP
+// it reads as well; over RDMA it carries writes only, on a queue pair of
+// its own that alone reaches the writer's staging ring on the node.
+enum class ChannelUse { kDemand, kBulk, kWrite };
 
 class Channel {
  public:
@@ -119,9 +122,12 @@ class Channel {
   // caller may mix the two), share the outstanding slots with them and are
   // bounds-checked the same way. On a channel that keeps order (TCP), a read
   // posted after a write reads what it wrote; on RDMA a read posted after a
-  // write has completed does. A write is applied whole or not at all. On a
-  // channel without the writer lease every op completes with kLeased, and
-  // where the transport cannot write (local) with kUnsupported.
+  // write has completed does. A write is applied once all of it arrived, so
+  // a writer that dies mid-write leaves no torn page (a reader of the node
+  // may still see a page while a write is being copied in, as it would a
+  // page another thread writes). On a channel that may not write (RDMA:
+  // any but the writer's kWrite channel) every op completes with kLeased,
+  // and where the transport cannot write (local) with kUnsupported.
   virtual void post_writes(std::span<const WriteOp> ops) {
     for (const WriteOp& op : ops) refused_writes_.push_back({op.cookie, Errc::kUnsupported});
   }
@@ -182,7 +188,7 @@ class Transport {
   virtual TransportCapabilities capabilities() const = 0;
   // One per handler thread; the channel is used by that thread alone. A
   // bulk channel carries background transfers (the pull): where the peer
-  // can, it serves them behind demand reads.
+  // can, it serves them behind demand reads. Writes go on a kWrite channel.
   virtual std::unique_ptr<Channel> open_channel(ChannelUse use = ChannelUse::kDemand) = 0;
   // A control connection to a live export (precopy); throws Error
   // (kUnsupported where the transport has none).

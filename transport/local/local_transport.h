@@ -49,7 +49,7 @@ class LocalTransport final : public Transport {
   RegionDescriptor desc_;
   FaultInjection faults_;
   std::atomic<int64_t> reads_{0};
-  std::atomic<uint64_t> held_[2] = {0, 0};  // by ChannelUse
+  std::atomic<uint64_t> held_[3] = {0, 0, 0};  // by ChannelUse
   std::atomic<bool> released_{false};
 };
 

@@ -16,11 +16,15 @@ constexpr uint64_t kAckTag = uint64_t{1} << 32;  // wr_id of an ack's send; a re
 
 }  // namespace
 
-NodeWriter::NodeWriter(ibv_context* context, ibv_pd* pd, const ExportedRegion& region, std::atomic<uint64_t>& applied)
+NodeWriter::NodeWriter(ibv_context* context, const ExportedRegion& region, std::atomic<uint64_t>& applied)
     : region_(region),
       applied_(applied),
       slot_bytes_(kWriteHeaderBytes + std::min(region.page_size, kMaxWritePayload)),
-      acks_(kWriteSlots) {
+      acks_(kWriteSlots),
+      ack_pending_(kWriteSlots, false) {
+  pd_.reset(ibv_alloc_pd(context));
+  if (!pd_) throw_errno("ibv_alloc_pd for a writer");
+  ibv_pd* pd = pd_.get();
   comp_.reset(ibv_create_comp_channel(context));
   if (!comp_) throw_errno("ibv_create_comp_channel");
   ::fcntl(comp_->fd, F_SETFL, ::fcntl(comp_->fd, F_GETFL) | O_NONBLOCK);
@@ -75,12 +79,13 @@ Errc NodeWriter::apply(uint32_t slot) {
 }
 
 bool NodeWriter::send_ack(uint32_t slot, Errc status) {
+  acks_[slot] = {kWriteMagic, slot, static_cast<uint32_t>(status), 0};
   if (sends_out_ >= send_depth()) {
     unsent_acks_.push_back(slot);  // the status travels in acks_[slot]
-    acks_[slot] = {kWriteMagic, slot, static_cast<uint32_t>(status), 0};
+    ack_pending_[slot] = true;
     return true;
   }
-  acks_[slot] = {kWriteMagic, slot, static_cast<uint32_t>(status), 0};
+  ack_pending_[slot] = false;
   ibv_sge sge{reinterpret_cast<uint64_t>(&acks_[slot]), sizeof(WriteAck), acks_mr_->lkey};
   ibv_send_wr wr{};
   wr.wr_id = kAckTag | slot;
@@ -95,8 +100,9 @@ bool NodeWriter::send_ack(uint32_t slot, Errc status) {
 }
 
 bool NodeWriter::apply_and_ack(uint32_t slot) {
-  if (slot >= slots_) {
-    spdlog::warn("server: an RDMA writer of '{}' named staging slot {} of {}; dropping it", region_.name, slot, slots_);
+  if (slot >= slots_ || ack_pending_[slot]) {
+    spdlog::warn("server: an RDMA writer of '{}' wrote staging slot {} of {}, which was not its to write; dropping it",
+                 region_.name, slot, slots_);
     return false;
   }
   const Errc status = apply(slot);
@@ -113,6 +119,12 @@ bool NodeWriter::on_completions() {
   ibv_cq* cq = nullptr;
   void* ctx = nullptr;
   while (ibv_get_cq_event(comp_.get(), &cq, &ctx) == 0) ibv_ack_cq_events(cq, 1);
+  if (broken_) return false;
+  if (!drain()) broken_ = true;
+  return !broken_;
+}
+
+bool NodeWriter::drain() {
   // Arm before polling: a completion between the two is found either way.
   if (ibv_req_notify_cq(cq_, 0) != 0) return false;
   ibv_wc wc[32];

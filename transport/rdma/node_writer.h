@@ -1,11 +1,12 @@
 // The server's side of one RDMA connection that writes a memory node (see
-// WriteHeader in verbs.h): the writer's staging ring, registered for remote
-// write on this connection's protection domain alone, so that no other
-// connection holds an rkey that reaches it; the receives its writes
-// complete into; and the copy of each whole write into the region, with
-// its acknowledgement. One registration per writer rather than a memory
-// window: windows (type 2) are an optional device capability, and the
-// ring, small and the writer's own, is what must be remotely writable,
+// WriteHeader in verbs.h): a protection domain of the connection's own,
+// holding its queue pair and nothing but the writer's staging ring
+// (registered for remote write) and its acks, so that no other queue pair
+// can use the ring's rkey, and this one reaches nothing else; the receives
+// its writes complete into; and the copy of each whole write into the
+// region, with its acknowledgement. A registration per writer rather than
+// a memory window: windows (type 2) are an optional device capability, and
+// the ring, small and the writer's own, is what must be remotely writable,
 // never the region. Used by the server's event thread only.
 #pragma once
 
@@ -28,13 +29,14 @@ class NodeWriter {
   // For a connection already admitted as `region`'s writer: holds one
   // count of its lease (WriterLease::acquire) and releases it when it goes.
   // Throws when the ring cannot be set up.
-  NodeWriter(ibv_context* context, ibv_pd* pd, const ExportedRegion& region, std::atomic<uint64_t>& applied);
+  NodeWriter(ibv_context* context, const ExportedRegion& region, std::atomic<uint64_t>& applied);
   NodeWriter(const NodeWriter&) = delete;
   NodeWriter& operator=(const NodeWriter&) = delete;
   ~NodeWriter();
 
-  // The connection's completion queue is created on this channel, and sized
-  // by cq_entries().
+  // The connection's queue pair goes in this protection domain, and its
+  // completion queue on this channel, sized by cq_entries().
+  ibv_pd* pd() const { return pd_.get(); }
   ibv_comp_channel* channel() const { return comp_.get(); }
   int cq_entries() const { return static_cast<int>(3 * slots_ + 1); }
   uint32_t send_depth() const { return 2 * slots_; }
@@ -51,6 +53,7 @@ class NodeWriter {
   bool on_completions();
 
  private:
+  bool drain();
   bool apply_and_ack(uint32_t slot);
   Errc apply(uint32_t slot);
   bool post_recv(uint32_t slot);
@@ -60,6 +63,7 @@ class NodeWriter {
   std::atomic<uint64_t>& applied_;
   uint32_t slots_ = kWriteSlots;
   uint32_t slot_bytes_;
+  Pd pd_;  // last of the verbs objects to go
   CompChannel comp_;
   Mapping ring_;
   std::vector<WriteAck> acks_;  // one per slot, sent from here
@@ -69,6 +73,11 @@ class NodeWriter {
   ibv_cq* cq_ = nullptr;
   uint32_t sends_out_ = 0;
   std::deque<uint32_t> unsent_acks_;  // waiting for room in the send queue
+  // A slot acked but whose ack has not gone out: a write into it now is
+  // the writer's mistake (it reuses slots only once acked), and bounds
+  // unsent_acks_ by the slots.
+  std::vector<bool> ack_pending_;
+  bool broken_ = false;  // once the queue pair failed, nothing more is applied
 };
 
 }  // namespace rdma

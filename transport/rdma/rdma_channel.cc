@@ -40,7 +40,7 @@ RdmaChannel::RdmaChannel(Connection conn, Connector connect, std::shared_ptr<MrC
   wrs_.resize(conn_.depth);
   sges_.resize(2 * size_t{conn_.depth});  // a write sends its header and its payload
   local_.reserve(conn_.depth);
-  writer_ = desc_.lease != 0 && conn_.ring != nullptr;
+  writer_ = conn_.ring != nullptr;
   if (writer_) {
     write_payload_ = conn_.ring->slot_bytes - kWriteHeaderBytes;
     slots_.resize(conn_.ring->slots);
@@ -57,6 +57,7 @@ void RdmaChannel::teardown() {
   // The QP first: once it is destroyed no read of it writes our memory.
   conn_.id.reset();
   conn_.ring.reset();
+  ++generation_;  // completions polled from the old queue pair are void
   conn_.cq.reset();
   conn_.comp.reset();
   conn_.events.reset();
@@ -86,8 +87,9 @@ void RdmaChannel::post(std::span<const ReadOp> ops) {
       continue;
     }
     const uint32_t lkey = lkey_for(op.dst);
-    if (dead_ != Errc::kOk || lkey == 0 || posted_ + n >= cap) {
-      local_.push_back({op.cookie, dead_ != Errc::kOk ? dead_ : Errc::kInvalidArgument});
+    if (writer_ || dead_ != Errc::kOk || lkey == 0 || posted_ + n >= cap) {
+      // (A writer's queue pair reaches only its staging ring on the node.)
+      local_.push_back({op.cookie, writer_ ? Errc::kUnsupported : dead_ != Errc::kOk ? dead_ : Errc::kInvalidArgument});
       continue;
     }
     fifo_[(fifo_head_ + posted_ + n) % cap] = {op, lkey, false};
@@ -236,7 +238,8 @@ void RdmaChannel::on_ack(uint64_t index, WaitResult& out) {
 
 void RdmaChannel::drain_cq(WaitResult& out) {
   ibv_wc wc[32];
-  while (dead_ == Errc::kOk) {
+  const uint64_t generation = generation_;
+  while (dead_ == Errc::kOk && generation_ == generation) {
     const int n = ibv_poll_cq(conn_.cq.get(), 32, wc);
     if (n < 0) {
       recover(Errc::kIo, "ibv_poll_cq failed", out);
@@ -250,7 +253,7 @@ void RdmaChannel::drain_cq(WaitResult& out) {
       }
       if ((wc[i].opcode & IBV_WC_RECV) != 0) {
         on_ack(wc[i].wr_id, out);
-        if (dead_ != Errc::kOk) return;
+        if (dead_ != Errc::kOk || generation_ != generation) return;  // the rest is the old queue pair's
         continue;
       }
       // In-order completion: everything up to this signalled request is
@@ -344,7 +347,8 @@ ReconnectAttempt RdmaChannel::try_reconnect(std::string* why) {
     conn_ = std::move(c);
     desc_.key = conn_.reply.rkey;
     desc_.remote_addr = conn_.reply.remote_addr;
-    if (writer_ && (!conn_.ring || conn_.ring->slots != slots_.size())) {
+    if (writer_ && (!conn_.ring || conn_.ring->slots != slots_.size() ||
+                    conn_.ring->slot_bytes - kWriteHeaderBytes != write_payload_)) {
       *why = "the node no longer grants this writer its staging slots";
       teardown();
       return ReconnectAttempt::kGiveUp;
@@ -396,6 +400,11 @@ void RdmaChannel::fail(Errc why, const std::string& text, WaitResult& out) {
   backlog_.clear();
 }
 
+void RdmaChannel::take_local(WaitResult& out) {
+  out.completions.insert(out.completions.end(), local_.begin(), local_.end());
+  local_.clear();
+}
+
 void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
   // Whatever completes here is reported at once, failed reads included: a
   // reconnect that fails in drain_cq fails every read outstanding, and a
@@ -410,7 +419,8 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
     ibv_req_notify_cq(conn_.cq.get(), 0);
     drain_cq(out);
   }
-  post_backlog();  // into the slots acks freed
+  post_backlog();   // into the slots acks freed
+  take_local(out);  // and what failed doing so
   if (out.completions.size() > had) timeout_ms = 0;
   int effective = timeout_ms;
   if (busy() && dead_ == Errc::kOk) {
@@ -434,6 +444,7 @@ void RdmaChannel::wait(WaitResult& out, int timeout_ms) {
       }
       drain_cq(out);  // may find the queue pair broken and replace it
       post_backlog();
+      take_local(out);
     }
     // The cm events of the connection polled, if recovery has not replaced it.
     if (own[1].revents != 0 && dead_ == Errc::kOk && conn_.events && conn_.events->fd == own[1].fd) {

@@ -109,6 +109,9 @@ class RdmaChannel final : public Channel {
   // The node acknowledged a write: receive buffer `index` holds the ack.
   void on_ack(uint64_t index, WaitResult& out);
   void drain_cq(WaitResult& out);
+  // Reports the requests that completed without going out (refused, or
+  // failed when the channel died).
+  void take_local(WaitResult& out);
   // Posts fifo entries [from, from + n) as one chain; 0 or the errno of
   // ibv_post_send, with *accepted the reads that went out.
   int post_fifo(uint64_t from, size_t n, size_t* accepted);
@@ -137,6 +140,7 @@ class RdmaChannel final : public Channel {
   std::vector<Posted> fifo_;    // ring of posted work requests, in posting order
   bool writer_ = false;         // holds the node's writer lease
   uint32_t write_payload_ = 0;  // the most one write carries
+  uint64_t generation_ = 0;     // of the queue pair: moves when it is torn down
   std::vector<SlotWrite> slots_;
   std::vector<uint32_t> free_slots_;
   std::deque<WriteOp> backlog_;  // writes waiting for a free slot

@@ -177,8 +177,13 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   ibv_device_attr attr{};
   ibv_query_device(id->verbs, &attr);
   Peer peer;
+  if (pd == nullptr) {
+    spdlog::error("server: an RDMA peer came through a device this server did not open");
+    return refuse(Errc::kIo);
+  }
   if (writer) {
-    if (const Errc why = admit_writer(*region, lease, id, pd, peer); why != Errc::kOk) return refuse(why);
+    if (const Errc why = admit_writer(*region, lease, id, peer); why != Errc::kOk) return refuse(why);
+    pd = peer.writer->pd();
   }
   // The passive side only answers reads, and a writer's acks.
   ibv_cq* cq = ibv_create_cq(id->verbs, peer.writer ? peer.writer->cq_entries() : 2, nullptr,
@@ -209,14 +214,21 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   reply.length = region->length;
   reply.remote_addr = reinterpret_cast<uint64_t>(region->base);
   reply.identity = region->identity;
-  if (peer.writer) peer.writer->describe(reply);
+  if (peer.writer) {
+    // The writer's queue pair reaches its staging ring alone, not the region.
+    reply.rkey = 0;
+    reply.remote_addr = 0;
+    peer.writer->describe(reply);
+  }
   rdma_conn_param param{};
   param.private_data = &reply;
   param.private_data_len = sizeof reply;
   // Reads the peer may have outstanding against us, within our limit.
   param.responder_resources = static_cast<uint8_t>(std::min<int>(peer_reads, attr.max_qp_rd_atom));
   param.initiator_depth = 0;
-  param.rnr_retry_count = 7;
+  // A writer that stops posting receives for its acks is dropped rather
+  // than retried for ever.
+  param.rnr_retry_count = peer.writer ? 6 : 7;
   if (rdma_accept(id, &param) != 0) {
     spdlog::error("server: rdma_accept: {}", std::strerror(errno));
     return;  // peer (and id) destroyed as it goes out of scope
@@ -227,7 +239,7 @@ void RdmaServer::on_connect_request(rdma_cm_event* ev) {
   spdlog::debug("server: RDMA peer attached '{}'{}", name, writer ? " (writer)" : "");
 }
 
-Errc RdmaServer::admit_writer(const ExportedRegion& region, uint64_t lease, rdma_cm_id* id, ibv_pd* pd, Peer& peer) {
+Errc RdmaServer::admit_writer(const ExportedRegion& region, uint64_t lease, rdma_cm_id* id, Peer& peer) {
   if (region.writable_base == nullptr) {
     spdlog::warn("server: an RDMA peer asked to write '{}', which is read-only (only memory nodes take writes); "
                  "rejected",
@@ -241,7 +253,7 @@ Errc RdmaServer::admit_writer(const ExportedRegion& region, uint64_t lease, rdma
     return Errc::kLeased;
   }
   try {
-    peer.writer = std::make_unique<NodeWriter>(id->verbs, pd, region, writes_applied_);  // holds the lease now
+    peer.writer = std::make_unique<NodeWriter>(id->verbs, region, writes_applied_);  // holds the lease now
   } catch (const std::exception& e) {
     region.lease.release();
     spdlog::error("server: cannot set up a staging ring for a writer of '{}': {}", region.name, e.what());

@@ -74,7 +74,7 @@ class RdmaServer {
   void on_connect_request(rdma_cm_event* ev);
   // Admits a writer (Hello kRdmaWriter) of `region` holding `lease`:
   // Errc::kOk with peer.writer set up, or why not.
-  Errc admit_writer(const ExportedRegion& region, uint64_t lease, rdma_cm_id* id, ibv_pd* pd, Peer& peer);
+  Errc admit_writer(const ExportedRegion& region, uint64_t lease, rdma_cm_id* id, Peer& peer);
   void drop_peer(rdma_cm_id* id);
   void register_everywhere(Registered& r);
 

@@ -72,8 +72,17 @@ RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::
     throw Error(Errc::kConnectFailed,
                 "no RDMA device here (ibv_devices lists none): use tcp://, or run under tools/rxe-vm for Soft-RoCE");
   }
-  RegionDescriptor proved;
-  first_ = std::make_unique<Connection>(connect_one(&proved));
+  RegionDescriptor granted;
+  if (o.writer) {
+    // The lease, and the node's pages never written, from a TCP handshake
+    // that reserves the lease for this destination's write connection,
+    // made at once: it holds the lease from then on, and lets it go with
+    // this transport even if no write channel is ever opened.
+    granted = ticket(setup_timeout(o), true);
+    desc_.lease = granted.lease;
+    write_first_ = std::make_unique<Connection>(connect_one(true, &granted));
+  }
+  first_ = std::make_unique<Connection>(connect_one(false));
   const HelloReply& r = first_->reply;
   desc_.name = name;
   desc_.length = r.length;
@@ -85,10 +94,10 @@ RdmaTransport::RdmaTransport(const std::string& host, uint16_t port, const std::
     throw Error(Errc::kProtocol, endpoint_.text + " sent an invalid region descriptor");
   }
   if (o.writer) {
-    // The node's pages never written, as the TCP handshake that granted
-    // the lease told them.
-    desc_.lease = proved.lease;
-    desc_.zero_map = std::move(proved.zero_map);
+    if (granted.identity != r.identity || granted.length != r.length) {
+      throw Error(Errc::kProtocol, endpoint_.text + " answered over RDMA for another region than over TCP");
+    }
+    desc_.zero_map = std::move(granted.zero_map);
   } else {
     fetch_zero_map(*first_);
   }
@@ -137,6 +146,7 @@ void RdmaTransport::fetch_zero_map(Connection& c) {
 RdmaTransport::~RdmaTransport() {
   // A connection never handed to a channel goes before the PD.
   first_.reset();
+  write_first_.reset();
 }
 
 TransportCapabilities RdmaTransport::capabilities() const {
@@ -144,7 +154,7 @@ TransportCapabilities RdmaTransport::capabilities() const {
   return {depth, static_cast<uint32_t>(std::min<uint64_t>(device_.max_mr_size, 1u << 30))};
 }
 
-Connection RdmaTransport::connect_one(RegionDescriptor* proved_out) {
+Connection RdmaTransport::connect_one(bool writer, const RegionDescriptor* ticketed) {
   const unsigned timeout = setup_timeout(options_);
   Connection c;
   c.events = make_event_channel();
@@ -182,7 +192,7 @@ Connection RdmaTransport::connect_one(RegionDescriptor* proved_out) {
   if (comp == nullptr) throw_errno("ibv_create_comp_channel");
   c.comp.reset(comp);
   ::fcntl(comp->fd, F_SETFL, ::fcntl(comp->fd, F_GETFL) | O_NONBLOCK);
-  const uint32_t acks = options_.writer ? kWriteSlots : 0;  // a writer's receives
+  const uint32_t acks = writer ? kWriteSlots : 0;  // a writer's receives
   const int cqe = std::min<int>(static_cast<int>(c.depth + acks) + 1, device_.max_cqe);
   ibv_cq* cq = ibv_create_cq(ctx, cqe, nullptr, comp, 0);
   if (cq == nullptr) throw_errno("ibv_create_cq");
@@ -203,10 +213,10 @@ Connection RdmaTransport::connect_one(RegionDescriptor* proved_out) {
   hello.magic = kHelloMagic;
   hello.version = kRdmaVersion;
   hello.name_length = static_cast<uint8_t>(name_.size());
-  RegionDescriptor proved;  // what the TCP handshake that proved the key (or took the lease) said
-  if (options_.key != nullptr || options_.writer) {
-    proved = ticket(timeout);
-    hello.flags = static_cast<uint8_t>(kRdmaTicket | (options_.writer ? kRdmaWriter : 0));
+  RegionDescriptor proved;  // what the TCP handshake that proved the key (or presented the lease) said
+  if (options_.key != nullptr || writer) {
+    proved = ticketed != nullptr ? *ticketed : ticket(timeout, writer);
+    hello.flags = static_cast<uint8_t>(kRdmaTicket | (writer ? kRdmaWriter : 0));
     hello.ticket = proved.ticket;
   }
   std::memcpy(hello.name, name_.data(), name_.size());
@@ -226,15 +236,13 @@ Connection RdmaTransport::connect_one(RegionDescriptor* proved_out) {
   if (!ok || c.reply.magic != kHelloMagic || c.reply.status != 0) {
     throw Error(Errc::kProtocol, endpoint_.text + " does not speak the pagewire RDMA protocol");
   }
-  if ((options_.key != nullptr || options_.writer) &&
-      (c.reply.identity != proved.identity || c.reply.length != proved.length ||
-       c.reply.page_size != proved.page_size)) {
+  if ((options_.key != nullptr || writer) && (c.reply.identity != proved.identity || c.reply.length != proved.length ||
+                                              c.reply.page_size != proved.page_size)) {
     throw Error(Errc::kProtocol,
                 endpoint_.text + " answered over RDMA for another region than the one it proved " + "over TCP");
   }
   c.id = std::move(id);
-  if (options_.writer) c.ring = make_write_ring(c);
-  if (proved_out != nullptr) *proved_out = std::move(proved);
+  if (writer) c.ring = make_write_ring(c);
   return c;
 }
 
@@ -270,7 +278,7 @@ std::unique_ptr<WriteRing> RdmaTransport::make_write_ring(Connection& c) {
   return ring;
 }
 
-RegionDescriptor RdmaTransport::ticket(unsigned timeout_ms) {
+RegionDescriptor RdmaTransport::ticket(unsigned timeout_ms, bool writer) {
   // Proves the key over TCP (and has the server prove it back); the server
   // answers with a ticket good for one RDMA connect, within seconds.
   std::string why;
@@ -279,7 +287,7 @@ RegionDescriptor RdmaTransport::ticket(unsigned timeout_ms) {
   // A writer takes the node's writer lease here (or presents the one it
   // holds), and the ticket names it.
   uint8_t flags = wire::kHelloTicket;
-  if (options_.writer) flags |= wire::kHelloWriter | (desc_.lease != 0 ? wire::kHelloLease : 0);
+  if (writer) flags |= wire::kHelloWriter | (desc_.lease != 0 ? wire::kHelloLease : 0);
   RegionDescriptor d = tcp::handshake(fd.get(), name_, timeout_ms, endpoint_.text, flags, desc_.lease,
                                       options_.key.get());
   if (desc_.identity != 0 && d.identity != desc_.identity) {
@@ -288,9 +296,13 @@ RegionDescriptor RdmaTransport::ticket(unsigned timeout_ms) {
   return d;
 }
 
-std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {
-  Connection c = first_ ? std::move(*first_) : connect_one(nullptr);
-  first_.reset();
+std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse use) {
+  // A writer's writes go on a connection of their own: only it reaches the
+  // staging ring, and it reads nothing.
+  const bool writer = use == ChannelUse::kWrite && options_.writer;
+  std::unique_ptr<Connection>& made = writer ? write_first_ : first_;
+  Connection c = made ? std::move(*made) : connect_one(writer);
+  made.reset();
   if (c.reply.length != desc_.length || c.reply.page_size != desc_.page_size || c.reply.identity != desc_.identity) {
     throw Error(Errc::kProtocol, "region '" + name_ + "' changed on " + endpoint_.text + " while attaching");
   }
@@ -300,7 +312,7 @@ std::unique_ptr<Channel> RdmaTransport::open_channel(ChannelUse) {
   if (!mrs_) mrs_ = std::make_shared<MrCache>(pd_.get());
   // Channels go before their transport, so the connector may hold it.
   return std::make_unique<RdmaChannel>(
-      std::move(c), [this] { return connect_one(nullptr); }, mrs_, d, options_);
+      std::move(c), [this, writer] { return connect_one(writer); }, mrs_, d, options_);
 }
 
 }  // namespace pagewire::rdma

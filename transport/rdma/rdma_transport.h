@@ -38,15 +38,18 @@ class RdmaTransport final : public Transport {
   std::unique_ptr<SourceControl> open_control() override;
 
  private:
-  // One connection to the region; with `proved`, what the TCP handshake
-  // for its ticket said (a writer's lease and zero-page map).
-  Connection connect_one(RegionDescriptor* proved);
+  // One connection to the region: a reader's, or the writer's (its ticket
+  // presents the lease, and the node grants it a staging ring).
+  // `ticketed`: the ticket got already, with what its handshake said.
+  Connection connect_one(bool writer, const RegionDescriptor* ticketed = nullptr);
   // A writer's end of the staging ring the node granted on `c`.
   std::unique_ptr<WriteRing> make_write_ring(Connection& c);
   // With a key, or to write: proves the key (takes or presents the writer
   // lease) over TCP and returns the region as the server described it
   // there, with its ticket for one RDMA connect (transport/tickets.h).
-  RegionDescriptor ticket(unsigned timeout_ms);
+  // `writer`: takes the lease, or presents desc_.lease, and the ticket
+  // names it.
+  RegionDescriptor ticket(unsigned timeout_ms, bool writer);
   // One RDMA READ of the server's zero-page bitmap into desc_.zero_map.
   void fetch_zero_map(Connection& c);
 
@@ -57,7 +60,8 @@ class RdmaTransport final : public Transport {
   ibv_device_attr device_{};
   Pd pd_;  // one per device; every channel's QP and MRs live in it
   std::shared_ptr<MrCache> mrs_;
-  std::unique_ptr<Connection> first_;  // handed to the first channel
+  std::unique_ptr<Connection> first_;        // handed to the first channel
+  std::unique_ptr<Connection> write_first_;  // a writer's, to its first write channel
 };
 
 }  // namespace pagewire::rdma

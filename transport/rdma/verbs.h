@@ -108,8 +108,8 @@ struct HelloReply {
 // all, and an acknowledged write is in the region, where a read after the
 // ack finds it.
 inline constexpr uint32_t kWriteMagic = 0x50575257;  // "PWRW"
-inline constexpr uint32_t kWriteSlots = 64;          // asked by every writer, granted by the server
-inline constexpr uint32_t kWriteHeaderBytes = 64;    // the payload starts a cache line in
+inline constexpr uint32_t kWriteSlots = 64;        // at most, granted by the server; a writer posts that many receives
+inline constexpr uint32_t kWriteHeaderBytes = 64;  // the payload starts a cache line in
 inline constexpr uint32_t kMaxWritePayload = 64u << 10;
 
 struct WriteHeader {
