@@ -4,4 +4,5 @@
 #include "pagewire/error.h"
 #include "pagewire/region.h"
 #include "pagewire/server.h"
+#include "pagewire/snapshot.h"
 #include "pagewire/stats.h"
