@@ -176,6 +176,9 @@ struct Node {
 
 struct Live {
   Live(size_t pages, size_t cow_pages) : mem(Mapping::anonymous(pages * kPage)) {
+    // 4 KiB pages: a transparent huge page would populate the neighbours
+    // of a page written, and a page never written would not be missing.
+    ::madvise(mem.data(), mem.size(), MADV_NOHUGEPAGE);
     // Three quarters written before; the last quarter never touched, until
     // the writers reach it during the snapshot.
     work = std::make_unique<Workload>(mem.data(), pages, kPage, 2, pages * 3 / 4);
