@@ -102,5 +102,7 @@ int run_backings_bench(const BenchConfig& config);
 int run_migrate_bench(const BenchConfig& config);
 // --suite farmem: a bounded cache over a memory node, against no limit.
 int run_farmem_bench(const BenchConfig& config);
+// --suite snapshot: live snapshots by pagewire and by fork() (bench_snapshot.cc).
+int run_snapshot_bench(const BenchConfig& config);
 
 }  // namespace pagewire::cli

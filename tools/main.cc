@@ -30,6 +30,7 @@
 #include "tools/cli_util.h"
 #include "tools/migrate.h"
 #include "tools/pattern.h"
+#include "tools/snapshot_run.h"
 #include "tools/source_process.h"
 #include "tools/workload.h"
 
@@ -272,6 +273,7 @@ int cmd_bench(const BenchConfig& c) {
   if (c.suite == "backings") return run_backings_bench(c);
   if (c.suite == "migrate") return run_migrate_bench(c);
   if (c.suite == "farmem") return run_farmem_bench(c);
+  if (c.suite == "snapshot") return run_snapshot_bench(c);
   return run_bench(c);
 }
 
@@ -438,8 +440,8 @@ void add_bench_setup(CLI::App* cmd, BenchConfig& bc) {
          "scaling: faults/s against handler and faulting threads; backings: shared memory (no copy) "
          "against anonymous, 2 MiB faults against the raw 2 MiB read; migrate: precopy, postcopy and "
          "stop-and-copy from a source that keeps writing; farmem: a bounded cache over a memory node (eviction, "
-         "write-back) against no limit")
-      ->check(CLI::IsMember({"faults", "postcopy", "scaling", "backings", "migrate", "farmem"}))
+         "write-back) against no limit; snapshot: live snapshots of memory being written, pagewire against fork()")
+      ->check(CLI::IsMember({"faults", "postcopy", "scaling", "backings", "migrate", "farmem", "snapshot"}))
       ->capture_default_str();
   cmd->add_option("--uri", bc.uri, "benchmark this region (default: start a local source process)");
   cmd->add_option("--size", bc.size, "region size when the bench starts its own source")
@@ -497,6 +499,23 @@ void add_bench_shape(CLI::App* cmd, BenchConfig& bc) {
       ->capture_default_str();
 }
 
+CLI::App* add_snapshot(CLI::App& app, SnapshotCommand& s) {
+  auto* cmd = app.add_subcommand(
+      "snapshot", "snapshot memory that threads keep writing, to a file or a memory node, and verify the image");
+  cmd->add_option("--target", s.run.target, "a file path, or a memory node's region (tcp://, rdma://, auto://)")
+      ->required();
+  cmd->add_option("--size", s.run.size, "the range to snapshot")->transform(size_arg())->default_str("256M");
+  cmd->add_option("--cow", s.run.cow_bytes, "the copy-on-write buffer")->transform(size_arg())->default_str("64M");
+  cmd->add_option("--threads", s.run.threads, "writing threads")->check(CLI::Range(1, 256))->capture_default_str();
+  cmd->add_option("--rate", s.run.rate, "pages/s each thread writes (0: as fast as it can)")->capture_default_str();
+  cmd->add_option("--method", s.run.method, "pagewire, or fork (a forked child writes a file)")
+      ->check(CLI::IsMember({"pagewire", "fork"}))
+      ->capture_default_str();
+  cmd->add_option("--key-file", s.run.key_file, "the key that proves this side to a keyed memory node");
+  cmd->add_option("--json", s.json_path, "write the figures as JSON to this file");
+  return cmd;
+}
+
 CLI::App* add_bench(CLI::App& app, BenchConfig& bc) {
   auto* cmd = app.add_subcommand("bench", "fault latency against its floors, in one run");
   add_bench_setup(cmd, bc);
@@ -521,11 +540,13 @@ int main(int argc, char** argv) {
   DemoCommand demo;
   BenchConfig bench;
   KeygenCommand keygen;
+  SnapshotCommand snap;
   const CLI::App* serve_cmd = add_serve(app, serve);
   const CLI::App* keygen_cmd = add_keygen(app, keygen);
   const CLI::App* attach_cmd = add_attach(app, attach);
   const CLI::App* demo_cmd = add_demo(app, demo);
   const CLI::App* bench_cmd = add_bench(app, bench);
+  const CLI::App* snapshot_cmd = add_snapshot(app, snap);
   app.add_subcommand("info", "what this machine offers: userfaultfd features, io_uring, RDMA devices");
 
   CLI11_PARSE(app, argc, argv);
@@ -537,6 +558,7 @@ int main(int argc, char** argv) {
     if (attach_cmd->parsed()) return cmd_attach(attach);
     if (demo_cmd->parsed()) return cmd_demo(demo);
     if (bench_cmd->parsed()) return cmd_bench(bench);
+    if (snapshot_cmd->parsed()) return cmd_snapshot(snap);
     return cmd_info();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "pagewire: %s\n", e.what());
