@@ -85,7 +85,15 @@ TEST(Cli, BadNumbersAndNamesAreRefusedWithTheReason) {
       {"attach --verify abc tcp://127.0.0.1:1/x", "'abc' is not a seed"},
       {"bench --size -5G", "'-5G' is not a size"},
       // Enum-like options are checked by the parser, before anything runs.
-      {"bench --suite fastest", "--suite: fastest not in {faults,postcopy,scaling,backings,migrate,farmem}"},
+      {"bench --suite fastest", "--suite: fastest not in {faults,postcopy,scaling,backings,migrate,farmem,snapshot}"},
+      {"bench --suite snapshot --uri tcp://127.0.0.1:1/x", "--suite snapshot starts its own memory node"},
+      {"bench --suite snapshot --size 1M", "--suite snapshot needs --size of at least 4M"},
+      {"snapshot --size 1M", "--target is required"},
+      {"snapshot --target /tmp/x --cow 0", "the copy-on-write buffer must hold at least one page"},
+      {"snapshot --target /tmp/x --size 5000", "--size must be a multiple of 4 KiB"},
+      {"snapshot --target /tmp/x --threads 0", "--threads: Value 0 not in range"},
+      {"snapshot --target /tmp/x --method copy", "--method: copy not in {pagewire,fork}"},
+      {"snapshot --target tcp://127.0.0.1:1/x --method fork --size 1M", "fork-based snapshots write files only"},
       {"bench --suite farmem --uri tcp://127.0.0.1:1/x", "--suite farmem starts its own memory node"},
       {"bench --suite farmem --size 1M", "--suite farmem needs --size of at least 4M"},
       {"bench --suite farmem --farmem-seconds 0", "--farmem-seconds: Value 0 not in range"},
@@ -230,6 +238,33 @@ TEST(Bench, FarmemSuiteReportsEveryRunVerifiedAndBounded) {
   EXPECT_TRUE(has(r.out, "ok   max_resident_bytes at most 1.1x the cache in every run")) << r.out;
   // Linux's reference needs a larger region than this.
   EXPECT_TRUE(has(report, "\"why_not\": \"the region is too small (under 256 MiB)\"")) << report;
+}
+
+TEST(Bench, SnapshotSuiteReportsEveryRunVerified) {
+  const std::string json = ::testing::TempDir() + "/bench-snapshot.json";
+  std::remove(json.c_str());
+  const CliRun r = run_cli("bench --suite snapshot --size 8M --json " + json);
+  ASSERT_EQ(r.status, 0) << r.out;  // 1: an image that is not the instant, or a snapshot that failed
+  const std::string report = read_file(json);
+  // 3 rates x (2 targets x 3 buffers + fork).
+  EXPECT_EQ(count(report, "\"method\": \"pagewire\""), 18u) << report;
+  EXPECT_EQ(count(report, "\"method\": \"fork\""), 3u) << report;
+  EXPECT_EQ(count(report, "\"target\": \"node\""), 9u) << report;
+  EXPECT_EQ(count(report, "\"wrong_pages\": 0"), 21u) << report;
+  for (const char* key :
+       {"cow_bytes", "writer_pages_per_s", "pause_ms", "seconds", "writer_slowdown", "writer_stall_ms_total"}) {
+    EXPECT_EQ(count(report, "\"" + std::string(key) + "\": "), 21u) << key;
+  }
+  EXPECT_TRUE(has(r.out, "ok   every image is the instant (wrong_pages 0 in every run)")) << r.out;
+}
+
+TEST(Cli, SnapshotSavesAWorkloadAndVerifiesTheImage) {
+  const std::string image = ::testing::TempDir() + "/cli-snapshot.img";
+  const CliRun r = run_cli("snapshot --target " + image + " --size 16M --cow 1M --rate 5000");
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_TRUE(has(r.out, "verified: every page of the image is the page at the instant")) << r.out;
+  EXPECT_TRUE(has(r.out, "saved 4096 pages")) << r.out;
+  std::remove(image.c_str());
 }
 
 }  // namespace

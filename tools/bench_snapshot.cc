@@ -43,6 +43,11 @@ std::string rate_name(uint64_t rate) { return rate == 0 ? "max" : std::to_string
 }  // namespace
 
 int run_snapshot_bench(const BenchConfig& c) {
+  if (!c.uri.empty()) throw Error(Errc::kInvalidArgument, "--suite snapshot starts its own memory node: drop --uri");
+  if (c.size < (4u << 20) || c.size % 4096 != 0) {
+    throw Error(Errc::kInvalidArgument, "--suite snapshot needs --size of at least 4M, in 4 KiB pages");
+  }
+  // In the current directory, removed at the end.
   const std::string file = "pagewire-bench-snapshot.img";
   ServerOptions so;
   so.bind_address = c.addr;

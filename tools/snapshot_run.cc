@@ -195,6 +195,13 @@ SnapshotRunResult run_snapshot(const SnapshotRunConfig& c) {
   }
   if (c.threads == 0 || c.threads > 256) throw Error(Errc::kInvalidArgument, "snapshot: 1..256 writer threads");
   if (c.target.empty()) throw Error(Errc::kInvalidArgument, "snapshot: no --target (a file path or a node's URI)");
+  if (c.method != "fork" && c.cow_bytes < kPage) {
+    throw Error(Errc::kInvalidArgument, "snapshot: the copy-on-write buffer must hold at least one page (4 KiB)");
+  }
+  if (c.method == "fork" && is_node(c.target)) {
+    throw Error(Errc::kInvalidArgument, "fork-based snapshots write files only (a forked child cannot reuse "
+                                        "the parent's RDMA or io_uring state)");
+  }
   SnapshotRunResult r;
   r.method = c.method;
   r.target = is_node(c.target) ? "node" : "file";
