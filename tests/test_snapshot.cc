@@ -24,6 +24,7 @@
 #include "pagewire/snapshot.h"
 #include "runtime/uffd.h"
 #include "tests/test_util.h"
+#include "tools/page_writers.h"
 #include "tools/pattern.h"
 #ifdef PAGEWIRE_GUEST_SUITE
 #include "transport/rdma/verbs.h"
@@ -34,75 +35,7 @@ namespace {
 
 constexpr size_t kPage = 4096;
 
-// Threads writing random pages of a range, each page owned by one thread
-// (so a page is never written by two at once), the generation of every
-// page recorded. pause() stops them between two writes.
-class Workload {
- public:
-  Workload(std::byte* base, size_t pages, size_t page_size, unsigned threads, size_t first_unwritten)
-      : base_(base), pages_(pages), page_size_(page_size), gens_(pages) {
-    // Pages below first_unwritten start at generation 1; the rest are never
-    // touched before the snapshot.
-    for (size_t p = 0; p < first_unwritten; ++p) write(p);
-    for (unsigned t = 0; t < threads; ++t) {
-      threads_.emplace_back([this, t, threads] { run(t, threads); });
-    }
-  }
-  ~Workload() { stop(); }
-
-  void pause() {
-    paused_.store(true);
-    while (parked_.load() < threads_.size()) std::this_thread::yield();
-  }
-  void resume() {
-    paused_.store(false);
-    while (parked_.load() > 0) std::this_thread::yield();
-  }
-  void stop() {
-    stop_.store(true);
-    for (auto& t : threads_) {
-      if (t.joinable()) t.join();
-    }
-  }
-  // The generation of each page now (call while paused).
-  std::vector<uint64_t> generations() const {
-    std::vector<uint64_t> g(pages_);
-    for (size_t p = 0; p < pages_; ++p) g[p] = gens_[p].load();
-    return g;
-  }
-  uint64_t writes() const { return writes_.load(); }
-
- private:
-  void write(size_t p) {
-    const uint64_t g = gens_[p].load() + 1;
-    fill_generation(base_ + p * page_size_, p * page_size_, page_size_, g);
-    gens_[p].store(g);
-  }
-  void run(unsigned t, unsigned threads) {
-    std::mt19937_64 rng(testing::kSeed + t);
-    while (!stop_.load()) {
-      if (paused_.load()) {
-        parked_.fetch_add(1);
-        while (paused_.load() && !stop_.load()) std::this_thread::yield();
-        parked_.fetch_sub(1);
-        continue;
-      }
-      const size_t p = (rng() % (pages_ / threads)) * threads + t;
-      write(p);
-      writes_.fetch_add(1);
-    }
-  }
-
-  std::byte* base_;
-  size_t pages_;
-  size_t page_size_;
-  std::vector<std::atomic<uint64_t>> gens_;
-  std::vector<std::thread> threads_;
-  std::atomic<bool> paused_{false};
-  std::atomic<bool> stop_{false};
-  std::atomic<size_t> parked_{0};
-  std::atomic<uint64_t> writes_{0};
-};
+using Workload = PageWriters;
 
 // Pages of `image` (page i at i * page_size) that are not the generation
 // the instant had.
@@ -181,7 +114,7 @@ struct Live {
     ::madvise(mem.data(), mem.size(), MADV_NOHUGEPAGE);
     // Three quarters written before; the last quarter never touched, until
     // the writers reach it during the snapshot.
-    work = std::make_unique<Workload>(mem.data(), pages, kPage, 2, pages * 3 / 4);
+    work = std::make_unique<Workload>(mem.data(), pages, kPage, 2, 0, pages * 3 / 4);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     options.cow_bytes = cow_pages * kPage;
     options.pause = [this] {
@@ -240,6 +173,33 @@ TEST(Snapshot, AMemoryNodeHoldsTheInstantAndAttachRestoresIt) {
   EXPECT_EQ(count_wrong(image.data(), live.instant, kPage), 0u);
 }
 
+// Snapshots `mem` to a file while two threads write it (pages below
+// first_unwritten written before), and checks the image against the instant.
+void snapshot_to_file_while_written(const Mapping& mem, size_t page_size, size_t first_unwritten, size_t cow_pages,
+                                    const std::string& name) {
+  const size_t pages = mem.size() / page_size;
+  Workload work(mem.data(), pages, page_size, 2, 0, first_unwritten);
+  std::vector<uint64_t> instant;
+  SnapshotOptions o;
+  o.page_size = page_size;
+  o.cow_bytes = cow_pages * page_size;
+  o.pause = [&] {
+    work.pause();
+    instant = work.generations();
+  };
+  o.resume = [&] { work.resume(); };
+  const std::string path = tmp_path(name);
+  Snapshot s = snapshot(mem.data(), mem.size(), path, o);
+  ASSERT_TRUE(s.wait(std::chrono::seconds(120)));
+  EXPECT_FALSE(s.progress().failed) << s.progress().error;
+  work.stop();
+  const std::vector<std::byte> image = read_file(path);
+  ASSERT_EQ(image.size(), mem.size());
+  EXPECT_EQ(count_wrong(image.data(), instant, page_size), 0u);
+  expect_released(mem.data(), mem.size(), page_size);
+  ::unlink(path.c_str());
+}
+
 TEST(Snapshot, SharedMemoryIsSavedToo) {
   constexpr size_t kPages = 2048;
   UniqueFd fd(static_cast<int>(::memfd_create("pagewire-snapshot", MFD_CLOEXEC)));
@@ -247,26 +207,7 @@ TEST(Snapshot, SharedMemoryIsSavedToo) {
   ASSERT_EQ(::ftruncate(fd.get(), kPages * kPage), 0);
   void* p = ::mmap(nullptr, kPages * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   ASSERT_NE(p, MAP_FAILED);
-  Mapping mem(p, kPages * kPage);
-  Workload work(mem.data(), kPages, kPage, 2, kPages / 2);
-  std::vector<uint64_t> instant;
-  SnapshotOptions o;
-  o.cow_bytes = 32 * kPage;
-  o.pause = [&] {
-    work.pause();
-    instant = work.generations();
-  };
-  o.resume = [&] { work.resume(); };
-  const std::string path = tmp_path("shared");
-  Snapshot s = snapshot(mem.data(), mem.size(), path, o);
-  ASSERT_TRUE(s.wait(std::chrono::seconds(120)));
-  EXPECT_FALSE(s.progress().failed) << s.progress().error;
-  work.stop();
-  const std::vector<std::byte> image = read_file(path);
-  ASSERT_EQ(image.size(), mem.size());
-  EXPECT_EQ(count_wrong(image.data(), instant, kPage), 0u);
-  expect_released(mem.data(), mem.size(), kPage);
-  ::unlink(path.c_str());
+  snapshot_to_file_while_written(Mapping(p, kPages * kPage), kPage, kPages / 2, 32, "shared");
 }
 
 TEST(Snapshot, HugePagesAreSavedToo) {
@@ -275,27 +216,7 @@ TEST(Snapshot, HugePagesAreSavedToo) {
   if (const std::string why = testing::reserve_huge_pages(kPages); !why.empty()) GTEST_SKIP() << why;
   void* p = ::mmap(nullptr, kPages * kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
   if (p == MAP_FAILED) GTEST_SKIP() << "no hugetlb mapping: " << std::strerror(errno);
-  Mapping mem(p, kPages * kHuge);
-  Workload work(mem.data(), kPages, kHuge, 2, kPages);
-  std::vector<uint64_t> instant;
-  SnapshotOptions o;
-  o.page_size = kHuge;
-  o.cow_bytes = 2 * kHuge;
-  o.pause = [&] {
-    work.pause();
-    instant = work.generations();
-  };
-  o.resume = [&] { work.resume(); };
-  const std::string path = tmp_path("huge");
-  Snapshot s = snapshot(mem.data(), mem.size(), path, o);
-  ASSERT_TRUE(s.wait(std::chrono::seconds(120)));
-  EXPECT_FALSE(s.progress().failed) << s.progress().error;
-  work.stop();
-  const std::vector<std::byte> image = read_file(path);
-  ASSERT_EQ(image.size(), mem.size());
-  EXPECT_EQ(count_wrong(image.data(), instant, kHuge), 0u);
-  expect_released(mem.data(), mem.size(), kHuge);
-  ::unlink(path.c_str());
+  snapshot_to_file_while_written(Mapping(p, kPages * kHuge), kHuge, kPages, 2, "huge");
 }
 
 TEST(SnapshotFailure, ANodeThatDiesFailsTheSnapshotAndTheWorkloadGoesOn) {

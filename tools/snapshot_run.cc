@@ -18,6 +18,7 @@
 #include "common/unique_fd.h"
 #include "nlohmann/json.hpp"
 #include "tools/cli_util.h"
+#include "tools/page_writers.h"
 #include "tools/pattern.h"
 #include "transport/transport.h"
 
@@ -28,82 +29,6 @@ using Clock = std::chrono::steady_clock;
 constexpr size_t kPage = 4096;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-// The demo workload: each thread writes random pages of its own share,
-// each write the page's next generation.
-class Writers {
- public:
-  Writers(std::byte* base, size_t pages, unsigned threads, uint64_t rate)
-      : base_(base), pages_(pages), threads_n_(threads), rate_(rate), gens_(pages) {
-    // Every page holds generation 1 to begin with.
-    for (size_t p = 0; p < pages; ++p) {
-      fill_generation(base + p * kPage, p * kPage, kPage, 1);
-      gens_[p].store(1, std::memory_order_relaxed);
-    }
-  }
-  ~Writers() { stop(); }
-  void start() {
-    for (unsigned t = 0; t < threads_n_; ++t) threads_.emplace_back([this, t] { run(t); });
-  }
-  void pause() {
-    paused_.store(true);
-    while (parked_.load() < threads_.size()) std::this_thread::yield();
-  }
-  void resume() {
-    paused_.store(false);
-    while (parked_.load() > 0) std::this_thread::yield();
-  }
-  void stop() {
-    stop_.store(true);
-    for (auto& t : threads_) {
-      if (t.joinable()) t.join();
-    }
-    threads_.clear();
-  }
-  std::vector<uint64_t> generations() const {
-    std::vector<uint64_t> g(pages_);
-    for (size_t p = 0; p < pages_; ++p) g[p] = gens_[p].load(std::memory_order_relaxed);
-    return g;
-  }
-  uint64_t writes() const { return writes_.load(); }
-
- private:
-  void run(unsigned t) {
-    std::mt19937_64 rng(0x5eed + t);
-    const size_t share = pages_ / threads_n_;
-    const auto start = Clock::now();
-    uint64_t mine = 0;
-    while (!stop_.load(std::memory_order_relaxed)) {
-      if (paused_.load(std::memory_order_relaxed)) {
-        parked_.fetch_add(1);
-        while (paused_.load() && !stop_.load()) std::this_thread::yield();
-        parked_.fetch_sub(1);
-        continue;
-      }
-      const size_t p = (rng() % share) * threads_n_ + t;
-      const uint64_t g = gens_[p].load(std::memory_order_relaxed) + 1;
-      fill_generation(base_ + p * kPage, p * kPage, kPage, g);
-      gens_[p].store(g, std::memory_order_relaxed);
-      writes_.fetch_add(1, std::memory_order_relaxed);
-      if (rate_ > 0) {
-        const auto due = start +
-                         std::chrono::duration<double>(static_cast<double>(++mine) / static_cast<double>(rate_));
-        if (due > Clock::now()) std::this_thread::sleep_until(due);
-      }
-    }
-  }
-
-  std::byte* base_;
-  size_t pages_;
-  unsigned threads_n_;
-  uint64_t rate_;
-  std::vector<std::atomic<uint64_t>> gens_;
-  std::vector<std::thread> threads_;
-  std::atomic<bool> paused_{false};
-  std::atomic<bool> stop_{false};
-  std::atomic<size_t> parked_{0};
-  std::atomic<uint64_t> writes_{0};
-};
 
 uint64_t count_wrong(const std::byte* image, const std::vector<uint64_t>& want, size_t from) {
   uint64_t wrong = 0;
@@ -156,7 +81,7 @@ bool is_node(const std::string& target) { return target.find("://") != std::stri
 
 // fork(): the child holds the instant (the kernel copies on write) and
 // writes it out; the parent's writers go on.
-void fork_snapshot(const SnapshotRunConfig& c, std::byte* base, Writers& w, SnapshotRunResult& r,
+void fork_snapshot(const SnapshotRunConfig& c, std::byte* base, PageWriters& w, SnapshotRunResult& r,
                    std::vector<uint64_t>& instant) {
   if (is_node(c.target)) {
     throw Error(Errc::kInvalidArgument, "fork-based snapshots write files only (a forked child cannot reuse "
@@ -210,8 +135,7 @@ SnapshotRunResult run_snapshot(const SnapshotRunConfig& c) {
   const size_t pages = c.size / kPage;
   Mapping mem = Mapping::anonymous(c.size);
   ::madvise(mem.data(), mem.size(), MADV_NOHUGEPAGE);
-  Writers w(mem.data(), pages, c.threads, c.rate);
-  w.start();
+  PageWriters w(mem.data(), pages, kPage, c.threads, c.rate, pages);
   // The writers' rate without a snapshot.
   const uint64_t b0 = w.writes();
   std::this_thread::sleep_for(std::chrono::duration<double>(c.baseline_seconds));

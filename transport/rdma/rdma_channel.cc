@@ -12,6 +12,16 @@
 
 namespace pagewire::rdma {
 
+int post_ack_receive(ibv_qp* qp, WriteRing& ring, uint32_t index) {
+  ibv_sge sge{reinterpret_cast<uint64_t>(&ring.acks[index]), sizeof(WriteAck), ring.acks_mr->lkey};
+  ibv_recv_wr wr{};
+  wr.wr_id = index;
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  ibv_recv_wr* bad = nullptr;
+  return ibv_post_recv(qp, &wr, &bad);
+}
+
 std::shared_ptr<ibv_mr> MrCache::get(std::byte* base, size_t length) {
   std::lock_guard lock(mu_);
   std::erase_if(mrs_, [](const std::weak_ptr<ibv_mr>& w) { return w.expired(); });
@@ -225,13 +235,7 @@ void RdmaChannel::on_ack(uint64_t index, WaitResult& out) {
   out.completions.push_back({w.op.cookie, static_cast<Errc>(ack.status)});
   last_progress_ = last_completion_ = std::chrono::steady_clock::now();
   // The buffer takes the next ack: the node never has more out than slots.
-  ibv_sge sge{reinterpret_cast<uint64_t>(&ring->acks[index]), sizeof(WriteAck), ring->acks_mr->lkey};
-  ibv_recv_wr wr{};
-  wr.wr_id = index;
-  wr.sg_list = &sge;
-  wr.num_sge = 1;
-  ibv_recv_wr* bad = nullptr;
-  if (const int rc = ibv_post_recv(conn_.id->qp, &wr, &bad); rc != 0) {
+  if (const int rc = post_ack_receive(conn_.id->qp, *ring, static_cast<uint32_t>(index)); rc != 0) {
     recover(Errc::kIo, std::string("ibv_post_recv: ") + std::strerror(rc), out);
   }
 }

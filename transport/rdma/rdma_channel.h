@@ -37,6 +37,10 @@ struct WriteRing {
   uint32_t slot_bytes = 0;
 };
 
+// Posts the receive that ring.acks[index] takes the node's next ack into;
+// 0 or the errno of ibv_post_recv.
+int post_ack_receive(ibv_qp* qp, WriteRing& ring, uint32_t index);
+
 struct Connection {
   EventChannel events;
   std::unique_ptr<WriteRing> ring;  // a writer's; goes after the QP

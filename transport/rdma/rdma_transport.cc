@@ -265,13 +265,7 @@ std::unique_ptr<WriteRing> RdmaTransport::make_write_ring(Connection& c) {
   if (!ring->headers_mr || !ring->acks_mr) throw_errno("ibv_reg_mr of a writer's headers and acks");
   // A receive for every slot's ack, before the first write can go out.
   for (uint32_t i = 0; i < ring->slots; ++i) {
-    ibv_sge sge{reinterpret_cast<uint64_t>(&ring->acks[i]), sizeof(WriteAck), ring->acks_mr->lkey};
-    ibv_recv_wr wr{};
-    wr.wr_id = i;
-    wr.sg_list = &sge;
-    wr.num_sge = 1;
-    ibv_recv_wr* bad = nullptr;
-    if (const int rc = ibv_post_recv(c.id->qp, &wr, &bad); rc != 0) {
+    if (const int rc = post_ack_receive(c.id->qp, *ring, i); rc != 0) {
       throw Error(Errc::kIo, std::string("posting a writer's receives: ") + std::strerror(rc));
     }
   }
