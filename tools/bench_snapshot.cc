@@ -96,26 +96,33 @@ int run_snapshot_bench(const BenchConfig& c) {
     one(rc);
   }
   std::remove(file.c_str());
-  // The bars: pagewire stands the writers still for less than fork does,
-  // and a 64 MiB buffer holds a moderate writer to at most 2x.
-  double fork_pause = 1e300;  // the shortest
-  double pw_pause = 0;        // the longest
+  // The bars: at each rate, every pagewire run stands the writers still
+  // for less than fork does; a 64 MiB buffer holds a moderate writer to
+  // at most 2x.
+  bool pauses_below = true;
+  double pw_pause = 0;  // the longest, and fork's shortest
+  double fork_pause = 1e300;
   double moderate_slowdown = 0;
+  for (const auto& f : runs) {
+    if (f.method != "fork") continue;
+    fork_pause = std::min(fork_pause, f.pause_ms);
+    for (const auto& r : runs) {
+      if (r.method == "pagewire" && r.rate == f.rate && r.pause_ms >= f.pause_ms) pauses_below = false;
+    }
+  }
   for (const auto& r : runs) {
-    if (r.method == "fork") fork_pause = std::min(fork_pause, r.pause_ms);
     if (r.method == "pagewire") pw_pause = std::max(pw_pause, r.pause_ms);
     if (r.method == "pagewire" && r.cow_bytes == (64u << 20) && r.rate == kModerate) {
       moderate_slowdown = std::max(moderate_slowdown, r.writer_slowdown);
     }
   }
-  const bool marks = print_marks({
+  print_marks({
       {!wrong, "every image is the instant (wrong_pages 0 in every run)"},
-      {pw_pause < fork_pause, "pagewire's longest pause " + std::to_string(pw_pause) + " ms, below fork's shortest " +
-                                  std::to_string(fork_pause) + " ms"},
+      {pauses_below, "at each rate, every pagewire pause_ms below fork's (longest pagewire " +
+                         std::to_string(pw_pause) + " ms, shortest fork " + std::to_string(fork_pause) + " ms)"},
       {moderate_slowdown <= 2.0,
        "64 MiB buffer, moderate rate: writer slowdown " + std::to_string(moderate_slowdown) + "x (at most 2x)"},
   });
-  (void)marks;
   nlohmann::json jr = nlohmann::json::array();
   for (const auto& r : runs) jr.push_back(to_json(r));
   write_report(c.json_path, {{"snapshot",
@@ -125,6 +132,7 @@ int run_snapshot_bench(const BenchConfig& c) {
                                {"runs", jr},
                                {"pagewire_max_pause_ms", pw_pause},
                                {"fork_min_pause_ms", fork_pause},
+                               {"pagewire_pause_below_fork_at_each_rate", pauses_below},
                                {"moderate_64m_writer_slowdown", moderate_slowdown}}}});
   return wrong ? 1 : 0;
 }
