@@ -90,6 +90,10 @@ class SnapshotEngine {
   std::byte* addr(size_t page) const { return base_ + page * page_size_; }
   void take_instant();
   void serve_faults();
+  void read_pending();
+  void dispatch(const uffd_msg& m);
+  // Lifts the protection of `page` and wakes its writers.
+  void lift(size_t page);
   void on_write_fault(size_t page);
   void on_missing(size_t page);
   void on_remove(uint64_t start, uint64_t end);
@@ -100,6 +104,8 @@ class SnapshotEngine {
   void post_page(size_t page, const std::byte* data, uint32_t slot, bool cow);
   void reap(int timeout_ms);
   bool present_at_instant(size_t page);
+  // Present or swapped now (pagemap; anonymous ranges).
+  bool populated(size_t page) const;
   void unprotect_runs(std::vector<size_t>& pages);
   void fail(Errc why, const std::string& text);
   void finish();
@@ -137,6 +143,7 @@ class SnapshotEngine {
   std::vector<uint32_t> stage_free_;
   std::vector<Inflight> inflight_;
   std::vector<uint64_t> inflight_free_;
+  std::vector<uffd_msg> deferred_;  // faults read while retrying (the fault thread's)
   uint32_t writes_out_ = 0;
   size_t next_ = 0;
   std::vector<uint64_t> pagemap_window_;
@@ -237,7 +244,7 @@ void SnapshotEngine::take_instant() {
     // No missing page is filled while the protection goes on: one filled
     // just after it would be writable without being saved.
     std::unique_lock instant(instant_mu_);
-    rc = wtrack::write_protect(uffd_.fd(), reinterpret_cast<uintptr_t>(base_), length_, true);
+    rc = uffd_.write_protect(base_, length_, true);
     instant_ = Clock::now();
     instant_taken_ = true;
   }
@@ -252,29 +259,70 @@ void SnapshotEngine::take_instant() {
 // --- the fault handler ---------------------------------------------------------
 
 void SnapshotEngine::serve_faults() {
+  // While a remove event is unread, every install and protection change
+  // fails with EAGAIN: the retries read pending events here, handling
+  // removes at once and keeping faults for after.
+  struct Reader final : PendingEvents {
+    SnapshotEngine* engine;
+    void read_pending_events() override { engine->read_pending(); }
+  } reader;
+  reader.engine = this;
+  set_thread_pending_events(&reader);
   uffd_msg msgs[64];
   for (;;) {
+    if (!deferred_.empty()) {
+      std::vector<uffd_msg> now;
+      now.swap(deferred_);
+      for (const uffd_msg& m : now) dispatch(m);
+      continue;
+    }
     pollfd fds[2] = {{uffd_.fd(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0 && errno != EINTR) return;
-    if (fds[1].revents != 0) return;
+    if (::poll(fds, 2, -1) < 0 && errno != EINTR) break;
+    if (fds[1].revents != 0) break;
     const int n = uffd_.read_events(msgs);
+    // Removes first: a fault read in the same batch may be on a page the
+    // remove is about to take.
     for (int i = 0; i < n; ++i) {
-      const uffd_msg& m = msgs[i];
-      if (m.event == UFFD_EVENT_PAGEFAULT) {
-        const uint64_t at = m.arg.pagefault.address;
-        const auto start = reinterpret_cast<uint64_t>(base_);
-        if (at < start || at >= start + length_) continue;
-        const size_t page = (at - start) / page_size_;
-        if ((m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0) {
-          on_write_fault(page);
-        } else {
-          on_missing(page);
-        }
-      } else if (m.event == UFFD_EVENT_REMOVE) {
-        on_remove(m.arg.remove.start, m.arg.remove.end);
-      }
+      if (msgs[i].event == UFFD_EVENT_REMOVE) dispatch(msgs[i]);
+    }
+    for (int i = 0; i < n; ++i) {
+      if (msgs[i].event != UFFD_EVENT_REMOVE) dispatch(msgs[i]);
     }
   }
+  set_thread_pending_events(nullptr);
+}
+
+void SnapshotEngine::read_pending() {
+  uffd_msg msgs[16];
+  const int n = uffd_.read_events(msgs);
+  for (int i = 0; i < n; ++i) {
+    if (msgs[i].event == UFFD_EVENT_REMOVE) {
+      dispatch(msgs[i]);
+    } else {
+      deferred_.push_back(msgs[i]);
+    }
+  }
+}
+
+void SnapshotEngine::dispatch(const uffd_msg& m) {
+  if (m.event == UFFD_EVENT_PAGEFAULT) {
+    const uint64_t at = m.arg.pagefault.address;
+    const auto start = reinterpret_cast<uint64_t>(base_);
+    if (at < start || at >= start + length_) return;
+    const size_t page = (at - start) / page_size_;
+    if ((m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0) {
+      on_write_fault(page);
+    } else {
+      on_missing(page);
+    }
+  } else if (m.event == UFFD_EVENT_REMOVE) {
+    on_remove(m.arg.remove.start, m.arg.remove.end);
+  }
+}
+
+void SnapshotEngine::lift(size_t page) {
+  uffd_.write_protect(addr(page), page_size_, false);
+  uffd_.wake(addr(page), page_size_);
 }
 
 int SnapshotEngine::acquire_cow_slot(bool* stalled) {
@@ -297,10 +345,9 @@ void SnapshotEngine::on_write_fault(size_t page) {
   bool stalled = false;
   for (;;) {
     uint8_t s = state_[page].load(std::memory_order_acquire);
-    if (s == kSaving) {
-      sched_yield();  // the saver is copying it: a page's worth of memcpy
-      continue;
-    }
+    // The saver is copying it: it lifts the protection when it is done,
+    // and that wakes the writer.
+    if (s == kSaving) return;
     // Counted before it is claimed: the saver, seeing no page pending and
     // none being copied, may end.
     copying_.fetch_add(1);
@@ -333,8 +380,7 @@ void SnapshotEngine::on_write_fault(size_t page) {
     copied_.fetch_add(1, std::memory_order_relaxed);
     break;
   }
-  // Lifting the protection wakes the writer.
-  wtrack::write_protect(uffd_.fd(), reinterpret_cast<uintptr_t>(addr(page)), page_size_, false);
+  lift(page);
   if (stalled) {
     stalls_.fetch_add(1, std::memory_order_relaxed);
     stall_ns_.fetch_add(ns_since(t0), std::memory_order_relaxed);
@@ -345,9 +391,12 @@ void SnapshotEngine::on_missing(size_t page) {
   // After the instant: never populated, so zero at the instant (a page
   // present then raises no missing fault, and only this thread fills one
   // in). Before it, the page is filled and then taken as it is then.
+  // Two threads touching the page make two messages: the second, after
+  // the first filled it in, finds it present, and it is not zero then.
   std::shared_lock instant(instant_mu_);
   uint8_t s = kPending;
-  if (instant_taken_ && state_[page].compare_exchange_strong(s, kZero, std::memory_order_acq_rel)) {
+  copying_.fetch_add(1);  // the saver must not end between the claim and the queueing
+  if (instant_taken_ && !populated(page) && state_[page].compare_exchange_strong(s, kZero, std::memory_order_acq_rel)) {
     zero_.fetch_add(1, std::memory_order_relaxed);
     if (sink_->needs_zeros(page * page_size_)) {
       std::lock_guard lock(mu_);
@@ -356,6 +405,7 @@ void SnapshotEngine::on_missing(size_t page) {
       saved_.fetch_add(1, std::memory_order_relaxed);
     }
   }
+  copying_.fetch_sub(1);
   uint64_t retries = 0;
   uint64_t existed = 0;
   uffd_.zeropage(addr(page), page_size_, page_size_, &retries, &existed);
@@ -378,6 +428,13 @@ void SnapshotEngine::on_remove(uint64_t start, uint64_t end) {
 }
 
 // --- the saver -------------------------------------------------------------------
+
+bool SnapshotEngine::populated(size_t page) const {
+  uint64_t e = 0;
+  const off_t at = static_cast<off_t>(reinterpret_cast<uintptr_t>(addr(page)) / wtrack::kBasePage * 8);
+  if (::pread(pagemap_.get(), &e, sizeof e, at) != static_cast<ssize_t>(sizeof e)) return true;  // unknown: not zero
+  return (e & (wtrack::kPagemapPresent | wtrack::kPagemapSwapped)) != 0;
+}
 
 bool SnapshotEngine::present_at_instant(size_t page) {
   if (!anonymous_) return true;
@@ -489,7 +546,8 @@ void SnapshotEngine::unprotect_runs(std::vector<size_t>& pages) {
   while (i < pages.size()) {
     size_t j = i + 1;
     while (j < pages.size() && pages[j] == pages[j - 1] + 1) ++j;
-    wtrack::write_protect(uffd_.fd(), reinterpret_cast<uintptr_t>(addr(pages[i])), (j - i) * page_size_, false);
+    uffd_.write_protect(addr(pages[i]), (j - i) * page_size_, false);
+    uffd_.wake(addr(pages[i]), (j - i) * page_size_);
     i = j;
   }
 }
@@ -526,12 +584,15 @@ void SnapshotEngine::save() {
       }
       const bool cow = post_queued();
       if (!cow) save_pages();
+      // Copying first: a page the handler queues after this was read is
+      // in the queue when it is read below.
+      const uint32_t copying = copying_.load();
       bool queued = false;
       {
         std::lock_guard lock(mu_);
         queued = !queue_.empty();
       }
-      if (next_ >= pages_ && !queued && writes_out_ == 0 && copying_.load() == 0) break;
+      if (next_ >= pages_ && !queued && writes_out_ == 0 && copying == 0) break;
       const bool idle = next_ >= pages_ && !queued;
       reap(idle ? 10 : 0);
       seconds_ns_.store(ns_since(instant_), std::memory_order_relaxed);
@@ -573,7 +634,8 @@ void SnapshotEngine::finish() {
   cow_cv_.notify_all();
   // Lifting every protection wakes every writer parked on one; a handler
   // waiting for a slot gives up, and its writer goes on.
-  wtrack::write_protect(uffd_.fd(), reinterpret_cast<uintptr_t>(base_), length_, false);
+  uffd_.write_protect(base_, length_, false);
+  uffd_.wake(base_, length_);
   uint64_t one = 1;
   [[maybe_unused]] ssize_t w = ::write(stop_.get(), &one, sizeof one);
   if (fault_thread_.joinable()) fault_thread_.join();

@@ -271,6 +271,29 @@ TEST(SnapshotFailure, CancellingOrDestroyingItWhileWritersWaitReleasesThem) {
   }
 }
 
+TEST(SnapshotFailure, AWorkloadThatDiscardsPagesNotYetSavedFailsItWithoutAHang) {
+  constexpr size_t kPages = 16384;
+  Node node(kPages * kPage);
+  Live live(kPages, 64);
+  Snapshot s = snapshot(live.mem.data(), kPages * kPage, node.uri(), live.options);
+  // The last pages are saved last: discard some of them now.
+  auto discard = std::async(std::launch::async, [&] {
+    return ::madvise(live.mem.data() + (kPages - 64) * kPage, 64 * kPage, MADV_DONTNEED);
+  });
+  ASSERT_EQ(discard.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "the discard hangs";
+  EXPECT_EQ(discard.get(), 0);
+  ASSERT_TRUE(s.wait(std::chrono::seconds(60))) << "the snapshot never ended";
+  const SnapshotProgress p = s.progress();
+  if (p.pages_saved == kPages && !p.failed) GTEST_SKIP() << "the saver got there first";
+  EXPECT_TRUE(p.failed);
+  EXPECT_NE(p.error.find("discarded"), std::string::npos) << p.error;
+  const uint64_t writes = live.work->writes();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_GT(live.work->writes(), writes);
+  live.work->stop();
+  expect_released(live.mem.data(), live.mem.size(), kPage);
+}
+
 TEST(SnapshotOptions, BadInputIsRefusedAndChangesNothing) {
   Mapping mem = Mapping::anonymous(64 * kPage);
   const std::string path = tmp_path("bad");
