@@ -153,6 +153,11 @@ TEST(Snapshot, AFileHoldsTheInstantWhileThreadsKeepWriting) {
   ASSERT_EQ(image.size(), kPages * kPage);
   EXPECT_EQ(count_wrong(image.data(), live.instant, kPage), 0u);
   expect_released(live.mem.data(), live.mem.size(), kPage);
+  // Restored lazily: the image served as a file, attached, page by page.
+  MemoryServer server(testing::loopback_tcp());
+  server.export_file("restored", path);
+  Region r = attach(testing::loopback_uri(server, "restored"), testing::on_demand(2));
+  EXPECT_EQ(count_wrong(r.data(), live.instant, kPage), 0u);
   ::unlink(path.c_str());
 }
 
