@@ -113,6 +113,7 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
   if (!b.shared) {
     if (!b.huge) {
       b.view = Mapping::anonymous(size);
+      b.segments = {{reinterpret_cast<uintptr_t>(b.view.data()), 0, size / b.page_size()}};
       return b;
     }
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB,
@@ -122,6 +123,7 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
       throw_errno("mmap of " + std::to_string(size) + " bytes of 2 MiB hugetlb pages");
     }
     b.view = Mapping(p, size);
+    b.segments = {{reinterpret_cast<uintptr_t>(b.view.data()), 0, size / b.page_size()}};
     return b;
   }
   if (!b.memfd) {
@@ -133,6 +135,46 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
   }
   b.view = map_shared(b.memfd.get(), size, b.huge);
   b.alias = map_shared(b.memfd.get(), size, b.huge);
+  b.segments = {{reinterpret_cast<uintptr_t>(b.view.data()), 0, size / b.page_size()}};
+  return b;
+}
+
+Backing Backing::foreign_memory(pid_t pid, std::vector<Segment> segments, uint64_t length, uint32_t page_size) {
+  Backing b;
+  b.foreign_pid = pid;
+  b.huge = page_size == kHugePage;
+  if (page_size != kSmallPage && page_size != kHugePage) {
+    throw Error(Errc::kInvalidArgument, "page size " + std::to_string(page_size) + " is not 4096 or 2097152");
+  }
+  b.foreign_bytes = b.rounded(length);
+  const size_t pages = b.foreign_bytes / page_size;
+  std::sort(segments.begin(), segments.end(),
+            [](const Segment& x, const Segment& y) { return x.first_page < y.first_page; });
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const Segment& s = segments[i];
+    if (s.pages == 0 || s.addr % page_size != 0) {
+      throw Error(Errc::kInvalidArgument, "a mapping at " + std::to_string(s.addr) + " is empty or not aligned to " +
+                                              std::to_string(page_size) + " bytes");
+    }
+    if (s.first_page + s.pages > pages || s.first_page + s.pages < s.first_page) {
+      throw Error(Errc::kInvalidArgument, "a mapping of " + std::to_string(s.pages) + " pages at source page " +
+                                              std::to_string(s.first_page) + " lies past the source's " +
+                                              std::to_string(pages) + " pages");
+    }
+    if (i > 0 && segments[i - 1].first_page + segments[i - 1].pages > s.first_page) {
+      throw Error(Errc::kInvalidArgument,
+                  "two mappings hold the same source pages (from page " + std::to_string(s.first_page) + ")");
+    }
+    for (size_t j = 0; j < i; ++j) {
+      const Segment& o = segments[j];
+      const uint64_t a_end = s.addr + s.pages * page_size;
+      const uint64_t o_end = o.addr + o.pages * page_size;
+      if (s.addr < o_end && o.addr < a_end) {
+        throw Error(Errc::kInvalidArgument, "two mappings overlap in memory (at " + std::to_string(s.addr) + ")");
+      }
+    }
+  }
+  b.segments = std::move(segments);
   return b;
 }
 

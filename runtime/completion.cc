@@ -97,7 +97,7 @@ size_t Completion::sweep_discarded() {
       if (r_.pages.settle(p, PageState::kMissing)) ++gone;
       PageCounts::add(own_.present, -1);
     }
-    r_.uffd.wake(r_.base + p * r_.page_size, r_.page_size);  // a fault meanwhile looks again
+    r_.uffd.wake(r_.backing.addr(p), r_.page_size);  // a fault meanwhile looks again
   }
   return gone;
 }
@@ -138,11 +138,13 @@ void Completion::decide() {
   // still mapped are unregistered; a range the application unmapped may
   // hold another mapping by now.
   r_.pages.for_each_mapped_stretch([&](size_t first, size_t count) {
-    try {
-      r_.uffd.unregister(r_.base + first * r_.page_size, count * r_.page_size);
-    } catch (const std::exception& e) {
-      spdlog::warn("region '{}': complete, but {}", r_.name, e.what());
-    }
+    r_.backing.for_each_range(first, count, [&](std::byte* addr, size_t, size_t n) {
+      try {
+        r_.uffd.unregister(addr, n * r_.page_size);
+      } catch (const std::exception& e) {
+        spdlog::warn("region '{}': complete, but {}", r_.name, e.what());
+      }
+    });
   });
   r_.status.set_complete();
   closing_.store(false);
@@ -157,8 +159,8 @@ bool Completion::fetch_again(size_t page, PageCounts& mine) {
   { const std::lock_guard decide(decide_mu_); }
   if (!r_.status.complete()) return true;  // it saw, or stopped short: fetch
   // The region is plain memory now: the page was discarded as the region
-  // completed, and reads as plain memory does (the caller wakes its fault). A read of it now could only fail to install, or, in shared
-  // memory, land over what the application wrote since.
+  // completed, and reads as plain memory does (the caller wakes its fault). A read of it now could only fail to
+  // install, or, in shared memory, land over what the application wrote since.
   if (r_.pages.settle(page, PageState::kPresent)) PageCounts::add(mine.present, 1);
   return false;
 }

@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "common/unique_fd.h"
+#include "runtime/backing.h"
 #include "runtime/page_table.h"
 #include "runtime/region_status.h"
 #include "runtime/residency.h"
@@ -48,7 +49,7 @@ class Completion {
     PageTable& pages;
     const Residency& residency;
     Userfaultfd& uffd;
-    std::byte* base;
+    const Backing& backing;  // where each page is
     uint32_t page_size;
     RegionStatus& status;
     std::string name;

@@ -94,24 +94,58 @@ void check_supported(const Transport& t, const Backing& b, const Userfaultfd& uf
   }
 }
 
+Backing make_backing(const Transport& t, const AttachOptions& o, ForeignMemory* foreign) {
+  if (foreign == nullptr) return Backing::create(t.region().length, o);
+  return Backing::foreign_memory(foreign->pid, std::move(foreign->segments), t.region().length, foreign->page_size);
+}
+
+Userfaultfd make_uffd(const Backing& b, ForeignMemory* foreign) {
+  if (foreign == nullptr) return Userfaultfd::open(wanted_features(b));
+  // Whether the kernel poisons pages (it does not ask the features the
+  // other process negotiated); a userfaultfd cannot be opened here when
+  // this process may not, and then nothing is assumed.
+  uint64_t assumed = 0;
+  try {
+    assumed = Userfaultfd::kernel_features() & UFFD_FEATURE_POISON;
+  } catch (const std::exception&) {
+  }
+  return Userfaultfd::adopt(std::move(foreign->uffd), assumed);
+}
+
 }  // namespace
 
 FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, const ZeroMap* not_zero)
+    : FaultEngine(std::move(transport), options, not_zero, nullptr) {}
+
+FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, ForeignMemory foreign)
+    : FaultEngine(std::move(transport), options, nullptr, &foreign) {}
+
+FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, const ZeroMap* not_zero,
+                         ForeignMemory* foreign)
     : options_(options),
       transport_(std::move(transport)),
-      backing_(Backing::create(transport_->region().length, options)),
+      backing_(make_backing(*transport_, options, foreign)),
       desc_(local_descriptor(transport_->region(), backing_.page_size())),
-      uffd_(Userfaultfd::open(wanted_features(backing_))),
-      pages_(backing_.view.size() / desc_.page_size),
+      uffd_(make_uffd(backing_, foreign)),
+      pages_(backing_.bytes() / desc_.page_size),
       streams_(prefetch_window(options, desc_.page_size)),
       stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
       started_(std::chrono::steady_clock::now()),
       status_(desc_.name),
       residency_(backing_, desc_.page_size, pages_.size()),
-      refusal_(uffd_, pages_, status_, backing_.view.data(), desc_.page_size, desc_.name) {
+      refusal_(uffd_, pages_, status_, backing_, desc_.page_size, desc_.name) {
   if (!stop_fd_) throw_errno("eventfd");
   check_supported(*transport_, backing_, uffd_);
-  check_cache(options_, *transport_, backing_, desc_.page_size);
+  if (backing_.foreign()) {
+    set_up_foreign_memory();
+  } else {
+    check_cache(options_, *transport_, backing_, desc_.page_size);
+    set_up_own_memory(not_zero);
+  }
+  start_workers(options_.handler_threads != 0 ? options_.handler_threads : default_handler_threads());
+}
+
+void FaultEngine::set_up_own_memory(const ZeroMap* not_zero) {
   if (options_.cache_bytes > 0) {
     // Far memory: the region is never all here, so nothing pulls it whole.
     options_.background_pull = false;
@@ -145,7 +179,17 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
       if (written_here(*not_zero, p)) clear_zero_page(desc_.zero_map, p);
     }
   }
-  start_workers(options_.handler_threads != 0 ? options_.handler_threads : default_handler_threads());
+}
+
+void FaultEngine::set_up_foreign_memory() {
+  // The other process registered its ranges (for missing faults) before it
+  // handed the userfaultfd over.
+  if (options_.cache_bytes > 0 || options_.precopy.enabled || options_.memory != AttachOptions::Memory::kAnonymous) {
+    throw Error(Errc::kInvalidArgument,
+                "another process's memory is served as anonymous memory, with no bounded cache and no precopy");
+  }
+  removed_.assign((pages_.size() + 63) / 64, 0);
+  if (backing_.huge) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
 }
 
 std::unique_ptr<Worker> FaultEngine::make_worker(unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use) {
@@ -196,9 +240,8 @@ void FaultEngine::start_workers(unsigned n) {
     // there a fault waits for its pull run.
     if (!backing_.shared) pulling_ = std::make_unique<std::atomic<bool>[]>(pages_.size());
   }
-  completion_ = std::make_unique<Completion>(Completion::Region{pages_, residency_, uffd_, backing_.view.data(),
-                                                                desc_.page_size, status_, desc_.name, started_},
-                                             n + 3);
+  completion_ = std::make_unique<Completion>(
+      Completion::Region{pages_, residency_, uffd_, backing_, desc_.page_size, status_, desc_.name, started_}, n + 3);
   // Slot n + 1 counts for precopy, which takes pages back between rounds,
   // and n + 2 for the cache's eviction.
   if (options_.precopy.enabled) completion_->hold(true);
@@ -213,6 +256,21 @@ void FaultEngine::start_workers(unsigned n) {
   }
   for (auto& h : handlers_) h->counts = &completion_->slot(h->index);
   if (puller_) puller_->counts = &completion_->slot(n);
+  if (backing_.foreign()) {
+    // Source pages in none of the other process's ranges are not the
+    // region's: gone from the start (slot n + 1, precopy's, is free here).
+    size_t next = 0;
+    int64_t outside = 0;
+    const auto gone_until = [&](size_t end) {
+      for (; next < end; ++next) outside += pages_.transition(next, PageState::kMissing, PageState::kGone) ? 1 : 0;
+    };
+    for (const Segment& seg : backing_.segments) {
+      gone_until(seg.first_page);
+      next = seg.first_page + seg.pages;
+    }
+    gone_until(pages_.size());
+    PageCounts::add(completion_->slot(n + 1).gone, outside);
+  }
   for (auto& h : handlers_) {
     Worker* raw = h.get();
     raw->thread = std::thread([this, raw] { run_handler(*raw); });
@@ -223,9 +281,11 @@ void FaultEngine::start_workers(unsigned n) {
   spdlog::info("attach: '{}' over {}: {} MiB in {} KiB pages of {} ({} zero pages known), {} handler threads, {} "
                "reads in flight each, pull {}, prefetch {}{}",
                desc_.name, transport_->name(), desc_.length >> 20, desc_.page_size >> 10,
-               backing_.shared ? (backing_.huge ? "hugetlbfs shared memory, installed in place"
-                                                : "shared memory, installed in place")
-                               : (backing_.huge ? "anonymous hugetlb memory" : "anonymous memory"),
+               backing_.foreign()
+                   ? fmt::format("process {}'s memory ({} ranges)", backing_.foreign_pid, backing_.segments.size())
+               : backing_.shared ? (backing_.huge ? "hugetlbfs shared memory, installed in place"
+                                                  : "shared memory, installed in place")
+                                 : (backing_.huge ? "anonymous hugetlb memory" : "anonymous memory"),
                count_zero_pages(desc_.zero_map), n, depth, puller_ ? "on" : "off", options_.prefetch ? "on" : "off",
                cache_ ? fmt::format(", cache {} MiB ({}; written pages tracked by write-protect faults)",
                                     options_.cache_bytes >> 20,
@@ -255,7 +315,7 @@ FaultEngine::~FaultEngine() {
   // Closed before anything is unmapped: with munmap events on, an unmap
   // waits until somebody reads its event, and nobody is left to.
   uffd_.close();
-  unmap_view();
+  if (!backing_.foreign()) unmap_view();
 }
 
 Stats FaultEngine::stats() const {

@@ -46,11 +46,23 @@
 
 namespace pagewire {
 
+// Another process's memory, served through the userfaultfd it made and
+// registered (pagewire handler, for a VMM): installs go through that
+// userfaultfd, and nothing here maps or touches the memory itself.
+struct ForeignMemory {
+  UniqueFd uffd;
+  pid_t pid = 0;
+  std::vector<Segment> segments{};  // in the region's pages
+  uint32_t page_size = kSmallPage;
+};
+
 class FaultEngine {
  public:
   // `not_zero`: source pages known written since the zero-page map was
   // made (precopy), never installed as zero pages.
   FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, const ZeroMap* not_zero = nullptr);
+  // Serves another process's memory (anonymous, 4 KiB or 2 MiB pages).
+  FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, ForeignMemory foreign);
   FaultEngine(const FaultEngine&) = delete;
   FaultEngine& operator=(const FaultEngine&) = delete;
   ~FaultEngine();
@@ -93,6 +105,12 @@ class FaultEngine {
   enum class Take : uint8_t { kFetch, kOvertake, kNothing };
 
   // Setup (fault_engine.cc).
+  FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, const ZeroMap* not_zero,
+              ForeignMemory* foreign);
+  // The region's own memory: mapped, named and registered here.
+  void set_up_own_memory(const ZeroMap* not_zero);
+  // Another process's: pages in none of its ranges are not the region's.
+  void set_up_foreign_memory();
   std::unique_ptr<Worker> make_worker(unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use);
   void start_workers(unsigned handlers);
 
@@ -144,6 +162,10 @@ class FaultEngine {
   // Installs [page, page+count) from where their read landed; 0 or errno.
   // `protect`: write-protected (a bounded cache, for a page not written).
   int install(Worker& w, std::byte* src, size_t page, uint32_t count, bool protect);
+  // UFFDIO_COPY of [first, first+count), contiguous at dst; pages removed
+  // meanwhile go in as zeros.
+  int copy_in(const std::byte* src, std::byte* dst, size_t first, size_t count, bool protect, uint64_t* retries,
+              uint64_t* existed);
   // Installs a claimed zero page without a transfer (`write`: for a write
   // fault, which a bounded cache installs writable and marks written).
   void install_zero(Worker& w, size_t page, bool write);
@@ -159,6 +181,14 @@ class FaultEngine {
 
   // munmap and mremap of part of the region (unmap.cc).
   void on_unmapped(PageCounts& counts, uint64_t start, uint64_t end);
+  void unmap_pages(PageCounts& counts, size_t first, size_t last);
+  // UFFD_EVENT_REMOVE (MADV_DONTNEED, MADV_REMOVE; a balloon inflating):
+  // the range reads as zeros from now on. Its pages are gone until their
+  // next fault, which installs a zero page (nothing pulls them back in),
+  // and a read still out for one of them installs zeros.
+  void on_removed(PageCounts& counts, uint64_t start, uint64_t end);
+  // A fault on a removed page: claimed (true) for a zero page.
+  bool take_removed(Worker& w, size_t page);
   void on_fault_outside(Worker& w, uint64_t address);
   // A fault on a page the table calls gone.
   void on_gone_fault(size_t page);
@@ -174,7 +204,8 @@ class FaultEngine {
 
   // Relaxed: a precopy round clears bits of pages the source wrote.
   bool zero(size_t page) const { return is_zero_page_relaxed(desc_.zero_map, page); }
-  std::byte* page_addr(size_t page) const { return backing_.view.data() + page * desc_.page_size; }
+  bool removed(size_t page) const { return is_zero_page_relaxed(removed_, page); }
+  std::byte* page_addr(size_t page) const { return backing_.addr(page); }
 
   // Members in creation order; destroyed in reverse: workers (joined in
   // the destructor body) before the uffd, the uffd before the mapping.
@@ -201,6 +232,8 @@ class FaultEngine {
   std::vector<std::unique_ptr<Worker>> handlers_;
   std::unique_ptr<Worker> puller_;
   std::unique_ptr<Cache> cache_;  // AttachOptions::cache_bytes; stopped before the handlers are joined
+  // Pages removed by another process (UFFD_EVENT_REMOVE): zeros for good.
+  ZeroMap removed_{};
   MigrationReport migration_;  // filled by precopy before the region is handed out
   // Precopy takes pages back with the pull held: a thread running on
   // another CPU makes every MADV_DONTNEED wait for a TLB shootdown there.

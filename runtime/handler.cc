@@ -81,6 +81,7 @@ void FaultEngine::handle_event(Worker& w, const uffd_msg& msg, uint64_t read_ns,
   switch (msg.event) {
     case UFFD_EVENT_PAGEFAULT: handle_fault(w, msg, read_ns, reserved); return;
     case UFFD_EVENT_UNMAP: on_unmapped(*w.counts, msg.arg.remove.start, msg.arg.remove.end); return;
+    case UFFD_EVENT_REMOVE: on_removed(*w.counts, msg.arg.remove.start, msg.arg.remove.end); return;
     case UFFD_EVENT_REMAP:
       // The pages moved away are no longer the region's (those present
       // went with their bytes); faults at their new place are answered by
@@ -94,13 +95,13 @@ void FaultEngine::handle_event(Worker& w, const uffd_msg& msg, uint64_t read_ns,
 void FaultEngine::handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns, uint32_t reserved) {
   Metrics::bump(w.metrics.faults);
   const uint64_t address = msg.arg.pagefault.address;
-  const auto base = reinterpret_cast<uint64_t>(backing_.view.data());
-  const bool inside = address >= base && address - base < backing_.view.size();
+  size_t page = 0;
+  const bool inside = backing_.page_of(address, &page);
   if (cache_ && (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0) {
     // A write to a protected page: never refused. Outside the region (a
     // page mremap moved away keeps its protection) it is simply lifted.
     if (inside) {
-      cache_->on_write_fault((address - base) / desc_.page_size, *w.counts);
+      cache_->on_write_fault(page, *w.counts);
     } else {
       cache_->lift(address & ~uint64_t{kSmallPage - 1});
     }
@@ -110,8 +111,6 @@ void FaultEngine::handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns,
     on_fault_outside(w, address);
     return;
   }
-  const uint64_t at = address - base;
-  const size_t page = at / desc_.page_size;
   const Take take = take_fault(w, page);
   if (take == Take::kNothing) {
     Metrics::bump(w.metrics.duplicate_faults);
@@ -119,14 +118,15 @@ void FaultEngine::handle_fault(Worker& w, const uffd_msg& msg, uint64_t read_ns,
   }
   const bool write = (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
   if (cache_) cache_->wait_for_room();  // only while the cache is full
-  if (zero(page)) {
+  if (zero(page) || removed(page)) {
     install_zero(w, page, write);
     return;
   }
   // Every message read was sized to a free slot, so this one has one.
   // A 2 MiB page is read from its faulting 4 KiB on (the kernel still
   // maps it whole, so the thread waits for all of it).
-  const auto fault_part = static_cast<uint32_t>(at % desc_.page_size & ~uint64_t{kSmallPage - 1});
+  const auto fault_part = static_cast<uint32_t>((address - reinterpret_cast<uint64_t>(page_addr(page))) &
+                                                ~uint64_t{kSmallPage - 1});
   if (take == Take::kOvertake) {
     // Out in a pull run, behind up to pull_runs_in_flight runs on the
     // bulk connection: read it again on this one, ahead of them.
@@ -157,7 +157,10 @@ FaultEngine::Take FaultEngine::take_fault(Worker& w, size_t page) {
       case PageState::kRefused:
         uffd_.refuse(page_addr(page), desc_.page_size);  // poisoned or protected already; wakes it into the signal
         return Take::kNothing;
-      case PageState::kGone: on_gone_fault(page); return Take::kNothing;
+      case PageState::kGone:
+        if (take_removed(w, page)) return Take::kFetch;
+        on_gone_fault(page);
+        return Take::kNothing;
       case PageState::kMissing: break;  // claimed and given back, or reset by the sweep: look again
     }
   }

@@ -173,7 +173,6 @@ void FaultEngine::install_around_a_hole(Worker& w, size_t first, uint32_t count,
 }
 
 int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count, bool protect) {
-  std::byte* dst = page_addr(page);
   const uint64_t bytes = uint64_t{count} * desc_.page_size;
   uint64_t retries = 0;
   uint64_t existed = 0;
@@ -182,15 +181,40 @@ int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count,
   // stats() readers expect.
   if (backing_.shared) {
     // The read landed in these very pages (through the alias): map them.
-    rc = uffd_.map_in_place(dst, bytes, desc_.page_size, &retries, &existed);
+    rc = uffd_.map_in_place(page_addr(page), bytes, desc_.page_size, &retries, &existed);
     if (rc == 0) Metrics::bump(w.metrics.pages_continued, count);
   } else {
-    rc = uffd_.copy(dst, src, bytes, desc_.page_size, &retries, &existed, protect);
+    // One copy per part contiguous in memory (another process's ranges).
+    backing_.for_each_range(page, count, [&](std::byte* dst, size_t first, size_t n) {
+      if (rc == 0) rc = copy_in(src + (first - page) * desc_.page_size, dst, first, n, protect, &retries, &existed);
+    });
     if (rc == 0) Metrics::bump(w.metrics.bytes_copied, bytes);
   }
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
   if (existed > 0) Metrics::bump(w.metrics.copy_eexist, existed);
   return rc;
+}
+
+int FaultEngine::copy_in(const std::byte* src, std::byte* dst, size_t first, size_t count, bool protect,
+                         uint64_t* retries, uint64_t* existed) {
+  const size_t ps = desc_.page_size;
+  bool any_removed = false;
+  for (size_t k = 0; k < count && !any_removed; ++k) any_removed = removed(first + k);
+  if (!any_removed) return uffd_.copy(dst, src, count * ps, ps, retries, existed, protect);
+  // Removed while their read was out: zeros, never the source's bytes.
+  for (size_t k = 0; k < count; ++k) {
+    std::byte* at = dst + k * ps;
+    int rc = 0;
+    if (!removed(first + k)) {
+      rc = uffd_.copy(at, src + k * ps, ps, ps, retries, existed, protect);
+    } else if (backing_.huge) {
+      rc = uffd_.copy(at, zero_source_.data(), ps, ps, retries, existed);
+    } else {
+      rc = uffd_.zeropage(at, ps, ps, retries, existed);
+    }
+    if (rc != 0) return rc;
+  }
+  return 0;
 }
 
 void FaultEngine::install_zero(Worker& w, size_t page, bool write) {
@@ -233,7 +257,8 @@ void FaultEngine::publish(Worker& w, size_t first, uint32_t count, bool written)
   for (uint32_t k = 0; k < count; ++k) settled += pages_.settle(first + k, PageState::kPresent) ? 1 : 0;
   PageCounts::add(w.counts->present, settled);
   if (cache_) cache_->note_resident();
-  uffd_.wake(page_addr(first), uint64_t{count} * desc_.page_size);
+  backing_.for_each_range(first, count,
+                          [&](std::byte* addr, size_t, size_t n) { uffd_.wake(addr, uint64_t{n} * desc_.page_size); });
 }
 
 void FaultEngine::refuse_page(Worker& w, size_t page, Errc why, const std::string& text) {

@@ -1,5 +1,6 @@
 #include "runtime/refusal.h"
 
+#include <signal.h>
 #include <sys/mman.h>
 
 #include <cerrno>
@@ -11,20 +12,21 @@
 namespace pagewire {
 
 bool Refusal::mapped(size_t page) const {
+  if (backing_.foreign()) return true;  // its unmaps arrive as events, if it asked for them
   // mincore answers ENOMEM for a range with no mapping.
   std::vector<unsigned char> v(page_size_ / 4096);
-  return ::mincore(base_ + page * page_size_, page_size_, v.data()) == 0 || errno != ENOMEM;
+  return ::mincore(backing_.addr(page), page_size_, v.data()) == 0 || errno != ENOMEM;
 }
 
 void Refusal::mark_gone(size_t page, PageCounts& mine) {
   // Owned by the caller, unless the munmap event was read first and made
   // it gone already (and counted it).
   if (pages_.settle(page, PageState::kGone)) PageCounts::add(mine.gone, 1);
-  uffd_.wake(base_ + page * page_size_, page_size_);
+  uffd_.wake(backing_.addr(page), page_size_);
 }
 
 bool Refusal::refuse(size_t page, const std::string& why, PageCounts& mine) {
-  std::byte* addr = base_ + page * page_size_;
+  std::byte* addr = backing_.addr(page);
   // Owned by the caller, unless an munmap took it meanwhile: then there is
   // nothing to refuse (nor a failure to record), only waiters to wake.
   if (!pages_.settle(page, PageState::kRefused)) {
@@ -34,6 +36,10 @@ bool Refusal::refuse(size_t page, const std::string& why, PageCounts& mine) {
   status_.record_failure("page " + std::to_string(page) + " could not be fetched: " + why);
   const int rc = uffd_.refuse(addr, page_size_);
   if (rc == 0) return true;
+  if (backing_.foreign() && rc != ENOENT) {
+    kill_foreign("page " + std::to_string(page) + " could not be refused: " + std::strerror(rc));
+    return true;
+  }
   // POISON answers ENOENT, and mprotect ENOMEM, where the range is gone.
   if (!mapped(page)) {
     if (pages_.transition(page, PageState::kRefused, PageState::kGone)) PageCounts::add(mine.gone, 1);
@@ -52,11 +58,39 @@ bool Refusal::refuse(size_t page, const std::string& why, PageCounts& mine) {
   return true;
 }
 
+void Refusal::kill_foreign(const std::string& why) {
+  const pid_t pid = backing_.foreign_pid;
+  if (::kill(pid, 0) != 0) return;  // gone already: nobody is left to read zeros
+  spdlog::error("region '{}': process {} would read zeros where pages cannot be fetched ({}), and its pages "
+                "cannot be poisoned (UFFDIO_POISON): killing it",
+                name_, pid, why);
+  ::kill(pid, SIGKILL);
+}
+
+void Refusal::refuse_foreign_or_kill(const std::string& why) {
+  if (::kill(backing_.foreign_pid, 0) != 0) return;
+  int failed = 0;
+  bool exited = false;  // its memory is gone (ESRCH): nothing to refuse
+  pages_.for_each_mapped_stretch([&](size_t first, size_t count) {
+    for (size_t p = first; p < first + count && failed == 0 && !exited; ++p) {
+      if (pages_.get(p) == PageState::kPresent) continue;
+      const int rc = uffd_.refuse(backing_.addr(p), page_size_);
+      exited = rc == ESRCH;
+      if (rc != 0 && rc != ENOENT && rc != ESRCH) failed = rc;
+    }
+  });
+  if (failed != 0) kill_foreign(why + ": " + std::strerror(failed));
+}
+
 void Refusal::make_inaccessible() {
+  if (backing_.foreign()) {
+    refuse_foreign_or_kill("the handler stopped before every page arrived");
+    return;
+  }
   // Only the parts still mapped: a range the application unmapped may hold
   // another mapping by now, and an mprotect across a hole stops there.
   pages_.for_each_mapped_stretch([&](size_t first, size_t count) {
-    std::byte* addr = base_ + first * page_size_;
+    std::byte* addr = backing_.addr(first);
     const size_t len = count * page_size_;
     if (::mprotect(addr, len, PROT_NONE) != 0) {
       // A hole the table has not heard of yet (its munmap event unread)

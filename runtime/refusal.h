@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "runtime/backing.h"
 #include "runtime/completion.h"
 #include "runtime/page_table.h"
 #include "runtime/region_status.h"
@@ -18,9 +19,9 @@ namespace pagewire {
 
 class Refusal {
  public:
-  Refusal(Userfaultfd& uffd, PageTable& pages, RegionStatus& status, std::byte* base, uint32_t page_size,
+  Refusal(Userfaultfd& uffd, PageTable& pages, RegionStatus& status, const Backing& backing, uint32_t page_size,
           std::string name)
-      : uffd_(uffd), pages_(pages), status_(status), base_(base), page_size_(page_size), name_(std::move(name)) {}
+      : uffd_(uffd), pages_(pages), status_(status), backing_(backing), page_size_(page_size), name_(std::move(name)) {}
 
   // Refuses `page` (recording why as the region's failure first, so that
   // its waiters find the region failed); false when its range turned out
@@ -34,6 +35,10 @@ class Refusal {
   // waiter woken into SIGSEGV: for a failed region without UFFDIO_POISON,
   // and for one destroyed before it completed.
   void make_inaccessible();
+  // Another process's memory where a fault can be neither served nor
+  // refused: that process is killed (SIGKILL), with a log line, rather
+  // than left parked or given zeros.
+  void kill_foreign(const std::string& why);
 
  private:
   bool mapped(size_t page) const;
@@ -41,7 +46,12 @@ class Refusal {
   Userfaultfd& uffd_;
   PageTable& pages_;
   RegionStatus& status_;
-  std::byte* base_;
+  // Another process's memory, which cannot be protected from here: the
+  // pages not present are poisoned, or, where the kernel cannot, the
+  // process is killed (SIGKILL) rather than let read zeros.
+  void refuse_foreign_or_kill(const std::string& why);
+
+  const Backing& backing_;
   uint32_t page_size_;
   std::string name_;
 };

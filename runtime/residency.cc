@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <string>
 
 namespace pagewire {
 namespace {
@@ -32,15 +33,24 @@ bool read_pagemap(int fd, const std::byte* addr, uint64_t* entries, size_t count
 
 Residency::Residency(const Backing& backing, uint32_t page_size, size_t pages)
     : backing_(backing), page_size_(page_size), pages_(pages) {
+  if (backing_.foreign()) {
+    // Another process's pages: its pagemap (root, or the same user where
+    // ptrace is allowed). Where it cannot be read, every page counts as
+    // held: a fault on a page already installed is only woken.
+    const std::string path = "/proc/" + std::to_string(backing_.foreign_pid) + "/pagemap";
+    pagemap_ = UniqueFd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    return;
+  }
   if (!backing_.shared && !backing_.huge) pagemap_ = UniqueFd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
 }
 
 bool Residency::resident(size_t page) const {
-  std::byte* addr = backing_.view.data() + page * page_size_;
+  std::byte* addr = backing_.addr(page);
   uint64_t entry = 0;
   if (pagemap_ && read_pagemap(pagemap_.get(), addr, &entry, 1)) {
     return (entry & (kPagemapPresent | kPagemapSwapped)) != 0;
   }
+  if (backing_.foreign()) return true;
   unsigned char r = 0;
   return ::mincore(addr, kSmallPage, &r) != 0 || (r & 1) != 0;
 }
@@ -73,19 +83,26 @@ bool Residency::pagemap_held(std::vector<bool>& held) const {
   // Anonymous 4 KiB pages: mapped or swapped out (mincore would call a
   // swapped page absent, and the region would never complete). Read in
   // chunks of 512 KiB of entries.
-  std::vector<uint64_t> e(std::min<size_t>(pages_, 65536));
-  for (size_t p = 0; p < pages_; p += e.size()) {
-    const size_t n = std::min(e.size(), pages_ - p);
-    if (!read_pagemap(pagemap_.get(), backing_.view.data() + p * kSmallPage, e.data(), n)) return false;
-    for (size_t i = 0; i < n; ++i) held[p + i] = (e[i] & (kPagemapPresent | kPagemapSwapped)) != 0;
-  }
-  return true;
+  // A 2 MiB page (another process's hugetlb memory) by its first 4 KiB.
+  const size_t per = page_size_ / kSmallPage;
+  std::vector<uint64_t> e(std::min<size_t>(pages_ * per, 65536));
+  bool ok = true;
+  backing_.for_each_range(0, pages_, [&](std::byte* addr, size_t first, size_t count) {
+    for (size_t p = 0; p < count && ok; p += e.size() / per) {
+      const size_t n = std::min(e.size() / per, count - p);
+      ok = read_pagemap(pagemap_.get(), addr + p * page_size_, e.data(), n * per);
+      for (size_t i = 0; i < n && ok; ++i)
+        held[first + p + i] = (e[i * per] & (kPagemapPresent | kPagemapSwapped)) != 0;
+    }
+  });
+  return ok;
 }
 
 std::vector<bool> Residency::held_pages() const {
   if (backing_.shared && !backing_.huge) return shmem_held();
   std::vector<bool> held(pages_, true);
   if (pagemap_ && pagemap_held(held)) return held;
+  if (backing_.foreign()) return {};
   // Anonymous memory without pagemap: the region's page tables. hugetlbfs
   // (never swapped): the alias's for shared memory (the region's may be
   // unmapped while the memfd keeps the page). One byte per 4 KiB either

@@ -54,6 +54,12 @@ uint64_t Userfaultfd::kernel_features() {
   return api.features;
 }
 
+Userfaultfd Userfaultfd::adopt(UniqueFd fd, uint64_t assumed) {
+  Userfaultfd u(std::move(fd), assumed);
+  u.foreign_ = true;
+  return u;
+}
+
 Userfaultfd Userfaultfd::open(uint64_t wanted_features) {
   // UFFDIO_API can be called once per descriptor, so the offer is read on a
   // throw-away descriptor and the subset asked for on the real one.
@@ -217,11 +223,14 @@ int Userfaultfd::refuse(void* addr, size_t len) {
       if (::ioctl(fd_.get(), UFFDIO_POISON, &p) == 0) return 0;
       if (errno == EEXIST) return wake(addr, len);
       if (errno == ENOENT) return ENOENT;  // the range is gone
+      if (errno == ESRCH) return ESRCH;    // the process whose memory it is has gone
       if (errno != EAGAIN) break;          // try the protection below
       if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
       sched_yield();
     }
   }
+  // Another process's memory cannot be protected from here.
+  if (foreign_) return ENOTSUP;
   // No UFFDIO_POISON: a page that can never be fetched is made inaccessible
   // so that its waiters fault with SIGSEGV instead of reading zeros.
   if (::mprotect(addr, len, PROT_NONE) != 0) return errno;

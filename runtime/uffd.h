@@ -37,6 +37,11 @@ class Userfaultfd {
   // features that the kernel offers. Throws pagewire::Error(kUffdUnavailable)
   // with advice when userfaultfd is missing or not permitted.
   static Userfaultfd open(uint64_t wanted_features);
+  // Takes a userfaultfd another process made and registered (a VMM handing
+  // over its guest memory's). Its features were negotiated there and cannot
+  // be asked: `assumed` names those this side may try (UFFDIO_POISON); the
+  // memory is that process's, so refuse() never falls back to mprotect.
+  static Userfaultfd adopt(UniqueFd fd, uint64_t assumed);
   // Every feature bit this kernel's UFFDIO_API reports.
   static uint64_t kernel_features();
 
@@ -84,12 +89,15 @@ class Userfaultfd {
   int write_protect(void* addr, size_t len, bool on);
   // Makes the range raise SIGBUS on access (UFFDIO_POISON) where the kernel
   // has it, else PROT_NONE (SIGSEGV); then wakes the waiters either way.
+  // An adopted userfaultfd without UFFDIO_POISON answers ENOTSUP, having
+  // done nothing.
   int refuse(void* addr, size_t len);
 
  private:
   Userfaultfd(UniqueFd fd, uint64_t features) : fd_(std::move(fd)), features_(features) {}
   UniqueFd fd_;
   uint64_t features_ = 0;
+  bool foreign_ = false;
 };
 
 // Names of the feature bits that are set, for the log.

@@ -74,15 +74,57 @@ bool own_mappings(uintptr_t base, uintptr_t end, const Backing& b, const std::st
 
 }  // namespace
 
+namespace {
+
+// Calls f(first, last) for the region's pages in [start, end) of each of its
+// segments (whole pages: the kernel unmaps and removes whole pages).
+template <typename F>
+void for_each_page_span(const Backing& b, uint64_t start, uint64_t end, F f) {
+  for (const Segment& s : b.segments) {
+    const uint64_t from = std::max<uint64_t>(start, s.addr);
+    const uint64_t to = std::min<uint64_t>(end, s.addr + s.pages * b.page_size());
+    if (from >= to) continue;
+    f(s.first_page + (from - s.addr) / b.page_size(), s.first_page + (to - s.addr + b.page_size() - 1) / b.page_size());
+  }
+}
+
+}  // namespace
+
 void FaultEngine::on_unmapped(PageCounts& counts, uint64_t start, uint64_t end) {
-  const auto base = reinterpret_cast<uint64_t>(backing_.view.data());
-  const uint64_t limit = base + backing_.view.size();
-  start = std::max(start, base);
-  end = std::min(end, limit);
-  if (start >= end) return;
-  // Whole pages only: the kernel unmaps in whole pages of the mapping.
-  const size_t first = (start - base) / desc_.page_size;
-  const size_t last = (end - base + desc_.page_size - 1) / desc_.page_size;
+  for_each_page_span(backing_, start, end, [&](size_t first, size_t last) { unmap_pages(counts, first, last); });
+}
+
+void FaultEngine::on_removed(PageCounts& counts, uint64_t start, uint64_t end) {
+  size_t removed = 0;
+  for_each_page_span(backing_, start, end, [&](size_t first, size_t last) {
+    for (size_t p = first; p < last; ++p) {
+      // Marked first: a read out for the page now installs zeros in place
+      // of what it brings, and the source's bytes are never its again.
+      set_zero_page(removed_, p);
+      // Gone until its next fault, which installs a zero page: nothing
+      // pulls it back in, and the region can still complete.
+      for (;;) {
+        const PageState s = pages_.get(p);
+        if (s != PageState::kPresent && s != PageState::kMissing) break;  // in flight, refused or gone already
+        if (!pages_.transition(p, s, PageState::kGone)) continue;
+        if (s == PageState::kPresent) PageCounts::add(counts.present, -1);
+        PageCounts::add(counts.gone, 1);
+        ++removed;
+        break;
+      }
+    }
+  });
+  spdlog::debug("region '{}': {} pages removed ({:#x}..{:#x}); they read as zeros from now on", desc_.name, removed,
+                start, end);
+}
+
+bool FaultEngine::take_removed(Worker& w, size_t page) {
+  if (!removed(page) || !pages_.transition(page, PageState::kGone, PageState::kInFlight)) return false;
+  PageCounts::add(w.counts->gone, -1);
+  return true;
+}
+
+void FaultEngine::unmap_pages(PageCounts& counts, size_t first, size_t last) {
   size_t gone = 0;
   for (size_t p = first; p < last; ++p) {
     for (;;) {
@@ -123,6 +165,7 @@ void FaultEngine::on_fault_outside(Worker& w, uint64_t address) {
   Metrics::bump(w.metrics.pages_refused);
   auto* addr = reinterpret_cast<std::byte*>(address & ~(uint64_t{desc_.page_size} - 1));
   const int rc = uffd_.refuse(addr, desc_.page_size);
+  if (rc != 0 && backing_.foreign()) refusal_.kill_foreign("a fault outside the ranges it handed over");
   spdlog::warn("region '{}': a fault at {:#x}, outside the region (moved there by mremap before it arrived): "
                "refused{}",
                desc_.name, address, rc == 0 ? "" : std::string(" (failed: ") + std::strerror(rc) + ")");

@@ -28,6 +28,7 @@
 #include "spdlog/spdlog.h"
 #include "tools/bench.h"
 #include "tools/cli_util.h"
+#include "tools/handler_cmd.h"
 #include "tools/migrate.h"
 #include "tools/pattern.h"
 #include "tools/snapshot_run.h"
@@ -516,6 +517,25 @@ CLI::App* add_snapshot(CLI::App& app, SnapshotCommand& s) {
   return cmd;
 }
 
+CLI::App* add_handler(CLI::App& app, HandlerCommand& h) {
+  auto* cmd = app.add_subcommand("handler",
+                                 "serve other processes' page faults (a VMM's userfaultfd, handed over a Unix socket)");
+  cmd->add_option("--socket", h.sockets, "the Unix socket to listen on (repeat, each with its --source)")->required();
+  cmd->add_option("--source", h.sources,
+                  "the region each socket's processes are served from (tcp://, rdma://, auto://)")
+      ->required();
+  cmd->add_option("--handlers", h.options.handler_threads, "fault handler threads per process (0: pagewire's default)")
+      ->check(CLI::Range(0, 256))
+      ->capture_default_str();
+  cmd->add_flag("!--no-pull", h.options.background_pull, "do not pull the rest of the memory in the background");
+  cmd->add_flag("!--no-prefetch", h.options.prefetch, "do not read ahead of sequential faults");
+  cmd->add_option("--key-file", h.options.key_file, "the key that proves this side to a keyed source");
+  cmd->add_option("--handshake-timeout-ms", h.handshake_timeout_ms, "how long a process may take to send its handshake")
+      ->check(CLI::Range(1, 600000))
+      ->capture_default_str();
+  return cmd;
+}
+
 CLI::App* add_bench(CLI::App& app, BenchConfig& bc) {
   auto* cmd = app.add_subcommand("bench", "fault latency against its floors, in one run");
   add_bench_setup(cmd, bc);
@@ -541,12 +561,14 @@ int main(int argc, char** argv) {
   BenchConfig bench;
   KeygenCommand keygen;
   SnapshotCommand snap;
+  HandlerCommand handler;
   const CLI::App* serve_cmd = add_serve(app, serve);
   const CLI::App* keygen_cmd = add_keygen(app, keygen);
   const CLI::App* attach_cmd = add_attach(app, attach);
   const CLI::App* demo_cmd = add_demo(app, demo);
   const CLI::App* bench_cmd = add_bench(app, bench);
   const CLI::App* snapshot_cmd = add_snapshot(app, snap);
+  const CLI::App* handler_cmd = add_handler(app, handler);
   app.add_subcommand("info", "what this machine offers: userfaultfd features, io_uring, RDMA devices");
 
   CLI11_PARSE(app, argc, argv);
@@ -559,6 +581,7 @@ int main(int argc, char** argv) {
     if (demo_cmd->parsed()) return cmd_demo(demo);
     if (bench_cmd->parsed()) return cmd_bench(bench);
     if (snapshot_cmd->parsed()) return cmd_snapshot(snap);
+    if (handler_cmd->parsed()) return cmd_handler(handler);
     return cmd_info();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "pagewire: %s\n", e.what());

@@ -33,6 +33,11 @@ inline void clear_zero_page(ZeroMap& map, size_t page) {
   std::atomic_ref<uint64_t>(map[page / 64]).fetch_and(~(uint64_t{1} << (page % 64)), std::memory_order_relaxed);
 }
 
+inline void set_zero_page(ZeroMap& map, size_t page) {
+  if (page / 64 >= map.size()) return;
+  std::atomic_ref<uint64_t>(map[page / 64]).fetch_or(uint64_t{1} << (page % 64), std::memory_order_relaxed);
+}
+
 // Recomputes the bits of pages [first, last) of the region at base.
 void update_zero_map(ZeroMap& map, const std::byte* base, uint64_t length, uint32_t page_size, size_t first,
                      size_t last);
