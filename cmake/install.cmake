@@ -50,7 +50,9 @@ if(NOT _pagewire_static)
 else()
   set(PAGEWIRE_PC_REQUIRES "${_pc_requires}")
   set(PAGEWIRE_PC_REQUIRES_PRIVATE "")
-  set(PAGEWIRE_PC_LIBS "-lpagewire -pthread")
+  # A C program (pagewire/pagewire_c.h) links with gcc: the C++ runtime
+  # the static library needs comes from this line too.
+  set(PAGEWIRE_PC_LIBS "-lpagewire -pthread -lstdc++ -lm")
   set(PAGEWIRE_PC_LIBS_PRIVATE "")
 endif()
 if(PAGEWIRE_SANITIZE)

@@ -95,12 +95,20 @@ HandlerReport serve_handler_connection(int conn_fd, const std::string& source_ur
     const bool exited = wait_for_exit(pidfd.get(), stop_fd);
     r.stats = engine.stats();
     r.complete = r.stats.complete;
-    if (engine.failed()) r.error = engine.error();
+    if (engine.failed()) {
+      r.error = engine.error();
+      r.code = Errc::kIo;
+    }
     spdlog::info("handler: pid {} {}: {} faults, {} pages fetched, {} zero pages, {} of {} pages present{}{}", peer.pid,
                  exited ? "exited" : "is no longer served (the handler stops)", r.stats.faults, r.stats.pages_fetched,
                  r.stats.pages_zero, r.stats.pages_present, r.stats.pages_total, r.error.empty() ? "" : "; ", r.error);
+  } catch (const Error& e) {
+    r.error = e.what();
+    r.code = e.code();
+    spdlog::error("handler: pid {}: {}{}", r.pid, r.served ? "" : "refused: ", r.error);
   } catch (const std::exception& e) {
     r.error = e.what();
+    r.code = Errc::kIo;
     spdlog::error("handler: pid {}: {}{}", r.pid, r.served ? "" : "refused: ", r.error);
   }
   return r;

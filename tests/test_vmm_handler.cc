@@ -52,17 +52,17 @@ struct TempDir {
   std::string path;
 };
 
-// The source: a file of random pages (every third one zero), exported by a
-// memory server.
+// The source: random pages (every third one zero), exported by a memory
+// server from memory (a file on the guest's shared directory cannot be
+// registered for RDMA), and written to a file for the client to check.
 struct Source {
-  explicit Source(const std::string& dir) : path(dir + "/source.img") {
-    std::vector<unsigned char> bytes(kSourceBytes);
+  explicit Source(const std::string& dir) : path(dir + "/source.img"), bytes(Mapping::anonymous(kSourceBytes)) {
     std::mt19937_64 rng(0x5eed);
     for (size_t p = 0; p < kSourceBytes / kPage; ++p) {
       if (p % 3 == 1) continue;
       for (size_t i = 0; i < kPage; i += 8) {
         const uint64_t v = rng();
-        std::memcpy(&bytes[p * kPage + i], &v, 8);
+        std::memcpy(bytes.data() + p * kPage + i, &v, 8);
       }
     }
     UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
@@ -76,13 +76,14 @@ struct Source {
       o.rdma = RdmaServing::kOn;
     }
     server = std::make_unique<MemoryServer>(o);
-    server->export_file("guest", path);
+    server->export_memory("guest", bytes.data(), bytes.size());
   }
   std::string uri() const {
     if (rdma_addr().empty()) return testing::loopback_uri(*server, "guest");
     return "rdma://" + rdma_addr() + ":" + std::to_string(server->port()) + "/guest";
   }
   std::string path;
+  Mapping bytes;
   std::unique_ptr<MemoryServer> server;
 };
 

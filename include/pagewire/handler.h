@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "pagewire/error.h"
 #include "pagewire/region.h"
 #include "pagewire/stats.h"
 
@@ -62,6 +63,7 @@ struct HandlerReport {
   bool served = false;    // the handshake was taken and faults served
   bool complete = false;  // every page arrived
   std::string error{};    // why the handshake was refused, or what failed
+  Errc code = Errc::kOk;  // and its code
   Stats stats{};
 };
 
