@@ -137,15 +137,18 @@ void Completion::decide() {
   // Every page is here: the region becomes plain memory. Only the parts
   // still mapped are unregistered; a range the application unmapped may
   // hold another mapping by now.
-  r_.pages.for_each_mapped_stretch([&](size_t first, size_t count) {
-    r_.backing.for_each_range(first, count, [&](std::byte* addr, size_t, size_t n) {
-      try {
-        r_.uffd.unregister(addr, n * r_.page_size);
-      } catch (const std::exception& e) {
-        spdlog::warn("region '{}': complete, but {}", r_.name, e.what());
-      }
+  // Another process's ranges stay registered: it registered them, and a
+  // range it removes later still faults here (and reads zeros).
+  if (!r_.backing.foreign())
+    r_.pages.for_each_mapped_stretch([&](size_t first, size_t count) {
+      r_.backing.for_each_range(first, count, [&](std::byte* addr, size_t, size_t n) {
+        try {
+          r_.uffd.unregister(addr, n * r_.page_size);
+        } catch (const std::exception& e) {
+          spdlog::warn("region '{}': complete, but {}", r_.name, e.what());
+        }
+      });
     });
-  });
   r_.status.set_complete();
   closing_.store(false);
   spdlog::info("region '{}': every page present after {:.2f} s; unregistered, plain memory now", r_.name,
@@ -153,6 +156,8 @@ void Completion::decide() {
 }
 
 bool Completion::fetch_again(size_t page, PageCounts& mine) {
+  // Another process's ranges stay registered when complete: fetch it.
+  if (r_.backing.foreign()) return true;
   // closing_ is cleared again once the region is complete: look at both.
   if (!closing_.load() && !r_.status.complete()) return true;
   // The owner may not have seen this page go: wait for its decision.

@@ -136,16 +136,17 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
       refusal_(uffd_, pages_, status_, backing_, desc_.page_size, desc_.name) {
   if (!stop_fd_) throw_errno("eventfd");
   check_supported(*transport_, backing_, uffd_);
+  const unsigned handlers = options_.handler_threads != 0 ? options_.handler_threads : default_handler_threads();
   if (backing_.foreign()) {
     set_up_foreign_memory();
   } else {
     check_cache(options_, *transport_, backing_, desc_.page_size);
-    set_up_own_memory(not_zero);
+    set_up_own_memory(not_zero, handlers);
   }
-  start_workers(options_.handler_threads != 0 ? options_.handler_threads : default_handler_threads());
+  start_workers(handlers);
 }
 
-void FaultEngine::set_up_own_memory(const ZeroMap* not_zero) {
+void FaultEngine::set_up_own_memory(const ZeroMap* not_zero, unsigned handlers) {
   if (options_.cache_bytes > 0) {
     // Far memory: the region is never all here, so nothing pulls it whole.
     options_.background_pull = false;
@@ -165,6 +166,7 @@ void FaultEngine::set_up_own_memory(const ZeroMap* not_zero) {
   // faults for holes; both are resolved by filling the page through the
   // alias and mapping it with UFFDIO_CONTINUE.
   name_view();
+  if (options_.uffd_per_handler) uffd_.split(backing_.view.data(), backing_.view.size(), handlers, desc_.page_size);
   if (options_.cache_bytes > 0) {
     uffd_.register_missing_and_wp(backing_.view.data(), backing_.view.size());
   } else {
@@ -228,7 +230,8 @@ void FaultEngine::start_workers(unsigned n) {
   for (unsigned i = 0; i < n; ++i) {
     auto h = make_worker(i, depth, options_.prefetch ? prefetch_window(options_, desc_.page_size) : 1,
                          ChannelUse::kDemand);
-    h->channel->watch(uffd_.fd(), kUffdToken);
+    h->part = i % uffd_.parts();
+    h->channel->watch(uffd_.fd(h->part), kUffdToken);
     handlers_.push_back(std::move(h));
   }
   if (options_.background_pull) {
@@ -278,7 +281,7 @@ void FaultEngine::start_workers(unsigned n) {
   if (puller_) puller_->thread = std::thread([this] { run_puller(*puller_); });
   if (cache_) cache_->start();
   completion_->start(stop_fd_.get());
-  spdlog::info("attach: '{}' over {}: {} MiB in {} KiB pages of {} ({} zero pages known), {} handler threads, {} "
+  spdlog::info("attach: '{}' over {}: {} MiB in {} KiB pages of {} ({} zero pages known), {} handler threads{}, {} "
                "reads in flight each, pull {}, prefetch {}{}",
                desc_.name, transport_->name(), desc_.length >> 20, desc_.page_size >> 10,
                backing_.foreign()
@@ -286,7 +289,9 @@ void FaultEngine::start_workers(unsigned n) {
                : backing_.shared ? (backing_.huge ? "hugetlbfs shared memory, installed in place"
                                                   : "shared memory, installed in place")
                                  : (backing_.huge ? "anonymous hugetlb memory" : "anonymous memory"),
-               count_zero_pages(desc_.zero_map), n, depth, puller_ ? "on" : "off", options_.prefetch ? "on" : "off",
+               count_zero_pages(desc_.zero_map), n,
+               uffd_.parts() > 1 ? fmt::format(" ({} userfaultfds, one each)", uffd_.parts()) : std::string(), depth,
+               puller_ ? "on" : "off", options_.prefetch ? "on" : "off",
                cache_ ? fmt::format(", cache {} MiB ({}; written pages tracked by write-protect faults)",
                                     options_.cache_bytes >> 20,
                                     options_.eviction == AttachOptions::Eviction::kClock ? "clock" : "fifo")

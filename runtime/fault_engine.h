@@ -27,6 +27,8 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <shared_mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -108,7 +110,7 @@ class FaultEngine {
   FaultEngine(std::unique_ptr<Transport> transport, const AttachOptions& options, const ZeroMap* not_zero,
               ForeignMemory* foreign);
   // The region's own memory: mapped, named and registered here.
-  void set_up_own_memory(const ZeroMap* not_zero);
+  void set_up_own_memory(const ZeroMap* not_zero, unsigned handlers);
   // Another process's: pages in none of its ranges are not the region's.
   void set_up_foreign_memory();
   std::unique_ptr<Worker> make_worker(unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use);
@@ -166,6 +168,14 @@ class FaultEngine {
   // meanwhile go in as zeros.
   int copy_in(const std::byte* src, std::byte* dst, size_t first, size_t count, bool protect, uint64_t* retries,
               uint64_t* existed);
+  // Another process's memory: the same, each attempt under remove_mu_ (see
+  // there), deciding page by page between the source's bytes and zeros.
+  int copy_in_foreign(const std::byte* src, std::byte* dst, size_t first, size_t count, uint64_t* retries,
+                      uint64_t* existed);
+  // Reads events of one userfaultfd part; for another process's memory,
+  // under remove_mu_ held exclusively, marking the pages of each
+  // UFFD_EVENT_REMOVE removed before it lets go.
+  int read_events(unsigned part, std::span<uffd_msg> msgs);
   // Installs a claimed zero page without a transfer (`write`: for a write
   // fault, which a bounded cache installs writable and marks written).
   void install_zero(Worker& w, size_t page, bool write);
@@ -187,6 +197,7 @@ class FaultEngine {
   // next fault, which installs a zero page (nothing pulls them back in),
   // and a read still out for one of them installs zeros.
   void on_removed(PageCounts& counts, uint64_t start, uint64_t end);
+  void mark_removed(uint64_t start, uint64_t end);
   // A fault on a removed page: claimed (true) for a zero page.
   bool take_removed(Worker& w, size_t page);
   void on_fault_outside(Worker& w, uint64_t address);
@@ -234,6 +245,13 @@ class FaultEngine {
   std::unique_ptr<Cache> cache_;  // AttachOptions::cache_bytes; stopped before the handlers are joined
   // Pages removed by another process (UFFD_EVENT_REMOVE): zeros for good.
   ZeroMap removed_{};
+  // The kernel zaps a removed range once its event is read, which may be
+  // after an install that looked at the page before: that install would
+  // land the source's bytes after the zap. So an install into another
+  // process's memory looks and installs holding this shared, and events
+  // are read, and removals marked, holding it exclusively: an install
+  // either lands before the zap (which then takes it) or sees the mark.
+  std::shared_mutex remove_mu_;
   MigrationReport migration_;  // filled by precopy before the region is handed out
   // Precopy takes pages back with the pull held: a thread running on
   // another CPU makes every MADV_DONTNEED wait for a TLB shootdown there.

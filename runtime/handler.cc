@@ -62,7 +62,7 @@ void FaultEngine::read_faults(Worker& w) {
   w.deferred.erase(w.deferred.begin(), w.deferred.begin() + static_cast<std::ptrdiff_t>(done));
   while (w.deferred.empty() && w.uffd_ready && !w.staging->empty()) {
     const size_t want = std::min<size_t>(Worker::kEventBatch, w.staging->available());
-    const int n = uffd_.read_events(std::span(w.events.data(), want));
+    const int n = read_events(w.part, std::span(w.events.data(), want));
     if (n < 0) {
       status_.record_failure(std::string("reading userfaultfd: ") + std::strerror(-n));
       w.uffd_ready = false;

@@ -89,6 +89,7 @@ HandlerReport serve_handler_connection(int conn_fd, const std::string& source_ur
     FaultEngine engine(connect_transport(source_uri, t), options.attach,
                        foreign_memory(r.mappings, std::move(uffd), peer.pid));
     r.served = true;
+    if (options.on_serving) options.on_serving(peer.pid);
     spdlog::info("handler: serving pid {}: {} mappings, {} MiB in {} KiB pages, from {} over {}", peer.pid,
                  r.mappings.size(), total_bytes(r.mappings) >> 20, r.mappings.front().page_size >> 10, source_uri,
                  engine.transport_name());

@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -91,13 +92,20 @@ void FaultEngine::run_puller(Worker& w) {
   }
 }
 
+namespace {
+// The userfaultfds demand_waiting() looks at, at most.
+constexpr unsigned kMaxParts = 64;
+}  // namespace
+
 bool FaultEngine::demand_waiting() const {
   for (const auto& h : handlers_) {
     if (h->demand_out.load(std::memory_order_relaxed) != 0) return true;
   }
   // A fault no handler has read yet (its handler is waiting for a CPU).
-  pollfd p{uffd_.fd(), POLLIN, 0};
-  return ::poll(&p, 1, 0) > 0 && (p.revents & POLLIN) != 0;
+  pollfd p[kMaxParts];
+  const unsigned n = std::min(uffd_.parts(), kMaxParts);
+  for (unsigned i = 0; i < n; ++i) p[i] = {uffd_.fd(i), POLLIN, 0};
+  return ::poll(p, n, 0) > 0;
 }
 
 void FaultEngine::give_way(Worker& w) {
@@ -159,7 +167,8 @@ void FaultEngine::finish_overtake(Worker& w, std::byte* src, size_t page) {
   // The page table still says in flight: the pull run that owns the page
   // publishes it, finding it here already (EEXIST) and leaving it as the
   // application may have written it since.
-  const int rc = uffd_.copy(dst, src, desc_.page_size, desc_.page_size, &retries, &existed);
+  const int rc = backing_.foreign() ? copy_in_foreign(src, dst, page, 1, &retries, &existed)
+                                    : uffd_.copy(dst, src, desc_.page_size, desc_.page_size, &retries, &existed);
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
   if (rc != 0) {
     // The run installs or refuses it (or finds it gone), and wakes its threads.

@@ -197,6 +197,7 @@ int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count,
 
 int FaultEngine::copy_in(const std::byte* src, std::byte* dst, size_t first, size_t count, bool protect,
                          uint64_t* retries, uint64_t* existed) {
+  if (backing_.foreign()) return copy_in_foreign(src, dst, first, count, retries, existed);
   const size_t ps = desc_.page_size;
   bool any_removed = false;
   for (size_t k = 0; k < count && !any_removed; ++k) any_removed = removed(first + k);
@@ -215,6 +216,58 @@ int FaultEngine::copy_in(const std::byte* src, std::byte* dst, size_t first, siz
     if (rc != 0) return rc;
   }
   return 0;
+}
+
+int FaultEngine::copy_in_foreign(const std::byte* src, std::byte* dst, size_t first, size_t count, uint64_t* retries,
+                                 uint64_t* existed) {
+  const size_t ps = desc_.page_size;
+  for (size_t k = 0; k < count;) {
+    int rc = 0;
+    {
+      std::shared_lock lock(remove_mu_);
+      // A stretch of pages all removed (zeros) or all not (the source's).
+      const bool zeros = removed(first + k);
+      size_t n = 1;
+      while (k + n < count && removed(first + k + n) == zeros) ++n;
+      size_t done = 0;
+      if (!zeros) {
+        rc = uffd_.copy_once(dst + k * ps, src + k * ps, n * ps, &done);
+      } else if (backing_.huge) {
+        rc = uffd_.copy_once(dst + k * ps, zero_source_.data(), ps, &done);
+        n = 1;
+      } else {
+        rc = uffd_.zeropage_once(dst + k * ps, n * ps, &done);
+      }
+      if (rc == 0) {
+        k += n;
+        continue;
+      }
+      k += done / ps;
+      if (rc == EEXIST) {
+        ++*existed;
+        ++k;
+        continue;
+      }
+    }
+    if (rc != EAGAIN) return rc;
+    // An address-space event is pending: read it (without the lock, which
+    // reading takes), then look at the pages again.
+    ++*retries;
+    read_thread_pending_events();
+  }
+  return 0;
+}
+
+int FaultEngine::read_events(unsigned part, std::span<uffd_msg> msgs) {
+  if (!backing_.foreign()) return uffd_.read_events(part, msgs);
+  std::unique_lock lock(remove_mu_);
+  const int n = uffd_.read_events(part, msgs);
+  for (int i = 0; i < n; ++i) {
+    const uffd_msg& m = msgs[static_cast<size_t>(i)];
+    // Marked now; the page table follows in on_removed().
+    if (m.event == UFFD_EVENT_REMOVE) mark_removed(m.arg.remove.start, m.arg.remove.end);
+  }
+  return n;
 }
 
 void FaultEngine::install_zero(Worker& w, size_t page, bool write) {

@@ -72,40 +72,86 @@ Userfaultfd Userfaultfd::open(uint64_t wanted_features) {
   return Userfaultfd(std::move(fd), wanted_features & offered);
 }
 
+void Userfaultfd::split(void* base, size_t len, unsigned parts, size_t page) {
+  const size_t pages = len / page;
+  parts = static_cast<unsigned>(std::clamp<size_t>(parts, 1, pages));
+  if (parts <= 1) return;
+  const size_t per = (pages + parts - 1) / parts;
+  const auto start = reinterpret_cast<uintptr_t>(base);
+  for (unsigned i = 0; i < parts && i * per < pages; ++i) {
+    int fd = fd_.get();
+    if (i > 0) {
+      more_.push_back(open(features_).fd_);
+      fd = more_.back().get();
+    }
+    parts_.push_back({start + i * per * page, start + std::min(pages, (i + 1) * per) * page, fd});
+  }
+}
+
+template <typename F>
+int Userfaultfd::each(uintptr_t start, size_t len, F f) const {
+  if (parts_.empty()) return f(fd_.get(), start, len);
+  const uintptr_t end = start + len;
+  uintptr_t at = start;
+  // Before the first part and after the last: part 0's userfaultfd.
+  if (at < parts_.front().start) {
+    const uintptr_t to = std::min(end, parts_.front().start);
+    if (const int rc = f(fd_.get(), at, to - at); rc != 0) return rc;
+    at = to;
+  }
+  for (const Part& p : parts_) {
+    if (at >= end) return 0;
+    if (at >= p.end) continue;
+    const uintptr_t to = std::min(end, p.end);
+    if (const int rc = f(p.fd, at, to - at); rc != 0) return rc;
+    at = to;
+  }
+  return at < end ? f(fd_.get(), at, end - at) : 0;
+}
+
 void Userfaultfd::register_range(void* addr, size_t len, bool minor) {
-  uffdio_register reg{};
-  reg.range.start = reinterpret_cast<uint64_t>(addr);
-  reg.range.len = len;
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING | (minor ? UFFDIO_REGISTER_MODE_MINOR : 0);
-  if (::ioctl(fd_.get(), UFFDIO_REGISTER, &reg) != 0) {
-    throw_errno(minor ? "UFFDIO_REGISTER (missing and minor faults)" : "UFFDIO_REGISTER");
-  }
-  const uint64_t needed = minor ? _UFFDIO_CONTINUE : _UFFDIO_COPY;
-  if ((reg.ioctls & (1ull << needed)) == 0) {
-    throw Error(Errc::kUffdUnavailable,
-                std::string(minor ? "UFFDIO_CONTINUE" : "UFFDIO_COPY") + " is not offered for this range");
-  }
+  each(reinterpret_cast<uintptr_t>(addr), len, [&](int fd, uintptr_t at, size_t n) {
+    uffdio_register reg{};
+    reg.range.start = at;
+    reg.range.len = n;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING | (minor ? UFFDIO_REGISTER_MODE_MINOR : 0);
+    if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) {
+      throw_errno(minor ? "UFFDIO_REGISTER (missing and minor faults)" : "UFFDIO_REGISTER");
+    }
+    const uint64_t needed = minor ? _UFFDIO_CONTINUE : _UFFDIO_COPY;
+    if ((reg.ioctls & (1ull << needed)) == 0) {
+      throw Error(Errc::kUffdUnavailable,
+                  std::string(minor ? "UFFDIO_CONTINUE" : "UFFDIO_COPY") + " is not offered for this range");
+    }
+    return 0;
+  });
 }
 
 void Userfaultfd::register_missing_and_wp(void* addr, size_t len) {
-  uffdio_register reg{};
-  reg.range.start = reinterpret_cast<uint64_t>(addr);
-  reg.range.len = len;
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP;
-  if (::ioctl(fd_.get(), UFFDIO_REGISTER, &reg) != 0) throw_errno("UFFDIO_REGISTER (missing and write-protect faults)");
-  if ((reg.ioctls & (1ull << _UFFDIO_WRITEPROTECT)) == 0 || (reg.ioctls & (1ull << _UFFDIO_COPY)) == 0) {
-    throw Error(Errc::kUffdUnavailable, "UFFDIO_WRITEPROTECT is not offered for this range");
-  }
+  each(reinterpret_cast<uintptr_t>(addr), len, [&](int fd, uintptr_t at, size_t n) {
+    uffdio_register reg{};
+    reg.range.start = at;
+    reg.range.len = n;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP;
+    if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) throw_errno("UFFDIO_REGISTER (missing and write-protect faults)");
+    if ((reg.ioctls & (1ull << _UFFDIO_WRITEPROTECT)) == 0 || (reg.ioctls & (1ull << _UFFDIO_COPY)) == 0) {
+      throw Error(Errc::kUffdUnavailable, "UFFDIO_WRITEPROTECT is not offered for this range");
+    }
+    return 0;
+  });
 }
 
 void Userfaultfd::unregister(void* addr, size_t len) {
-  uffdio_range range{reinterpret_cast<uint64_t>(addr), len};
-  if (::ioctl(fd_.get(), UFFDIO_UNREGISTER, &range) != 0) throw_errno("UFFDIO_UNREGISTER");
+  each(reinterpret_cast<uintptr_t>(addr), len, [&](int fd, uintptr_t at, size_t n) {
+    uffdio_range range{at, n};
+    if (::ioctl(fd, UFFDIO_UNREGISTER, &range) != 0) throw_errno("UFFDIO_UNREGISTER");
+    return 0;
+  });
 }
 
-int Userfaultfd::read_events(std::span<uffd_msg> msgs) {
+int Userfaultfd::read_events(unsigned part, std::span<uffd_msg> msgs) {
   for (;;) {
-    ssize_t n = ::read(fd_.get(), msgs.data(), msgs.size_bytes());
+    ssize_t n = ::read(fd(part), msgs.data(), msgs.size_bytes());
     if (n >= 0) return static_cast<int>(n / static_cast<ssize_t>(sizeof(uffd_msg)));
     if (errno == EINTR) continue;
     if (errno == EAGAIN) return 0;
@@ -153,81 +199,122 @@ int install_pages(size_t len, size_t page, uint64_t* retries, uint64_t* existed,
 
 void set_thread_pending_events(PendingEvents* reader) { tl_pending_events = reader; }
 
+void read_thread_pending_events() {
+  if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
+  sched_yield();
+}
+
 int Userfaultfd::copy(void* dst, const void* src, size_t len, size_t page, uint64_t* retries, uint64_t* existed,
                       bool protect) {
-  return install_pages(len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
-    uffdio_copy c{};
-    c.dst = reinterpret_cast<uint64_t>(dst) + at;
-    c.src = reinterpret_cast<uint64_t>(src) + at;
-    c.len = n;
-    c.mode = UFFDIO_COPY_MODE_DONTWAKE | (protect ? UFFDIO_COPY_MODE_WP : 0);
-    if (::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0) return 0;
-    *done = c.copy;
-    return errno;
+  const auto base = reinterpret_cast<uintptr_t>(dst);
+  return each(base, len, [&](int fd, uintptr_t start, size_t part_len) {
+    const uintptr_t from = reinterpret_cast<uintptr_t>(src) + (start - base);
+    return install_pages(part_len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
+      uffdio_copy c{};
+      c.dst = start + at;
+      c.src = from + at;
+      c.len = n;
+      c.mode = UFFDIO_COPY_MODE_DONTWAKE | (protect ? UFFDIO_COPY_MODE_WP : 0);
+      if (::ioctl(fd, UFFDIO_COPY, &c) == 0) return 0;
+      *done = c.copy;
+      return errno;
+    });
   });
 }
 
 int Userfaultfd::zeropage(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
-  return install_pages(len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
-    uffdio_zeropage z{};
-    z.range.start = reinterpret_cast<uint64_t>(addr) + at;
-    z.range.len = n;
-    z.mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE;
-    if (::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z) == 0) return 0;
-    *done = z.zeropage;
-    return errno;
+  return each(reinterpret_cast<uintptr_t>(addr), len, [&](int fd, uintptr_t start, size_t part_len) {
+    return install_pages(part_len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
+      uffdio_zeropage z{};
+      z.range.start = start + at;
+      z.range.len = n;
+      z.mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE;
+      if (::ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0) return 0;
+      *done = z.zeropage;
+      return errno;
+    });
   });
 }
 
 int Userfaultfd::map_in_place(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed) {
-  return install_pages(len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
-    uffdio_continue c{};
-    c.range.start = reinterpret_cast<uint64_t>(addr) + at;
-    c.range.len = n;
-    c.mode = UFFDIO_CONTINUE_MODE_DONTWAKE;
-    if (::ioctl(fd_.get(), UFFDIO_CONTINUE, &c) == 0) return 0;
-    *done = c.mapped;
-    return errno;
+  return each(reinterpret_cast<uintptr_t>(addr), len, [&](int fd, uintptr_t start, size_t part_len) {
+    return install_pages(part_len, page, retries, existed, [&](size_t at, size_t n, int64_t* done) {
+      uffdio_continue c{};
+      c.range.start = start + at;
+      c.range.len = n;
+      c.mode = UFFDIO_CONTINUE_MODE_DONTWAKE;
+      if (::ioctl(fd, UFFDIO_CONTINUE, &c) == 0) return 0;
+      *done = c.mapped;
+      return errno;
+    });
   });
 }
 
+int Userfaultfd::copy_once(void* dst, const void* src, size_t len, size_t* done) {
+  uffdio_copy c{};
+  c.dst = reinterpret_cast<uint64_t>(dst);
+  c.src = reinterpret_cast<uint64_t>(src);
+  c.len = len;
+  c.mode = UFFDIO_COPY_MODE_DONTWAKE;
+  const int rc = ::ioctl(fd_.get(), UFFDIO_COPY, &c) == 0 ? 0 : errno;
+  *done = c.copy > 0 ? static_cast<size_t>(c.copy) : 0;
+  return rc;
+}
+
+int Userfaultfd::zeropage_once(void* dst, size_t len, size_t* done) {
+  uffdio_zeropage z{};
+  z.range.start = reinterpret_cast<uint64_t>(dst);
+  z.range.len = len;
+  z.mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE;
+  const int rc = ::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z) == 0 ? 0 : errno;
+  *done = z.zeropage > 0 ? static_cast<size_t>(z.zeropage) : 0;
+  return rc;
+}
+
 int Userfaultfd::wake(void* addr, size_t len) const {
-  uffdio_range range{reinterpret_cast<uint64_t>(addr), len};
-  return ::ioctl(fd_.get(), UFFDIO_WAKE, &range) == 0 ? 0 : errno;
+  return each(reinterpret_cast<uintptr_t>(addr), len, [](int fd, uintptr_t start, size_t n) {
+    uffdio_range range{start, n};
+    return ::ioctl(fd, UFFDIO_WAKE, &range) == 0 ? 0 : errno;
+  });
 }
 
 int Userfaultfd::write_protect(void* addr, size_t len, bool on) {
-  uffdio_writeprotect wp{};
-  wp.range.start = reinterpret_cast<uint64_t>(addr);
-  wp.range.len = len;
-  // (DONTWAKE is only valid when lifting: protecting wakes nobody.)
-  wp.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
-  // EAGAIN: an address-space event is pending. A thread that reads events
-  // reads it here; any other gives up after a while (the caller retries
-  // later) rather than wait on a reader that may be waiting on it.
-  for (int tries = 0;; ++tries) {
-    if (::ioctl(fd_.get(), UFFDIO_WRITEPROTECT, &wp) == 0) return 0;
-    if (errno != EAGAIN || tries == 1000) return errno;
-    if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
-    sched_yield();
-  }
+  return each(reinterpret_cast<uintptr_t>(addr), len, [&](int fd, uintptr_t start, size_t n) {
+    uffdio_writeprotect wp{};
+    wp.range.start = start;
+    wp.range.len = n;
+    // (DONTWAKE is only valid when lifting: protecting wakes nobody.)
+    wp.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
+    // EAGAIN: an address-space event is pending. A thread that reads events
+    // reads it here; any other gives up after a while (the caller retries
+    // later) rather than wait on a reader that may be waiting on it.
+    for (int tries = 0;; ++tries) {
+      if (::ioctl(fd, UFFDIO_WRITEPROTECT, &wp) == 0) return 0;
+      if (errno != EAGAIN || tries == 1000) return errno;
+      if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
+      sched_yield();
+    }
+  });
 }
 
 int Userfaultfd::refuse(void* addr, size_t len) {
   if (has(UFFD_FEATURE_POISON)) {
-    uffdio_poison p{};
-    p.range.start = reinterpret_cast<uint64_t>(addr);
-    p.range.len = len;
-    p.mode = 0;
-    for (;;) {
-      if (::ioctl(fd_.get(), UFFDIO_POISON, &p) == 0) return 0;
-      if (errno == EEXIST) return wake(addr, len);
-      if (errno == ENOENT) return ENOENT;  // the range is gone
-      if (errno == ESRCH) return ESRCH;    // the process whose memory it is has gone
-      if (errno != EAGAIN) break;          // try the protection below
-      if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
-      sched_yield();
-    }
+    const int rc = each(reinterpret_cast<uintptr_t>(addr), len, [](int fd, uintptr_t start, size_t n) {
+      uffdio_poison p{};
+      p.range.start = start;
+      p.range.len = n;
+      p.mode = 0;
+      for (;;) {
+        if (::ioctl(fd, UFFDIO_POISON, &p) == 0 || errno == EEXIST) return 0;  // woken below
+        if (errno == ENOENT) return ENOENT;                                    // the range is gone
+        if (errno == ESRCH) return ESRCH;  // the process whose memory it is has gone
+        if (errno != EAGAIN) return -1;    // try the protection below
+        if (tl_pending_events != nullptr) tl_pending_events->read_pending_events();
+        sched_yield();
+      }
+    });
+    if (rc == 0) return wake(addr, len);
+    if (rc > 0) return rc;
   }
   // Another process's memory cannot be protected from here.
   if (foreign_) return ENOTSUP;

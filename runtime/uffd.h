@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/unique_fd.h"
 
@@ -30,6 +32,9 @@ class PendingEvents {
 };
 // For the calling thread (nullptr: none, it only yields before retrying).
 void set_thread_pending_events(PendingEvents* reader);
+// What an install does before it retries after EAGAIN: the calling
+// thread's reader reads pending events, or (none) the thread yields.
+void read_thread_pending_events();
 
 class Userfaultfd {
  public:
@@ -46,9 +51,28 @@ class Userfaultfd {
   static uint64_t kernel_features();
 
   int fd() const { return fd_.get(); }
+  // One userfaultfd per handler: splits [base, base+len) into `parts`
+  // contiguous parts of whole `page`-byte pages, each with a userfaultfd of
+  // its own (part 0 is this one's; the others are opened with the same
+  // features), so that faults in different parts never share a kernel wait
+  // queue. Before any range is registered. Every call below then goes to
+  // the userfaultfd of the part its address is in (a range across parts,
+  // part by part); addresses outside them go to part 0's.
+  void split(void* base, size_t len, unsigned parts, size_t page);
+  unsigned parts() const { return parts_.empty() ? 1 : static_cast<unsigned>(parts_.size()); }
+  int fd(unsigned part) const { return parts_.empty() ? fd_.get() : parts_[part].fd; }
+  // Part `part`'s range (the whole address space when not split).
+  std::pair<uintptr_t, uintptr_t> part_range(unsigned part) const {
+    return parts_.empty() ? std::pair<uintptr_t, uintptr_t>{0, UINTPTR_MAX}
+                          : std::pair<uintptr_t, uintptr_t>{parts_[part].start, parts_[part].end};
+  }
   // Closes the userfaultfd: every range is unregistered, and a missing page
   // reads zeros from then on (make them inaccessible first).
-  void close() { fd_.reset(); }
+  void close() {
+    fd_.reset();
+    more_.clear();
+    parts_.clear();
+  }
   uint64_t features() const { return features_; }
   bool has(uint64_t feature) const { return (features_ & feature) != 0; }
 
@@ -63,9 +87,10 @@ class Userfaultfd {
   void register_missing_and_wp(void* addr, size_t len);
   void unregister(void* addr, size_t len);
 
-  // Reads up to msgs.size() events; returns how many (0 when none queued).
-  // Returns -errno on a real error.
-  int read_events(std::span<uffd_msg> msgs);
+  // Reads up to msgs.size() events (of part `part`); returns how many (0
+  // when none queued). Returns -errno on a real error.
+  int read_events(std::span<uffd_msg> msgs) { return read_events(0, msgs); }
+  int read_events(unsigned part, std::span<uffd_msg> msgs);
 
   // Installs [src, src+len) at dst, page by page of `page` bytes, without
   // waking the waiters: the caller records the pages as present first and
@@ -83,6 +108,11 @@ class Userfaultfd {
   // Maps the page-cache pages already behind [addr, addr+len) (UFFDIO_CONTINUE),
   // with the same outcomes and without waking.
   int map_in_place(void* addr, size_t len, size_t page, uint64_t* retries, uint64_t* existed);
+  // One UFFDIO_COPY or UFFDIO_ZEROPAGE of [dst, dst+len) without waking
+  // and without retrying: 0 or the errno (EAGAIN and EEXIST included) that
+  // stopped it, with *done set to the bytes installed before. Not split.
+  int copy_once(void* dst, const void* src, size_t len, size_t* done);
+  int zeropage_once(void* dst, size_t len, size_t* done);
   int wake(void* addr, size_t len) const;
   // Write-protects [addr, addr+len), or removes the protection, without
   // waking (UFFDIO_WRITEPROTECT; EAGAIN retried a while). Returns 0 or errno.
@@ -95,9 +125,21 @@ class Userfaultfd {
 
  private:
   Userfaultfd(UniqueFd fd, uint64_t features) : fd_(std::move(fd)), features_(features) {}
+  // Calls f(fd, start, len) for each part of [start, start+len), in
+  // order, until one returns nonzero (which it returns).
+  template <typename F>
+  int each(uintptr_t start, size_t len, F f) const;
+
+  struct Part {
+    uintptr_t start = 0;
+    uintptr_t end = 0;
+    int fd = -1;
+  };
   UniqueFd fd_;
   uint64_t features_ = 0;
   bool foreign_ = false;
+  std::vector<UniqueFd> more_{};  // parts 1.. (split)
+  std::vector<Part> parts_{};
 };
 
 // Names of the feature bits that are set, for the log.

@@ -94,13 +94,20 @@ void FaultEngine::on_unmapped(PageCounts& counts, uint64_t start, uint64_t end) 
   for_each_page_span(backing_, start, end, [&](size_t first, size_t last) { unmap_pages(counts, first, last); });
 }
 
+void FaultEngine::mark_removed(uint64_t start, uint64_t end) {
+  for_each_page_span(backing_, start, end, [&](size_t first, size_t last) {
+    for (size_t p = first; p < last; ++p) set_zero_page(removed_, p);
+  });
+}
+
 void FaultEngine::on_removed(PageCounts& counts, uint64_t start, uint64_t end) {
   size_t removed = 0;
+  // Marked first (and already, when the event was read): a read out for a
+  // page installs zeros in place of what it brings, and the source's bytes
+  // are never its again.
+  mark_removed(start, end);
   for_each_page_span(backing_, start, end, [&](size_t first, size_t last) {
     for (size_t p = first; p < last; ++p) {
-      // Marked first: a read out for the page now installs zeros in place
-      // of what it brings, and the source's bytes are never its again.
-      set_zero_page(removed_, p);
       // Gone until its next fault, which installs a zero page: nothing
       // pulls it back in, and the region can still complete.
       for (;;) {
@@ -172,14 +179,18 @@ void FaultEngine::on_fault_outside(Worker& w, uint64_t address) {
 }
 
 void FaultEngine::read_pending_events(Worker& w) {
+  // Every part's: the install that waits may be in another handler's part
+  // (a pull run, a read ahead), and its event may be there.
   uffd_msg msgs[Worker::kEventBatch];
-  const int n = uffd_.read_events(std::span(msgs, Worker::kEventBatch));
-  for (int i = 0; i < n; ++i) {
-    const uffd_msg& m = msgs[i];
-    if (m.event == UFFD_EVENT_PAGEFAULT) {
-      w.deferred.push_back(m);
-    } else {
-      handle_event(w, m, now_ns(), 0);
+  for (unsigned part = 0; part < uffd_.parts(); ++part) {
+    const int n = read_events(part, std::span(msgs, Worker::kEventBatch));
+    for (int i = 0; i < n; ++i) {
+      const uffd_msg& m = msgs[i];
+      if (m.event == UFFD_EVENT_PAGEFAULT) {
+        w.deferred.push_back(m);
+      } else {
+        handle_event(w, m, now_ns(), 0);
+      }
     }
   }
 }
@@ -201,13 +212,14 @@ void FaultEngine::read_unmap_events_left() {
   // that what follows (protecting, unmapping) knows those ranges are gone.
   PageCounts counts;
   uffd_msg msgs[Worker::kEventBatch];
-  for (int n = 0; (n = uffd_.read_events(std::span(msgs, Worker::kEventBatch))) > 0;) {
-    for (int i = 0; i < n; ++i) {
-      const uffd_msg& m = msgs[i];
-      if (m.event == UFFD_EVENT_UNMAP) on_unmapped(counts, m.arg.remove.start, m.arg.remove.end);
-      if (m.event == UFFD_EVENT_REMAP) on_unmapped(counts, m.arg.remap.from, m.arg.remap.from + m.arg.remap.len);
+  for (unsigned part = 0; part < uffd_.parts(); ++part)
+    for (int n = 0; (n = read_events(part, std::span(msgs, Worker::kEventBatch))) > 0;) {
+      for (int i = 0; i < n; ++i) {
+        const uffd_msg& m = msgs[i];
+        if (m.event == UFFD_EVENT_UNMAP) on_unmapped(counts, m.arg.remove.start, m.arg.remove.end);
+        if (m.event == UFFD_EVENT_REMAP) on_unmapped(counts, m.arg.remap.from, m.arg.remap.from + m.arg.remap.len);
+      }
     }
-  }
 }
 
 void FaultEngine::unmap_view() {

@@ -76,6 +76,7 @@ struct Worker {
   };
 
   unsigned index = 0;
+  unsigned part = 0;  // the userfaultfd it reads (one per handler: its own)
   uint32_t slot_pages = 1;
   // Shared memory: how many separate reads one pull run may go out as
   // (all of a worker's reads must fit in what its channel keeps in flight).
@@ -104,7 +105,7 @@ struct Worker {
   bool can_give_way = false;
   int own_nice = 0;
   bool giving_way = false;
-  std::thread thread;       // last: starts once the rest exists
+  std::thread thread;  // last: starts once the rest exists
 };
 
 }  // namespace pagewire

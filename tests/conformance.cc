@@ -35,15 +35,16 @@ AttachOptions Combo::apply(AttachOptions o) const {
   o.memory = backing.memory;
   o.huge_pages = backing.huge;
   o.io_uring = wire != Wire::kTcpSyscalls;
+  o.uffd_per_handler = per_handler;
   return o;
 }
 
 std::vector<Combo> combos(std::initializer_list<Wire> wires, std::initializer_list<bool> pulls,
-                          std::string (*unavailable)()) {
+                          std::string (*unavailable)(), bool per_handler) {
   std::vector<Combo> out;
   for (Wire w : wires) {
     for (const Backing& b : kBackings) {
-      for (bool pull : pulls) out.push_back({w, b, pull, unavailable});
+      for (bool pull : pulls) out.push_back({w, b, pull, unavailable, per_handler});
     }
   }
   return out;
@@ -51,7 +52,8 @@ std::vector<Combo> combos(std::initializer_list<Wire> wires, std::initializer_li
 
 std::string combo_name(const ::testing::TestParamInfo<Combo>& info) {
   const Combo& c = info.param;
-  return std::string(wire_name(c.wire)) + "_" + c.backing.name + (c.pull ? "_pull" : "");
+  return std::string(wire_name(c.wire)) + "_" + c.backing.name + (c.pull ? "_pull" : "") +
+         (c.per_handler ? "_per_handler" : "");
 }
 
 void PrintTo(const Combo& c, std::ostream* os) { *os << combo_name({c, 0}); }

@@ -60,6 +60,8 @@ struct Combo {
   bool pull = false;
   // Why this wire cannot run on this machine ("" when it can); null: always.
   std::string (*unavailable)() = nullptr;
+  // One userfaultfd per handler (AttachOptions::uffd_per_handler).
+  bool per_handler = false;
 
   // `o` with this backing and wire's I/O path.
   AttachOptions apply(AttachOptions o) const;
@@ -67,11 +69,12 @@ struct Combo {
 
 // Every backing over each of `wires`; with `pulls` both ways when given both.
 std::vector<Combo> combos(std::initializer_list<Wire> wires, std::initializer_list<bool> pulls = {false},
-                          std::string (*unavailable)() = nullptr);
+                          std::string (*unavailable)() = nullptr, bool per_handler = false);
 // Why RDMA cannot run here ("" in the guest, where it can): defined in
 // pagewire_rdma_tests only.
 std::string rdma_unavailable();
-// "tcp_uring_shared_huge", "local_anonymous_pull": what the test names end
+// "tcp_uring_shared_huge", "local_anonymous_pull", "rdma_shared_per_handler":
+// what the test names end
 // in, and what gtest prints for the parameter.
 std::string combo_name(const ::testing::TestParamInfo<Combo>& info);
 void PrintTo(const Combo& c, std::ostream* os);

@@ -25,6 +25,8 @@ INSTANTIATE_TEST_SUITE_P(Conformance, Scenario, ::testing::ValuesIn(combos({Wire
                          combo_name);
 INSTANTIATE_TEST_SUITE_P(Conformance, NetworkScenario,
                          ::testing::ValuesIn(combos({Wire::kRdma}, {false}, rdma_unavailable)), combo_name);
+INSTANTIATE_TEST_SUITE_P(PerHandler, Scenario,
+                         ::testing::ValuesIn(combos({Wire::kRdma}, {false}, rdma_unavailable, true)), combo_name);
 
 }  // namespace
 }  // namespace pagewire::testing

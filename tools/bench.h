@@ -41,7 +41,7 @@ struct BenchConfig {
   double ib_read_lat_us = 0;       // > 0: ib_read_lat's typical 4 KiB latency on this device
   // --suite scaling: the grid of handler threads x faulting threads.
   std::vector<unsigned> scaling_handlers = {1, 2, 4};
-  std::vector<unsigned> scaling_threads = {1, 2, 4, 64};
+  std::vector<unsigned> scaling_threads = {1, 2, 8, 32, 64};
   // --suite farmem: measured seconds per run.
   double farmem_seconds = 2.0;
   // --suite farmem: also Linux swapping to zram in a memory cgroup, where

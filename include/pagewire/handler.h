@@ -18,6 +18,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -53,6 +54,8 @@ struct HandlerOptions {
   // The most a handshake may hold (a guard against a peer that never ends
   // one, far above any real VMM's: 64 bytes of JSON per mapping or so).
   size_t max_handshake_bytes = 16u << 20;
+  // Called with the process's pid once its faults are being served.
+  std::function<void(pid_t)> on_serving{};
 };
 
 // One connection's end.
