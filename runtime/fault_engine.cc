@@ -136,6 +136,10 @@ FaultEngine::FaultEngine(std::unique_ptr<Transport> transport, const AttachOptio
       refusal_(uffd_, pages_, status_, backing_, desc_.page_size, desc_.name) {
   if (!stop_fd_) throw_errno("eventfd");
   check_supported(*transport_, backing_, uffd_);
+  if (options_.poll_us > 1000000) {
+    throw Error(Errc::kInvalidArgument, "poll_us " + std::to_string(options_.poll_us) +
+                                            " is absurd: a handler spins at most 1000000 us (1 s) before it sleeps");
+  }
   const unsigned handlers = options_.handler_threads != 0 ? options_.handler_threads : default_handler_threads();
   if (backing_.foreign()) {
     set_up_foreign_memory();

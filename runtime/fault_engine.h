@@ -119,6 +119,9 @@ class FaultEngine {
   // The handler loop (handler.cc).
   void run_handler(Worker& w);
   void read_faults(Worker& w);
+  // Polling (AttachOptions::poll_us): true when something arrived before
+  // the time ran out (in w.result, or the userfaultfd readable).
+  bool poll(Worker& w);
   // One event: a fault is taken and its read queued; munmap and mremap
   // are applied to the page table. `reserved`: faults read but not yet
   // handled, each of which needs a slot.

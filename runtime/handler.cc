@@ -1,5 +1,8 @@
 // The handler loop: read fault events, take each fault in the page table,
 // and queue its read (and the reads ahead of a detected stream).
+#include <poll.h>
+#include <sched.h>
+
 #include <cstring>
 #include <functional>
 
@@ -34,7 +37,7 @@ void FaultEngine::run_handler(Worker& w) {
       // and do not wake for it while there is no slot to take them into.
       const bool can_read = (w.uffd_ready || !w.deferred.empty()) && !w.staging->empty();
       w.channel->pause_watch(kUffdToken, w.staging->empty());
-      w.channel->wait(w.result, can_read ? 0 : -1);
+      if (can_read || options_.poll_us == 0 || !poll(w)) w.channel->wait(w.result, can_read ? 0 : -1);
       w.reaped_ns = now_ns();
       for (uint64_t token : w.result.woken_tokens) {
         if (token == kStopToken) return;
@@ -47,6 +50,29 @@ void FaultEngine::run_handler(Worker& w) {
   } catch (const std::exception& e) {
     stop_worker_on_exception(w, e);
   }
+}
+
+bool FaultEngine::poll(Worker& w) {
+  // Spin on the connection's completions and the userfaultfd, without
+  // sleeping, for up to poll_us: a fault or a read that arrives meanwhile
+  // costs no wake-up. Then the caller sleeps as usual.
+  const uint64_t until = now_ns() + uint64_t{options_.poll_us} * 1000;
+  pollfd uffd{uffd_.fd(w.part), POLLIN, 0};
+  const bool watch_uffd = !w.staging->empty();
+  do {
+    w.channel->wait(w.result, 0);
+    if (!w.result.completions.empty() || !w.result.woken_tokens.empty() || w.result.channel_error != Errc::kOk) {
+      return true;
+    }
+    if (watch_uffd && ::poll(&uffd, 1, 0) > 0) {
+      w.uffd_ready = true;
+      return true;
+    }
+    // On a core of its own this returns at once; on a shared one it lets
+    // the faulting thread (or the source) run instead of the spin.
+    sched_yield();
+  } while (now_ns() < until);
+  return false;
 }
 
 void FaultEngine::read_faults(Worker& w) {

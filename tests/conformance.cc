@@ -36,6 +36,7 @@ AttachOptions Combo::apply(AttachOptions o) const {
   o.huge_pages = backing.huge;
   o.io_uring = wire != Wire::kTcpSyscalls;
   o.uffd_per_handler = per_handler;
+  o.poll_us = per_handler ? 100 : 0;
   return o;
 }
 
@@ -53,7 +54,7 @@ std::vector<Combo> combos(std::initializer_list<Wire> wires, std::initializer_li
 std::string combo_name(const ::testing::TestParamInfo<Combo>& info) {
   const Combo& c = info.param;
   return std::string(wire_name(c.wire)) + "_" + c.backing.name + (c.pull ? "_pull" : "") +
-         (c.per_handler ? "_per_handler" : "");
+         (c.per_handler ? "_per_handler_polling" : "");
 }
 
 void PrintTo(const Combo& c, std::ostream* os) { *os << combo_name({c, 0}); }

@@ -60,7 +60,8 @@ struct Combo {
   bool pull = false;
   // Why this wire cannot run on this machine ("" when it can); null: always.
   std::string (*unavailable)() = nullptr;
-  // One userfaultfd per handler (AttachOptions::uffd_per_handler).
+  // One userfaultfd per handler (AttachOptions::uffd_per_handler), and
+  // handlers that poll (AttachOptions::poll_us = 100) before they sleep.
   bool per_handler = false;
 
   // `o` with this backing and wire's I/O path.
@@ -73,7 +74,7 @@ std::vector<Combo> combos(std::initializer_list<Wire> wires, std::initializer_li
 // Why RDMA cannot run here ("" in the guest, where it can): defined in
 // pagewire_rdma_tests only.
 std::string rdma_unavailable();
-// "tcp_uring_shared_huge", "local_anonymous_pull", "rdma_shared_per_handler":
+// "tcp_uring_shared_huge", "local_anonymous_pull", "rdma_shared_per_handler_polling":
 // what the test names end
 // in, and what gtest prints for the parameter.
 std::string combo_name(const ::testing::TestParamInfo<Combo>& info);

@@ -11,7 +11,8 @@ INSTANTIATE_TEST_SUITE_P(Conformance, Scenario,
                          ::testing::ValuesIn(combos({Wire::kLocal, Wire::kTcpUring, Wire::kTcpSyscalls})), combo_name);
 INSTANTIATE_TEST_SUITE_P(Conformance, NetworkScenario,
                          ::testing::ValuesIn(combos({Wire::kTcpUring, Wire::kTcpSyscalls})), combo_name);
-// The same with one userfaultfd per handler, each region split in parts.
+// The same with one userfaultfd per handler, each region split in parts,
+// and handlers that poll before they sleep.
 INSTANTIATE_TEST_SUITE_P(PerHandler, Scenario, ::testing::ValuesIn(combos({Wire::kTcpUring}, {false}, nullptr, true)),
                          combo_name);
 INSTANTIATE_TEST_SUITE_P(PerHandler, NetworkScenario,

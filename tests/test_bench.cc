@@ -197,6 +197,12 @@ TEST(Bench, FaultsSuiteReportsEachStageBesideTheHandlerFaultLatency) {
   // One placement: one handler fault latency, with its stages beside it.
   EXPECT_EQ(count(report, "\"handler_fault_latency\": {"), 1u) << report;
   EXPECT_EQ(count(report, "\"stages\": {"), 1u) << report;
+  // And the same faults with polling handlers, beside the handlers' CPU
+  // time either way.
+  EXPECT_TRUE(has(r.out, "polling: fault p50 ")) << r.out;
+  EXPECT_EQ(count(report, "\"polling\": {"), 1u) << report;
+  EXPECT_EQ(count(report, "\"handler_cpu_seconds\": "), 2u) << report;
+  EXPECT_EQ(count(report, "\"fault_p99_ratio\": "), 1u) << report;
   EXPECT_EQ(count(report, "\"event_to_post\": {"), 1u) << report;
   EXPECT_EQ(count(report, "\"transport\": {"), 1u) << report;
   EXPECT_EQ(count(report, "\"install_wake\": {"), 1u) << report;

@@ -43,6 +43,19 @@ TEST(TcpEndToEnd, SequentialMultiThreadedContentsAreExact) {
   EXPECT_EQ(r.stats().pages_fetched, order.size());
 }
 
+TEST(TcpEndToEnd, AnAbsurdPollingTimeIsRefused) {
+  PatternServer src("poll", 1 << 20);
+  AttachOptions o = handlers(2);
+  o.poll_us = 5000000;
+  try {
+    Region r = attach(src.uri(), o);
+    ADD_FAILURE() << "attached with poll_us 5000000";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("poll_us"), std::string::npos) << e.what();
+  }
+}
+
 TEST(TcpEndToEnd, SparseFourGiBRegionTouchedAtOnePercent) {
   // The source is sparse too: untouched anonymous memory costs nothing, and
   // the pattern is written only into the pages that will be read.

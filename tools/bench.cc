@@ -5,10 +5,14 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <random>
+#include <sstream>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -124,6 +128,13 @@ struct PlacementResult {
   LatencySummary handler;  // Stats::fault_latency: event read to page installed
   FaultStages stages;      // the handler's fault, stage by stage
   uint64_t duplicate_faults = 0;
+  double handler_cpu_s = 0;  // the handler threads' CPU time over the run
+  // The same faults with handlers that poll (BenchConfig::poll_us > 0).
+  bool polled_run = false;
+  LatencySummary polled_fault;
+  double polled_handler_cpu_s = 0;
+  double polled_faults_per_second = 0;
+  uint64_t polled_wrong_pages = 0;
   uint64_t pages = 0;
   uint64_t wrong_pages = 0;
   int64_t first_wrong_offset = -1;
@@ -150,26 +161,67 @@ struct PlacementResult {
   double stage_mean_sum_ratio() const { return handler.mean_ns > 0 ? stage_mean_sum_ns() / handler.mean_ns : 0; }
 };
 
+// CPU seconds the region's fault handler threads (pw-fault-N) have used.
+double handler_cpu_seconds() {
+  double total = 0;
+  const long ticks = ::sysconf(_SC_CLK_TCK);
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream in(task.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t open = stat.find('(');
+    const size_t close = stat.rfind(')');
+    if (open == std::string::npos || close == std::string::npos) continue;
+    if (stat.compare(open + 1, 9, "pw-fault-") != 0) continue;
+    // After the name: state, then fields 4..; utime and stime are 14 and 15.
+    std::istringstream rest(stat.substr(close + 2));
+    std::string field;
+    unsigned long long utime = 0;
+    unsigned long long stime = 0;
+    for (int i = 3; i <= 15 && rest >> field; ++i) {
+      if (i == 14) utime = std::stoull(field);
+      if (i == 15) stime = std::stoull(field);
+    }
+    total += static_cast<double>(utime + stime) / static_cast<double>(ticks);
+  }
+  return total;
+}
+
 PlacementResult run_placement(const BenchConfig& c, const Placement& pl, const std::string& uri, const Mapping& local) {
   PlacementResult out;
   out.placement = pl.name;
   out.ib_read_lat_us = c.ib_read_lat_us;
   out.floor_a = floor_local_fault(c, pl, local);
   out.floor_b = floor_transport_read(c, pl, uri);
-  Region r = attach(uri, demand_options(c, pl));
-  WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), touch_config(c, pl, "faults"));
-  require_every_touch(res, r, "faults");
-  const Stats s = r.stats();
-  out.transport = std::string(r.transport());
-  out.fault = summarize_samples(res.latencies_ns);
-  out.handler = s.fault_latency;
-  out.stages = s.stages;
-  out.duplicate_faults = s.duplicate_faults;
-  out.pages = res.pages;
-  out.wrong_pages = res.wrong_pages;
-  out.first_wrong_offset = res.first_wrong_offset;
-  out.seconds = res.seconds;
-  out.touch_ns = std::move(res.latencies_ns);
+  {
+    Region r = attach(uri, demand_options(c, pl));
+    WorkloadResult res = run_workload(r.data(), r.size(), r.page_size(), touch_config(c, pl, "faults"));
+    require_every_touch(res, r, "faults");
+    const Stats s = r.stats();
+    out.transport = std::string(r.transport());
+    out.fault = summarize_samples(res.latencies_ns);
+    out.handler = s.fault_latency;
+    out.stages = s.stages;
+    out.duplicate_faults = s.duplicate_faults;
+    out.pages = res.pages;
+    out.wrong_pages = res.wrong_pages;
+    out.first_wrong_offset = res.first_wrong_offset;
+    out.seconds = res.seconds;
+    out.touch_ns = std::move(res.latencies_ns);
+    out.handler_cpu_s = handler_cpu_seconds();  // these handlers' alone: the region goes before the next
+  }
+  if (c.poll_us == 0) return out;
+  // Again, with handlers that poll: latency, and what the spinning costs.
+  AttachOptions o = demand_options(c, pl);
+  o.poll_us = c.poll_us;
+  Region polled = attach(uri, o);
+  WorkloadResult pres = run_workload(polled.data(), polled.size(), polled.page_size(),
+                                     touch_config(c, pl, "faults, polling"));
+  require_every_touch(pres, polled, "faults, polling");
+  out.polled_run = true;
+  out.polled_fault = summarize_samples(pres.latencies_ns);
+  out.polled_handler_cpu_s = handler_cpu_seconds();
+  out.polled_faults_per_second = static_cast<double>(pres.pages) / pres.seconds;
+  out.polled_wrong_pages = pres.wrong_pages;
   return out;
 }
 
@@ -205,11 +257,24 @@ void print_row(const PlacementResult& r) {
   }
   std::printf(" = %.1fus; handler fault mean %.1fus; ratio %.2f\n", us(r.stage_mean_sum_ns()), us(r.handler.mean_ns),
               r.stage_mean_sum_ratio());
+  if (r.polled_run) {
+    std::printf("%-9s polling: fault p50 %.1fus p99 %.1fus (%.2fx, %.2fx sleeping), %.0f faults/s; handler CPU %.2f s "
+                "(sleeping %.2f s)\n",
+                "", us(r.polled_fault.p50_ns), us(r.polled_fault.p99_ns),
+                static_cast<double>(r.polled_fault.p50_ns) / static_cast<double>(r.fault.p50_ns),
+                static_cast<double>(r.polled_fault.p99_ns) / static_cast<double>(r.fault.p99_ns),
+                r.polled_faults_per_second, r.polled_handler_cpu_s, r.handler_cpu_s);
+  }
 }
 
 // Prints what is wrong with a placement's run; false when something is.
 bool judge(const PlacementResult& r, double max_ratio) {
   bool ok = true;
+  if (r.polled_wrong_pages != 0) {
+    std::printf("  ERROR: %llu pages read wrong with polling handlers\n",
+                static_cast<unsigned long long>(r.polled_wrong_pages));
+    ok = false;
+  }
   if (r.wrong_pages != 0) {
     std::printf("  ERROR: %llu pages read wrong (first at offset %lld)\n",
                 static_cast<unsigned long long>(r.wrong_pages), static_cast<long long>(r.first_wrong_offset));
@@ -223,7 +288,18 @@ bool judge(const PlacementResult& r, double max_ratio) {
 }
 
 nlohmann::json to_json(const PlacementResult& r) {
+  nlohmann::json polled = nullptr;
+  if (r.polled_run) {
+    polled = {{"fault", latency_json(r.polled_fault)},
+              {"handler_cpu_seconds", r.polled_handler_cpu_s},
+              {"faults_per_second", r.polled_faults_per_second},
+              {"wrong_pages", r.polled_wrong_pages},
+              {"fault_p50_ratio", static_cast<double>(r.polled_fault.p50_ns) / static_cast<double>(r.fault.p50_ns)},
+              {"fault_p99_ratio", static_cast<double>(r.polled_fault.p99_ns) / static_cast<double>(r.fault.p99_ns)}};
+  }
   return {{"placement", r.placement},
+          {"handler_cpu_seconds", r.handler_cpu_s},
+          {"polling", polled},
           {"floor_a_uffd_local", latency_json(r.floor_a)},
           {"floor_b_transport_read", latency_json(r.floor_b)},
           {"fault", latency_json(r.fault)},
@@ -249,6 +325,7 @@ nlohmann::json report_header(const BenchConfig& c, const std::string& uri) {
           {"threads", c.threads},
           {"handlers", c.handlers},
           {"io_uring", c.io_uring},
+          {"poll_us", c.poll_us},
           {"placements", nlohmann::json::array()}};
 }
 

@@ -31,9 +31,12 @@ struct BenchConfig {
   unsigned floor_samples = 20000;
   uint64_t floor_size = 256ull << 20;
   std::string json_path;
-  std::string plot_path;           // a PNG of latency CDFs (and, for a pull, MiB present over time)
-  std::string suite = "faults";    // faults, postcopy, scaling, backings, migrate
-  bool prefetch = false;           // faults suite: prefetch on (off measures each fault)
+  std::string plot_path;         // a PNG of latency CDFs (and, for a pull, MiB present over time)
+  std::string suite = "faults";  // faults, postcopy, scaling, backings, migrate
+  bool prefetch = false;         // faults suite: prefetch on (off measures each fault)
+  // Faults suite: each placement runs again with handlers that poll this
+  // long before they sleep (AttachOptions::poll_us); 0: not compared.
+  unsigned poll_us = 50;
   double max_ratio = 0;            // > 0: exit non-zero when a ratio exceeds it
   bool io_uring = true;            // TCP sockets through io_uring, else plain syscalls
   std::string transport = "tcp";   // scheme for the bench's own source: tcp, rdma, auto

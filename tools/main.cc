@@ -371,6 +371,11 @@ CLI::App* add_attach(CLI::App& app, AttachCommand& a) {
       ->capture_default_str();
   cmd->add_option("--threads", a.workload.threads, "touching threads")->check(count_range())->capture_default_str();
   cmd->add_option("--handlers", a.options.handler_threads, kHandlersHelp)->capture_default_str();
+  cmd->add_flag("--uffd-per-handler", a.options.uffd_per_handler,
+                "one userfaultfd per handler thread, each for a part of the region");
+  cmd->add_option("--poll-us", a.options.poll_us, "handlers spin this long on faults and reads before they sleep")
+      ->check(CLI::Range(0, 1000000))
+      ->capture_default_str();
   cmd->add_option("--verify", a.workload.seed,
                   "check every byte against the pattern of this seed (serve --pattern: 0x5eed unless given); "
                   "with --precopy, against the paused source")
@@ -483,6 +488,11 @@ void add_bench_shape(CLI::App* cmd, BenchConfig& bc) {
   cmd->add_option("--ib-read-lat-us", bc.ib_read_lat_us,
                   "ib_read_lat's typical 4 KiB latency on this device, for the fabric ratio");
   cmd->add_flag("--prefetch", bc.prefetch, "faults suite: keep prefetch on (off: every touch is one fault)");
+  cmd->add_option("--poll-us", bc.poll_us,
+                  "faults suite: run each placement again with handlers that poll this long before they sleep "
+                  "(0: do not)")
+      ->check(CLI::Range(0, 1000000))
+      ->capture_default_str();
   cmd->add_option("--scaling-handlers", bc.scaling_handlers, "scaling suite: handler thread counts (rows)")
       ->delimiter(',')
       ->check(count_range())
@@ -528,6 +538,9 @@ CLI::App* add_handler(CLI::App& app, HandlerCommand& h) {
       ->check(CLI::Range(0, 256))
       ->capture_default_str();
   cmd->add_flag("!--no-pull", h.options.background_pull, "do not pull the rest of the memory in the background");
+  cmd->add_option("--poll-us", h.options.poll_us, "handlers spin this long on faults and reads before they sleep")
+      ->check(CLI::Range(0, 1000000))
+      ->capture_default_str();
   cmd->add_flag("!--no-prefetch", h.options.prefetch, "do not read ahead of sequential faults");
   cmd->add_option("--key-file", h.options.key_file, "the key that proves this side to a keyed source");
   cmd->add_option("--handshake-timeout-ms", h.handshake_timeout_ms, "how long a process may take to send its handshake")
