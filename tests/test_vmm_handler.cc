@@ -194,14 +194,19 @@ TEST_F(VmmHandler, ServesEveryByteToSeveralThreadsAndToTheKernelsOwnAccesses) {
   Client c = spawn_client(
       client_args({"--mappings", "3", "--threads", "6", "--kernel", "--dir", direct_io_dir(dir.path)}), out);
   EXPECT_EQ(describe(wait_client(c)), "exit 0");
-  // Each kernel access ran (and checked its bytes).
+  // Each kernel access ran (and checked its bytes). /proc/self/mem does not
+  // wait for a missing page (EIO; the conformance suite checks that): here
+  // the pull may have brought the page first, so either is right.
   const std::string said = read_text(out);
-  for (const char* line : {"write(2) from missing pages: ok", "read(2) into missing pages: ok",
-                           "O_DIRECT write from and read into missing pages: ok",
-                           "process_vm_readv of missing pages: ok", "send(2) from missing pages: ok",
-                           "/proc/self/mem of a missing page: served", "3072 pages read by 6 threads: ok"}) {
+  for (const char* line :
+       {"write(2) from missing pages: ok", "read(2) into missing pages: ok",
+        "O_DIRECT write from and read into missing pages: ok", "process_vm_readv of missing pages: ok",
+        "send(2) from missing pages: ok", "3072 pages read by 6 threads: ok"}) {
     EXPECT_NE(said.find(line), std::string::npos) << line << "\n" << said;
   }
+  EXPECT_TRUE(said.find("/proc/self/mem of a missing page: served") != std::string::npos ||
+              said.find("/proc/self/mem of a missing page: Input/output error") != std::string::npos)
+      << said;
   const HandlerReport r = report_of(server, c.pid);
   EXPECT_TRUE(r.served) << r.error;
   EXPECT_EQ(r.mappings.size(), 3u);
