@@ -3,6 +3,8 @@
 // pw_last_error().
 #include "pagewire/pagewire_c.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <exception>
 #include <memory>
@@ -170,7 +172,10 @@ void pw_server_stop(pw_server* server) { delete server; }
 pw_status pw_handler_serve_connection(int conn_fd, const char* source_uri, const pw_attach_options* options,
                                       int stop_fd, pw_handler_report* report) {
   pw_status s = PW_OK;
-  if (null_arg(source_uri, "source_uri", &s)) return s;
+  if (null_arg(source_uri, "source_uri", &s)) {
+    if (conn_fd >= 0) ::close(conn_fd);  // closed, as on every other path
+    return s;
+  }
   pagewire::HandlerReport r;
   s = guarded([&] {
     pagewire::HandlerOptions o;

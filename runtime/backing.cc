@@ -139,9 +139,11 @@ Backing Backing::create(uint64_t length, const AttachOptions& options) {
   return b;
 }
 
-Backing Backing::foreign_memory(pid_t pid, std::vector<Segment> segments, uint64_t length, uint32_t page_size) {
+Backing Backing::foreign_memory(pid_t pid, int pidfd, std::vector<Segment> segments, uint64_t length,
+                                uint32_t page_size) {
   Backing b;
   b.foreign_pid = pid;
+  b.foreign_pidfd = pidfd;
   b.huge = page_size == kHugePage;
   if (page_size != kSmallPage && page_size != kHugePage) {
     throw Error(Errc::kInvalidArgument, "page size " + std::to_string(page_size) + " is not 4096 or 2097152");

@@ -37,6 +37,9 @@ struct Backing {
   bool huge = false;
   // Another process's memory: its pid (0: this process's own view).
   pid_t foreign_pid = 0;
+  // Its pidfd (owned by whoever serves it, open while the backing is): what
+  // tells whether it still runs, and what signals it.
+  int foreign_pidfd = -1;
   // Where the pages are, by first_page, never overlapping: the view, or
   // the other process's ranges. Pages in none are not the region's.
   std::vector<Segment> segments{};
@@ -84,7 +87,8 @@ struct Backing {
   // Another process's anonymous memory, `length` bytes of the region in
   // pages of `page_size` (4 KiB or 2 MiB), at `segments` there. Throws
   // kInvalidArgument for segments that overlap or lie past the region.
-  static Backing foreign_memory(pid_t pid, std::vector<Segment> segments, uint64_t length, uint32_t page_size);
+  static Backing foreign_memory(pid_t pid, int pidfd, std::vector<Segment> segments, uint64_t length,
+                                uint32_t page_size);
   // Shared memory: allocates every page of the memfd now, through the alias
   // (holes zero-filled, pages a caller's memfd holds kept), so that a fault
   // neither allocates a page nor maps the alias.

@@ -96,7 +96,8 @@ void check_supported(const Transport& t, const Backing& b, const Userfaultfd& uf
 
 Backing make_backing(const Transport& t, const AttachOptions& o, ForeignMemory* foreign) {
   if (foreign == nullptr) return Backing::create(t.region().length, o);
-  return Backing::foreign_memory(foreign->pid, std::move(foreign->segments), t.region().length, foreign->page_size);
+  return Backing::foreign_memory(foreign->pid, foreign->pidfd, std::move(foreign->segments), t.region().length,
+                                 foreign->page_size);
 }
 
 Userfaultfd make_uffd(const Backing& b, ForeignMemory* foreign) {

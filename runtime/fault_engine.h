@@ -54,6 +54,7 @@ namespace pagewire {
 struct ForeignMemory {
   UniqueFd uffd;
   pid_t pid = 0;
+  int pidfd = -1;                   // the process's, open for as long as the engine lives
   std::vector<Segment> segments{};  // in the region's pages
   uint32_t page_size = kSmallPage;
 };

@@ -240,7 +240,11 @@ bool FaultEngine::discarded(Worker& w, size_t page) {
   // discarded it (MADV_DONTNEED) or the fault raced with its install. The
   // page tables tell which; a discarded page is fetched again, as postcopy
   // expects, rather than woken into a fault loop.
-  if (residency_.resident(page)) return false;
+  // Another process's removed page (installed as its removal was read, and
+  // zapped after), or one whose residency cannot be read: installed again
+  // (zeros for a removed one; a page still there only answers EEXIST).
+  const bool look_again = backing_.foreign() && (removed(page) || !residency_.can_tell());
+  if (!look_again && residency_.resident(page)) return false;
   if (!pages_.transition(page, PageState::kPresent, PageState::kInFlight)) return false;
   PageCounts::add(w.counts->present, -1);
   return true;

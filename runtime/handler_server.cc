@@ -48,10 +48,11 @@ bool wait_for_exit(int pidfd, int stop_fd) {
   }
 }
 
-ForeignMemory foreign_memory(const std::vector<GuestMapping>& mappings, UniqueFd uffd, pid_t pid) {
+ForeignMemory foreign_memory(const std::vector<GuestMapping>& mappings, UniqueFd uffd, pid_t pid, int pidfd) {
   ForeignMemory f;
   f.uffd = std::move(uffd);
   f.pid = pid;
+  f.pidfd = pidfd;
   f.page_size = static_cast<uint32_t>(mappings.front().page_size);
   for (const GuestMapping& g : mappings) {
     f.segments.push_back({static_cast<uintptr_t>(g.base_host_virt_addr), g.offset / g.page_size, g.size / g.page_size});
@@ -76,18 +77,19 @@ HandlerReport serve_handler_connection(int conn_fd, const std::string& source_ur
     r.pid = peer.pid;
     r.uid = peer.uid;
     spdlog::info("handler: connection from pid {} (uid {}, gid {})", peer.pid, peer.uid, peer.gid);
+    // At once: from here on this names that process, whatever its pid
+    // comes to name after it exits (its exit, and any signal sent to it, go
+    // through this).
+    UniqueFd pidfd = open_pidfd(peer.pid);
     UniqueFd uffd;
-    const std::string body = receive_handshake(conn.get(), options, &uffd);
+    const std::string body = receive_handshake(conn.get(), options, &uffd, stop_fd);
     r.mappings = parse_guest_mappings(body);
     if (!uffd) throw Error(Errc::kInvalidArgument, "handshake: no userfaultfd came with it (SCM_RIGHTS)");
     check_userfaultfd(uffd.get());
-    // Watched before anything is served: a process that exits from here on
-    // is seen, and its pid cannot be another's while this is open.
-    UniqueFd pidfd = open_pidfd(peer.pid);
     TransportOptions t{options.attach.request_timeout_ms, options.attach.reconnect_timeout_ms, options.attach.io_uring};
     t.key = AuthKey::from_option(options.attach.key_file);
     FaultEngine engine(connect_transport(source_uri, t), options.attach,
-                       foreign_memory(r.mappings, std::move(uffd), peer.pid));
+                       foreign_memory(r.mappings, std::move(uffd), peer.pid, pidfd.get()));
     r.served = true;
     if (options.on_serving) options.on_serving(peer.pid);
     spdlog::info("handler: serving pid {}: {} mappings, {} MiB in {} KiB pages, from {} over {}", peer.pid,
@@ -245,12 +247,20 @@ void HandlerServer::State::accept_loop() {
       }
       std::lock_guard lock(mu);
       Connection& c = connections.emplace_back();
-      c.thread = std::thread([this, &c, conn, source = listeners[i].source_uri] {
-        HandlerReport r = serve_handler_connection(conn, source, options, stop.get());
-        std::lock_guard inner(mu);
-        finished.push_back(std::move(r));
-        c.done.store(true);
-      });
+      try {
+        c.thread = std::thread([this, &c, conn, source = listeners[i].source_uri] {
+          HandlerReport r = serve_handler_connection(conn, source, options, stop.get());
+          std::lock_guard inner(mu);
+          // The last 1024 only: a daemon may serve processes for months.
+          if (finished.size() == 1024) finished.erase(finished.begin());
+          finished.push_back(std::move(r));
+          c.done.store(true);
+        });
+      } catch (const std::exception& e) {
+        spdlog::error("handler: no thread for a connection on {}: {}; closed", listeners[i].socket_path, e.what());
+        ::close(conn);
+        connections.pop_back();
+      }
     }
   }
 }

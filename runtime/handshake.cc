@@ -103,17 +103,18 @@ PeerCredentials peer_credentials(int conn) {
   return {c.pid, c.uid, c.gid};
 }
 
-std::string receive_handshake(int conn, const HandlerOptions& options, UniqueFd* uffd) {
+std::string receive_handshake(int conn, const HandlerOptions& options, UniqueFd* uffd, int stop_fd) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options.handshake_timeout_ms);
   std::string body;
   std::vector<char> buf(64 << 10);
   for (;;) {
     const auto left =
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
-    pollfd p{conn, POLLIN, 0};
-    const int ready = left > 0 ? ::poll(&p, 1, static_cast<int>(left)) : 0;
+    pollfd fds[2] = {{conn, POLLIN, 0}, {stop_fd, POLLIN, 0}};
+    const int ready = left > 0 ? ::poll(fds, stop_fd >= 0 ? 2 : 1, static_cast<int>(left)) : 0;
     if (ready < 0 && errno == EINTR) continue;
     if (ready < 0) throw_errno("poll of the handler connection");
+    if (stop_fd >= 0 && fds[1].revents != 0) throw Error(Errc::kCancelled, "handshake: the handler is stopping");
     if (ready == 0) {
       throw Error(Errc::kTimeout, "handshake: none within " + std::to_string(options.handshake_timeout_ms) + " ms (" +
                                       std::to_string(body.size()) + " bytes received)");

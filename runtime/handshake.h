@@ -24,7 +24,8 @@ PeerCredentials peer_credentials(int conn);
 // the peer stops sending), within the options' time and size limits; the
 // first descriptor it carries (SCM_RIGHTS) goes to *uffd, and any more are
 // closed. Throws Error(kInvalidArgument / kTimeout) naming what is wrong.
-std::string receive_handshake(int conn, const HandlerOptions& options, UniqueFd* uffd);
+// `stop_fd` (-1: none) readable ends the wait early (kCancelled).
+std::string receive_handshake(int conn, const HandlerOptions& options, UniqueFd* uffd, int stop_fd = -1);
 
 // Throws Error(kInvalidArgument) unless `fd` is a userfaultfd.
 void check_userfaultfd(int fd);

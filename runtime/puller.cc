@@ -105,7 +105,11 @@ bool FaultEngine::demand_waiting() const {
   pollfd p[kMaxParts];
   const unsigned n = std::min(uffd_.parts(), kMaxParts);
   for (unsigned i = 0; i < n; ++i) p[i] = {uffd_.fd(i), POLLIN, 0};
-  return ::poll(p, n, 0) > 0;
+  if (::poll(p, n, 0) <= 0) return false;
+  for (unsigned i = 0; i < n; ++i) {
+    if ((p[i].revents & POLLIN) != 0) return true;
+  }
+  return false;
 }
 
 void FaultEngine::give_way(Worker& w) {

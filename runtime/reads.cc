@@ -143,6 +143,11 @@ void FaultEngine::install_run(Worker& w, const Worker::Slot& s, std::byte* src) 
       install_around_a_hole(w, s.first + i, n, src + uint64_t{i} * desc_.page_size);
       return;
     }
+    if (rc == ESRCH && backing_.foreign()) {
+      // The process whose memory it is has exited: nothing to install.
+      for (uint32_t k = i; k < i + n; ++k) refusal_.mark_gone(s.first + k, *w.counts);
+      return;
+    }
     Metrics::bump(w.metrics.install_failures, n);
     const std::string why =
         backing_.shared && rc == EFAULT
@@ -288,7 +293,7 @@ void FaultEngine::install_zero(Worker& w, size_t page, bool write) {
     rc = uffd_.zeropage(dst, desc_.page_size, desc_.page_size, &retries, &existed);
   }
   if (retries > 0) Metrics::bump(w.metrics.copy_retries, retries);
-  if (rc == ENOENT) {
+  if (rc == ENOENT || (rc == ESRCH && backing_.foreign())) {
     refusal_.mark_gone(page, *w.counts);
   } else if (rc != 0) {
     Metrics::bump(w.metrics.install_failures);

@@ -1,7 +1,10 @@
 #include "runtime/refusal.h"
 
+#include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -36,7 +39,14 @@ bool Refusal::refuse(size_t page, const std::string& why, PageCounts& mine) {
   status_.record_failure("page " + std::to_string(page) + " could not be fetched: " + why);
   const int rc = uffd_.refuse(addr, page_size_);
   if (rc == 0) return true;
-  if (backing_.foreign() && rc != ENOENT) {
+  if (backing_.foreign()) {
+    if (rc == ENOENT || rc == ESRCH) {
+      // Unmapped there (its event unread), or the process is gone: nothing
+      // to refuse, only waiters to wake.
+      if (pages_.transition(page, PageState::kRefused, PageState::kGone)) PageCounts::add(mine.gone, 1);
+      uffd_.wake(addr, page_size_);
+      return false;
+    }
     kill_foreign("page " + std::to_string(page) + " could not be refused: " + std::strerror(rc));
     return true;
   }
@@ -58,17 +68,23 @@ bool Refusal::refuse(size_t page, const std::string& why, PageCounts& mine) {
   return true;
 }
 
+bool Refusal::foreign_exited() const {
+  // A pidfd reads as readable once its process has exited.
+  pollfd p{backing_.foreign_pidfd, POLLIN, 0};
+  return backing_.foreign_pidfd < 0 || ::poll(&p, 1, 0) != 0;
+}
+
 void Refusal::kill_foreign(const std::string& why) {
-  const pid_t pid = backing_.foreign_pid;
-  if (::kill(pid, 0) != 0) return;  // gone already: nobody is left to read zeros
+  if (foreign_exited()) return;  // gone already: nobody is left to read zeros
   spdlog::error("region '{}': process {} would read zeros where pages cannot be fetched ({}), and its pages "
                 "cannot be poisoned (UFFDIO_POISON): killing it",
-                name_, pid, why);
-  ::kill(pid, SIGKILL);
+                name_, backing_.foreign_pid, why);
+  // Through its pidfd: never another process that took its pid since.
+  ::syscall(SYS_pidfd_send_signal, backing_.foreign_pidfd, SIGKILL, nullptr, 0);
 }
 
 void Refusal::refuse_foreign_or_kill(const std::string& why) {
-  if (::kill(backing_.foreign_pid, 0) != 0) return;
+  if (foreign_exited()) return;
   int failed = 0;
   bool exited = false;  // its memory is gone (ESRCH): nothing to refuse
   pages_.for_each_mapped_stretch([&](size_t first, size_t count) {

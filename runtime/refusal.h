@@ -39,6 +39,8 @@ class Refusal {
   // refused: that process is killed (SIGKILL), with a log line, rather
   // than left parked or given zeros.
   void kill_foreign(const std::string& why);
+  // Whether another process whose memory this is has exited (its pidfd).
+  bool foreign_exited() const;
 
  private:
   bool mapped(size_t page) const;

@@ -22,6 +22,9 @@ class Residency {
 
   // Anonymous memory: the page's first 4 KiB is mapped or swapped out.
   bool resident(size_t page) const;
+  // Whether resident() can tell at all (false: another process's memory
+  // whose pagemap cannot be read here; every page then counts as held).
+  bool can_tell() const { return !backing_.foreign() || static_cast<bool>(pagemap_); }
   // Shared memory: the memfd still holds the page (no hole punched there).
   bool memfd_holds(size_t page) const;
   // Whichever of the two the backing asks.

@@ -55,6 +55,12 @@ uint64_t Userfaultfd::kernel_features() {
 }
 
 Userfaultfd Userfaultfd::adopt(UniqueFd fd, uint64_t assumed) {
+  // Read like one of ours: never blocking (the other process may have made
+  // it blocking; the flag is its open file's, shared with it, and it only
+  // handed the descriptor over).
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK) != 0)
+    throw_errno("fcntl(O_NONBLOCK) of a userfaultfd");
   Userfaultfd u(std::move(fd), assumed);
   u.foreign_ = true;
   return u;
@@ -74,8 +80,8 @@ Userfaultfd Userfaultfd::open(uint64_t wanted_features) {
 
 void Userfaultfd::split(void* base, size_t len, unsigned parts, size_t page) {
   const size_t pages = len / page;
-  parts = static_cast<unsigned>(std::clamp<size_t>(parts, 1, pages));
-  if (parts <= 1) return;
+  if (pages < 2 || parts < 2) return;
+  parts = static_cast<unsigned>(std::min<size_t>(parts, pages));
   const size_t per = (pages + parts - 1) / parts;
   const auto start = reinterpret_cast<uintptr_t>(base);
   for (unsigned i = 0; i < parts && i * per < pages; ++i) {
@@ -93,10 +99,22 @@ int Userfaultfd::each(uintptr_t start, size_t len, F f) const {
   if (parts_.empty()) return f(fd_.get(), start, len);
   const uintptr_t end = start + len;
   uintptr_t at = start;
-  // Before the first part and after the last: part 0's userfaultfd.
+  // Before the first part and after the last (a range mremap moved out of
+  // one): its userfaultfd is whichever part's it came from, so every part's
+  // is asked, and one that succeeds is enough (a wake wakes on each).
+  const auto outside = [&](uintptr_t from, uintptr_t to) {
+    int first_error = 0;
+    bool any = false;
+    for (const Part& p : parts_) {
+      const int rc = f(p.fd, from, to - from);
+      any = any || rc == 0;
+      if (rc != 0 && first_error == 0) first_error = rc;
+    }
+    return any ? 0 : first_error;
+  };
   if (at < parts_.front().start) {
     const uintptr_t to = std::min(end, parts_.front().start);
-    if (const int rc = f(fd_.get(), at, to - at); rc != 0) return rc;
+    if (const int rc = outside(at, to); rc != 0) return rc;
     at = to;
   }
   for (const Part& p : parts_) {
@@ -106,7 +124,7 @@ int Userfaultfd::each(uintptr_t start, size_t len, F f) const {
     if (const int rc = f(p.fd, at, to - at); rc != 0) return rc;
     at = to;
   }
-  return at < end ? f(fd_.get(), at, end - at) : 0;
+  return at < end ? outside(at, end) : 0;
 }
 
 void Userfaultfd::register_range(void* addr, size_t len, bool minor) {
