@@ -22,9 +22,6 @@
 #include "runtime/uffd_compat.h"
 #include "tests/test_util.h"
 #include "tools/pattern.h"
-#ifdef PAGEWIRE_GUEST_SUITE
-#include "transport/rdma/verbs.h"
-#endif
 
 namespace pagewire {
 namespace {
@@ -65,13 +62,7 @@ int generation_of(const std::byte* p, uint64_t page, uint64_t max) {
 // In the guest's binary, where an RDMA device is bound to
 // PAGEWIRE_RDMA_ADDR, nodes are reached over RDMA: the cache writes back by
 // RDMA WRITE into its staging ring on the node, and pages come by RDMA READ.
-std::string rdma_addr() {
-#ifdef PAGEWIRE_GUEST_SUITE
-  const char* addr = std::getenv("PAGEWIRE_RDMA_ADDR");
-  if (addr != nullptr && *addr != '\0' && rdma::have_device()) return addr;
-#endif
-  return {};
-}
+std::string rdma_addr() { return testing::guest_rdma_addr(); }
 
 struct Node {
   // `tcp_only`: reached over TCP even where RDMA is.

@@ -26,9 +26,6 @@
 #include "tests/test_util.h"
 #include "tools/page_writers.h"
 #include "tools/pattern.h"
-#ifdef PAGEWIRE_GUEST_SUITE
-#include "transport/rdma/verbs.h"
-#endif
 
 namespace pagewire {
 namespace {
@@ -76,13 +73,7 @@ std::string tmp_path(const std::string& name) {
 // PAGEWIRE_RDMA_ADDR names the device's address), over TCP otherwise.
 struct Node {
   explicit Node(size_t bytes) : server(options()) { server.export_node("snap", bytes); }
-  static std::string rdma_addr() {
-#ifdef PAGEWIRE_GUEST_SUITE
-    const char* a = std::getenv("PAGEWIRE_RDMA_ADDR");
-    if (a != nullptr && *a != '\0' && rdma::have_device()) return a;
-#endif
-    return {};
-  }
+  static std::string rdma_addr() { return testing::guest_rdma_addr(); }
   static ServerOptions options() {
     if (rdma_addr().empty()) return testing::loopback_tcp();
     ServerOptions o;

@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <future>
@@ -28,6 +29,10 @@
 #include "transport/tcp/socket_util.h"
 
 extern char** environ;
+
+#ifdef PAGEWIRE_GUEST_SUITE
+#include "transport/rdma/verbs.h"
+#endif
 
 namespace pagewire::testing {
 
@@ -56,6 +61,14 @@ uint64_t unclaimed_huge_pages() {
 }
 
 }  // namespace
+
+std::string guest_rdma_addr() {
+#ifdef PAGEWIRE_GUEST_SUITE
+  const char* addr = std::getenv("PAGEWIRE_RDMA_ADDR");
+  if (addr != nullptr && *addr != '\0' && rdma::have_device()) return addr;
+#endif
+  return {};
+}
 
 std::string reserve_huge_pages(uint64_t pages) {
   uint64_t unclaimed = unclaimed_huge_pages();

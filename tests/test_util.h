@@ -85,6 +85,11 @@ std::string loopback_uri(const MemoryServer& server, const std::string& name);
 // it cannot, for GTEST_SKIP.
 std::string reserve_huge_pages(uint64_t pages);
 
+// In the guest's binary (pagewire_rdma_tests), where an RDMA device is
+// bound to PAGEWIRE_RDMA_ADDR: that address; "" on the host, where the
+// suites that use it run over loopback TCP instead.
+std::string guest_rdma_addr();
+
 // Memory filled with the pattern, served by an in-process MemoryServer on a
 // free loopback port.
 class PatternServer {

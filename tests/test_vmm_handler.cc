@@ -23,9 +23,6 @@
 #include "pagewire/handler.h"
 #include "pagewire/pagewire.h"
 #include "tests/test_util.h"
-#ifdef PAGEWIRE_GUEST_SUITE
-#include "transport/rdma/verbs.h"
-#endif
 
 extern char** environ;
 
@@ -35,13 +32,7 @@ namespace {
 constexpr size_t kPage = 4096;
 constexpr size_t kSourceBytes = 12u << 20;  // 3072 pages, a third of them zero
 
-std::string rdma_addr() {
-#ifdef PAGEWIRE_GUEST_SUITE
-  const char* a = std::getenv("PAGEWIRE_RDMA_ADDR");
-  if (a != nullptr && *a != '\0' && rdma::have_device()) return a;
-#endif
-  return {};
-}
+std::string rdma_addr() { return testing::guest_rdma_addr(); }
 
 // A directory of the test's own, removed with what is left in it.
 struct TempDir {
@@ -245,6 +236,17 @@ TEST_F(VmmHandler, AProcessThatExitsMidRunIsCleanedUpAndTheOthersAreServed) {
   // And the daemon serves the next one.
   Client next = spawn_client(client_args({"--threads", "2"}));
   EXPECT_EQ(describe(wait_client(next)), "exit 0");
+}
+
+TEST_F(VmmHandler, HugePagesOfAnotherProcessAreServedWhole) {
+  // Anonymous hugetlb guest memory: 6 pages of 2 MiB in two mappings.
+  if (const std::string why = testing::reserve_huge_pages(8); !why.empty()) GTEST_SKIP() << why;
+  HandlerServer server = start();
+  Client c = spawn_client(client_args({"--page-size", "2097152", "--mappings", "2", "--threads", "3"}));
+  EXPECT_EQ(describe(wait_client(c)), "exit 0");
+  const HandlerReport r = report_of(server, c.pid);
+  EXPECT_TRUE(r.served) << r.error;
+  EXPECT_EQ(r.mappings.front().page_size, 2u << 20);
 }
 
 TEST_F(VmmHandler, RefusedHandshakesAreClosedLoggedAndTheDaemonGoesOn) {
