@@ -84,14 +84,17 @@ struct Backing {
   // pages are not reserved; kInvalidArgument for a memfd that cannot back
   // the region.
   static Backing create(uint64_t length, const AttachOptions& options);
-  // Another process's anonymous memory, `length` bytes of the region in
-  // pages of `page_size` (4 KiB or 2 MiB), at `segments` there. Throws
-  // kInvalidArgument for segments that overlap or lie past the region.
+  // Another process's memory, `length` bytes of the region in pages of
+  // `page_size` (4 KiB or 2 MiB), at `segments` there: anonymous, or with
+  // `memfd` (>= 0) shared memory it maps from that memfd, each segment at
+  // the memfd offset of its first source page. The memfd is duplicated and
+  // mapped here as the alias. Throws kInvalidArgument for segments that
+  // overlap or lie past the region, or a memfd that cannot back them.
   static Backing foreign_memory(pid_t pid, int pidfd, std::vector<Segment> segments, uint64_t length,
-                                uint32_t page_size);
-  // Shared memory: allocates every page of the memfd now, through the alias
-  // (holes zero-filled, pages a caller's memfd holds kept), so that a fault
-  // neither allocates a page nor maps the alias.
+                                uint32_t page_size, int memfd = -1);
+  // Shared memory: allocates every page of the memfd that a segment holds
+  // now, through the alias (holes zero-filled, pages the memfd holds kept),
+  // so that a fault neither allocates a page nor maps the alias.
   void populate();
 
  private:

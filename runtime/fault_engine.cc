@@ -97,17 +97,19 @@ void check_supported(const Transport& t, const Backing& b, const Userfaultfd& uf
 Backing make_backing(const Transport& t, const AttachOptions& o, ForeignMemory* foreign) {
   if (foreign == nullptr) return Backing::create(t.region().length, o);
   return Backing::foreign_memory(foreign->pid, foreign->pidfd, std::move(foreign->segments), t.region().length,
-                                 foreign->page_size);
+                                 foreign->page_size, foreign->memfd.get());
 }
 
 Userfaultfd make_uffd(const Backing& b, ForeignMemory* foreign) {
   if (foreign == nullptr) return Userfaultfd::open(wanted_features(b));
-  // Whether the kernel poisons pages (it does not ask the features the
-  // other process negotiated); a userfaultfd cannot be opened here when
-  // this process may not, and then nothing is assumed.
+  // Whether the kernel poisons pages and has minor faults (it does not
+  // tell the features the other process negotiated; its ranges were found
+  // registered for minor faults where it shares memory); a userfaultfd
+  // cannot be opened here when this process may not, and then nothing is
+  // assumed.
   uint64_t assumed = 0;
   try {
-    assumed = Userfaultfd::kernel_features() & UFFD_FEATURE_POISON;
+    assumed = Userfaultfd::kernel_features() & (UFFD_FEATURE_POISON | minor_features(b));
   } catch (const std::exception&) {
   }
   return Userfaultfd::adopt(std::move(foreign->uffd), assumed);
@@ -189,14 +191,24 @@ void FaultEngine::set_up_own_memory(const ZeroMap* not_zero, unsigned handlers) 
 }
 
 void FaultEngine::set_up_foreign_memory() {
-  // The other process registered its ranges (for missing faults) before it
-  // handed the userfaultfd over.
+  // The other process registered its ranges (for missing faults, or minor
+  // faults for shared memory) before it handed the userfaultfd over.
   if (options_.cache_bytes > 0 || options_.precopy.enabled || options_.memory != AttachOptions::Memory::kAnonymous) {
     throw Error(Errc::kInvalidArgument,
-                "another process's memory is served as anonymous memory, with no bounded cache and no precopy");
+                "another process's memory is served as it mapped it (anonymous, or shared memory from the memfd it "
+                "sent), with no bounded cache and no precopy");
   }
   removed_.assign((pages_.size() + 63) / 64, 0);
-  if (backing_.huge) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
+  if (backing_.shared) {
+    // Its memfd: allocated now (see Backing::populate), and out of any
+    // child of this process.
+    if (::madvise(backing_.alias.data(), backing_.alias.size(), MADV_DONTFORK) != 0) {
+      throw_errno("madvise(MADV_DONTFORK)");
+    }
+    backing_.populate();
+  } else if (backing_.huge) {
+    zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
+  }
 }
 
 std::unique_ptr<Worker> FaultEngine::make_worker(unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use) {
@@ -289,11 +301,12 @@ void FaultEngine::start_workers(unsigned n) {
   spdlog::info("attach: '{}' over {}: {} MiB in {} KiB pages of {} ({} zero pages known), {} handler threads{}, {} "
                "reads in flight each, pull {}, prefetch {}{}",
                desc_.name, transport_->name(), desc_.length >> 20, desc_.page_size >> 10,
-               backing_.foreign()
-                   ? fmt::format("process {}'s memory ({} ranges)", backing_.foreign_pid, backing_.segments.size())
-               : backing_.shared ? (backing_.huge ? "hugetlbfs shared memory, installed in place"
-                                                  : "shared memory, installed in place")
-                                 : (backing_.huge ? "anonymous hugetlb memory" : "anonymous memory"),
+               backing_.foreign() ? fmt::format("process {}'s {} ({} ranges)", backing_.foreign_pid,
+                                                backing_.shared ? "shared memory, installed in place" : "memory",
+                                                backing_.segments.size())
+               : backing_.shared  ? (backing_.huge ? "hugetlbfs shared memory, installed in place"
+                                                   : "shared memory, installed in place")
+                                  : (backing_.huge ? "anonymous hugetlb memory" : "anonymous memory"),
                count_zero_pages(desc_.zero_map), n,
                uffd_.parts() > 1 ? fmt::format(" ({} userfaultfds, one each)", uffd_.parts()) : std::string(), depth,
                puller_ ? "on" : "off", options_.prefetch ? "on" : "off",

@@ -57,6 +57,9 @@ struct ForeignMemory {
   int pidfd = -1;                   // the process's, open for as long as the engine lives
   std::vector<Segment> segments{};  // in the region's pages
   uint32_t page_size = kSmallPage;
+  // Shared memory: the memfd the ranges map, each at the memfd offset of
+  // its first source page (registered for minor faults); none: anonymous.
+  UniqueFd memfd{};
 };
 
 class FaultEngine {
@@ -168,14 +171,20 @@ class FaultEngine {
   // Installs [page, page+count) from where their read landed; 0 or errno.
   // `protect`: write-protected (a bounded cache, for a page not written).
   int install(Worker& w, std::byte* src, size_t page, uint32_t count, bool protect);
-  // UFFDIO_COPY of [first, first+count), contiguous at dst; pages removed
-  // meanwhile go in as zeros.
+  // UFFDIO_COPY of [first, first+count), contiguous at dst (for another
+  // process's memory, copy_in_foreign).
   int copy_in(const std::byte* src, std::byte* dst, size_t first, size_t count, bool protect, uint64_t* retries,
               uint64_t* existed);
   // Another process's memory: the same, each attempt under remove_mu_ (see
   // there), deciding page by page between the source's bytes and zeros.
   int copy_in_foreign(const std::byte* src, std::byte* dst, size_t first, size_t count, uint64_t* retries,
                       uint64_t* existed);
+  // Another process's shared memory (a memfd it handed over): maps
+  // [first, first+count), whose bytes are in the memfd already, with
+  // UFFDIO_CONTINUE, range by range, each attempt under remove_mu_. With
+  // `zero_removed`, removed pages are zeroed in the memfd first (a read
+  // that landed after the removal must not be seen).
+  int continue_in_foreign(size_t first, size_t count, bool zero_removed, uint64_t* retries, uint64_t* existed);
   // Reads events of one userfaultfd part; for another process's memory,
   // under remove_mu_ held exclusively, marking the pages of each
   // UFFD_EVENT_REMOVE removed before it lets go.

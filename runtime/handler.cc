@@ -209,12 +209,19 @@ FaultEngine::Take FaultEngine::take_present(Worker& w, size_t page) {
       // the install: map it again, with no transfer.
       uint64_t retries = 0;
       uint64_t existed = 0;
-      uffd_.map_in_place(addr, desc_.page_size, desc_.page_size, &retries, &existed);
+      if (backing_.foreign()) {
+        // As it is in the memfd: a removal that kept it (MADV_DONTNEED of
+        // shared memory) kept the process's writes too.
+        continue_in_foreign(page, 1, false, &retries, &existed);
+      } else {
+        uffd_.map_in_place(addr, desc_.page_size, desc_.page_size, &retries, &existed);
+      }
       if (pages_.settle(page, PageState::kPresent)) PageCounts::add(w.counts->present, 1);
       uffd_.wake(addr, desc_.page_size);
       return Take::kNothing;
     }
-    // Punched out of the memfd: fetch it again.
+    // Punched out of the memfd: fetch it again (another process's removed
+    // page: a zero page).
     return take_back(w, page);
   }
   if (discarded(w, page)) return take_back(w, page);

@@ -48,9 +48,10 @@ bool wait_for_exit(int pidfd, int stop_fd) {
   }
 }
 
-ForeignMemory foreign_memory(const std::vector<GuestMapping>& mappings, UniqueFd uffd, pid_t pid, int pidfd) {
+ForeignMemory foreign_memory(const std::vector<GuestMapping>& mappings, HandshakeFds fds, pid_t pid, int pidfd) {
   ForeignMemory f;
-  f.uffd = std::move(uffd);
+  f.uffd = std::move(fds.uffd);
+  f.memfd = std::move(fds.memfd);
   f.pid = pid;
   f.pidfd = pidfd;
   f.page_size = static_cast<uint32_t>(mappings.front().page_size);
@@ -81,15 +82,16 @@ HandlerReport serve_handler_connection(int conn_fd, const std::string& source_ur
     // comes to name after it exits (its exit, and any signal sent to it, go
     // through this).
     UniqueFd pidfd = open_pidfd(peer.pid);
-    UniqueFd uffd;
-    const std::string body = receive_handshake(conn.get(), options, &uffd, stop_fd);
+    HandshakeFds fds;
+    const std::string body = receive_handshake(conn.get(), options, &fds, stop_fd);
     r.mappings = parse_guest_mappings(body);
-    if (!uffd) throw Error(Errc::kInvalidArgument, "handshake: no userfaultfd came with it (SCM_RIGHTS)");
-    check_userfaultfd(uffd.get());
+    if (!fds.uffd) throw Error(Errc::kInvalidArgument, "handshake: no userfaultfd came with it (SCM_RIGHTS)");
+    check_userfaultfd(fds.uffd.get());
+    check_guest_memory(peer.pid, r.mappings, fds.memfd.get());
     TransportOptions t{options.attach.request_timeout_ms, options.attach.reconnect_timeout_ms, options.attach.io_uring};
     t.key = AuthKey::from_option(options.attach.key_file);
     FaultEngine engine(connect_transport(source_uri, t), options.attach,
-                       foreign_memory(r.mappings, std::move(uffd), peer.pid, pidfd.get()));
+                       foreign_memory(r.mappings, std::move(fds), peer.pid, pidfd.get()));
     r.served = true;
     if (options.on_serving) options.on_serving(peer.pid);
     spdlog::info("handler: serving pid {}: {} mappings, {} MiB in {} KiB pages, from {} over {}", peer.pid,

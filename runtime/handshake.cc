@@ -2,15 +2,20 @@
 
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 
 #include "nlohmann/json.hpp"
 #include "pagewire/error.h"
+#include "spdlog/spdlog.h"
 
 namespace pagewire {
 namespace {
@@ -103,10 +108,11 @@ PeerCredentials peer_credentials(int conn) {
   return {c.pid, c.uid, c.gid};
 }
 
-std::string receive_handshake(int conn, const HandlerOptions& options, UniqueFd* uffd, int stop_fd) {
+std::string receive_handshake(int conn, const HandlerOptions& options, HandshakeFds* out, int stop_fd) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options.handshake_timeout_ms);
   std::string body;
   std::vector<char> buf(64 << 10);
+  bool extra = false;
   for (;;) {
     const auto left =
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
@@ -136,10 +142,18 @@ std::string receive_handshake(int conn, const HandlerOptions& options, UniqueFd*
         int fd = -1;
         std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
         UniqueFd got(fd);
-        if (!*uffd) *uffd = std::move(got);  // any more are closed
+        if (!out->uffd) {
+          out->uffd = std::move(got);
+        } else if (!out->memfd) {
+          out->memfd = std::move(got);
+        } else {
+          extra = true;  // closed, and the handshake refused once read
+        }
       }
     }
-    if ((msg.msg_flags & MSG_CTRUNC) != 0) bad("more descriptors than a handshake carries (one userfaultfd)");
+    if (extra || (msg.msg_flags & MSG_CTRUNC) != 0) {
+      bad("more descriptors than a handshake carries (a userfaultfd, and a memfd for shared memory)");
+    }
     if (n == 0) {
       if (body.empty()) throw Error(Errc::kClosed, "handshake: the peer closed the connection before sending one");
       return body;  // parsed, and refused if incomplete, by the caller
@@ -149,6 +163,98 @@ std::string receive_handshake(int conn, const HandlerOptions& options, UniqueFd*
       bad("more than " + std::to_string(options.max_handshake_bytes) + " bytes and still not a whole JSON value");
     }
     if (nlohmann::json::accept(body)) return body;
+  }
+}
+
+namespace {
+
+// One mapping of /proc/PID/smaps: its range, whether it is shared, its file
+// offset, device and inode, and its VmFlags.
+struct Vma {
+  uint64_t start = 0;
+  uint64_t end = 0;
+  bool shared = false;
+  uint64_t offset = 0;
+  dev_t dev = 0;
+  uint64_t inode = 0;
+  std::string flags{};
+};
+
+bool parse_vma_line(const std::string& line, Vma* v) {
+  unsigned long long start = 0, end = 0, offset = 0, inode = 0;
+  unsigned major = 0, minor = 0;
+  char perms[8] = {};
+  if (std::sscanf(line.c_str(), "%llx-%llx %7s %llx %x:%x %llu", &start, &end, perms, &offset, &major, &minor,
+                  &inode) != 7) {
+    return false;
+  }
+  *v = Vma{start, end, perms[3] == 's', offset, makedev(major, minor), inode, {}};
+  return true;
+}
+
+std::vector<Vma> read_smaps(pid_t pid, bool* readable) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/smaps");
+  std::vector<Vma> out;
+  std::string line;
+  *readable = false;
+  while (std::getline(in, line)) {
+    *readable = true;
+    Vma v;
+    if (line.rfind("VmFlags:", 0) == 0) {
+      if (!out.empty()) out.back().flags = " " + line.substr(8) + " ";
+    } else if (line.find(':') > line.find(' ') && parse_vma_line(line, &v)) {
+      out.push_back(std::move(v));
+    }
+  }
+  return out;
+}
+
+bool has_flag(const Vma& v, const char* flag) {
+  return v.flags.find(std::string(" ") + flag + " ") != std::string::npos;
+}
+
+}  // namespace
+
+void check_guest_memory(pid_t pid, const std::vector<GuestMapping>& mappings, int memfd) {
+  bool readable = false;
+  const std::vector<Vma> vmas = read_smaps(pid, &readable);
+  if (!readable) {
+    if (memfd >= 0) {
+      bad("process " + std::to_string(pid) + "'s mappings cannot be read (/proc/" + std::to_string(pid) +
+          "/smaps): shared memory is served only where the memfd is seen mapped where the mappings say");
+    }
+    spdlog::warn("handler: process {}'s mappings cannot be read (/proc/{}/smaps); served as the handshake says", pid,
+                 pid);
+    return;
+  }
+  struct stat st {};
+  if (memfd >= 0 && ::fstat(memfd, &st) != 0) throw_errno("fstat of the memfd sent");
+  for (size_t i = 0; i < mappings.size(); ++i) {
+    const GuestMapping& g = mappings[i];
+    const std::string at = "mapping " + std::to_string(i) + " (" + std::to_string(g.size) + " bytes at " +
+                           std::to_string(g.base_host_virt_addr) + ")";
+    // Covered from its start to its end by mappings of the process, each
+    // as it must be.
+    uint64_t next = g.base_host_virt_addr;
+    const uint64_t end = g.base_host_virt_addr + g.size;
+    for (const Vma& v : vmas) {
+      if (v.end <= next || v.start > next) continue;
+      if (memfd >= 0) {
+        if (!v.shared || v.dev != st.st_dev || v.inode != st.st_ino) {
+          bad(at + ": the process does not map the memfd sent there (shared)");
+        }
+        if (v.offset + (next - v.start) != g.offset + (next - g.base_host_virt_addr)) {
+          bad(at + ": the process maps the memfd there at offset " + std::to_string(v.offset + (next - v.start)) +
+              ", not at the mapping's offset " + std::to_string(g.offset + (next - g.base_host_virt_addr)));
+        }
+        if (!has_flag(v, "ui")) bad(at + ": not registered for minor faults (UFFDIO_REGISTER_MODE_MINOR)");
+      } else if (!has_flag(v, "um")) {
+        bad(at + ": not registered for missing faults (UFFDIO_REGISTER_MODE_MISSING)");
+      }
+      next = std::min(v.end, end);
+      if (next == end) break;
+    }
+    if (next != end) bad(at + ": the process has nothing mapped at " + std::to_string(next));
   }
 }
 

@@ -186,7 +186,8 @@ int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count,
   // stats() readers expect.
   if (backing_.shared) {
     // The read landed in these very pages (through the alias): map them.
-    rc = uffd_.map_in_place(page_addr(page), bytes, desc_.page_size, &retries, &existed);
+    rc = backing_.foreign() ? continue_in_foreign(page, count, true, &retries, &existed)
+                            : uffd_.map_in_place(page_addr(page), bytes, desc_.page_size, &retries, &existed);
     if (rc == 0) Metrics::bump(w.metrics.pages_continued, count);
   } else {
     // One copy per part contiguous in memory (another process's ranges).
@@ -203,24 +204,7 @@ int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count,
 int FaultEngine::copy_in(const std::byte* src, std::byte* dst, size_t first, size_t count, bool protect,
                          uint64_t* retries, uint64_t* existed) {
   if (backing_.foreign()) return copy_in_foreign(src, dst, first, count, retries, existed);
-  const size_t ps = desc_.page_size;
-  bool any_removed = false;
-  for (size_t k = 0; k < count && !any_removed; ++k) any_removed = removed(first + k);
-  if (!any_removed) return uffd_.copy(dst, src, count * ps, ps, retries, existed, protect);
-  // Removed while their read was out: zeros, never the source's bytes.
-  for (size_t k = 0; k < count; ++k) {
-    std::byte* at = dst + k * ps;
-    int rc = 0;
-    if (!removed(first + k)) {
-      rc = uffd_.copy(at, src + k * ps, ps, ps, retries, existed, protect);
-    } else if (backing_.huge) {
-      rc = uffd_.copy(at, zero_source_.data(), ps, ps, retries, existed);
-    } else {
-      rc = uffd_.zeropage(at, ps, ps, retries, existed);
-    }
-    if (rc != 0) return rc;
-  }
-  return 0;
+  return uffd_.copy(dst, src, count * desc_.page_size, desc_.page_size, retries, existed, protect);
 }
 
 int FaultEngine::copy_in_foreign(const std::byte* src, std::byte* dst, size_t first, size_t count, uint64_t* retries,
@@ -263,16 +247,51 @@ int FaultEngine::copy_in_foreign(const std::byte* src, std::byte* dst, size_t fi
   return 0;
 }
 
-int FaultEngine::read_events(unsigned part, std::span<uffd_msg> msgs) {
-  if (!backing_.foreign()) return uffd_.read_events(part, msgs);
-  std::unique_lock lock(remove_mu_);
-  const int n = uffd_.read_events(part, msgs);
-  for (int i = 0; i < n; ++i) {
-    const uffd_msg& m = msgs[static_cast<size_t>(i)];
-    // Marked now; the page table follows in on_removed().
-    if (m.event == UFFD_EVENT_REMOVE) mark_removed(m.arg.remove.start, m.arg.remove.end);
-  }
-  return n;
+int FaultEngine::continue_in_foreign(size_t first, size_t count, bool zero_removed, uint64_t* retries,
+                                     uint64_t* existed) {
+  const size_t ps = desc_.page_size;
+  int rc = 0;
+  unsigned punched = 0;
+  backing_.for_each_range(first, count, [&](std::byte* dst, size_t from, size_t n) {
+    for (size_t k = 0; k < n && rc == 0;) {
+      int once = 0;
+      {
+        std::shared_lock lock(remove_mu_);
+        // A stretch of pages all removed or all not.
+        const bool zeros = zero_removed && removed(from + k);
+        size_t m = 1;
+        while (k + m < n && (zero_removed && removed(from + k + m)) == zeros) ++m;
+        if (zeros) std::memset(backing_.alias.data() + (from + k) * ps, 0, m * ps);
+        size_t done = 0;
+        once = uffd_.continue_once(dst + k * ps, m * ps, &done);
+        if (once == 0) {
+          k += m;
+          continue;
+        }
+        k += done / ps;
+        if (once == EEXIST) {
+          ++*existed;
+          ++k;
+          continue;
+        }
+        if (once == EFAULT && zeros && ++punched < 64) {
+          // MADV_REMOVE punches its hole once its event is read: after the
+          // zeros went in here, the page is gone from the memfd. Zeroed
+          // again (in a new page), it is mapped. (Bounded: a page that never
+          // stays is refused.)
+          ++*retries;
+          continue;
+        }
+      }
+      if (once != EAGAIN) {
+        rc = once;
+        break;
+      }
+      ++*retries;
+      read_thread_pending_events();  // without the lock, which reading takes
+    }
+  });
+  return rc;
 }
 
 void FaultEngine::install_zero(Worker& w, size_t page, bool write) {
@@ -284,7 +303,8 @@ void FaultEngine::install_zero(Worker& w, size_t page, bool write) {
   if (backing_.shared) {
     // A memfd handed in may hold old bytes there: zero the page itself.
     std::memset(backing_.alias.data() + page * desc_.page_size, 0, desc_.page_size);
-    rc = uffd_.map_in_place(dst, desc_.page_size, desc_.page_size, &retries, &existed);
+    rc = backing_.foreign() ? continue_in_foreign(page, 1, true, &retries, &existed)
+                            : uffd_.map_in_place(dst, desc_.page_size, desc_.page_size, &retries, &existed);
     how = "UFFDIO_CONTINUE: ";
   } else if (backing_.huge || cache_) {
     rc = uffd_.copy(dst, zero_source_.data(), desc_.page_size, desc_.page_size, &retries, &existed, cache_ && !write);

@@ -66,7 +66,7 @@ std::vector<bool> Residency::shmem_held() const {
   // The holes in the memfd (SEEK_HOLE / SEEK_DATA; swapped pages are data).
   std::vector<bool> held(pages_, true);
   const int fd = backing_.memfd.get();
-  const auto end = static_cast<off_t>(backing_.view.size());
+  const auto end = static_cast<off_t>(backing_.foreign() ? backing_.alias.size() : backing_.view.size());
   for (off_t hole = ::lseek(fd, 0, SEEK_HOLE); hole >= 0 && hole < end;) {
     off_t data = ::lseek(fd, hole, SEEK_DATA);
     if (data < 0) data = end;

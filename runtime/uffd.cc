@@ -289,6 +289,16 @@ int Userfaultfd::zeropage_once(void* dst, size_t len, size_t* done) {
   return rc;
 }
 
+int Userfaultfd::continue_once(void* addr, size_t len, size_t* done) {
+  uffdio_continue c{};
+  c.range.start = reinterpret_cast<uint64_t>(addr);
+  c.range.len = len;
+  c.mode = UFFDIO_CONTINUE_MODE_DONTWAKE;
+  const int rc = ::ioctl(fd_.get(), UFFDIO_CONTINUE, &c) == 0 ? 0 : errno;
+  *done = c.mapped > 0 ? static_cast<size_t>(c.mapped) : 0;
+  return rc;
+}
+
 int Userfaultfd::wake(void* addr, size_t len) const {
   return each(reinterpret_cast<uintptr_t>(addr), len, [](int fd, uintptr_t start, size_t n) {
     uffdio_range range{start, n};

@@ -113,6 +113,8 @@ class Userfaultfd {
   // stopped it, with *done set to the bytes installed before. Not split.
   int copy_once(void* dst, const void* src, size_t len, size_t* done);
   int zeropage_once(void* dst, size_t len, size_t* done);
+  // One UFFDIO_CONTINUE of [addr, addr+len), the same way.
+  int continue_once(void* addr, size_t len, size_t* done);
   int wake(void* addr, size_t len) const;
   // Write-protects [addr, addr+len), or removes the protection, without
   // waking (UFFDIO_WRITEPROTECT; EAGAIN retried a while). Returns 0 or errno.

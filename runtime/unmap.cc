@@ -113,6 +113,11 @@ void FaultEngine::on_removed(PageCounts& counts, uint64_t start, uint64_t end) {
       for (;;) {
         const PageState s = pages_.get(p);
         if (s != PageState::kPresent && s != PageState::kMissing) break;  // in flight, refused or gone already
+        // Shared memory keeps a present page in the memfd through
+        // MADV_DONTNEED (with what was written to it), and a fault maps it
+        // again as it is there; a page punched out (MADV_REMOVE) is a hole,
+        // which that fault fills with zeros.
+        if (s == PageState::kPresent && backing_.shared) break;
         if (!pages_.transition(p, s, PageState::kGone)) continue;
         if (s == PageState::kPresent) PageCounts::add(counts.present, -1);
         PageCounts::add(counts.gone, 1);
@@ -176,6 +181,18 @@ void FaultEngine::on_fault_outside(Worker& w, uint64_t address) {
   spdlog::warn("region '{}': a fault at {:#x}, outside the region (moved there by mremap before it arrived): "
                "refused{}",
                desc_.name, address, rc == 0 ? "" : std::string(" (failed: ") + std::strerror(rc) + ")");
+}
+
+int FaultEngine::read_events(unsigned part, std::span<uffd_msg> msgs) {
+  if (!backing_.foreign()) return uffd_.read_events(part, msgs);
+  std::unique_lock lock(remove_mu_);
+  const int n = uffd_.read_events(part, msgs);
+  for (int i = 0; i < n; ++i) {
+    const uffd_msg& m = msgs[static_cast<size_t>(i)];
+    // Marked now; the page table follows in on_removed().
+    if (m.event == UFFD_EVENT_REMOVE) mark_removed(m.arg.remove.start, m.arg.remove.end);
+  }
+  return n;
 }
 
 void FaultEngine::read_pending_events(Worker& w) {

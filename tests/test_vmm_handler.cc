@@ -249,14 +249,75 @@ TEST_F(VmmHandler, HugePagesOfAnotherProcessAreServedWhole) {
   EXPECT_EQ(r.mappings.front().page_size, 2u << 20);
 }
 
+TEST_F(VmmHandler, SharedMemoryFromAMemfdHandedOverIsFilledInPlaceAndMappedWithMinorFaults) {
+  // The client maps a memfd shared, registers it for minor (and missing)
+  // faults and sends the memfd with the userfaultfd: reads land in the
+  // memfd and UFFDIO_CONTINUE maps them, with no copy.
+  HandlerServer server = start();
+  const std::string out = dir.path + "/client.out";
+  Client c = spawn_client(
+      client_args({"--shared", "--mappings", "3", "--threads", "6", "--kernel", "--dir", direct_io_dir(dir.path)}),
+      out);
+  EXPECT_EQ(describe(wait_client(c)), "exit 0");
+  const std::string said = read_text(out);
+  for (const char* line : {"write(2) from missing pages: ok", "read(2) into missing pages: ok",
+                           "O_DIRECT write from and read into missing pages: ok",
+                           "process_vm_readv of missing pages: ok", "3072 pages read by 6 threads: ok"}) {
+    EXPECT_NE(said.find(line), std::string::npos) << line << "\n" << said;
+  }
+  const HandlerReport r = report_of(server, c.pid);
+  EXPECT_TRUE(r.served) << r.error;
+  EXPECT_GT(r.stats.pages_continued, 0u);
+  EXPECT_EQ(r.stats.bytes_copied, 0u);
+}
+
+TEST_F(VmmHandler, SharedHugePagesFromAMemfdHandedOverAreServedWhole) {
+  if (const std::string why = testing::reserve_huge_pages(8); !why.empty()) GTEST_SKIP() << why;
+  HandlerServer server = start();
+  Client c = spawn_client(client_args({"--shared", "--page-size", "2097152", "--mappings", "2", "--threads", "3"}));
+  EXPECT_EQ(describe(wait_client(c)), "exit 0");
+  const HandlerReport r = report_of(server, c.pid);
+  EXPECT_TRUE(r.served) << r.error;
+  EXPECT_GT(r.stats.pages_continued, 0u);
+  EXPECT_EQ(r.stats.bytes_copied, 0u);
+}
+
+TEST_F(VmmHandler, SharedMemoryKeepsWritesThroughDontneedAndReadsPunchedRangesAsZeros) {
+  // MADV_DONTNEED of a written page keeps the memfd's bytes; MADV_REMOVE
+  // of half a mapping (pages present and pages not yet fetched) punches
+  // them out, and they read as zeros from then on, never the source's.
+  for (const bool pull : {false, true}) {
+    HandlerOptions o;
+    o.attach = testing::on_demand(2);
+    o.attach.background_pull = pull;
+    HandlerServer server = start(o);
+    Client c = spawn_client(client_args({"--shared", "--threads", "2", "--remove"}));
+    EXPECT_EQ(describe(wait_client(c)), "exit 0") << "pull " << pull;
+    const HandlerReport r = report_of(server, c.pid);
+    EXPECT_TRUE(r.served) << r.error;
+    if (!pull) {
+      EXPECT_GE(r.stats.pages_zero, 768u + 768u);
+    }
+  }
+}
+
 TEST_F(VmmHandler, RefusedHandshakesAreClosedLoggedAndTheDaemonGoesOn) {
   HandlerServer server = start();
   const std::vector<std::pair<std::string, std::string>> bad = {
-      {"malformed", "not JSON"},          {"overlap", "overlap in memory"}, {"absurd", "outside any process"},
-      {"past-source", "past the source"}, {"nofd", "no userfaultfd"},       {"notuffd", "not a userfaultfd"},
+      {"malformed", "not JSON"},
+      {"overlap", "overlap in memory"},
+      {"absurd", "outside any process"},
+      {"past-source", "past the source"},
+      {"nofd", "no userfaultfd"},
+      {"notuffd", "not a userfaultfd"},
+      {"unregistered", "not registered for missing faults"},
+      // Shared memory: the memfd is mapped at another offset than claimed.
+      {"memfd-elsewhere", "not at the mapping's offset"},
   };
   for (const auto& [kind, why] : bad) {
-    Client c = spawn_client(client_args({"--bad", kind}));
+    std::vector<std::string> args{"--bad", kind};
+    if (kind == "memfd-elsewhere") args.push_back("--shared");
+    Client c = spawn_client(client_args(args));
     EXPECT_EQ(describe(wait_client(c)), "exit 0") << kind;
     const HandlerReport r = report_of(server, c.pid);
     EXPECT_FALSE(r.served) << kind;

@@ -1,7 +1,9 @@
 /* A stand-in for a VMM, written against the page-fault handler protocol
  * alone (Firecracker's): it maps guest memory, creates and registers the
  * userfaultfd, sends the handshake (a JSON array of mappings, the
- * userfaultfd as SCM_RIGHTS) to `pagewire handler`, then touches its memory
+ * userfaultfd as SCM_RIGHTS; with --shared, guest memory is a memfd mapped
+ * shared, registered for minor faults, and the memfd goes with it) to
+ * `pagewire handler`, then touches its memory
  * from several threads and through the kernel, checking every byte against
  * the source's bytes (--expect, the file the source serves).
  *
@@ -29,6 +31,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#ifndef MFD_HUGE_2MB
+#define MFD_HUGE_2MB (21U << 26)
+#endif
 #ifndef MAP_HUGE_2MB
 #define MAP_HUGE_2MB (21 << MAP_HUGE_SHIFT)
 #endif
@@ -51,6 +56,7 @@ static struct {
   int kernel;
   int remove;
   int legacy_page_size; /* send page_size_kib only */
+  int shared;           /* guest memory is a memfd, mapped shared at the source offsets */
   long pause_ms;        /* after the handshake, before any page is touched */
 } opt = {.page = 4096, .mappings = 2, .threads = 4, .exit_after = -1, .dir = "."};
 
@@ -58,6 +64,7 @@ static unsigned char* expect; /* the source's bytes; pages the kernel wrote into
 static size_t expect_size;
 static struct mapping maps[16];
 static atomic_long touched;
+static int memfd = -1;
 
 static void die(int code, const char* what) {
   fprintf(stderr, "vmm_client: %s%s%s\n", what, errno ? ": " : "", errno ? strerror(errno) : "");
@@ -102,6 +109,7 @@ static int make_uffd(void) {
   int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) die(2, "userfaultfd");
   struct uffdio_api api = {.api = UFFD_API, .features = opt.remove ? UFFD_FEATURE_EVENT_REMOVE : 0};
+  if (opt.shared) api.features |= opt.page > 4096 ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
   if (ioctl(fd, UFFDIO_API, &api) != 0) die(2, "UFFDIO_API");
   return fd;
 }
@@ -109,6 +117,10 @@ static int make_uffd(void) {
 static void map_memory(int uffd) {
   const size_t per = expect_size / (size_t)opt.mappings;
   if (per % opt.page != 0 || per == 0) die(2, "the source does not split into whole pages per mapping");
+  if (opt.shared) {
+    memfd = memfd_create("guest", MFD_CLOEXEC | (opt.page > 4096 ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
+    if (memfd < 0 || ftruncate(memfd, (off_t)expect_size) != 0) die(2, "memfd_create of guest memory");
+  }
   for (int i = 0; i < opt.mappings; ++i) {
     /* Mapped in reverse source order, a page apart: no mapping follows
      * another in memory as it does in the source. */
@@ -117,8 +129,13 @@ static void map_memory(int uffd) {
     unsigned char* p = mmap(NULL, per + opt.page, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (p == MAP_FAILED) die(2, "mmap of guest memory");
     munmap(p + per, opt.page);
+    if (opt.shared && mmap(p, per, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, memfd, (off_t)src * (off_t)per) != p) {
+      die(2, "mmap of the guest memfd");
+    }
     maps[src] = (struct mapping){p, per, (size_t)src * per};
-    struct uffdio_register reg = {.range = {(uintptr_t)p, per}, .mode = UFFDIO_REGISTER_MODE_MISSING};
+    struct uffdio_register reg = {
+        .range = {(uintptr_t)p, per},
+        .mode = UFFDIO_REGISTER_MODE_MISSING | (opt.shared ? UFFDIO_REGISTER_MODE_MINOR : 0)};
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0) die(2, "UFFDIO_REGISTER");
   }
 }
@@ -131,22 +148,25 @@ static int connect_handler(void) {
   return s;
 }
 
+/* The userfaultfd `fd` (none when < 0), and with --shared the memfd. */
 static void send_handshake(int s, const char* body, int fd) {
   struct iovec iov = {(void*)body, strlen(body)};
   union {
     struct cmsghdr h;
-    char buf[CMSG_SPACE(sizeof(int))];
+    char buf[CMSG_SPACE(2 * sizeof(int))];
   } c;
   struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
   if (fd >= 0) {
+    const int fds[2] = {fd, memfd};
+    const size_t n = memfd >= 0 ? 2 : 1;
     memset(&c, 0, sizeof c);
     m.msg_control = c.buf;
-    m.msg_controllen = sizeof c.buf;
+    m.msg_controllen = CMSG_SPACE(n * sizeof(int));
     struct cmsghdr* h = CMSG_FIRSTHDR(&m);
     h->cmsg_level = SOL_SOCKET;
     h->cmsg_type = SCM_RIGHTS;
-    h->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(h), &fd, sizeof fd);
+    h->cmsg_len = CMSG_LEN(n * sizeof(int));
+    memcpy(CMSG_DATA(h), fds, n * sizeof(int));
   }
   if (sendmsg(s, &m, 0) != (ssize_t)iov.iov_len) die(2, "sending the handshake");
 }
@@ -196,6 +216,18 @@ static int send_bad(int uffd) {
     snprintf(body, sizeof body, "[{\"base_host_virt_addr\": %zu, \"size\": %zu, \"offset\": 0, \"page_size\": 4096}]",
              base, size);
     fd = -1;
+  } else if (strcmp(opt.bad, "memfd-elsewhere") == 0) {
+    /* The memfd is mapped there at another offset than the one claimed. */
+    snprintf(body, sizeof body,
+             "[{\"base_host_virt_addr\": %zu, \"size\": %zu, \"offset\": %zu, \"page_size\": %zu}]", base,
+             size, maps[1].offset, opt.page);
+  } else if (strcmp(opt.bad, "unregistered") == 0) {
+    /* Memory the handshake names, never registered with the userfaultfd. */
+    unsigned char* p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) die(2, "mmap");
+    snprintf(body, sizeof body,
+             "[{\"base_host_virt_addr\": %zu, \"size\": %zu, \"offset\": 0, \"page_size\": 4096}]",
+             (size_t)p, size);
   } else if (strcmp(opt.bad, "notuffd") == 0) {
     snprintf(body, sizeof body, "[{\"base_host_virt_addr\": %zu, \"size\": %zu, \"offset\": 0, \"page_size\": 4096}]",
              base, size);
@@ -355,7 +387,8 @@ int main(int argc, char** argv) {
       {"page-size", required_argument, 0, 'p'}, {"mappings", required_argument, 0, 'm'},
       {"threads", required_argument, 0, 't'}, {"exit-after", required_argument, 0, 'x'},
       {"kernel", no_argument, 0, 'k'},        {"remove", no_argument, 0, 'r'},
-      {"legacy-page-size", no_argument, 0, 'l'}, {"pause-ms", required_argument, 0, 'w'}, {0, 0, 0, 0}};
+      {"legacy-page-size", no_argument, 0, 'l'}, {"pause-ms", required_argument, 0, 'w'},
+      {"shared", no_argument, 0, 'S'},        {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "", longs, NULL)) != -1;) {
     switch (c) {
       case 's': opt.socket_path = optarg; break;
@@ -370,12 +403,13 @@ int main(int argc, char** argv) {
       case 'r': opt.remove = 1; break;
       case 'l': opt.legacy_page_size = 1; break;
       case 'w': opt.pause_ms = atol(optarg); break;
+      case 'S': opt.shared = 1; break;
       default: return 2;
     }
   }
   if (!opt.socket_path || !opt.expect_path || opt.mappings < 1 || opt.mappings > 16 || opt.threads < 1) {
     fprintf(stderr, "usage: vmm_client --socket PATH --expect FILE [--mappings N] [--threads N] [--page-size B] "
-                    "[--exit-after PAGES] [--pause-ms MS] [--kernel --dir DIR] [--remove] [--legacy-page-size] [--bad KIND]\n");
+                    "[--exit-after PAGES] [--pause-ms MS] [--kernel --dir DIR] [--remove] [--shared] [--legacy-page-size] [--bad KIND]\n");
     return 2;
   }
   setvbuf(stdout, NULL, _IOLBF, 0);
@@ -403,7 +437,16 @@ int main(int argc, char** argv) {
     struct mapping* m = &maps[0];
     const size_t len = m->size / 2;
     for (size_t p = 0; p < 64 * opt.page && p < len; p += opt.page) check_page(m->offset + p, "a page before removal");
-    if (madvise(m->base, len, MADV_DONTNEED) != 0) die(2, "madvise(MADV_DONTNEED)");
+    /* Shared memory: MADV_DONTNEED keeps the memfd's bytes, what was
+     * written included, and MADV_REMOVE punches them out (zeros). */
+    if (opt.shared) {
+      memset(m->base + opt.page, 0x6b, opt.page);
+      if (madvise(m->base + opt.page, opt.page, MADV_DONTNEED) != 0) die(2, "madvise(MADV_DONTNEED)");
+      memset(expect + m->offset + opt.page, 0x6b, opt.page);
+      check_page(m->offset + opt.page, "a written page of shared memory after MADV_DONTNEED");
+      printf("remove: a written page of shared memory kept its bytes through MADV_DONTNEED\n");
+    }
+    if (madvise(m->base, len, opt.shared ? MADV_REMOVE : MADV_DONTNEED) != 0) die(2, "madvise of the balloon");
     memset(expect + m->offset, 0, len);
     for (size_t p = 0; p < 8 * opt.page; p += opt.page) check_page(m->offset + p, "a removed page");
     /* And written again, it keeps what was written. */

@@ -13,6 +13,12 @@
 // with the userfaultfd as SCM_RIGHTS. `offset` is where the mapping's
 // bytes start in the source region; `page_size_kib`, deprecated, holds
 // bytes despite its name and is taken when `page_size` is absent.
+//
+// Shared memory: a second descriptor in the same message, the memfd the
+// mappings map (MAP_SHARED, each at memfd offset `offset`), registered for
+// minor faults. Reads land in the memfd (mapped here too) and
+// UFFDIO_CONTINUE maps them there, with no copy. Every mapping is checked
+// against the process's own (/proc/PID/smaps) before anything is served.
 #pragma once
 
 #include <sys/types.h>
@@ -46,8 +52,9 @@ std::vector<GuestMapping> parse_guest_mappings(std::string_view json);
 
 struct HandlerOptions {
   // How the faults are served (handler threads, prefetch, the pull, queue
-  // depth, timeouts, key_file). Memory is the other process's: anonymous,
-  // with no bounded cache and no precopy.
+  // depth, timeouts, key_file). Memory is the other process's, as it
+  // mapped it (anonymous, or shared from the memfd it sent; `memory` must be
+  // left kAnonymous), with no bounded cache and no precopy.
   AttachOptions attach{};
   // How long a connection may take to send its handshake.
   unsigned handshake_timeout_ms = 5000;
