@@ -189,6 +189,15 @@ Backing Backing::foreign_memory(pid_t pid, int pidfd, std::vector<Segment> segme
       throw Error(Errc::kInvalidArgument, "the memfd sent is on hugetlbfs (2 MiB pages), but the mappings say " +
                                               std::to_string(page_size) + "-byte pages");
     }
+    // Sealed against shrinking: a memfd the process truncated under the
+    // alias would make the handler's own writes fault (SIGBUS here, in
+    // the daemon that serves every other process too).
+    const int seals = ::fcntl(b.memfd.get(), F_GET_SEALS);
+    if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
+      throw Error(Errc::kInvalidArgument,
+                  "the memfd sent is not sealed against shrinking: create it with MFD_ALLOW_SEALING and add "
+                  "F_SEAL_SHRINK (fcntl F_ADD_SEALS) before handing it over");
+    }
     b.alias = map_shared(b.memfd.get(), need, b.huge);
   }
   return b;

@@ -93,6 +93,10 @@ size_t Completion::sweep_discarded() {
     // and is present no more.)
     if (r_.residency.holds(p)) {
       if (!r_.pages.settle(p, PageState::kPresent)) PageCounts::add(own_.present, -1);
+    } else if (r_.removed != nullptr && is_zero_page_relaxed(*r_.removed, p)) {
+      // Removed and punched out: zeros from its next fault on, not a read.
+      if (r_.pages.settle(p, PageState::kGone)) PageCounts::add(own_.gone, 1);
+      PageCounts::add(own_.present, -1);
     } else {
       if (r_.pages.settle(p, PageState::kMissing)) ++gone;
       PageCounts::add(own_.present, -1);

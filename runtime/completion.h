@@ -26,6 +26,7 @@
 #include "runtime/region_status.h"
 #include "runtime/residency.h"
 #include "runtime/uffd.h"
+#include "transport/zero_map.h"
 
 namespace pagewire {
 
@@ -54,6 +55,9 @@ class Completion {
     RegionStatus& status;
     std::string name;
     std::chrono::steady_clock::time_point started;
+    // Another process's removed pages (UFFD_EVENT_REMOVE; none: nullptr):
+    // one punched out of its memfd is gone, never fetched again.
+    const ZeroMap* removed = nullptr;
   };
 
   // `slots` counters: one for each thread that counts, plus the owner's.

@@ -102,11 +102,11 @@ Backing make_backing(const Transport& t, const AttachOptions& o, ForeignMemory* 
 
 Userfaultfd make_uffd(const Backing& b, ForeignMemory* foreign) {
   if (foreign == nullptr) return Userfaultfd::open(wanted_features(b));
-  // Whether the kernel poisons pages and has minor faults (it does not
-  // tell the features the other process negotiated; its ranges were found
-  // registered for minor faults where it shares memory); a userfaultfd
-  // cannot be opened here when this process may not, and then nothing is
-  // assumed.
+  // The features the other process negotiated are its fdinfo's; whether
+  // the kernel poisons pages (no negotiating needed) and has minor faults
+  // (its ranges were found registered for them where it shares memory) is
+  // asked here too. A userfaultfd cannot be opened here when this process
+  // may not, and then nothing more is assumed.
   uint64_t assumed = 0;
   try {
     assumed = Userfaultfd::kernel_features() & (UFFD_FEATURE_POISON | minor_features(b));
@@ -206,9 +206,8 @@ void FaultEngine::set_up_foreign_memory() {
       throw_errno("madvise(MADV_DONTFORK)");
     }
     backing_.populate();
-  } else if (backing_.huge) {
-    zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
   }
+  if (backing_.huge) zero_source_ = Mapping::anonymous(desc_.page_size, PROT_READ);
 }
 
 std::unique_ptr<Worker> FaultEngine::make_worker(unsigned index, uint32_t slots, uint32_t slot_pages, ChannelUse use) {
@@ -261,7 +260,9 @@ void FaultEngine::start_workers(unsigned n) {
     if (!backing_.shared) pulling_ = std::make_unique<std::atomic<bool>[]>(pages_.size());
   }
   completion_ = std::make_unique<Completion>(
-      Completion::Region{pages_, residency_, uffd_, backing_, desc_.page_size, status_, desc_.name, started_}, n + 3);
+      Completion::Region{pages_, residency_, uffd_, backing_, desc_.page_size, status_, desc_.name, started_,
+                         removed_.empty() ? nullptr : &removed_},
+      n + 3);
   // Slot n + 1 counts for precopy, which takes pages back between rounds,
   // and n + 2 for the cache's eviction.
   if (options_.precopy.enabled) completion_->hold(true);

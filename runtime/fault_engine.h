@@ -181,10 +181,12 @@ class FaultEngine {
                       uint64_t* existed);
   // Another process's shared memory (a memfd it handed over): maps
   // [first, first+count), whose bytes are in the memfd already, with
-  // UFFDIO_CONTINUE, range by range, each attempt under remove_mu_. With
-  // `zero_removed`, removed pages are zeroed in the memfd first (a read
-  // that landed after the removal must not be seen).
-  int continue_in_foreign(size_t first, size_t count, bool zero_removed, uint64_t* retries, uint64_t* existed);
+  // UFFDIO_CONTINUE, range by range, each attempt under remove_mu_. Pages
+  // that must read as zeros (`zeros`: none, the removed ones, all) are
+  // zeroed in the memfd first (a read that landed after the removal must
+  // not be seen), or get a zero page where the memfd has a hole.
+  enum class Zeros { kNone, kRemoved, kAll };
+  int continue_in_foreign(size_t first, size_t count, Zeros zeros, uint64_t* retries, uint64_t* existed);
   // Reads events of one userfaultfd part; for another process's memory,
   // under remove_mu_ held exclusively, marking the pages of each
   // UFFD_EVENT_REMOVE removed before it lets go.

@@ -212,7 +212,7 @@ FaultEngine::Take FaultEngine::take_present(Worker& w, size_t page) {
       if (backing_.foreign()) {
         // As it is in the memfd: a removal that kept it (MADV_DONTNEED of
         // shared memory) kept the process's writes too.
-        continue_in_foreign(page, 1, false, &retries, &existed);
+        continue_in_foreign(page, 1, Zeros::kNone, &retries, &existed);
       } else {
         uffd_.map_in_place(addr, desc_.page_size, desc_.page_size, &retries, &existed);
       }

@@ -178,6 +178,7 @@ struct Vma {
   dev_t dev = 0;
   uint64_t inode = 0;
   std::string flags{};
+  uint64_t rss_kib = 0;  // mapped in its page tables now
 };
 
 bool parse_vma_line(const std::string& line, Vma* v) {
@@ -200,8 +201,11 @@ std::vector<Vma> read_smaps(pid_t pid, bool* readable) {
   while (std::getline(in, line)) {
     *readable = true;
     Vma v;
+    unsigned long long kib = 0;
     if (line.rfind("VmFlags:", 0) == 0) {
       if (!out.empty()) out.back().flags = " " + line.substr(8) + " ";
+    } else if (std::sscanf(line.c_str(), "Rss: %llu kB", &kib) == 1) {
+      if (!out.empty()) out.back().rss_kib = kib;
     } else if (line.find(':') > line.find(' ') && parse_vma_line(line, &v)) {
       out.push_back(std::move(v));
     }
@@ -247,9 +251,21 @@ void check_guest_memory(pid_t pid, const std::vector<GuestMapping>& mappings, in
           bad(at + ": the process maps the memfd there at offset " + std::to_string(v.offset + (next - v.start)) +
               ", not at the mapping's offset " + std::to_string(g.offset + (next - g.base_host_virt_addr)));
         }
-        if (!has_flag(v, "ui")) bad(at + ": not registered for minor faults (UFFDIO_REGISTER_MODE_MINOR)");
-      } else if (!has_flag(v, "um")) {
-        bad(at + ": not registered for missing faults (UFFDIO_REGISTER_MODE_MISSING)");
+        // Minor faults for the pages in the memfd, missing faults for its
+        // holes (a page punched out while its read was out: without them,
+        // the kernel would give the process a zero page there unasked).
+        if (!has_flag(v, "ui") || !has_flag(v, "um")) {
+          bad(at + ": not registered for minor and missing faults (UFFDIO_REGISTER_MODE_MINOR | MODE_MISSING)");
+        }
+        // A page already in the process's page tables never faults: the
+        // source's bytes would land under what it wrote there.
+        if (v.rss_kib != 0) {
+          bad(at + ": " + std::to_string(v.rss_kib) +
+              " KiB of it are mapped in the process already; hand shared memory over before touching it");
+        }
+      } else {
+        if (v.shared) bad(at + " is shared memory (MAP_SHARED): send its memfd with the userfaultfd");
+        if (!has_flag(v, "um")) bad(at + ": not registered for missing faults (UFFDIO_REGISTER_MODE_MISSING)");
       }
       next = std::min(v.end, end);
       if (next == end) break;

@@ -186,7 +186,7 @@ int FaultEngine::install(Worker& w, std::byte* src, size_t page, uint32_t count,
   // stats() readers expect.
   if (backing_.shared) {
     // The read landed in these very pages (through the alias): map them.
-    rc = backing_.foreign() ? continue_in_foreign(page, count, true, &retries, &existed)
+    rc = backing_.foreign() ? continue_in_foreign(page, count, Zeros::kRemoved, &retries, &existed)
                             : uffd_.map_in_place(page_addr(page), bytes, desc_.page_size, &retries, &existed);
     if (rc == 0) Metrics::bump(w.metrics.pages_continued, count);
   } else {
@@ -247,8 +247,7 @@ int FaultEngine::copy_in_foreign(const std::byte* src, std::byte* dst, size_t fi
   return 0;
 }
 
-int FaultEngine::continue_in_foreign(size_t first, size_t count, bool zero_removed, uint64_t* retries,
-                                     uint64_t* existed) {
+int FaultEngine::continue_in_foreign(size_t first, size_t count, Zeros zeros, uint64_t* retries, uint64_t* existed) {
   const size_t ps = desc_.page_size;
   int rc = 0;
   unsigned punched = 0;
@@ -257,13 +256,28 @@ int FaultEngine::continue_in_foreign(size_t first, size_t count, bool zero_remov
       int once = 0;
       {
         std::shared_lock lock(remove_mu_);
-        // A stretch of pages all removed or all not.
-        const bool zeros = zero_removed && removed(from + k);
-        size_t m = 1;
-        while (k + m < n && (zero_removed && removed(from + k + m)) == zeros) ++m;
-        if (zeros) std::memset(backing_.alias.data() + (from + k) * ps, 0, m * ps);
+        const auto zero_here = [&](size_t p) {
+          return zeros == Zeros::kAll || (zeros == Zeros::kRemoved && removed(p));
+        };
+        const bool zero = zero_here(from + k);
         size_t done = 0;
-        once = uffd_.continue_once(dst + k * ps, m * ps, &done);
+        size_t m = 1;
+        if (!zero) {
+          // A stretch of pages whose bytes are the memfd's: mapped as they are.
+          while (k + m < n && !zero_here(from + k + m)) ++m;
+          once = uffd_.continue_once(dst + k * ps, m * ps, &done);
+        } else if (residency_.memfd_holds(from + k)) {
+          // Zeroed where it is (a read may have landed there), and mapped.
+          std::memset(backing_.alias.data() + (from + k) * ps, 0, ps);
+          once = uffd_.continue_once(dst + k * ps, ps, &done);
+        } else {
+          // A hole (punched out): a zero page through the missing
+          // registration, allocated for the process, never through the
+          // alias here (a hugetlb pool with no page left would be SIGBUS in
+          // the daemon).
+          once = backing_.huge ? uffd_.copy_once(dst + k * ps, zero_source_.data(), ps, &done)
+                               : uffd_.zeropage_once(dst + k * ps, ps, &done);
+        }
         if (once == 0) {
           k += m;
           continue;
@@ -274,11 +288,10 @@ int FaultEngine::continue_in_foreign(size_t first, size_t count, bool zero_remov
           ++k;
           continue;
         }
-        if (once == EFAULT && zeros && ++punched < 64) {
-          // MADV_REMOVE punches its hole once its event is read: after the
-          // zeros went in here, the page is gone from the memfd. Zeroed
-          // again (in a new page), it is mapped. (Bounded: a page that never
-          // stays is refused.)
+        if (once == EFAULT && zero && ++punched < 64) {
+          // MADV_REMOVE punches its hole once its event is read, which may
+          // be after the page was zeroed here: it is a hole now; look again.
+          // (Bounded: a page that never stays is refused.)
           ++*retries;
           continue;
         }
@@ -300,11 +313,13 @@ void FaultEngine::install_zero(Worker& w, size_t page, bool write) {
   std::byte* dst = page_addr(page);
   int rc = 0;
   const char* how = "UFFDIO_ZEROPAGE: ";
-  if (backing_.shared) {
+  if (backing_.shared && backing_.foreign()) {
+    rc = continue_in_foreign(page, 1, Zeros::kAll, &retries, &existed);
+    how = "UFFDIO_CONTINUE: ";
+  } else if (backing_.shared) {
     // A memfd handed in may hold old bytes there: zero the page itself.
     std::memset(backing_.alias.data() + page * desc_.page_size, 0, desc_.page_size);
-    rc = backing_.foreign() ? continue_in_foreign(page, 1, true, &retries, &existed)
-                            : uffd_.map_in_place(dst, desc_.page_size, desc_.page_size, &retries, &existed);
+    rc = uffd_.map_in_place(dst, desc_.page_size, desc_.page_size, &retries, &existed);
     how = "UFFDIO_CONTINUE: ";
   } else if (backing_.huge || cache_) {
     rc = uffd_.copy(dst, zero_source_.data(), desc_.page_size, desc_.page_size, &retries, &existed, cache_ && !write);

@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 
 #include "pagewire/error.h"
 #include "runtime/uffd_compat.h"
@@ -61,7 +63,17 @@ Userfaultfd Userfaultfd::adopt(UniqueFd fd, uint64_t assumed) {
   const int flags = ::fcntl(fd.get(), F_GETFL);
   if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK) != 0)
     throw_errno("fcntl(O_NONBLOCK) of a userfaultfd");
-  Userfaultfd u(std::move(fd), assumed);
+  // What the other process negotiated (UFFDIO_API), as its fdinfo says
+  // ("API:\t<api>:<features>:<ioctls>"), and what the kernel has that
+  // needs no negotiating (`assumed`).
+  uint64_t features = assumed;
+  std::ifstream info("/proc/self/fdinfo/" + std::to_string(fd.get()));
+  for (std::string line; std::getline(info, line);) {
+    unsigned long long api = 0, ioctls = 0;
+    unsigned negotiated = 0;
+    if (std::sscanf(line.c_str(), "API:\t%llx:%x:%llx", &api, &negotiated, &ioctls) == 3) features |= negotiated;
+  }
+  Userfaultfd u(std::move(fd), features);
   u.foreign_ = true;
   return u;
 }

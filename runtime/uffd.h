@@ -43,9 +43,10 @@ class Userfaultfd {
   // with advice when userfaultfd is missing or not permitted.
   static Userfaultfd open(uint64_t wanted_features);
   // Takes a userfaultfd another process made and registered (a VMM handing
-  // over its guest memory's). Its features were negotiated there and cannot
-  // be asked: `assumed` names those this side may try (UFFDIO_POISON); the
-  // memory is that process's, so refuse() never falls back to mprotect.
+  // over its guest memory's). Its features were negotiated there: they are
+  // read from its fdinfo, and `assumed` adds those this side may try anyway
+  // (UFFDIO_POISON needs no negotiating). The memory is that process's, so
+  // refuse() never falls back to mprotect.
   static Userfaultfd adopt(UniqueFd fd, uint64_t assumed);
   // Every feature bit this kernel's UFFDIO_API reports.
   static uint64_t kernel_features();

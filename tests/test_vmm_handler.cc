@@ -301,6 +301,21 @@ TEST_F(VmmHandler, SharedMemoryKeepsWritesThroughDontneedAndReadsPunchedRangesAs
   }
 }
 
+TEST_F(VmmHandler, SharedHugePagesPunchedOutReadAsZerosAndKeepWhatIsWrittenAfter) {
+  // The same in 2 MiB pages: a punched page gets its zero page through the
+  // process's missing registration, not through the handler's mapping.
+  if (const std::string why = testing::reserve_huge_pages(10); !why.empty()) GTEST_SKIP() << why;
+  HandlerOptions o;
+  o.attach = testing::on_demand(2);
+  HandlerServer server = start(o);
+  Client c = spawn_client(
+      client_args({"--shared", "--page-size", "2097152", "--mappings", "1", "--threads", "2", "--remove"}));
+  EXPECT_EQ(describe(wait_client(c)), "exit 0");
+  const HandlerReport r = report_of(server, c.pid);
+  EXPECT_TRUE(r.served) << r.error;
+  EXPECT_GE(r.stats.pages_zero, 3u);  // the punched 3 of 6 pages
+}
+
 TEST_F(VmmHandler, RefusedHandshakesAreClosedLoggedAndTheDaemonGoesOn) {
   HandlerServer server = start();
   const std::vector<std::pair<std::string, std::string>> bad = {
@@ -311,12 +326,15 @@ TEST_F(VmmHandler, RefusedHandshakesAreClosedLoggedAndTheDaemonGoesOn) {
       {"nofd", "no userfaultfd"},
       {"notuffd", "not a userfaultfd"},
       {"unregistered", "not registered for missing faults"},
-      // Shared memory: the memfd is mapped at another offset than claimed.
+      // Shared memory: the memfd mapped at another offset than claimed, a
+      // memfd that may shrink under the handler, memory touched before.
       {"memfd-elsewhere", "not at the mapping's offset"},
+      {"memfd-unsealed", "not sealed against shrinking"},
+      {"touched", "mapped in the process already"},
   };
   for (const auto& [kind, why] : bad) {
     std::vector<std::string> args{"--bad", kind};
-    if (kind == "memfd-elsewhere") args.push_back("--shared");
+    if (kind.rfind("memfd", 0) == 0 || kind == "touched") args.push_back("--shared");
     Client c = spawn_client(client_args(args));
     EXPECT_EQ(describe(wait_client(c)), "exit 0") << kind;
     const HandlerReport r = report_of(server, c.pid);

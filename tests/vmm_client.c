@@ -118,8 +118,11 @@ static void map_memory(int uffd) {
   const size_t per = expect_size / (size_t)opt.mappings;
   if (per % opt.page != 0 || per == 0) die(2, "the source does not split into whole pages per mapping");
   if (opt.shared) {
-    memfd = memfd_create("guest", MFD_CLOEXEC | (opt.page > 4096 ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
+    memfd = memfd_create("guest", MFD_CLOEXEC | MFD_ALLOW_SEALING | (opt.page > 4096 ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
     if (memfd < 0 || ftruncate(memfd, (off_t)expect_size) != 0) die(2, "memfd_create of guest memory");
+    /* Its size fixed, as the handler asks (Firecracker seals it so too). */
+    const int unsealed = opt.bad && strcmp(opt.bad, "memfd-unsealed") == 0;
+    if (!unsealed && fcntl(memfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) die(2, "sealing the memfd");
   }
   for (int i = 0; i < opt.mappings; ++i) {
     /* Mapped in reverse source order, a page apart: no mapping follows
@@ -133,6 +136,7 @@ static void map_memory(int uffd) {
       die(2, "mmap of the guest memfd");
     }
     maps[src] = (struct mapping){p, per, (size_t)src * per};
+    if (opt.bad && strcmp(opt.bad, "touched") == 0) p[0] = 1; /* in its page tables before the handover */
     struct uffdio_register reg = {
         .range = {(uintptr_t)p, per},
         .mode = UFFDIO_REGISTER_MODE_MISSING | (opt.shared ? UFFDIO_REGISTER_MODE_MINOR : 0)};
@@ -221,6 +225,10 @@ static int send_bad(int uffd) {
     snprintf(body, sizeof body,
              "[{\"base_host_virt_addr\": %zu, \"size\": %zu, \"offset\": %zu, \"page_size\": %zu}]", base,
              size, maps[1].offset, opt.page);
+  } else if (strcmp(opt.bad, "memfd-unsealed") == 0 || strcmp(opt.bad, "touched") == 0) {
+    snprintf(body, sizeof body,
+             "[{\"base_host_virt_addr\": %zu, \"size\": %zu, \"offset\": %zu, \"page_size\": %zu}]", base,
+             size, maps[0].offset, opt.page);
   } else if (strcmp(opt.bad, "unregistered") == 0) {
     /* Memory the handshake names, never registered with the userfaultfd. */
     unsigned char* p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -435,7 +443,7 @@ int main(int argc, char** argv) {
     /* A balloon inflating, with some of the range here already and the
      * rest not yet fetched: all of it reads as zeros from then on. */
     struct mapping* m = &maps[0];
-    const size_t len = m->size / 2;
+    const size_t len = m->size / 2 / opt.page * opt.page;
     for (size_t p = 0; p < 64 * opt.page && p < len; p += opt.page) check_page(m->offset + p, "a page before removal");
     /* Shared memory: MADV_DONTNEED keeps the memfd's bytes, what was
      * written included, and MADV_REMOVE punches them out (zeros). */
@@ -448,7 +456,7 @@ int main(int argc, char** argv) {
     }
     if (madvise(m->base, len, opt.shared ? MADV_REMOVE : MADV_DONTNEED) != 0) die(2, "madvise of the balloon");
     memset(expect + m->offset, 0, len);
-    for (size_t p = 0; p < 8 * opt.page; p += opt.page) check_page(m->offset + p, "a removed page");
+    for (size_t p = 0; p < 8 * opt.page && p < len; p += opt.page) check_page(m->offset + p, "a removed page");
     /* And written again, it keeps what was written. */
     memset(m->base, 0x3c, opt.page);
     memset(expect + m->offset, 0x3c, opt.page);

@@ -15,10 +15,13 @@
 // bytes despite its name and is taken when `page_size` is absent.
 //
 // Shared memory: a second descriptor in the same message, the memfd the
-// mappings map (MAP_SHARED, each at memfd offset `offset`), registered for
-// minor faults. Reads land in the memfd (mapped here too) and
-// UFFDIO_CONTINUE maps them there, with no copy. Every mapping is checked
-// against the process's own (/proc/PID/smaps) before anything is served.
+// mappings map (MAP_SHARED, each at memfd offset `offset`, untouched yet),
+// sealed against shrinking and registered for minor and missing faults.
+// Reads land in the memfd (mapped here too) and UFFDIO_CONTINUE maps them
+// there, with no copy. Mappings are checked against the process's own
+// (/proc/PID/smaps) before anything is served; where those cannot be read,
+// anonymous memory is served on the handshake's word and shared memory is
+// refused.
 #pragma once
 
 #include <sys/types.h>
