@@ -204,8 +204,11 @@ std::vector<Vma> read_smaps(pid_t pid, bool* readable) {
     unsigned long long kib = 0;
     if (line.rfind("VmFlags:", 0) == 0) {
       if (!out.empty()) out.back().flags = " " + line.substr(8) + " ";
-    } else if (std::sscanf(line.c_str(), "Rss: %llu kB", &kib) == 1) {
-      if (!out.empty()) out.back().rss_kib = kib;
+    } else if (std::sscanf(line.c_str(), "Rss: %llu kB", &kib) == 1 ||
+               std::sscanf(line.c_str(), "Shared_Hugetlb: %llu kB", &kib) == 1 ||
+               std::sscanf(line.c_str(), "Private_Hugetlb: %llu kB", &kib) == 1) {
+      // hugetlb pages are counted apart from Rss.
+      if (!out.empty()) out.back().rss_kib += kib;
     } else if (line.find(':') > line.find(' ') && parse_vma_line(line, &v)) {
       out.push_back(std::move(v));
     }
@@ -264,7 +267,12 @@ void check_guest_memory(pid_t pid, const std::vector<GuestMapping>& mappings, in
               " KiB of it are mapped in the process already; hand shared memory over before touching it");
         }
       } else {
-        if (v.shared) bad(at + " is shared memory (MAP_SHARED): send its memfd with the userfaultfd");
+        // Served by UFFDIO_COPY alone, a page already in its file (written
+        // through another mapping) would be mapped by the kernel unasked.
+        if (v.shared) {
+          bad(at + " is shared memory (MAP_SHARED), which is served only with its memfd sent along and registered "
+                   "for minor faults (anonymous shared memory, which has none, is not served)");
+        }
         if (!has_flag(v, "um")) bad(at + ": not registered for missing faults (UFFDIO_REGISTER_MODE_MISSING)");
       }
       next = std::min(v.end, end);

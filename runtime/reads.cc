@@ -277,6 +277,11 @@ int FaultEngine::continue_in_foreign(size_t first, size_t count, Zeros zeros, ui
           // the daemon).
           once = backing_.huge ? uffd_.copy_once(dst + k * ps, zero_source_.data(), ps, &done)
                                : uffd_.zeropage_once(dst + k * ps, ps, &done);
+          // The memfd holds the page after all: one installed here
+          // earlier, which this side never mapped (mincore of a hugetlb
+          // alias cannot see it), with what the process wrote to it since.
+          // Mapped as it is.
+          if (once == EEXIST) once = uffd_.continue_once(dst + k * ps, ps, &done);
         }
         if (once == 0) {
           k += m;
@@ -315,7 +320,7 @@ void FaultEngine::install_zero(Worker& w, size_t page, bool write) {
   const char* how = "UFFDIO_ZEROPAGE: ";
   if (backing_.shared && backing_.foreign()) {
     rc = continue_in_foreign(page, 1, Zeros::kAll, &retries, &existed);
-    how = "UFFDIO_CONTINUE: ";
+    how = "installing a zero page: ";
   } else if (backing_.shared) {
     // A memfd handed in may hold old bytes there: zero the page itself.
     std::memset(backing_.alias.data() + page * desc_.page_size, 0, desc_.page_size);

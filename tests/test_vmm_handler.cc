@@ -280,6 +280,13 @@ TEST_F(VmmHandler, SharedHugePagesFromAMemfdHandedOverAreServedWhole) {
   EXPECT_TRUE(r.served) << r.error;
   EXPECT_GT(r.stats.pages_continued, 0u);
   EXPECT_EQ(r.stats.bytes_copied, 0u);
+  // Touched before the handover (smaps counts hugetlb pages apart from Rss).
+  Client touched = spawn_client(
+      client_args({"--shared", "--page-size", "2097152", "--mappings", "2", "--bad", "touched"}));
+  EXPECT_EQ(describe(wait_client(touched)), "exit 0");
+  const HandlerReport t = report_of(server, touched.pid);
+  EXPECT_FALSE(t.served);
+  EXPECT_NE(t.error.find("mapped in the process already"), std::string::npos) << t.error;
 }
 
 TEST_F(VmmHandler, SharedMemoryKeepsWritesThroughDontneedAndReadsPunchedRangesAsZeros) {

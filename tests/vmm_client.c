@@ -461,6 +461,11 @@ int main(int argc, char** argv) {
     memset(m->base, 0x3c, opt.page);
     memset(expect + m->offset, 0x3c, opt.page);
     check_page(m->offset, "a removed page written again");
+    if (opt.shared) {
+      /* Shared memory keeps it through MADV_DONTNEED too. */
+      if (madvise(m->base, opt.page, MADV_DONTNEED) != 0) die(2, "madvise(MADV_DONTNEED)");
+      check_page(m->offset, "a removed page written again, after MADV_DONTNEED");
+    }
     printf("remove: %zu bytes removed, read as zeros by the threads below\n", len);
   }
   pthread_t th[64];
