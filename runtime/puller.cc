@@ -46,8 +46,12 @@ void FaultEngine::run_puller(Worker& w) {
   try {
     // A refused page never arrives, so a failed region never completes:
     // the pull then claims nothing more, but still installs (or refuses)
-    // every run it has in flight, whose pages nobody else would.
-    while (!status_.complete() && (!status_.failed() || w.in_flight > 0)) {
+    // every run it has in flight, whose pages nobody else would. So does a
+    // complete region: a run whose pages were unmapped while it was out
+    // leaves them gone, the region may complete without them, and the
+    // threads that faulted there wait for this run to find its range gone
+    // and wake them.
+    while ((!status_.complete() && !status_.failed()) || w.in_flight > 0) {
       w.batch.clear();
       // Demand faults go ahead of the pull on their own connections, which
       // the source serves first. Holding the pull to one run while demand
@@ -56,7 +60,9 @@ void FaultEngine::run_puller(Worker& w) {
       // is the CPU: while a fault waits, the pull runs at nice 19.
       give_way(w);
       const bool held = pull_held_.load(std::memory_order_relaxed);
-      while (!held && !status_.failed() && !w.staging->empty() && cursor < total) cursor = queue_pull_run(w, cursor);
+      while (!held && !status_.failed() && !status_.complete() && !w.staging->empty() && cursor < total) {
+        cursor = queue_pull_run(w, cursor);
+      }
       if (!w.batch.empty()) post_batch(w);
       int timeout = -1;
       if (held) {

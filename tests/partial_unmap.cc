@@ -459,6 +459,13 @@ void PartialUnmap::run(const Case& c) const {
       stage("munmap");
       ASSERT_EQ(::munmap(base + c.first_gone * page, c.gone * page), 0) << std::strerror(errno);
     }
+    if (c.in_flight >= 0 && params.pull && params.wire == Wire::kLocal) {
+      // The unmapped page's read (its pull run's) still held, every other
+      // page arrives, and the region completes without it: the run must
+      // still end, and wake the thread that faulted there.
+      stage("waiting for the pull to complete the region while the unmapped page's read is held");
+      EXPECT_TRUE(r->wait_complete(kStepLimit)) << "the pull never completes: " << r->error();
+    }
     src.release();
     if (c.in_flight >= 0) {
       stage("waiting for the thread that faulted on the unmapped page");
